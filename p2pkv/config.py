@@ -1,0 +1,212 @@
+"""Engine configuration: one frozen, self-validating dataclass.
+
+Build it directly, from a plain dict (the shape of vLLM's
+``kv_connector_extra_config``) with :meth:`EngineConfig.from_dict`, or from
+``P2PKV_*`` environment variables with :meth:`EngineConfig.from_env`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["EngineConfig", "parse_size"]
+
+_TRANSPORTS = ("auto", "tcp", "ipc", "nccl")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """Parse ``1024``, ``"64MiB"``, ``"1.5GB"`` into a byte count."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a byte count, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{what} must be a byte count such as 1048576 or '64MiB', got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one :class:`~p2pkv.Engine`.
+
+    Attributes
+    ----------
+    host, port:
+        Where the engine's control socket listens. ``port=0`` picks a free port.
+    advertise_host:
+        Host name peers should use to reach this engine (default: ``host``, or
+        ``127.0.0.1`` when ``host`` is ``0.0.0.0``).
+    device:
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where received tensors and the
+        buffer pool live.
+    timeout_s:
+        Default deadline of every wait (recv, pull, send completion, handshake).
+    peer_timeout_s:
+        A peer silent for this long is declared lost; its pending transfers fail
+        with :class:`~p2pkv.PeerLost`. Must be <= ``timeout_s``; default
+        ``min(5, timeout_s)``. A closed TCP connection is noticed at once.
+    heartbeat_s:
+        Interval of liveness pings to connected peers; default
+        ``min(0.5, peer_timeout_s / 4)``.
+    ttl_s:
+        Unclaimed received or published data is evicted after this long.
+    pool_bytes:
+        Size of the receive/publish buffer pool (one arena on ``device``).
+    credit_bytes:
+        The most pool bytes one sending peer may hold in flight (its credit
+        window); default ``pool_bytes // 2``.
+    pinned_bytes:
+        Size of a pinned host staging tier for GPU tensors sent over TCP
+        (0 disables; staging then uses pageable memory).
+    max_message_bytes:
+        Largest tensor accepted in one message; larger frames are refused.
+    auth_token:
+        Optional shared secret; peers that do not present it are refused.
+    transport:
+        ``"auto"`` (CUDA IPC on one host, NCCL across, TCP for CPU tensors),
+        or force ``"tcp"``, ``"ipc"`` or ``"nccl"``.
+    nccl_init_timeout_s, nccl_min_ctas, nccl_max_ctas, nccl_buffsize:
+        NCCL communicator settings (``ncclConfig_t`` fields / ``NCCL_BUFFSIZE``);
+        0 leaves NCCL's default.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    device: str = "cpu"
+    timeout_s: float = 30.0
+    peer_timeout_s: float | None = None
+    heartbeat_s: float | None = None
+    ttl_s: float = 120.0
+    pool_bytes: int = 512 * 2**20
+    credit_bytes: int = 0
+    pinned_bytes: int = 0
+    max_message_bytes: int = 2**31
+    auth_token: str | None = None
+    transport: str = "auto"
+    nccl_init_timeout_s: float = 30.0
+    nccl_min_ctas: int = 0
+    nccl_max_ctas: int = 0
+    nccl_buffsize: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        if not isinstance(self.host, str) or not self.host or any(c in self.host for c in " /\t\n"):
+            raise ConfigError(f"host must be a host name or IP address, got {self.host!r}")
+        if self.advertise_host is not None and (not isinstance(self.advertise_host, str) or not self.advertise_host):
+            raise ConfigError(f"advertise_host must be a non-empty str or None, got {self.advertise_host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if isinstance(self.timeout_s, (int, float)) and not isinstance(self.timeout_s, bool) and self.timeout_s > 0:
+            if self.peer_timeout_s is None:
+                set_("peer_timeout_s", min(5.0, float(self.timeout_s)))
+            if self.heartbeat_s is None and isinstance(self.peer_timeout_s, (int, float)):
+                set_("heartbeat_s", min(0.5, float(self.peer_timeout_s) / 4))
+        for name in ("timeout_s", "peer_timeout_s", "heartbeat_s", "ttl_s", "nccl_init_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+                raise ConfigError(f"{name} must be a positive finite number of seconds, got {v!r}")
+            set_(name, float(v))
+        if self.heartbeat_s >= self.peer_timeout_s:
+            raise ConfigError(f"heartbeat_s ({self.heartbeat_s}) must be smaller than peer_timeout_s ({self.peer_timeout_s})")
+        if self.peer_timeout_s > self.timeout_s:
+            raise ConfigError(f"peer_timeout_s ({self.peer_timeout_s}) must not exceed timeout_s ({self.timeout_s}): "
+                              "a lost peer must be detected within the wait deadline")
+        for name in ("pool_bytes", "credit_bytes", "pinned_bytes", "max_message_bytes", "nccl_buffsize"):
+            v = parse_size(getattr(self, name), name)
+            if v < 0:
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+            set_(name, v)
+        if self.pool_bytes <= 0:
+            raise ConfigError(f"pool_bytes must be > 0, got {self.pool_bytes}")
+        if self.max_message_bytes <= 0:
+            raise ConfigError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
+        if self.credit_bytes == 0:
+            set_("credit_bytes", max(1, self.pool_bytes // 2))
+        if self.credit_bytes > self.pool_bytes:
+            raise ConfigError(f"credit_bytes ({self.credit_bytes}) must not exceed pool_bytes ({self.pool_bytes})")
+        if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
+            raise ConfigError("auth_token must be a non-empty str or None")
+        if self.transport not in _TRANSPORTS:
+            raise ConfigError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        for name in ("nccl_min_ctas", "nccl_max_ctas"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
+        """Build from a plain mapping; unknown keys raise :class:`ConfigError`.
+
+        String values are converted to the field's type, so the same mapping
+        can come from JSON, CLI flags or environment variables.
+        """
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        merged = dict(data or {})
+        merged.update(overrides)
+        known = cls.field_names()
+        unknown = sorted(k for k in merged if k not in known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {list(known)}")
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {k: _coerce(k, v, str(types[k])) for k, v in merged.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, prefix: str = "P2PKV_",
+                 **overrides: Any) -> "EngineConfig":
+        """Build from ``P2PKV_<FIELD>`` variables (e.g. ``P2PKV_TIMEOUT_S=5``)."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for name in cls.field_names():
+            key = prefix + name.upper()
+            if key in env:
+                data[name] = env[key]
+        data.update(overrides)
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d.get("auth_token"):
+            d["auth_token"] = "***"
+        return d
+
+
+def _coerce(name: str, value: Any, typ: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if typ.startswith("int"):
+            return parse_size(value, name) if name.endswith("bytes") or name == "nccl_buffsize" else int(value)
+        if typ.startswith("float"):
+            return float(value)
+        if "None" in typ and value.lower() in ("", "none", "null"):
+            return None
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot convert {value!r} to {typ.split(' ')[0]}") from exc
+    return value

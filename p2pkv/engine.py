@@ -1,0 +1,1283 @@
+"""The engine: p2pkv's public API and its I/O thread.
+
+One engine per process (or per GPU worker). It listens on a ZMQ ROUTER socket
+for peers' requests and opens one DEALER socket per peer it talks to, so every
+request travels on the requester's own connection and its reply comes back on
+it. A single I/O thread owns every socket; API calls hand it commands through a
+queue and a wake-up pipe and wait on events with deadlines.
+
+Flow control: a receiver grants *credit* (bytes of pool space) to each sending
+peer; a sender never pushes beyond its credit. The first tensor of a burst
+costs one credit request, later layers ride on the window granted with it,
+and unused credit goes back when the sender goes idle. A full receiver
+therefore pushes back (the sender's handle waits, then times out with a clear
+error); it never over-admits and never drops a tensor silently.
+
+Liveness: peers ping each other every ``heartbeat_s``; a peer silent for
+``peer_timeout_s`` (or whose TCP connection closed) is lost, and every transfer
+it had in flight fails with :class:`PeerLost`, freeing its memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import os
+import re
+import socket as _socket
+import threading
+import time
+import uuid
+import warnings
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import zmq
+
+from . import _tensors as T
+from .config import EngineConfig
+from .control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
+from .errors import (AuthError, ConfigError, EngineClosed, InvalidAddress, InvalidKey, InvalidTensor,
+                     P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransferAborted, TransferTimeout,
+                     error_from_code)
+from .handles import SendHandle, TransferState
+from .keys import TransferKey, validate_transfer_id
+from .mailbox import Mailbox, Slot
+from .pool import ALIGN, Buffer, BufferPool
+from .stats import Stats
+from .transport import tcp
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("p2pkv")
+
+_ADDR = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9_.\-]+)):(\d{1,5})$")
+_TICK_S = 0.02
+
+
+def parse_address(addr: Any) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``); raise :class:`InvalidAddress`."""
+    if not isinstance(addr, str):
+        raise InvalidAddress(f"peer address must be a 'host:port' str, got {type(addr).__name__}")
+    m = _ADDR.match(addr.strip())
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise InvalidAddress(f"peer address must look like 'host:port', got {addr!r:.100}")
+    return (m.group(1) or m.group(2)), int(m.group(3))
+
+
+def _zmq_endpoint(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _host_id() -> str:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                mid = f.read().strip()
+            if mid:
+                return f"{mid}:{_socket.gethostname()}"
+        except OSError:
+            pass
+    return f"host:{_socket.gethostname()}"
+
+
+# ----------------------------------------------------------------------------- work items
+class _SendItem:
+    __slots__ = ("handle", "key", "payload", "dtype", "shape", "nbytes", "footprint", "deadline", "seq")
+
+    def __init__(self, handle: SendHandle, payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
+                 deadline: float):
+        self.handle = handle
+        self.key = handle.key
+        self.payload = payload
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = handle.nbytes
+        self.footprint = BufferPool.footprint(handle.nbytes)
+        self.deadline = deadline
+        self.seq = -1
+
+
+class _PullItem:
+    __slots__ = ("key", "peer", "out", "deadline", "seq", "event", "result", "error", "timeout")
+
+    def __init__(self, key: TransferKey, peer: str, out: torch.Tensor | None, timeout: float):
+        self.key = key
+        self.peer = peer
+        self.out = out
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.seq = -1
+        self.event = threading.Event()
+        self.result: torch.Tensor | None = None
+        self.error: P2pkvError | None = None
+
+    def finish(self, result: torch.Tensor | None = None, error: P2pkvError | None = None) -> None:
+        if self.event.is_set():
+            return
+        self.result, self.error = result, error
+        self.event.set()
+
+
+class _ConnectWaiter:
+    __slots__ = ("event", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: P2pkvError | None = None
+
+
+class _Peer:
+    """Our outgoing connection (DEALER) to one peer engine."""
+
+    def __init__(self, addr: str, sock: zmq.Socket, mon: zmq.Socket):
+        now = time.monotonic()
+        self.addr = addr
+        self.sock = sock
+        self.mon = mon
+        self.ready = False
+        self.eid = ""
+        self.caps: dict[str, Any] = {}
+        self.queue: deque[_SendItem] = deque()
+        self.inflight: dict[int, _SendItem] = {}
+        self.pulls: dict[int, _PullItem] = {}
+        self.connect_waiters: list[_ConnectWaiter] = []
+        self.credit = 0
+        self.creq_pending = False
+        self.window = 0
+        self.pool = 0
+        self.maxmsg = 0
+        self.seq = 0
+        self.created = now
+        self.last_rx = now
+        self.last_tx = now
+        self.idle_since = now
+        self.connected_once = False
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def busy(self) -> bool:
+        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters)
+
+
+class _Session:
+    """A peer's incoming connection to our ROUTER (identified by its routing id)."""
+
+    def __init__(self, ident: bytes, eid: str, caps: dict[str, Any]):
+        self.ident = ident
+        self.eid = eid
+        self.caps = caps
+        self.last_rx = time.monotonic()
+        self.outstanding = 0
+        self.creq: tuple[int, int] | None = None
+        self.creq_t = 0.0
+
+    def __repr__(self) -> str:
+        return f"session({self.eid or self.ident.hex()})"
+
+
+class _ParkedPull:
+    __slots__ = ("sess", "seq", "key", "deadline", "dt", "sh")
+
+    def __init__(self, sess: _Session, seq: int, key: TransferKey, deadline: float, dt: Any, sh: Any):
+        self.sess, self.seq, self.key, self.deadline, self.dt, self.sh = sess, seq, key, deadline, dt, sh
+
+
+# ----------------------------------------------------------------------------- engine
+class Engine:
+    """A p2pkv endpoint: pushes, receives, publishes and pulls KV tensors.
+
+    Parameters
+    ----------
+    config:
+        An :class:`EngineConfig`; keyword arguments override its fields (or
+        build one when ``config`` is omitted).
+
+    Raises
+    ------
+    ConfigError
+        Invalid settings, or a device that is not available.
+    P2pkvError
+        The control socket could not be bound.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any):
+        if config is None:
+            config = EngineConfig.from_dict(overrides)
+        elif not isinstance(config, EngineConfig):
+            raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
+        elif overrides:
+            config = EngineConfig.from_dict({**{k: getattr(config, k) for k in EngineConfig.field_names()},
+                                             **overrides})
+        self._cfg = config
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._device = self._resolve_device(config.device)
+        self.eid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._stats = Stats()
+        self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free)
+        self._inbox = Mailbox(config.ttl_s, name="inbox")
+        self._outbox = Mailbox(config.ttl_s, name="outbox")
+        self._cmds: deque[tuple] = deque()
+        self._mem_dirty = False
+        self._host = _host_id()
+        self._transports = self._make_transports()
+
+        self._ctx = zmq.Context(io_threads=1)
+        try:
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._router.setsockopt(zmq.SNDHWM, 0)
+            self._router.setsockopt(zmq.RCVHWM, 0)
+            self._router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
+            if ":" in config.host:
+                self._router.setsockopt(zmq.IPV6, 1)
+            try:
+                self._router.bind(_zmq_endpoint(config.host, config.port or "*"))
+            except zmq.ZMQError as exc:
+                raise P2pkvError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+            endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.port = int(endpoint.rsplit(":", 1)[1])
+            adv = config.advertise_host or ("127.0.0.1" if config.host in ("0.0.0.0", "*") else
+                                            "::1" if config.host == "::" else config.host)
+            self.address = f"[{adv}]:{self.port}" if ":" in adv else f"{adv}:{self.port}"
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            self._pool.close()
+            raise
+
+        self._peers: dict[str, _Peer] = {}
+        self._peer_by_sock: dict[zmq.Socket, _Peer] = {}
+        self._peer_by_mon: dict[zmq.Socket, _Peer] = {}
+        self._sessions: dict[bytes, _Session] = {}
+        self._parked: list[_ParkedPull] = []
+        self._tracked: list[tuple[zmq.MessageTracker, Buffer]] = []
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._next_expire = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"p2pkv-io-{self.port}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> EngineConfig:
+        return self._cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def pool(self) -> BufferPool:
+        return self._pool
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<p2pkv.Engine {self.address} device={self._device} {'closed' if self._closed else 'open'}>"
+
+    # ------------------------------------------------------------------ public API
+    def send(self, peer: str, key: TransferKey, tensor: torch.Tensor, *, timeout: float | None = None) -> SendHandle:
+        """Push ``tensor`` to the engine at ``peer`` under ``key``; returns at once.
+
+        The handle finishes when the receiver has stored the tensor (``DONE``)
+        or the send failed (``FAILED``/``ABORTED`` with a typed ``error``).
+        ``timeout`` (default ``timeout_s``) bounds the whole send: connecting,
+        waiting for credit and the receiver's ack.
+
+        Raises
+        ------
+        InvalidKey, InvalidTensor, InvalidAddress, EngineClosed
+            Bad arguments are refused before anything is queued.
+        """
+        self._check_open()
+        parse_address(peer)
+        self._check_key(key)
+        t = T.check_tensor(tensor)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self._cfg.max_message_bytes:
+            raise InvalidTensor(f"tensor of {nbytes} bytes exceeds max_message_bytes={self._cfg.max_message_bytes}",
+                                key=key)
+        to = self._timeout(timeout)
+        handle = SendHandle(key, peer, nbytes)
+        payload = tcp.host_bytes(t) if t.device.type != "cpu" else T.as_bytes(t)
+        handle._tensor = payload
+        item = _SendItem(handle, payload, t.dtype, tuple(t.shape), time.monotonic() + to)
+        self._stats.add("sends")
+        self._submit(("send", peer, item))
+        return handle
+
+    def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Wait for the tensor pushed under ``key`` and return it (or fill ``out``).
+
+        May be called before or after the data arrived.
+
+        Raises
+        ------
+        TransferTimeout
+            Nothing arrived within ``timeout`` (default ``timeout_s``).
+        PeerLost
+            The peer that was sending this transfer was lost before this key came.
+        TransferAborted, TransferEvicted
+            The transfer was aborted, or the data expired unclaimed.
+        ShapeMismatch, InvalidTensor
+            ``out`` does not fit the data (which stays claimable) or this engine.
+        """
+        self._check_open()
+        self._check_key(key)
+        if out is not None:
+            T.check_out(out, self._device)
+        t0 = time.monotonic()
+        slot = self._inbox.claim(key, self._timeout(timeout), self._out_check(out), self._closed_error)
+        try:
+            src = slot.tensor()
+            result = out.copy_(src) if out is not None else src.clone()
+        finally:
+            slot.buf.release()
+        self._stats.add("recvs")
+        self._stats.add("bytes_received_claimed", slot.buf.nbytes)
+        self._stats.observe("recv_wait", time.monotonic() - t0)
+        return result
+
+    @contextmanager
+    def claim(self, key: TransferKey, *, timeout: float | None = None) -> Iterator[torch.Tensor]:
+        """Like :meth:`recv` without the copy: yields a view of the pool buffer,
+        valid inside the ``with`` block only; the buffer returns to the pool at exit."""
+        self._check_open()
+        self._check_key(key)
+        slot = self._inbox.claim(key, self._timeout(timeout), None, self._closed_error)
+        try:
+            self._stats.add("recvs")
+            yield slot.tensor()
+        finally:
+            slot.buf.release()
+
+    def publish(self, key: TransferKey, tensor: torch.Tensor, *, timeout: float | None = None) -> None:
+        """Park a copy of ``tensor`` in this engine's pool under ``key`` for a peer to :meth:`pull`.
+
+        Waits up to ``timeout`` for pool space. Unpulled data is evicted after
+        ``ttl_s``; :meth:`abort` drops it at once.
+
+        Raises
+        ------
+        PoolExhausted
+            No pool space came free in time.
+        DuplicateKey
+            Data is already published under this key.
+        """
+        self._check_open()
+        self._check_key(key)
+        t = T.check_tensor(tensor)
+        if t.device != self._device and not (t.device.type == "cpu" or self._device.type == "cpu"):
+            raise InvalidTensor(f"tensor is on {t.device}; this engine's pool is on {self._device}", key=key)
+        nbytes = t.numel() * t.element_size()
+        buf = self._pool.alloc(nbytes, timeout=self._timeout(timeout))
+        try:
+            if nbytes:
+                buf.data.copy_(T.as_bytes(t))
+                if self._device.type == "cuda":
+                    torch.cuda.current_stream(self._device).synchronize()
+            err = self._outbox.deliver(key, buf, t.dtype, tuple(t.shape))
+        except BaseException:
+            buf.release()
+            raise
+        if err is not None:
+            buf.release()
+            raise err
+        self._stats.add("published")
+        self._submit(("published", key))
+
+    def pull(self, peer: str, key: TransferKey, *, timeout: float | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Fetch the tensor that the engine at ``peer`` published under ``key``.
+
+        Waits (up to ``timeout``) for the publisher to publish it if it has
+        not yet. With ``out`` the data lands directly there; its dtype and
+        shape are checked by the publisher before anything is sent.
+
+        Raises
+        ------
+        TransferTimeout, PeerLost, TransferAborted, ShapeMismatch, InvalidTensor
+        """
+        self._check_open()
+        parse_address(peer)
+        self._check_key(key)
+        if out is not None:
+            T.check_out(out, self._device)
+        to = self._timeout(timeout)
+        item = _PullItem(key, peer, out, to)
+        t0 = time.monotonic()
+        self._submit(("pull", peer, item))
+        if not item.event.wait(to + 0.5):
+            self._submit(("cancel_pull", peer, item))
+            item.finish(error=TransferTimeout(f"pull got no answer within {to:.3g}s", key=key, peer=peer))
+        if item.error is not None:
+            self._stats.add("pull_errors")
+            raise item.error
+        assert item.result is not None
+        self._stats.add("pulls")
+        self._stats.observe("pull", time.monotonic() - t0)
+        return item.result
+
+    def connect(self, peer: str, *, timeout: float | None = None) -> None:
+        """Open (and handshake) the connection to ``peer`` ahead of the first send.
+
+        Raises
+        ------
+        TransferTimeout, AuthError, PeerLost
+        """
+        self._check_open()
+        parse_address(peer)
+        to = self._timeout(timeout)
+        w = _ConnectWaiter()
+        self._submit(("connect", peer, w))
+        if not w.event.wait(to):
+            raise TransferTimeout(f"no handshake with {peer} within {to:.3g}s", peer=peer)
+        if w.error is not None:
+            raise w.error
+
+    def abort(self, transfer_id: str) -> None:
+        """Drop every key of ``transfer_id`` here and tell every connected peer to do the same.
+
+        Pending sends and pulls of it fail with :class:`TransferAborted`; its
+        received and published data is freed at once; data for it that
+        arrives later is refused.
+        """
+        self._check_open()
+        try:
+            validate_transfer_id(transfer_id)
+        except InvalidKey:
+            raise
+        self._stats.add("aborts")
+        self._submit(("abort", transfer_id, True))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, bytes, pool use, mailbox state and latency percentiles."""
+        s = self._stats.snapshot()
+        s["pool"] = self._pool.stats()
+        s["inbox"] = self._inbox.stats()
+        s["outbox"] = self._outbox.stats()
+        s["peers"] = len(self._peers)
+        s["sessions"] = len(self._sessions)
+        s["address"] = self.address
+        s["device"] = str(self._device)
+        return s
+
+    def close(self) -> None:
+        """Stop the engine: pending transfers fail with :class:`EngineClosed`,
+        peers are told goodbye, sockets and the pool are released. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        th = self._thread
+        if th is not None and th.is_alive():
+            self._submit(("stop",), force=True)
+            th.join(timeout=10.0)
+        self._teardown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) is False:
+            warnings.warn(f"p2pkv Engine at {getattr(self, 'address', '?')} was not closed", ResourceWarning,
+                          stacklevel=2)
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    # ------------------------------------------------------------------ helpers (API side)
+    def _resolve_device(self, dev: str) -> torch.device:
+        if dev == "cpu":
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {dev!r} requested but CUDA is not available")
+        d = torch.device(dev)
+        idx = torch.cuda.current_device() if d.index is None else d.index
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device {dev!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", idx)
+
+    def _make_transports(self) -> dict[str, Any]:
+        return {}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"engine {self.address} is closed")
+
+    @staticmethod
+    def _check_key(key: Any) -> None:
+        if not isinstance(key, TransferKey):
+            raise InvalidKey(f"key must be a p2pkv.TransferKey, got {type(key).__name__}: {key!r:.80}")
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self._cfg.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+            raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        return float(timeout)
+
+    def _out_check(self, out: torch.Tensor | None):
+        if out is None:
+            return None
+
+        def check(slot: Slot) -> None:
+            T.check_out(out, self._device, slot.dtype, slot.shape)
+
+        return check
+
+    def _closed_error(self) -> P2pkvError | None:
+        return EngineClosed(f"engine {self.address} closed while waiting") if self._closed else None
+
+    def _submit(self, cmd: tuple, force: bool = False) -> None:
+        if self._closed and not force:
+            raise EngineClosed(f"engine {self.address} is closed")
+        self._cmds.append(cmd)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # pipe full: the I/O thread is already due to wake
+
+    def _on_pool_free(self) -> None:
+        if not self._mem_dirty and not self._closed:
+            self._mem_dirty = True
+            try:
+                os.write(self._wake_w, b"m")
+            except (BlockingIOError, OSError):
+                pass
+
+    # ================================================================== I/O thread
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    events = dict(self._poller.poll(int(_TICK_S * 1000)))
+                except zmq.ZMQError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    if self._drain_commands():
+                        return
+                if self._router in events:
+                    self._pump_router()
+                for sock in list(events):
+                    peer = self._peer_by_sock.get(sock)
+                    if peer is not None:
+                        self._pump_peer(peer)
+                        continue
+                    peer = self._peer_by_mon.get(sock)
+                    if peer is not None:
+                        self._pump_monitor(peer)
+                if self._mem_dirty:
+                    self._mem_dirty = False
+                    self._grant_credit()
+                self._tick()
+        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
+            log.exception("p2pkv I/O thread crashed; failing all pending transfers")
+            self._closed = True
+        finally:
+            self._fail_everything(lambda: EngineClosed(f"engine {self.address} closed"))
+
+    def _drain_commands(self) -> bool:
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            op = cmd[0]
+            try:
+                if op == "stop":
+                    self._say_goodbye()
+                    return True
+                if op == "send":
+                    self._cmd_send(cmd[1], cmd[2])
+                elif op == "pull":
+                    self._cmd_pull(cmd[1], cmd[2])
+                elif op == "cancel_pull":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None:
+                        peer.pulls.pop(cmd[2].seq, None)
+                elif op == "connect":
+                    self._cmd_connect(cmd[1], cmd[2])
+                elif op == "published":
+                    self._serve_parked(cmd[1])
+                elif op == "abort":
+                    self._do_abort(cmd[1], broadcast=cmd[2], reason="transfer aborted locally")
+            except P2pkvError as exc:  # pragma: no cover - defensive
+                log.warning("command %s failed: %s", op, exc)
+        return False
+
+    # ------------------------------------------------------------------ peers (DEALER side)
+    def _get_peer(self, addr: str) -> _Peer:
+        peer = self._peers.get(addr)
+        if peer is not None:
+            return peer
+        host, port = parse_address(addr)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(_zmq_endpoint(host, port))
+        peer = _Peer(addr, sock, mon)
+        self._peers[addr] = peer
+        self._peer_by_sock[sock] = peer
+        self._peer_by_mon[mon] = peer
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(mon, zmq.POLLIN)
+        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
+                 "caps": self._caps()}
+        if self._cfg.auth_token is not None:
+            hello["tok"] = self._cfg.auth_token
+        sock.send(encode("hello", **hello))
+        peer.last_tx = time.monotonic()
+        self._stats.add("connections")
+        return peer
+
+    def _caps(self) -> dict[str, Any]:
+        return {"transports": ["tcp"], "align": ALIGN}
+
+    def _close_peer(self, peer: _Peer) -> None:
+        self._peers.pop(peer.addr, None)
+        self._peer_by_sock.pop(peer.sock, None)
+        self._peer_by_mon.pop(peer.mon, None)
+        for s in (peer.sock, peer.mon):
+            try:
+                self._poller.unregister(s)
+            except KeyError:
+                pass
+        try:
+            peer.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        peer.mon.close(0)
+        peer.sock.close(0)
+
+    def _lose_peer(self, peer: _Peer, make_error) -> None:
+        """Fail everything in flight to ``peer`` and drop the connection."""
+        n = 0
+        for item in list(peer.queue) + list(peer.inflight.values()):
+            if self._finish_send(item, TransferState.FAILED, make_error()):
+                n += 1
+        for pull in peer.pulls.values():
+            pull.finish(error=make_error())
+            n += 1
+        for w in peer.connect_waiters:
+            w.error = make_error()
+            w.event.set()
+        peer.queue.clear()
+        peer.inflight.clear()
+        peer.pulls.clear()
+        peer.connect_waiters.clear()
+        self._close_peer(peer)
+        if peer.ready:
+            self._stats.add("peers_lost")
+            log.info("peer %s lost: %s (%d transfers failed)", peer.addr, make_error(), n)
+            # The same engine's connection into our ROUTER is dead too.
+            for sess in [s for s in self._sessions.values() if s.eid == peer.eid]:
+                self._lose_session(sess, "peer lost")
+
+    def _cmd_send(self, addr: str, item: _SendItem) -> None:
+        if isinstance(self._inbox.error_for(item.key), TransferAborted):
+            self._finish_send(item, TransferState.ABORTED, TransferAborted("transfer aborted", key=item.key))
+            return
+        peer = self._get_peer(addr)
+        if peer.ready and not self._fits_peer(peer, item):
+            return
+        peer.queue.append(item)
+        self._pump_sends(peer)
+
+    def _fits_peer(self, peer: _Peer, item: _SendItem) -> bool:
+        limit = min(peer.window, peer.pool)
+        if item.footprint > limit or item.nbytes > peer.maxmsg:
+            self._finish_send(item, TransferState.FAILED, PoolExhausted(
+                f"tensor of {item.nbytes} bytes can never fit the receiver (credit window {peer.window}, "
+                f"pool {peer.pool}, max message {peer.maxmsg} bytes)", key=item.key, peer=peer.addr))
+            return False
+        return True
+
+    def _cmd_pull(self, addr: str, item: _PullItem) -> None:
+        peer = self._get_peer(addr)
+        item.seq = peer.next_seq()
+        peer.pulls[item.seq] = item
+        msg: dict[str, Any] = {"seq": item.seq, "key": item.key.to_wire(), "x": "tcp",
+                               "to": max(0.0, item.deadline - time.monotonic())}
+        if item.out is not None:
+            msg["dt"] = T.dtype_name(item.out.dtype)
+            msg["sh"] = list(item.out.shape)
+        peer.sock.send(encode("pull", **msg))
+        peer.last_tx = time.monotonic()
+
+    def _cmd_connect(self, addr: str, w: _ConnectWaiter) -> None:
+        peer = self._get_peer(addr)
+        if peer.ready:
+            w.event.set()
+        else:
+            peer.connect_waiters.append(w)
+
+    def _pump_sends(self, peer: _Peer) -> None:
+        if not peer.ready:
+            return
+        while peer.queue:
+            item = peer.queue[0]
+            if item.footprint > peer.credit:
+                if not peer.creq_pending:
+                    want = sum(i.footprint for i in peer.queue) - peer.credit
+                    peer.sock.send(encode("creq", need=item.footprint - peer.credit, want=max(want, 0)))
+                    peer.creq_pending = True
+                    peer.last_tx = time.monotonic()
+                    self._stats.add("credit_requests")
+                return
+            peer.queue.popleft()
+            peer.credit -= item.footprint
+            item.seq = peer.next_seq()
+            hdr = encode("data", seq=item.seq, key=item.key.to_wire(), dt=T.dtype_name(item.dtype),
+                         sh=list(item.shape), n=item.nbytes, x="tcp")
+            peer.sock.send(hdr, zmq.SNDMORE)
+            tcp.send_payload(peer.sock, item.payload)
+            peer.inflight[item.seq] = item
+            item.handle._set(TransferState.IN_FLIGHT)
+            peer.last_tx = time.monotonic()
+            self._stats.add("bytes_sent", item.nbytes)
+        peer.idle_since = time.monotonic()
+
+    def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
+        ok = item.handle._set(state, error)
+        item.payload = None  # type: ignore[assignment]
+        if ok:
+            if state is TransferState.DONE:
+                self._stats.add("sends_done")
+                self._stats.observe("send", item.handle.latency_s or 0.0)
+            else:
+                self._stats.add("sends_failed")
+        return ok
+
+    def _pump_peer(self, peer: _Peer) -> None:
+        sock = peer.sock
+        for _ in range(256):
+            if peer.addr not in self._peers:
+                return
+            try:
+                hdr = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # pragma: no cover
+                log.warning("recv from %s failed: %s", peer.addr, exc)
+                return
+            peer.last_rx = time.monotonic()
+            try:
+                msg = decode(hdr, REPLY_TYPES)
+                self._on_reply(peer, msg)
+            except P2pkvError as exc:
+                self._stats.add("protocol_errors")
+                log.warning("bad reply from %s: %s", peer.addr, exc)
+            finally:
+                if peer.addr in self._peers:
+                    _drain(sock)
+
+    def _on_reply(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "pong":
+            return
+        if t == "hok":
+            if peer.ready and msg["eid"] != peer.eid:
+                self._lose_peer(peer, lambda: PeerLost("peer restarted", peer=peer.addr))
+                return
+            peer.ready = True
+            peer.connected_once = True
+            peer.eid = msg["eid"]
+            peer.caps = msg["caps"]
+            peer.window = msg["window"]
+            peer.pool = msg["pool"]
+            peer.maxmsg = msg["maxmsg"]
+            for w in peer.connect_waiters:
+                w.event.set()
+            peer.connect_waiters.clear()
+            for item in list(peer.queue):
+                if not self._fits_peer(peer, item):
+                    peer.queue.remove(item)
+            self._pump_sends(peer)
+        elif t == "ack":
+            item = peer.inflight.pop(msg["seq"], None)
+            if item is not None:
+                self._finish_send(item, TransferState.DONE)
+        elif t == "nack":
+            item = peer.inflight.pop(msg["seq"], None)
+            if item is not None:
+                err = error_from_code(msg["code"], msg["msg"], key=item.key, peer=peer.addr)
+                state = TransferState.ABORTED if isinstance(err, TransferAborted) else TransferState.FAILED
+                self._finish_send(item, state, err)
+        elif t == "grant":
+            peer.credit += msg["n"]
+            peer.creq_pending = False
+            self._pump_sends(peer)
+        elif t == "pdata":
+            self._on_pdata(peer, msg)
+        elif t == "perr":
+            pull = peer.pulls.pop(msg["seq"], None)
+            if pull is not None:
+                pull.finish(error=error_from_code(msg["code"], msg["msg"], key=pull.key, peer=peer.addr))
+        elif t == "abort":
+            self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
+        elif t == "err":
+            code = msg["code"]
+            if code == "auth":
+                err_msg = msg["msg"]
+                self._lose_peer(peer, lambda: AuthError(err_msg, peer=peer.addr))
+            elif code == "no_session":
+                self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
+            else:
+                seq = msg.get("seq")
+                item = peer.inflight.pop(seq, None) if seq is not None else None
+                if item is not None:
+                    self._finish_send(item, TransferState.FAILED,
+                                      error_from_code(code, msg["msg"], key=item.key, peer=peer.addr))
+                pull = peer.pulls.pop(seq, None) if seq is not None else None
+                if pull is not None:
+                    pull.finish(error=error_from_code(code, msg["msg"], key=pull.key, peer=peer.addr))
+                if item is None and pull is None:
+                    log.warning("peer %s reported: [%s] %s", peer.addr, code, msg["msg"])
+
+    def _on_pdata(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        pull = peer.pulls.pop(msg["seq"], None)
+        if pull is None:
+            return  # cancelled; frames are drained by the caller
+        try:
+            key = TransferKey.from_wire(msg["key"])
+            dtype = T.dtype_from_name(msg["dt"])
+            shape = T.check_shape(msg["sh"])
+            n = msg["n"]
+            if key != pull.key or n != T.nbytes_of(dtype, shape):
+                raise ProtocolError(f"pulled data does not match the request (key {key}, {n} bytes)")
+            dst = pull.out if pull.out is not None else torch.empty(shape, dtype=dtype, device=self._device)
+            if pull.out is not None:
+                T.check_out(dst, self._device, dtype, shape)
+            if not peer.sock.getsockopt(zmq.RCVMORE):
+                raise ProtocolError("pulled data lacks its payload frame")
+            got = tcp.recv_payload_into(peer.sock, T.as_bytes(dst))
+            if got != n:
+                raise ProtocolError(f"payload of {got} bytes, header said {n}")
+            self._stats.add("bytes_pulled", n)
+            pull.finish(result=dst)
+        except P2pkvError as exc:
+            pull.finish(error=exc)
+
+    def _pump_monitor(self, peer: _Peer) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                evt = recv_monitor_message(peer.mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
+                self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
+                return
+
+    # ------------------------------------------------------------------ sessions (ROUTER side)
+    def _pump_router(self) -> None:
+        r = self._router
+        for _ in range(256):
+            try:
+                ident = r.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not r.getsockopt(zmq.RCVMORE):
+                continue  # an empty message: nothing to do
+            hdr = r.recv()
+            try:
+                msg = decode(hdr, REQUEST_TYPES)
+                self._on_request(ident, msg)
+            except P2pkvError as exc:
+                self._stats.add("protocol_errors")
+                self._reply(ident, "err", code=exc.code, msg=str(exc)[:500])
+            except Exception as exc:  # a bug must not kill the engine
+                self._stats.add("internal_errors")
+                log.exception("internal error handling a request")
+                self._reply(ident, "err", code="error", msg=f"internal error: {type(exc).__name__}")
+            finally:
+                _drain(r)
+
+    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
+               **fields: Any) -> bool:
+        try:
+            if payload is None:
+                self._router.send_multipart([ident, encode(mtype, **fields)])
+            else:
+                self._router.send(ident, zmq.SNDMORE)
+                self._router.send(encode(mtype, **fields), zmq.SNDMORE)
+                n = payload.numel()
+                if track is not None and n >= tcp.ZERO_COPY_MIN:
+                    tracker = self._router.send(payload.numpy(), copy=False, track=True)
+                    self._tracked.append((tracker, track))
+                else:
+                    tcp.send_payload(self._router, payload)
+                    if track is not None:
+                        track.release()
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            if track is not None:
+                track.release()
+            log.debug("reply to %s dropped: %s", ident.hex(), exc)
+            return False
+
+    def _on_request(self, ident: bytes, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        sess = self._sessions.get(ident)
+        if t == "hello":
+            tok = self._cfg.auth_token
+            if tok is not None and not (isinstance(msg.get("tok"), str)
+                                        and hmac.compare_digest(msg["tok"].encode(), tok.encode())):
+                self._stats.add("auth_failures")
+                self._reply(ident, "err", code="auth", msg="authentication failed: wrong or missing auth_token")
+                return
+            if sess is not None:
+                self._lose_session(sess, "peer said hello again")
+            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.credit_bytes,
+                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
+            return
+        if sess is None:
+            if t not in ("bye", "pong"):
+                self._reply(ident, "err", code="no_session", msg="no session: send hello first",
+                            seq=msg.get("seq"))
+            return
+        sess.last_rx = time.monotonic()
+        if t == "ping":
+            self._reply(ident, "pong")
+        elif t == "data":
+            self._on_data(sess, msg)
+        elif t == "creq":
+            sess.creq = (msg["need"], msg["want"])
+            sess.creq_t = time.monotonic()
+            self._grant_credit()
+        elif t == "cret":
+            sess.outstanding -= min(msg["n"], sess.outstanding)
+            self._grant_credit()
+        elif t == "pull":
+            self._on_pull(sess, msg)
+        elif t == "abort":
+            tid = validate_transfer_id(msg["tid"])
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident)
+        elif t == "bye":
+            self._lose_session(sess, "peer closed its engine")
+        elif t == "pdone":
+            pass
+
+    def _on_data(self, sess: _Session, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+        ident = sess.ident
+
+        def nack(exc: P2pkvError) -> None:
+            self._stats.add("nacks")
+            self._reply(ident, "nack", seq=seq, code=exc.code, msg=str(exc)[:500])
+
+        try:
+            key = TransferKey.from_wire(msg["key"])
+            dtype = T.dtype_from_name(msg["dt"])
+            shape = T.check_shape(msg["sh"])
+        except P2pkvError as exc:
+            nack(exc)
+            return
+        n = msg["n"]
+        if n != T.nbytes_of(dtype, shape):
+            nack(ProtocolError(f"n={n} does not match dtype {msg['dt']} and shape {shape}"))
+            return
+        if n > self._cfg.max_message_bytes:
+            nack(InvalidTensor(f"{n} bytes exceed max_message_bytes={self._cfg.max_message_bytes}"))
+            return
+        if msg["x"] != "tcp":
+            nack(ProtocolError(f"transport {msg['x']!r:.20} is not available on this engine"))
+            return
+        if not self._router.getsockopt(zmq.RCVMORE):
+            nack(ProtocolError("data message lacks its payload frame"))
+            return
+        fp = BufferPool.footprint(n)
+        if fp > sess.outstanding:
+            self._stats.add("credit_violations")
+        sess.outstanding -= min(fp, sess.outstanding)
+        try:
+            buf = self._pool.try_alloc(n, overflow=True)
+        except PoolExhausted as exc:
+            nack(exc)
+            return
+        assert buf is not None
+        try:
+            got = self._recv_payload(buf)
+            if got != n:
+                raise ProtocolError(f"payload of {got} bytes, header said {n}")
+            err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
+        except P2pkvError as exc:
+            buf.release()
+            nack(exc)
+            return
+        if err is not None:
+            buf.release()
+            nack(err)
+            return
+        self._stats.add("bytes_received", n)
+        self._stats.add("tensors_received")
+        self._reply(ident, "ack", seq=seq)
+
+    def _recv_payload(self, buf: Buffer) -> int:
+        return tcp.recv_payload_into(self._router, buf.data)
+
+    def _grant_credit(self) -> None:
+        waiting = sorted((s for s in self._sessions.values() if s.creq is not None), key=lambda s: s.creq_t)
+        if not waiting:
+            return
+        available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
+        window = self._cfg.credit_bytes
+        for sess in waiting:
+            need, want = sess.creq  # type: ignore[misc]
+            g = min(available, window - sess.outstanding, max(want, need, window // 4))
+            if g < need:
+                break  # FIFO: later requesters wait behind this one
+            sess.outstanding += g
+            available -= g
+            sess.creq = None
+            self._reply(sess.ident, "grant", n=g)
+
+    def _on_pull(self, sess: _Session, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+        try:
+            key = TransferKey.from_wire(msg["key"])
+            dt = msg.get("dt")
+            sh = msg.get("sh")
+            if dt is not None:
+                T.dtype_from_name(dt)
+            if sh is not None:
+                T.check_shape(sh)
+        except P2pkvError as exc:
+            self._reply(sess.ident, "perr", seq=seq, code=exc.code, msg=str(exc)[:500])
+            return
+        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(float(msg["to"]), self._cfg.timeout_s * 4), dt, sh)
+        if not self._try_serve(pp):
+            self._parked.append(pp)
+
+    def _try_serve(self, pp: _ParkedPull) -> bool:
+        """Serve a pull if its key is published; True when answered (data or error)."""
+        def check(slot: Slot) -> None:
+            if pp.dt is not None and T.dtype_name(slot.dtype) != pp.dt:
+                raise ShapeMismatch(f"puller's out has dtype {pp.dt} but the data is {T.dtype_name(slot.dtype)}")
+            if pp.sh is not None and tuple(pp.sh) != tuple(slot.shape):
+                raise ShapeMismatch(f"puller's out has shape {tuple(pp.sh)} but the data has shape "
+                                      f"{tuple(slot.shape)}")
+
+        try:
+            slot = self._outbox.take_nowait(pp.key, check)
+        except P2pkvError as exc:
+            self._reply(pp.sess.ident, "perr", seq=pp.seq, code=exc.code, msg=str(exc)[:500])
+            return True
+        if slot is None:
+            err = self._outbox.error_for(pp.key)
+            if err is None:
+                return False
+            self._reply(pp.sess.ident, "perr", seq=pp.seq, code=err.code, msg=err.message)
+            return True
+        n = slot.buf.nbytes
+        raw = slot.buf.data
+        payload = raw if raw.device.type == "cpu" else raw.cpu()
+        ok = self._reply(pp.sess.ident, "pdata", payload=payload, track=slot.buf if raw.device.type == "cpu" else None,
+                         seq=pp.seq, key=pp.key.to_wire(), dt=T.dtype_name(slot.dtype), sh=list(slot.shape),
+                         n=n, x="tcp")
+        if raw.device.type != "cpu":
+            slot.buf.release()
+        if ok:
+            self._stats.add("pulls_served")
+            self._stats.add("bytes_served", n)
+        return True
+
+    def _serve_parked(self, key: TransferKey) -> None:
+        keep = []
+        for pp in self._parked:
+            if pp.key == key and self._try_serve(pp):
+                continue
+            keep.append(pp)
+        self._parked = keep
+
+    def _lose_session(self, sess: _Session, reason: str) -> None:
+        if self._sessions.get(sess.ident) is not sess:
+            return
+        del self._sessions[sess.ident]
+        self._parked = [pp for pp in self._parked if pp.sess is not sess]
+        eid = sess.eid
+        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"))
+        if reason != "peer said hello again":
+            self._stats.add("sessions_lost")
+        log.info("session %s ended (%s); %d transfer(s) affected", sess, reason, len(tids))
+        self._grant_credit()
+
+    # ------------------------------------------------------------------ abort
+    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None) -> None:
+        for buf in self._inbox.abort(tid, reason) + self._outbox.abort(tid, reason):
+            buf.release()
+        for peer in list(self._peers.values()):
+            for item in [i for i in peer.queue if i.key.transfer_id == tid]:
+                peer.queue.remove(item)
+                self._finish_send(item, TransferState.ABORTED, TransferAborted(reason, key=item.key))
+            for seq, item in [(s, i) for s, i in peer.inflight.items() if i.key.transfer_id == tid]:
+                del peer.inflight[seq]
+                self._finish_send(item, TransferState.ABORTED, TransferAborted(reason, key=item.key))
+            for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.key.transfer_id == tid]:
+                del peer.pulls[seq]
+                pull.finish(error=TransferAborted(reason, key=pull.key))
+        keep = []
+        for pp in self._parked:
+            if pp.key.transfer_id == tid:
+                self._reply(pp.sess.ident, "perr", seq=pp.seq, code="aborted", msg=reason)
+            else:
+                keep.append(pp)
+        self._parked = keep
+        if broadcast:
+            for peer in self._peers.values():
+                if peer.ready:
+                    peer.sock.send(encode("abort", tid=tid))
+            for sess in self._sessions.values():
+                if sess.ident != skip:
+                    self._reply(sess.ident, "abort", tid=tid)
+
+    # ------------------------------------------------------------------ timers
+    def _tick(self) -> None:
+        now = time.monotonic()
+        cfg = self._cfg
+        for peer in list(self._peers.values()):
+            if peer.ready:
+                if now - peer.last_rx > cfg.peer_timeout_s:
+                    silent = now - peer.last_rx
+                    self._lose_peer(peer, lambda s=silent: PeerLost(f"peer silent for {s:.2f}s", peer=peer.addr))
+                    continue
+                if now - peer.last_tx >= cfg.heartbeat_s:
+                    peer.sock.send(encode("ping"))
+                    peer.last_tx = now
+                if (peer.credit > 0 and not peer.queue and not peer.inflight
+                        and now - peer.idle_since > 4 * cfg.heartbeat_s):
+                    peer.sock.send(encode("cret", n=peer.credit))
+                    peer.credit = 0
+            elif not peer.busy() and now - peer.created > cfg.peer_timeout_s:
+                self._close_peer(peer)  # nobody waits for an unreachable peer
+                continue
+            for item in [i for i in peer.queue if i.deadline < now]:
+                peer.queue.remove(item)
+                why = "no credit from the receiver (it is full)" if peer.ready else "peer unreachable"
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    f"send not started within its deadline: {why}", key=item.key, peer=peer.addr))
+            for seq, item in [(s, i) for s, i in peer.inflight.items() if i.deadline < now]:
+                del peer.inflight[seq]
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
+            for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.deadline + 0.25 < now]:
+                del peer.pulls[seq]
+                pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,
+                                                  peer=peer.addr))
+        for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.peer_timeout_s]:
+            self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
+        if self._parked:
+            keep = []
+            for pp in self._parked:
+                if pp.deadline < now:
+                    self._reply(pp.sess.ident, "perr", seq=pp.seq, code="timeout",
+                                msg="the key was not published before the pull's deadline")
+                else:
+                    keep.append(pp)
+            self._parked = keep
+        if self._tracked:
+            still = []
+            for tracker, buf in self._tracked:
+                if tracker.done:
+                    buf.release()
+                else:
+                    still.append((tracker, buf))
+            self._tracked = still
+        if now >= self._next_expire:
+            self._next_expire = now + min(0.5, cfg.ttl_s / 4)
+            for buf in self._inbox.expire(now) + self._outbox.expire(now):
+                buf.release()
+                self._stats.add("evicted")
+
+    # ------------------------------------------------------------------ shutdown
+    def _say_goodbye(self) -> None:
+        for peer in self._peers.values():
+            if peer.ready:
+                try:
+                    peer.sock.send(encode("bye"), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def _fail_everything(self, make_error) -> None:
+        for peer in list(self._peers.values()):
+            for item in list(peer.queue) + list(peer.inflight.values()):
+                self._finish_send(item, TransferState.FAILED, make_error())
+            for pull in peer.pulls.values():
+                pull.finish(error=make_error())
+            for w in peer.connect_waiters:
+                w.error = make_error()
+                w.event.set()
+            peer.queue.clear()
+            peer.inflight.clear()
+            peer.pulls.clear()
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            if cmd[0] == "send":
+                self._finish_send(cmd[2], TransferState.FAILED, make_error())
+            elif cmd[0] == "pull":
+                cmd[2].finish(error=make_error())
+            elif cmd[0] == "connect":
+                cmd[2].error = make_error()
+                cmd[2].event.set()
+
+    def _teardown(self) -> None:
+        th = self._thread
+        if th is not None and th.is_alive():  # pragma: no cover - a stuck I/O thread
+            log.error("p2pkv I/O thread did not stop; closing sockets anyway")
+        for buf in self._inbox.fail_all(lambda: EngineClosed("closed")) + \
+                self._outbox.fail_all(lambda: EngineClosed("closed")):
+            buf.release()
+        for _, buf in self._tracked:
+            buf.release()
+        self._tracked = []
+        for peer in list(self._peers.values()):
+            self._close_peer(peer)
+        try:
+            self._router.close(0)
+            self._ctx.destroy(linger=0)
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._pool.close()
+
+
+def _drain(sock: zmq.Socket) -> None:
+    """Discard the rest of a multipart message (keeps framing safe after an error)."""
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv(copy=False)

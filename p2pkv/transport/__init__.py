@@ -1,0 +1,1 @@
+"""Data transports: TCP (ZMQ frames), CUDA IPC (same host), NCCL (GPUs anywhere)."""
