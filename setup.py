@@ -23,7 +23,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", "numpy>=1.24", "pyzmq>=25", "msgpack>=1.0"],
     extras_require={
-        "cu12": [d.replace("cupy-cuda12x>=13", "cupy-cuda12x>=13") for d in gpu_extra("12")],
+        "cu12": gpu_extra("12"),
         "cu13": gpu_extra("13"),
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80"],
         "bench": ["matplotlib>=3.6"],

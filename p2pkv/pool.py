@@ -163,13 +163,17 @@ class BufferPool:
     """
 
     def __init__(self, capacity: int, device: str | torch.device = "cpu", *, pin_memory: bool = False,
-                 on_free: Callable[[], None] | None = None):
+                 on_free: Callable[[], None] | None = None, prefault: bool = True):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise InvalidTensor(f"pool capacity must be a positive int, got {capacity!r}")
         self.device = torch.device(device)
         self.capacity = _round_up(capacity) if capacity % ALIGN else capacity
         kw = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
         self._arena: torch.Tensor | None = torch.empty(self.capacity, dtype=torch.uint8, device=self.device, **kw)
+        if prefault and self.device.type == "cpu":
+            # Touch every page now: first-touch page faults would otherwise halve
+            # the bandwidth of the first transfers into each part of the arena.
+            self._arena.zero_()
         self._ext = _Extents(self.capacity)
         self._cond = threading.Condition(threading.Lock())
         self._on_free = on_free
