@@ -68,7 +68,7 @@ class EngineConfig:
         Size of the receive/publish buffer pool (one arena on ``device``).
     credit_bytes:
         The most pool bytes one sending peer may hold in flight (its credit
-        window); default ``pool_bytes // 2``.
+        window); 0 (default) means ``pool_bytes // 2``.
     pinned_bytes:
         Size of a pinned host staging tier for GPU tensors sent over TCP
         (0 disables; staging then uses pageable memory).
@@ -113,19 +113,17 @@ class EngineConfig:
             raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if isinstance(self.timeout_s, (int, float)) and not isinstance(self.timeout_s, bool) and self.timeout_s > 0:
-            if self.peer_timeout_s is None:
-                set_("peer_timeout_s", min(5.0, float(self.timeout_s)))
-            if self.heartbeat_s is None and isinstance(self.peer_timeout_s, (int, float)):
-                set_("heartbeat_s", min(0.5, float(self.peer_timeout_s) / 4))
         for name in ("timeout_s", "peer_timeout_s", "heartbeat_s", "ttl_s", "nccl_init_timeout_s"):
             v = getattr(self, name)
+            if v is None and name in ("peer_timeout_s", "heartbeat_s"):
+                continue  # derived: see the effective_* properties
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
                 raise ConfigError(f"{name} must be a positive finite number of seconds, got {v!r}")
             set_(name, float(v))
-        if self.heartbeat_s >= self.peer_timeout_s:
-            raise ConfigError(f"heartbeat_s ({self.heartbeat_s}) must be smaller than peer_timeout_s ({self.peer_timeout_s})")
-        if self.peer_timeout_s > self.timeout_s:
+        if self.effective_heartbeat_s >= self.effective_peer_timeout_s:
+            raise ConfigError(f"heartbeat_s ({self.effective_heartbeat_s}) must be smaller than peer_timeout_s "
+                              f"({self.effective_peer_timeout_s})")
+        if self.effective_peer_timeout_s > self.timeout_s:
             raise ConfigError(f"peer_timeout_s ({self.peer_timeout_s}) must not exceed timeout_s ({self.timeout_s}): "
                               "a lost peer must be detected within the wait deadline")
         for name in ("pool_bytes", "credit_bytes", "pinned_bytes", "max_message_bytes", "nccl_buffsize"):
@@ -137,8 +135,6 @@ class EngineConfig:
             raise ConfigError(f"pool_bytes must be > 0, got {self.pool_bytes}")
         if self.max_message_bytes <= 0:
             raise ConfigError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
-        if self.credit_bytes == 0:
-            set_("credit_bytes", max(1, self.pool_bytes // 2))
         if self.credit_bytes > self.pool_bytes:
             raise ConfigError(f"credit_bytes ({self.credit_bytes}) must not exceed pool_bytes ({self.pool_bytes})")
         if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
@@ -149,6 +145,19 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def effective_peer_timeout_s(self) -> float:
+        return min(5.0, self.timeout_s) if self.peer_timeout_s is None else self.peer_timeout_s
+
+    @property
+    def effective_heartbeat_s(self) -> float:
+        return min(0.5, self.effective_peer_timeout_s / 4) if self.heartbeat_s is None else self.heartbeat_s
+
+    @property
+    def effective_credit_bytes(self) -> int:
+        return self.credit_bytes or max(1, self.pool_bytes // 2)
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -215,7 +215,7 @@ class Engine:
             config = EngineConfig.from_dict({**{k: getattr(config, k) for k in EngineConfig.field_names()},
                                              **overrides})
         self._cfg = config
-        self._closed = False
+        self._closed = True  # until construction completes (so __del__ stays quiet on failure)
         self._thread: threading.Thread | None = None
         self._device = self._resolve_device(config.device)
         self.eid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -265,6 +265,7 @@ class Engine:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._next_expire = 0.0
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"p2pkv-io-{self.port}", daemon=True)
         self._thread.start()
 
@@ -961,7 +962,7 @@ class Engine:
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
             self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
-            self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.credit_bytes,
+            self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
         if sess is None:
@@ -1054,7 +1055,7 @@ class Engine:
         if not waiting:
             return
         available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
-        window = self._cfg.credit_bytes
+        window = self._cfg.effective_credit_bytes
         for sess in waiting:
             need, want = sess.creq  # type: ignore[misc]
             g = min(available, window - sess.outstanding, max(want, need, window // 4))
@@ -1170,18 +1171,18 @@ class Engine:
         cfg = self._cfg
         for peer in list(self._peers.values()):
             if peer.ready:
-                if now - peer.last_rx > cfg.peer_timeout_s:
+                if now - peer.last_rx > cfg.effective_peer_timeout_s:
                     silent = now - peer.last_rx
                     self._lose_peer(peer, lambda s=silent: PeerLost(f"peer silent for {s:.2f}s", peer=peer.addr))
                     continue
-                if now - peer.last_tx >= cfg.heartbeat_s:
+                if now - peer.last_tx >= cfg.effective_heartbeat_s:
                     peer.sock.send(encode("ping"))
                     peer.last_tx = now
                 if (peer.credit > 0 and not peer.queue and not peer.inflight
-                        and now - peer.idle_since > 4 * cfg.heartbeat_s):
+                        and now - peer.idle_since > 4 * cfg.effective_heartbeat_s):
                     peer.sock.send(encode("cret", n=peer.credit))
                     peer.credit = 0
-            elif not peer.busy() and now - peer.created > cfg.peer_timeout_s:
+            elif not peer.busy() and now - peer.created > cfg.effective_peer_timeout_s:
                 self._close_peer(peer)  # nobody waits for an unreachable peer
                 continue
             for item in [i for i in peer.queue if i.deadline < now]:
@@ -1197,7 +1198,7 @@ class Engine:
                 del peer.pulls[seq]
                 pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,
                                                   peer=peer.addr))
-        for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.peer_timeout_s]:
+        for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:
             keep = []

@@ -84,8 +84,10 @@ class _Tombs:
 class Mailbox:
     """Thread-safe store of delivered tensors keyed by :class:`TransferKey`."""
 
-    def __init__(self, ttl_s: float, *, name: str = "mailbox"):
+    def __init__(self, ttl_s: float, *, name: str = "mailbox", tomb_s: float | None = None):
         self.ttl_s = ttl_s
+        # how long the fate of an aborted / evicted / lost key is remembered
+        self.tomb_s = max(ttl_s, 300.0) if tomb_s is None else tomb_s
         self.name = name
         self._lock = threading.Lock()
         self._slots: dict[TransferKey, Slot] = {}
@@ -200,7 +202,7 @@ class Mailbox:
     def abort(self, tid: str, reason: str = "transfer aborted") -> list[Buffer]:
         """Drop every key of ``tid``; return their buffers for the caller to release."""
         with self._lock:
-            self._aborted.put(tid, self.ttl_s, lambda: TransferAborted(reason, key=tid))
+            self._aborted.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             bufs = [self._drop_tid_locked(tid)]
             self._wake_tid_locked(tid)
         return bufs[0]
@@ -219,7 +221,7 @@ class Mailbox:
         with self._lock:
             tids = [tid for tid, (s, _) in self._tid_src.items() if s == src]
             for tid in tids:
-                self._lost.put(tid, self.ttl_s, make_error)
+                self._lost.put(tid, self.tomb_s, make_error)
                 del self._tid_src[tid]
                 self._wake_tid_locked(tid)
         return tids
@@ -235,7 +237,7 @@ class Mailbox:
                 out.append(slot.buf)
                 self.evictions += 1
                 k = slot.key
-                self._evicted.put(k, self.ttl_s, lambda k=k: TransferEvicted(
+                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
                     f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
             for tid in [t for t, (_, ts) in self._tid_src.items() if ts < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]

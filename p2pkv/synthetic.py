@@ -66,6 +66,8 @@ def kv_layer(request: int, layer: int, shape: tuple[int, ...], dtype: torch.dtyp
     seed = ((request * 1_000_003 + layer * 7919 + 17) * 2654435761) & 0x7FFFFFFF
     words = _base(n32, torch.device(device)) ^ seed
     raw = words.view(torch.uint8)[:nbytes]
+    if dtype == torch.bool:
+        raw = raw & 1  # only 0 and 1 are valid bool bytes
     return raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=device)
 
 

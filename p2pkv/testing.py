@@ -1,0 +1,175 @@
+"""Helpers to run an engine in a separate process and drive it (tests, demos, soak runs).
+
+``RemoteEngine`` starts a real process (``spawn``) holding a real
+:class:`~p2pkv.Engine` and executes commands sent over a pipe. Bulk helpers
+generate and verify synthetic tensors inside the child, so nothing large is
+pickled. Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+__all__ = ["RemoteEngine", "RemoteError"]
+
+
+class RemoteError(RuntimeError):
+    """A command failed inside the child; ``kind`` is the exception class name."""
+
+    def __init__(self, kind: str, message: str, tb: str = ""):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.tb = tb
+
+
+def _child(conn, cfg: dict) -> None:
+    import torch
+
+    from . import Engine, TransferKey
+    from .synthetic import kv_layer, same_bits
+
+    eng = Engine(**cfg)
+    conn.send(("ok", eng.address))
+    handles: list = []
+
+    def key(tid: str, layer: int) -> TransferKey:
+        return TransferKey(tid, f"model.layers.{layer}.self_attn")
+
+    def send_many(peer, tids, layers, shape, dtype="bfloat16", wait=True, timeout=None, seed_of=None):
+        dt = getattr(torch, dtype)
+        hs = []
+        for ti, tid in enumerate(tids):
+            r = seed_of[ti] if seed_of else ti
+            for layer in range(layers):
+                hs.append(eng.send(peer, key(tid, layer), kv_layer(r, layer, tuple(shape), dt, eng.device),
+                                   timeout=timeout))
+        handles.extend(hs)
+        if wait:
+            for h in hs:
+                h.wait(timeout)
+        return len(hs)
+
+    def wait_sends(timeout=None):
+        errors: dict[str, int] = {}
+        for h in handles:
+            try:
+                h.wait(timeout)
+            except Exception as exc:  # noqa: BLE001 - reported back by class name
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        handles.clear()
+        return errors
+
+    def recv_many(tids, layers, shape, dtype="bfloat16", timeout=None, seed_of=None, use_out=False):
+        dt = getattr(torch, dtype)
+        bad = 0
+        out = torch.empty(tuple(shape), dtype=dt, device=eng.device) if use_out else None
+        for ti, tid in enumerate(tids):
+            r = seed_of[ti] if seed_of else ti
+            for layer in range(layers):
+                got = eng.recv(key(tid, layer), timeout=timeout, out=out)
+                if not same_bits(got, kv_layer(r, layer, tuple(shape), dt, eng.device)):
+                    bad += 1
+        return bad
+
+    def publish_many(tids, layers, shape, dtype="bfloat16", timeout=None):
+        dt = getattr(torch, dtype)
+        for ti, tid in enumerate(tids):
+            for layer in range(layers):
+                eng.publish(key(tid, layer), kv_layer(ti, layer, tuple(shape), dt, eng.device), timeout=timeout)
+        return len(tids) * layers
+
+    def pull_many(peer, tids, layers, shape, dtype="bfloat16", timeout=None):
+        dt = getattr(torch, dtype)
+        bad = 0
+        for ti, tid in enumerate(tids):
+            for layer in range(layers):
+                got = eng.pull(peer, key(tid, layer), timeout=timeout)
+                if not same_bits(got, kv_layer(ti, layer, tuple(shape), dt, eng.device)):
+                    bad += 1
+        return bad
+
+    ops = {"send_many": send_many, "recv_many": recv_many, "publish_many": publish_many,
+           "pull_many": pull_many, "wait_sends": wait_sends,
+           "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
+           "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),
+           "threads": lambda: __import__("threading").active_count(),
+           "fds": lambda: len(os.listdir("/proc/self/fd"))}
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            op, args, kwargs = msg
+            if op == "close":
+                eng.close()
+                conn.send(("ok", None))
+                return
+            try:
+                conn.send(("ok", ops[op](*args, **kwargs)))
+            except Exception as exc:  # noqa: BLE001 - shipped to the parent
+                conn.send(("err", (type(exc).__name__, str(exc), traceback.format_exc())))
+    finally:
+        eng.close()
+
+
+class RemoteEngine:
+    """An engine in its own process. ``cfg`` is passed to ``Engine(**cfg)``."""
+
+    def __init__(self, start_timeout: float = 60.0, **cfg: Any):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(child, cfg), daemon=True, name="p2pkv-remote")
+        self.proc.start()
+        child.close()
+        self.address: str = self._wait(start_timeout)
+
+    def _wait(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.1):
+            if not self.proc.is_alive():
+                raise RemoteError("ProcessDied", f"remote engine exited with code {self.proc.exitcode}")
+            if time.monotonic() > deadline:
+                raise RemoteError("Timeout", f"remote engine gave no answer within {timeout}s")
+        status, value = self._conn.recv()
+        if status == "err":
+            raise RemoteError(*value)
+        return value
+
+    def call(self, op: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
+        self._conn.send((op, args, kwargs))
+        return self._wait(timeout)
+
+    def start(self, op: str, *args: Any, **kwargs: Any) -> None:
+        """Send a command without waiting; collect its answer with :meth:`result`."""
+        self._conn.send((op, args, kwargs))
+
+    def result(self, timeout: float = 120.0) -> Any:
+        return self._wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def close(self, timeout: float = 20.0) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("close", timeout=timeout)
+            except (RemoteError, OSError, EOFError):
+                pass
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.kill()
+        self._conn.close()
+
+    def __enter__(self) -> "RemoteEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

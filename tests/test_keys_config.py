@@ -1,0 +1,105 @@
+import pytest
+
+import p2pkv
+from p2pkv import ConfigError, EngineConfig, InvalidKey, TransferKey
+from p2pkv.keys import MAX_ID_LEN, MAX_NAME_LEN
+
+
+def test_key_roundtrip_and_str():
+    k = TransferKey("xfer-1", "model.layers.0.attn")
+    assert TransferKey.from_wire(k.to_wire()) == k
+    assert str(k) == "xfer-1/model.layers.0.attn"
+    assert hash(k) == hash(TransferKey("xfer-1", "model.layers.0.attn"))
+
+
+@pytest.mark.parametrize("tid,name,needle", [
+    ("", "a", "transfer_id must not be empty"),
+    ("a", "", "name must not be empty"),
+    ("x" * (MAX_ID_LEN + 1), "a", "limit is"),
+    ("a", "n" * (MAX_NAME_LEN + 1), "limit is"),
+    ("a\x00b", "a", "control character"),
+    ("a", "line\nbreak", "control character"),
+    ("a", "del\x7f", "control character"),
+    (3, "a", "must be a str"),
+    ("a", b"bytes", "must be a str"),
+    (None, "a", "must be a str"),
+])
+def test_bad_keys(tid, name, needle):
+    with pytest.raises(InvalidKey, match=needle):
+        TransferKey(tid, name)
+
+
+def test_key_from_wire_rejects_other_shapes():
+    for bad in ("a/b", ["a"], ["a", "b", "c"], {"a": 1}, None, [1, 2]):
+        with pytest.raises(InvalidKey):
+            TransferKey.from_wire(bad)
+
+
+def test_key_is_frozen():
+    k = TransferKey("a", "b")
+    with pytest.raises(AttributeError):
+        k.name = "c"  # type: ignore[misc]
+
+
+def test_new_transfer_id_unique():
+    ids = {p2pkv.new_transfer_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    TransferKey(next(iter(ids)), "x")
+
+
+def test_config_defaults_and_derived():
+    c = EngineConfig()
+    assert c.effective_peer_timeout_s <= c.timeout_s
+    assert c.effective_heartbeat_s < c.effective_peer_timeout_s
+    assert c.effective_credit_bytes == c.pool_bytes // 2
+    c2 = EngineConfig(timeout_s=2)
+    assert c2.effective_peer_timeout_s == 2.0
+    c3 = c.replace(timeout_s=1, pool_bytes=2**20)  # derived values follow the new fields
+    assert c3.effective_peer_timeout_s == 1.0 and c3.effective_credit_bytes == 2**19
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"port": 70000}, "port"),
+    ({"port": -1}, "port"),
+    ({"port": "80"}, "port"),
+    ({"device": "gpu"}, "device"),
+    ({"timeout_s": 0}, "timeout_s"),
+    ({"timeout_s": float("nan")}, "timeout_s"),
+    ({"ttl_s": -1}, "ttl_s"),
+    ({"pool_bytes": 0}, "pool_bytes"),
+    ({"pool_bytes": "lots"}, "pool_bytes"),
+    ({"transport": "rdma"}, "transport"),
+    ({"auth_token": ""}, "auth_token"),
+    ({"timeout_s": 1, "peer_timeout_s": 2}, "peer_timeout_s"),
+    ({"heartbeat_s": 3, "peer_timeout_s": 2}, "heartbeat_s"),
+    ({"credit_bytes": 2**30, "pool_bytes": 2**20}, "credit_bytes"),
+    ({"host": "bad host"}, "host"),
+])
+def test_config_validation(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        EngineConfig(**kw)
+
+
+def test_config_from_dict_coerces_and_rejects_unknown():
+    c = EngineConfig.from_dict({"timeout_s": "7.5", "pool_bytes": "64MiB", "port": "0", "auth_token": "s3"})
+    assert c.timeout_s == 7.5 and c.pool_bytes == 64 * 2**20 and c.auth_token == "s3"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        EngineConfig.from_dict({"timeout": 5})
+    with pytest.raises(ConfigError):
+        EngineConfig.from_dict(["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cannot convert"):
+        EngineConfig.from_dict({"timeout_s": "soon"})
+
+
+def test_config_from_env():
+    env = {"P2PKV_TIMEOUT_S": "9", "P2PKV_POOL_BYTES": "1GiB", "P2PKV_TRANSPORT": "tcp", "OTHER": "x"}
+    c = EngineConfig.from_env(env)
+    assert c.timeout_s == 9.0 and c.pool_bytes == 2**30 and c.transport == "tcp"
+    c = EngineConfig.from_env(env, timeout_s=3)
+    assert c.timeout_s == 3.0
+    with pytest.raises(ConfigError):
+        EngineConfig.from_env({"P2PKV_PORT": "http"})
+
+
+def test_config_to_dict_hides_token():
+    assert EngineConfig(auth_token="secret").to_dict()["auth_token"] == "***"
