@@ -918,7 +918,7 @@ class Engine:
                 self._on_request(ident, msg)
             except P2pkvError as exc:
                 self._stats.add("protocol_errors")
-                self._reply(ident, "err", code=exc.code, msg=str(exc)[:500])
+                self._reply(ident, "err", code=exc.code, msg=str(exc)[:500], seq=_seq_of(hdr))
             except Exception as exc:  # a bug must not kill the engine
                 self._stats.add("internal_errors")
                 log.exception("internal error handling a request")
@@ -1276,6 +1276,19 @@ class Engine:
                 except OSError:
                     pass
             self._pool.close()
+
+
+def _seq_of(hdr: bytes) -> int | None:
+    """Best-effort ``seq`` of a header that failed validation, so the sender's item fails fast."""
+    try:
+        import msgpack
+
+        m = msgpack.unpackb(hdr, raw=False, max_str_len=8192, max_bin_len=8192, max_array_len=4096,
+                            max_map_len=64)
+        seq = m.get("seq") if isinstance(m, dict) else None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+    except Exception:
+        return None
 
 
 def _drain(sock: zmq.Socket) -> None:
