@@ -768,15 +768,16 @@ class Engine:
         peer.idle_since = time.monotonic()
 
     def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
-        ok = item.handle._set(state, error)
         item.payload = None  # type: ignore[assignment]
-        if ok:
-            if state is TransferState.DONE:
-                self._stats.add("sends_done")
-                self._stats.observe("send", item.handle.latency_s or 0.0)
-            else:
-                self._stats.add("sends_failed")
-        return ok
+        if item.handle.done():
+            return False
+        # count before the handle wakes its waiter, so stats() never lags a finished wait
+        if state is TransferState.DONE:
+            self._stats.add("sends_done")
+            self._stats.observe("send", time.monotonic() - item.handle.t_start)
+        else:
+            self._stats.add("sends_failed")
+        return item.handle._set(state, error)
 
     def _pump_peer(self, peer: _Peer) -> None:
         sock = peer.sock
