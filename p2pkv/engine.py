@@ -42,6 +42,7 @@ from .config import EngineConfig
 from .control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
 from .errors import (AuthError, ConfigError, EngineClosed, InvalidAddress, InvalidKey, InvalidTensor,
                      P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransferAborted, TransferTimeout,
+                     TransportError,
                      error_from_code)
 from .handles import SendHandle, TransferState
 from .keys import TransferKey, validate_transfer_id
@@ -86,10 +87,11 @@ def _host_id() -> str:
 
 # ----------------------------------------------------------------------------- work items
 class _SendItem:
-    __slots__ = ("handle", "key", "payload", "dtype", "shape", "nbytes", "footprint", "deadline", "seq")
+    __slots__ = ("handle", "key", "payload", "dtype", "shape", "nbytes", "footprint", "deadline", "seq", "ready",
+                 "stage", "gpu_event")
 
     def __init__(self, handle: SendHandle, payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
-                 deadline: float):
+                 deadline: float, ready: Any = None):
         self.handle = handle
         self.key = handle.key
         self.payload = payload
@@ -99,6 +101,9 @@ class _SendItem:
         self.footprint = BufferPool.footprint(handle.nbytes)
         self.deadline = deadline
         self.seq = -1
+        self.ready = ready          # CUDA event: the producer's stream has written the tensor
+        self.stage: Buffer | None = None  # our pool buffer holding a staged copy (CUDA IPC)
+        self.gpu_event: Any = None  # last GPU operation reading the payload or the stage
 
 
 class _PullItem:
@@ -156,13 +161,17 @@ class _Peer:
         self.last_tx = now
         self.idle_since = now
         self.connected_once = False
+        self.xport = "tcp"                      # transport for CUDA tensors to this peer
+        self.nccl: dict[str, Any] = {}          # "push"/"pull" -> Comm
+        self.ipc: Any = None                    # IpcMapping of the peer's arena
+        self.pull_waiting: list[_PullItem] = []  # pulls waiting for the handshake or an NCCL comm
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
     def busy(self) -> bool:
-        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters)
+        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters or self.pull_waiting)
 
 
 class _Session:
@@ -176,16 +185,24 @@ class _Session:
         self.outstanding = 0
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
+        self.nccl: dict[str, Any] = {}
+        self.nccl_backlog: list[dict[str, Any]] = []  # data headers waiting for the push comm
+        self.ipc: Any = None
 
     def __repr__(self) -> str:
         return f"session({self.eid or self.ident.hex()})"
 
 
 class _ParkedPull:
-    __slots__ = ("sess", "seq", "key", "deadline", "dt", "sh")
+    __slots__ = ("sess", "seq", "key", "deadline", "dt", "sh", "x")
 
-    def __init__(self, sess: _Session, seq: int, key: TransferKey, deadline: float, dt: Any, sh: Any):
-        self.sess, self.seq, self.key, self.deadline, self.dt, self.sh = sess, seq, key, deadline, dt, sh
+    def __init__(self, sess: _Session, seq: int, key: TransferKey, deadline: float, dt: Any, sh: Any, x: str):
+        self.sess, self.seq, self.key, self.deadline, self.dt, self.sh, self.x = sess, seq, key, deadline, dt, sh, x
+
+
+# Arenas of engines in this process, by engine id: CUDA IPC cannot open a handle
+# exported by its own process, so same-process peers read each other's arena directly.
+_LOCAL_ARENAS: dict[str, torch.Tensor] = {}
 
 
 # ----------------------------------------------------------------------------- engine
@@ -220,13 +237,22 @@ class Engine:
         self._device = self._resolve_device(config.device)
         self.eid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._stats = Stats()
-        self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free)
+        self._cuda = self._device.type == "cuda"
+        self._arena_owner = None
+        arena = None
+        if self._cuda:
+            from .transport.cuda import alloc_arena
+
+            arena, self._arena_owner = alloc_arena(BufferPool.footprint(config.pool_bytes), self._device)
+        self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free, arena=arena)
+        self._pinned = (BufferPool(config.pinned_bytes, "cpu", pin_memory=True, prefault=False)
+                        if self._cuda and config.pinned_bytes else None)
         self._inbox = Mailbox(config.ttl_s, name="inbox")
         self._outbox = Mailbox(config.ttl_s, name="outbox")
         self._cmds: deque[tuple] = deque()
         self._mem_dirty = False
         self._host = _host_id()
-        self._transports = self._make_transports()
+        self._init_gpu_plane()
 
         self._ctx = zmq.Context(io_threads=1)
         try:
@@ -265,6 +291,11 @@ class Engine:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._next_expire = 0.0
+        if self._cuda:
+            from .transport.cuda import Completer
+
+            _LOCAL_ARENAS[self.eid] = self._pool.arena
+            self._completer = Completer(self._post_gpu, name=f"p2pkv-cuda-{self.port}")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"p2pkv-io-{self.port}", daemon=True)
         self._thread.start()
@@ -313,9 +344,19 @@ class Engine:
                                 key=key)
         to = self._timeout(timeout)
         handle = SendHandle(key, peer, nbytes)
-        payload = tcp.host_bytes(t) if t.device.type != "cpu" else T.as_bytes(t)
+        ready = None
+        if t.device.type == "cuda":
+            if t.device != self._device:
+                raise InvalidTensor(f"tensor is on {t.device}; this engine sends from {self._device}", key=key)
+            # Ordered after whatever the caller's stream still has to write into the tensor;
+            # nothing here blocks the caller.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(t.device))
+            payload = t
+        else:
+            payload = T.as_bytes(t)
         handle._tensor = payload
-        item = _SendItem(handle, payload, t.dtype, tuple(t.shape), time.monotonic() + to)
+        item = _SendItem(handle, payload, t.dtype, tuple(t.shape), time.monotonic() + to, ready)
         self._stats.add("sends")
         self._submit(("send", peer, item))
         return handle
@@ -364,6 +405,19 @@ class Engine:
             yield slot.tensor()
         finally:
             slot.buf.release()
+
+    def alloc_buffer(self, nbytes: int, *, timeout: float | None = None) -> Buffer:
+        """A buffer from this engine's pool (e.g. to pack KV blocks into).
+
+        Tensors sent from inside the pool go out over CUDA IPC without a
+        staging copy. Release the buffer once its send handle has finished.
+
+        Raises
+        ------
+        PoolExhausted
+        """
+        self._check_open()
+        return self._pool.alloc(nbytes, timeout=self._timeout(timeout))
 
     def publish(self, key: TransferKey, tensor: torch.Tensor, *, timeout: float | None = None) -> None:
         """Park a copy of ``tensor`` in this engine's pool under ``key`` for a peer to :meth:`pull`.
@@ -515,8 +569,35 @@ class Engine:
             raise ConfigError(f"device {dev!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", idx)
 
-    def _make_transports(self) -> dict[str, Any]:
-        return {}
+    def _init_gpu_plane(self) -> None:
+        cfg = self._cfg
+        self._ipc_handle: bytes | None = None
+        self._nccl_ok = False
+        self._completer: Any = None
+        self._copy_stream: Any = None
+        self._loop_comm: Any = None
+        self._lent: dict[tuple[bytes, int], tuple[Buffer, float]] = {}
+        self._retry_parked = False
+        if not self._cuda:
+            if cfg.transport in ("ipc", "nccl"):
+                raise ConfigError(f"transport={cfg.transport!r} needs a CUDA device; this engine is on {self._device}")
+            return
+        if cfg.transport in ("auto", "ipc"):
+            from .transport.cuda import ipc_handle
+
+            try:
+                self._ipc_handle = ipc_handle(self._arena_owner)
+            except Exception as exc:  # pragma: no cover - driver refuses IPC
+                log.warning("CUDA IPC unavailable: %s", exc)
+            if cfg.transport == "ipc" and self._ipc_handle is None:
+                raise ConfigError("transport='ipc' but the pool cannot be exported through CUDA IPC (is CuPy installed?)")
+        if cfg.transport in ("auto", "nccl"):
+            from .transport.nccl import nccl_available
+
+            self._nccl_ok = nccl_available()
+            if cfg.transport == "nccl" and not self._nccl_ok:
+                raise ConfigError("transport='nccl' but nccl4py is not installed (pip install 'p2pkv[cu13]')")
+        self._copy_stream = torch.cuda.Stream(self._device)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -555,6 +636,14 @@ class Engine:
         except (BlockingIOError, OSError):
             pass  # pipe full: the I/O thread is already due to wake
 
+    def _post_gpu(self, callback, ok: bool) -> None:
+        """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
+        self._cmds.append(("gpu", callback, ok))
+        try:
+            os.write(self._wake_w, b"g")
+        except (BlockingIOError, OSError):
+            pass
+
     def _on_pool_free(self) -> None:
         if not self._mem_dirty and not self._closed:
             self._mem_dirty = True
@@ -565,6 +654,8 @@ class Engine:
 
     # ================================================================== I/O thread
     def _run(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self._device)
         try:
             while True:
                 try:
@@ -609,7 +700,9 @@ class Engine:
                 if op == "stop":
                     self._say_goodbye()
                     return True
-                if op == "send":
+                if op == "gpu":
+                    cmd[1](cmd[2])
+                elif op == "send":
                     self._cmd_send(cmd[1], cmd[2])
                 elif op == "pull":
                     self._cmd_pull(cmd[1], cmd[2])
@@ -625,6 +718,9 @@ class Engine:
                     self._do_abort(cmd[1], broadcast=cmd[2], reason="transfer aborted locally")
             except P2pkvError as exc:  # pragma: no cover - defensive
                 log.warning("command %s failed: %s", op, exc)
+            except Exception:  # a bug in one command must not stop the engine
+                self._stats.add("internal_errors")
+                log.exception("command %s failed", op)
         return False
 
     # ------------------------------------------------------------------ peers (DEALER side)
@@ -661,9 +757,45 @@ class Engine:
         return peer
 
     def _caps(self) -> dict[str, Any]:
-        return {"transports": ["tcp"], "align": ALIGN}
+        caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
+                                "dev": str(self._device), "pid": os.getpid()}
+        if self._ipc_handle is not None:
+            caps["transports"].append("ipc")
+            caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
+        if self._nccl_ok:
+            caps["transports"].append("nccl")
+        return caps
+
+    def _choose_transport(self, caps: dict[str, Any]) -> str:
+        """The transport for CUDA tensors to a peer with ``caps`` (CPU tensors always use TCP)."""
+        want = self._cfg.transport
+        theirs = caps.get("transports") if isinstance(caps.get("transports"), list) else []
+        cuda_both = self._cuda and caps.get("cuda") is True
+        ipc_ok = cuda_both and self._ipc_handle is not None and "ipc" in theirs and caps.get("host") == self._host
+        nccl_ok = cuda_both and self._nccl_ok and "nccl" in theirs
+        if want == "tcp":
+            return "tcp"
+        if want == "ipc":
+            if not ipc_ok:
+                raise TransportError("transport='ipc' but the peer is not a CUDA engine on this host with IPC")
+            return "ipc"
+        if want == "nccl":
+            if not nccl_ok:
+                raise TransportError("transport='nccl' but the peer has no NCCL (or no CUDA device)")
+            return "nccl"
+        return "ipc" if ipc_ok else "nccl" if nccl_ok else "tcp"
+
+    def _release_gpu_state(self, holder: Any) -> None:
+        """Abort a peer's or session's NCCL communicators (local, never hangs) and unmap its arena."""
+        for comm in holder.nccl.values():
+            comm.abort()
+        holder.nccl.clear()
+        if holder.ipc is not None:
+            holder.ipc.close()
+            holder.ipc = None
 
     def _close_peer(self, peer: _Peer) -> None:
+        self._release_gpu_state(peer)
         self._peers.pop(peer.addr, None)
         self._peer_by_sock.pop(peer.sock, None)
         self._peer_by_mon.pop(peer.mon, None)
@@ -685,9 +817,10 @@ class Engine:
         for item in list(peer.queue) + list(peer.inflight.values()):
             if self._finish_send(item, TransferState.FAILED, make_error()):
                 n += 1
-        for pull in peer.pulls.values():
+        for pull in list(peer.pulls.values()) + peer.pull_waiting:
             pull.finish(error=make_error())
             n += 1
+        peer.pull_waiting.clear()
         for w in peer.connect_waiters:
             w.error = make_error()
             w.event.set()
@@ -724,9 +857,30 @@ class Engine:
 
     def _cmd_pull(self, addr: str, item: _PullItem) -> None:
         peer = self._get_peer(addr)
+        if not peer.ready:
+            peer.pull_waiting.append(item)
+            return
+        self._send_pull(peer, item)
+
+    def _pull_transport(self, peer: _Peer, item: _PullItem) -> str:
+        if not self._cuda or peer.xport == "tcp":
+            return "tcp"
+        if item.out is not None and item.out.device.type != "cuda":
+            return "tcp"
+        return peer.xport
+
+    def _send_pull(self, peer: _Peer, item: _PullItem) -> None:
+        x = self._pull_transport(peer, item)
+        if x == "nccl" and peer.eid == self.eid:
+            x = "ipc" if self._ipc_handle is not None else "tcp"  # a pull from ourselves needs no NCCL
+        if x == "nccl":
+            comm = self._peer_comm(peer, "pull")
+            if comm is None:
+                peer.pull_waiting.append(item)  # sent once the communicator is up
+                return
         item.seq = peer.next_seq()
         peer.pulls[item.seq] = item
-        msg: dict[str, Any] = {"seq": item.seq, "key": item.key.to_wire(), "x": "tcp",
+        msg: dict[str, Any] = {"seq": item.seq, "key": item.key.to_wire(), "x": x,
                                "to": max(0.0, item.deadline - time.monotonic())}
         if item.out is not None:
             msg["dt"] = T.dtype_name(item.out.dtype)
@@ -741,11 +895,30 @@ class Engine:
         else:
             peer.connect_waiters.append(w)
 
+    # ------------------------------------------------------------------ send pipeline
+    def _item_transport(self, peer: _Peer, item: _SendItem) -> str:
+        return peer.xport if item.ready is not None else "tcp"
+
     def _pump_sends(self, peer: _Peer) -> None:
         if not peer.ready:
             return
         while peer.queue:
             item = peer.queue[0]
+            x = self._item_transport(peer, item)
+            loop_nccl = x == "nccl" and peer.eid == self.eid
+            comm = None
+            if x == "nccl":
+                comm = self._loopback_comm() if loop_nccl else self._peer_comm(peer, "push")
+                if comm is None:
+                    return  # communicator still initialising: the tick pumps again
+            if loop_nccl:
+                if not self._loopback_nccl_send(peer, item, comm):
+                    return
+                continue
+            if x == "ipc" and item.stage is None and self._pool.offset_of(item.payload) is None:
+                item.stage = self._pool.try_alloc(item.nbytes)
+                if item.stage is None:
+                    return  # our own pool is full: retried when memory comes back
             if item.footprint > peer.credit:
                 if not peer.creq_pending:
                     want = sum(i.footprint for i in peer.queue) - peer.credit
@@ -757,18 +930,126 @@ class Engine:
             peer.queue.popleft()
             peer.credit -= item.footprint
             item.seq = peer.next_seq()
-            hdr = encode("data", seq=item.seq, key=item.key.to_wire(), dt=T.dtype_name(item.dtype),
-                         sh=list(item.shape), n=item.nbytes, x="tcp")
-            peer.sock.send(hdr, zmq.SNDMORE)
-            tcp.send_payload(peer.sock, item.payload)
             peer.inflight[item.seq] = item
             item.handle._set(TransferState.IN_FLIGHT)
+            try:
+                if x == "tcp":
+                    self._send_tcp(peer, item)
+                elif x == "ipc":
+                    self._send_ipc(peer, item)
+                else:
+                    self._send_nccl(peer, item, comm)
+            except P2pkvError as exc:
+                peer.inflight.pop(item.seq, None)
+                self._finish_send(item, TransferState.FAILED, exc)
+                continue
             peer.last_tx = time.monotonic()
             self._stats.add("bytes_sent", item.nbytes)
+            self._stats.add(f"sent_{x}")
         peer.idle_since = time.monotonic()
+
+    def _data_header(self, item: _SendItem, x: str, **extra: Any) -> bytes:
+        return encode("data", seq=item.seq, key=item.key.to_wire(), dt=T.dtype_name(item.dtype),
+                      sh=list(item.shape), n=item.nbytes, x=x, **extra)
+
+    def _send_tcp(self, peer: _Peer, item: _SendItem) -> None:
+        payload = item.payload
+        if item.ready is not None:  # a CUDA tensor: stage it through host memory
+            item.ready.synchronize()
+            src = T.as_bytes(payload)
+            stage = self._pinned.try_alloc(item.nbytes) if self._pinned is not None else None
+            if stage is not None:
+                stage.data.copy_(src)
+                item.stage = stage  # ZMQ reads it until the send finishes
+                payload = stage.data
+            else:
+                payload = src.cpu()
+        peer.sock.send(self._data_header(item, "tcp"), zmq.SNDMORE)
+        tcp.send_payload(peer.sock, payload)
+
+    def _send_ipc(self, peer: _Peer, item: _SendItem) -> None:
+        src = T.as_bytes(item.payload)
+        if item.stage is None:
+            off = self._pool.offset_of(item.payload)
+            event = item.ready
+        else:
+            off = item.stage.offset
+            stream = self._copy_stream
+            stream.wait_event(item.ready)
+            with torch.cuda.stream(stream):
+                item.stage.data.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            item.gpu_event = event
+        seq = item.seq
+        hdr = self._data_header(item, "ipc", ipc={"off": off})
+
+        def announce(ok: bool) -> None:
+            if peer.inflight.get(seq) is not item or self._peers.get(peer.addr) is not peer:
+                return  # failed or aborted meanwhile
+            if not ok:
+                peer.inflight.pop(seq, None)
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    "the tensor was not ready on the GPU before the send's deadline", key=item.key, peer=peer.addr))
+                return
+            peer.sock.send(hdr)
+            peer.last_tx = time.monotonic()
+
+        if event.query():
+            announce(True)
+        else:
+            self._completer.add(event, announce, item.deadline)
+
+    def _send_nccl(self, peer: _Peer, item: _SendItem, comm: Any) -> None:
+        peer.sock.send(self._data_header(item, "nccl"))
+        comm.stream.wait_event(item.ready)
+        comm.send(T.as_bytes(item.payload), comm.stream)
+        item.gpu_event = torch.cuda.Event()
+        item.gpu_event.record(comm.stream)
+
+    def _loopback_nccl_send(self, peer: _Peer, item: _SendItem, comm: Any) -> bool:
+        """An engine sending to itself over NCCL: one grouped send+recv on a one-rank communicator."""
+        dst = self._pool.try_alloc(item.nbytes)
+        if dst is None:
+            return False
+        peer.queue.popleft()
+        item.handle._set(TransferState.IN_FLIGHT)
+        try:
+            comm.stream.wait_event(item.ready)
+            comm.send_recv(T.as_bytes(item.payload), dst.data, comm.stream)
+        except P2pkvError as exc:
+            dst.release()
+            self._finish_send(item, TransferState.FAILED, exc)
+            return True
+        ev = torch.cuda.Event()
+        ev.record(comm.stream)
+        item.gpu_event = ev
+
+        def done(ok: bool) -> None:
+            if not ok or comm.state != "ready":
+                dst.release()
+                self._finish_send(item, TransferState.FAILED, TransportError(
+                    "NCCL loopback transfer did not complete", key=item.key))
+                return
+            err = self._inbox.deliver(item.key, dst, item.dtype, item.shape, src=b"loopback")
+            if err is not None:
+                dst.release()
+                self._finish_send(item, TransferState.FAILED, err)
+                return
+            self._stats.add("bytes_received", item.nbytes)
+            self._stats.add("tensors_received")
+            self._finish_send(item, TransferState.DONE)
+
+        self._completer.add(ev, done, item.deadline)
+        self._stats.add("bytes_sent", item.nbytes)
+        self._stats.add("sent_nccl")
+        return True
 
     def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
         item.payload = None  # type: ignore[assignment]
+        if item.stage is not None:
+            self._release_after(item.stage, item.gpu_event)
+            item.stage = None
         if item.handle.done():
             return False
         # count before the handle wakes its waiter, so stats() never lags a finished wait
@@ -777,7 +1058,78 @@ class Engine:
             self._stats.observe("send", time.monotonic() - item.handle.t_start)
         else:
             self._stats.add("sends_failed")
+        if item.gpu_event is not None and not item.gpu_event.query() and state is not TransferState.DONE:
+            # the GPU may still read the caller's tensor: keep it alive until it is done
+            keep = item.handle._tensor
+            self._completer.add(item.gpu_event, lambda ok, keep=keep: None, time.monotonic() + 60)
         return item.handle._set(state, error)
+
+    def _release_after(self, buf: Buffer, event: Any) -> None:
+        """Release ``buf`` once the GPU work reading or writing it (``event``) is done."""
+        if event is None or event.query() or self._completer is None:
+            buf.release()
+        else:
+            self._completer.add(event, lambda ok: buf.release(), time.monotonic() + 3600)
+
+    # ------------------------------------------------------------------ NCCL communicators
+    def _nccl_kwargs(self) -> dict[str, Any]:
+        c = self._cfg
+        return {"deadline": time.monotonic() + c.nccl_init_timeout_s, "min_ctas": c.nccl_min_ctas,
+                "max_ctas": c.nccl_max_ctas, "buffsize": c.nccl_buffsize}
+
+    def _peer_comm(self, peer: _Peer, direction: str) -> Any:
+        """The ready communicator of ``direction`` to ``peer``, starting it if needed; None while it initialises."""
+        comm = peer.nccl.get(direction)
+        if comm is None:
+            from .transport.nccl import Comm, new_unique_id
+
+            uid = new_unique_id()
+            peer.sock.send(encode("nccl", uid=uid, dir=direction))
+            peer.last_tx = time.monotonic()
+            try:
+                comm = Comm(2, 0, uid, self._device, **self._nccl_kwargs())
+            except TransportError as exc:
+                self._fail_nccl(peer, direction, exc)
+                return None
+            peer.nccl[direction] = comm
+            self._stats.add("nccl_comms")
+        state = comm.poll()
+        if state == "ready":
+            return comm
+        if state == "failed":
+            self._fail_nccl(peer, direction, TransportError(comm.error or "NCCL communicator failed", peer=peer.addr))
+        return None
+
+    def _loopback_comm(self) -> Any:
+        comm = self._loop_comm
+        if comm is None:
+            from .transport.nccl import Comm, new_unique_id
+
+            comm = self._loop_comm = Comm(1, 0, new_unique_id(), self._device, **self._nccl_kwargs())
+            self._stats.add("nccl_comms")
+        state = comm.poll()
+        if state == "ready":
+            return comm
+        if state == "failed":
+            self._loop_comm = None
+            for peer in self._peers.values():
+                if peer.eid == self.eid:
+                    self._fail_nccl(peer, "push", TransportError(comm.error or "NCCL loopback failed"))
+        return None
+
+    def _fail_nccl(self, peer: _Peer, direction: str, exc: P2pkvError) -> None:
+        """A communicator could not be made: fail what waited for it; the next use retries."""
+        comm = peer.nccl.pop(direction, None)
+        if comm is not None:
+            comm.abort()
+        if direction == "push":
+            for item in [i for i in peer.queue if self._item_transport(peer, i) == "nccl"]:
+                peer.queue.remove(item)
+                self._finish_send(item, TransferState.FAILED, exc)
+        else:
+            for pull in [p for p in peer.pull_waiting if self._pull_transport(peer, p) == "nccl"]:
+                peer.pull_waiting.remove(pull)
+                pull.finish(error=exc)
 
     def _pump_peer(self, peer: _Peer) -> None:
         sock = peer.sock
@@ -817,12 +1169,23 @@ class Engine:
             peer.window = msg["window"]
             peer.pool = msg["pool"]
             peer.maxmsg = msg["maxmsg"]
+            try:
+                peer.xport = self._choose_transport(peer.caps)
+            except TransportError as exc:
+                peer.xport = "none"
+                err = exc
+                for item in [i for i in peer.queue if i.ready is not None]:
+                    peer.queue.remove(item)
+                    self._finish_send(item, TransferState.FAILED, TransportError(str(err), peer=peer.addr))
             for w in peer.connect_waiters:
                 w.event.set()
             peer.connect_waiters.clear()
             for item in list(peer.queue):
                 if not self._fits_peer(peer, item):
                     peer.queue.remove(item)
+            waiting, peer.pull_waiting = peer.pull_waiting, []
+            for pull in waiting:
+                self._send_pull(peer, pull)
             self._pump_sends(peer)
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
@@ -846,6 +1209,8 @@ class Engine:
                 pull.finish(error=error_from_code(msg["code"], msg["msg"], key=pull.key, peer=peer.addr))
         elif t == "abort":
             self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
+        elif t == "nok":
+            pass  # the peer is joining the communicator; readiness shows in poll()
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -853,6 +1218,10 @@ class Engine:
                 self._lose_peer(peer, lambda: AuthError(err_msg, peer=peer.addr))
             elif code == "no_session":
                 self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
+            elif code == "transport" and msg.get("seq") is None:
+                exc = TransportError(msg["msg"], peer=peer.addr)
+                for direction in list(peer.nccl):
+                    self._fail_nccl(peer, direction, exc)
             else:
                 seq = msg.get("seq")
                 item = peer.inflight.pop(seq, None) if seq is not None else None
@@ -867,8 +1236,11 @@ class Engine:
 
     def _on_pdata(self, peer: _Peer, msg: dict[str, Any]) -> None:
         pull = peer.pulls.pop(msg["seq"], None)
+        x = msg["x"]
         if pull is None:
-            return  # cancelled; frames are drained by the caller
+            if x == "ipc":  # cancelled: let the publisher free its buffer
+                peer.sock.send(encode("pdone", seq=msg["seq"]))
+            return  # tcp frames are drained by the caller
         try:
             key = TransferKey.from_wire(msg["key"])
             dtype = T.dtype_from_name(msg["dt"])
@@ -879,15 +1251,84 @@ class Engine:
             dst = pull.out if pull.out is not None else torch.empty(shape, dtype=dtype, device=self._device)
             if pull.out is not None:
                 T.check_out(dst, self._device, dtype, shape)
-            if not peer.sock.getsockopt(zmq.RCVMORE):
-                raise ProtocolError("pulled data lacks its payload frame")
-            got = tcp.recv_payload_into(peer.sock, T.as_bytes(dst))
-            if got != n:
-                raise ProtocolError(f"payload of {got} bytes, header said {n}")
-            self._stats.add("bytes_pulled", n)
-            pull.finish(result=dst)
+            if x == "tcp":
+                if not peer.sock.getsockopt(zmq.RCVMORE):
+                    raise ProtocolError("pulled data lacks its payload frame")
+                got = tcp.recv_payload_into(peer.sock, T.as_bytes(dst))
+                if got != n:
+                    raise ProtocolError(f"payload of {got} bytes, header said {n}")
+                self._stats.add("bytes_pulled", n)
+                pull.finish(result=dst)
+            elif x == "ipc":
+                self._pull_ipc(peer, pull, msg, dst, n)
+            elif x == "nccl":
+                self._pull_nccl(peer, pull, dst, n)
+            else:
+                raise ProtocolError(f"unknown transport {x!r:.20} in pulled data")
         except P2pkvError as exc:
+            if x == "ipc":
+                peer.sock.send(encode("pdone", seq=msg["seq"]))
             pull.finish(error=exc)
+
+    def _pull_ipc(self, peer: _Peer, pull: _PullItem, msg: dict[str, Any], dst: torch.Tensor, n: int) -> None:
+        src = self._ipc_view(peer, peer.caps, peer.eid, msg.get("ipc"), n)
+        seq = msg["seq"]
+        with torch.cuda.stream(self._copy_stream):
+            T.as_bytes(dst).copy_(src, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(self._copy_stream)
+
+        def done(ok: bool) -> None:
+            if self._peers.get(peer.addr) is peer:
+                peer.sock.send(encode("pdone", seq=seq))
+            if ok:
+                self._stats.add("bytes_pulled", n)
+                pull.finish(result=dst)
+            else:
+                pull.finish(error=TransportError("CUDA IPC copy did not finish in time", key=pull.key))
+
+        self._completer.add(ev, done, pull.deadline + 5)
+
+    def _pull_nccl(self, peer: _Peer, pull: _PullItem, dst: torch.Tensor, n: int) -> None:
+        comm = peer.nccl.get("pull")
+        if comm is None or comm.state != "ready":
+            raise TransportError("no NCCL communicator for this pull", peer=peer.addr)
+        comm.recv(T.as_bytes(dst), comm.stream)
+        ev = torch.cuda.Event()
+        ev.record(comm.stream)
+
+        def done(ok: bool) -> None:
+            if ok and comm.state == "ready":
+                self._stats.add("bytes_pulled", n)
+                pull.finish(result=dst)
+            else:
+                pull.finish(error=PeerLost("NCCL receive did not complete", key=pull.key, peer=peer.addr))
+
+        self._completer.add(ev, done, pull.deadline + 5)
+
+    def _ipc_view(self, holder: Any, caps: dict[str, Any], eid: str, desc: Any, n: int) -> torch.Tensor:
+        """``n`` bytes of a peer's arena at the offset in ``desc`` (mapped once per peer)."""
+        if not isinstance(desc, dict) or not isinstance(desc.get("off"), int) or isinstance(desc.get("off"), bool):
+            raise ProtocolError("IPC descriptor must be {'off': int}")
+        off = desc["off"]
+        local = _LOCAL_ARENAS.get(eid)
+        if local is not None:
+            if off < 0 or off + n > local.numel():
+                raise ProtocolError(f"IPC range [{off}, {off + n}) outside the peer's arena")
+            return local[off:off + n]
+        if holder.ipc is None:
+            info = caps.get("ipc")
+            if not isinstance(info, dict) or not isinstance(info.get("handle"), bytes) \
+                    or not isinstance(info.get("size"), int):
+                raise TransportError("the peer offered no CUDA IPC handle")
+            from .transport.cuda import IpcMapping
+
+            holder.ipc = IpcMapping(info["handle"], info["size"], self._device)
+            self._stats.add("ipc_mappings")
+        try:
+            return holder.ipc.view(off, n)
+        except TransportError as exc:
+            raise ProtocolError(str(exc)) from None
 
     def _pump_monitor(self, peer: _Peer) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -991,7 +1432,31 @@ class Engine:
         elif t == "bye":
             self._lose_session(sess, "peer closed its engine")
         elif t == "pdone":
-            pass
+            lent = self._lent.pop((ident, msg["seq"]), None)
+            if lent is not None:
+                lent[0].release()
+        elif t == "nccl":
+            self._on_nccl_request(sess, msg)
+
+    def _on_nccl_request(self, sess: _Session, msg: dict[str, Any]) -> None:
+        direction = msg["dir"]
+        if direction not in ("push", "pull"):
+            raise ProtocolError(f"NCCL direction must be 'push' or 'pull', got {direction!r:.20}")
+        if not self._nccl_ok:
+            self._reply(sess.ident, "err", code="transport", msg="this engine has no NCCL (CPU device or no nccl4py)")
+            return
+        old = sess.nccl.pop(direction, None)
+        if old is not None:
+            old.abort()
+        from .transport.nccl import Comm
+
+        try:
+            sess.nccl[direction] = Comm(2, 1, msg["uid"], self._device, **self._nccl_kwargs())
+        except TransportError as exc:
+            self._reply(sess.ident, "err", code="transport", msg=str(exc)[:500])
+            return
+        self._stats.add("nccl_comms")
+        self._reply(sess.ident, "nok", dir=direction)
 
     def _on_data(self, sess: _Session, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
@@ -1015,12 +1480,22 @@ class Engine:
         if n > self._cfg.max_message_bytes:
             nack(InvalidTensor(f"{n} bytes exceed max_message_bytes={self._cfg.max_message_bytes}"))
             return
-        if msg["x"] != "tcp":
-            nack(ProtocolError(f"transport {msg['x']!r:.20} is not available on this engine"))
+        x = msg["x"]
+        if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) \
+                or (x == "nccl" and not self._nccl_ok):
+            nack(ProtocolError(f"transport {x!r:.20} is not available on this engine"))
             return
-        if not self._router.getsockopt(zmq.RCVMORE):
+        if x == "tcp" and not self._router.getsockopt(zmq.RCVMORE):
             nack(ProtocolError("data message lacks its payload frame"))
             return
+        if x == "nccl":
+            comm = sess.nccl.get("push")
+            if comm is None:
+                nack(TransportError("no NCCL communicator with this peer"))
+                return
+            if comm.poll() == "init" or sess.nccl_backlog:
+                sess.nccl_backlog.append(msg)  # posted, in order, once our side has joined
+                return
         fp = BufferPool.footprint(n)
         if fp > sess.outstanding:
             self._stats.add("credit_violations")
@@ -1031,6 +1506,9 @@ class Engine:
             nack(exc)
             return
         assert buf is not None
+        if x != "tcp":
+            self._recv_gpu(sess, msg, key, dtype, shape, buf, nack)
+            return
         try:
             got = self._recv_payload(buf)
             if got != n:
@@ -1049,7 +1527,55 @@ class Engine:
         self._reply(ident, "ack", seq=seq)
 
     def _recv_payload(self, buf: Buffer) -> int:
+        if buf.data.device.type == "cuda" and self._pinned is not None:
+            stage = self._pinned.try_alloc(buf.nbytes)
+            if stage is not None:
+                with stage:
+                    got = tcp.recv_payload_into(self._router, stage.data)
+                    if got == buf.nbytes:
+                        buf.data.copy_(stage.data)
+                    return got
         return tcp.recv_payload_into(self._router, buf.data)
+
+    def _recv_gpu(self, sess: _Session, msg: dict[str, Any], key: TransferKey, dtype: torch.dtype,
+                  shape: tuple[int, ...], buf: Buffer, nack) -> None:
+        """Receive a CUDA IPC or NCCL tensor into ``buf``; deliver and ack once the GPU is done."""
+        x, n, seq = msg["x"], msg["n"], msg["seq"]
+        comm = None
+        try:
+            if x == "ipc":
+                src = self._ipc_view(sess, sess.caps, sess.eid, msg.get("ipc"), n)
+                stream = self._copy_stream
+                with torch.cuda.stream(stream):
+                    buf.data.copy_(src, non_blocking=True)
+            else:
+                comm = sess.nccl["push"]
+                stream = comm.stream
+                comm.recv(buf.data, stream)
+        except P2pkvError as exc:
+            buf.release()
+            nack(exc)
+            return
+        ev = torch.cuda.Event()
+        ev.record(stream)
+
+        def done(ok: bool) -> None:
+            if not ok or (comm is not None and comm.state != "ready"):
+                buf.release()
+                if self._sessions.get(sess.ident) is sess:
+                    nack(TransportError(f"{x} transfer did not complete", key=key))
+                return
+            err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
+            if err is not None:
+                buf.release()
+                nack(err)
+                return
+            self._stats.add("bytes_received", n)
+            self._stats.add("tensors_received")
+            self._stats.add(f"received_{x}")
+            self._reply(sess.ident, "ack", seq=seq)
+
+        self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s)
 
     def _grant_credit(self) -> None:
         waiting = sorted((s for s in self._sessions.values() if s.creq is not None), key=lambda s: s.creq_t)
@@ -1080,7 +1606,14 @@ class Engine:
         except P2pkvError as exc:
             self._reply(sess.ident, "perr", seq=seq, code=exc.code, msg=str(exc)[:500])
             return
-        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(float(msg["to"]), self._cfg.timeout_s * 4), dt, sh)
+        x = msg["x"]
+        if x not in ("tcp", "ipc", "nccl") or (x == "ipc" and self._ipc_handle is None) \
+                or (x == "nccl" and not self._nccl_ok):
+            self._reply(sess.ident, "perr", seq=seq, code="transport",
+                        msg=f"transport {x!r:.20} is not available on this engine")
+            return
+        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(float(msg["to"]), self._cfg.timeout_s * 4), dt, sh,
+                         x)
         if not self._try_serve(pp):
             self._parked.append(pp)
 
@@ -1093,6 +1626,20 @@ class Engine:
                 raise ShapeMismatch(f"puller's out has shape {tuple(pp.sh)} but the data has shape "
                                       f"{tuple(slot.shape)}")
 
+        comm = None
+        if pp.x == "nccl":
+            comm = pp.sess.nccl.get("pull")
+            if comm is None:
+                self._reply(pp.sess.ident, "perr", seq=pp.seq, code="transport", msg="no NCCL communicator for pulls")
+                return True
+            state = comm.poll()
+            if state == "init":
+                self._retry_parked = True
+                return False
+            if state != "ready":
+                self._reply(pp.sess.ident, "perr", seq=pp.seq, code="transport",
+                            msg=f"NCCL communicator {state}: {comm.error}")
+                return True
         try:
             slot = self._outbox.take_nowait(pp.key, check)
         except P2pkvError as exc:
@@ -1106,6 +1653,31 @@ class Engine:
             return True
         n = slot.buf.nbytes
         raw = slot.buf.data
+        meta = dict(seq=pp.seq, key=pp.key.to_wire(), dt=T.dtype_name(slot.dtype), sh=list(slot.shape), n=n)
+        if pp.x == "ipc":
+            if self._reply(pp.sess.ident, "pdata", x="ipc", ipc={"off": slot.buf.offset}, **meta):
+                self._lent[(pp.sess.ident, pp.seq)] = (slot.buf, time.monotonic() + 2 * self._cfg.timeout_s)
+                self._stats.add("pulls_served")
+                self._stats.add("bytes_served", n)
+            else:
+                slot.buf.release()
+            return True
+        if pp.x == "nccl":
+            if not self._reply(pp.sess.ident, "pdata", x="nccl", **meta):
+                slot.buf.release()
+                return True
+            try:
+                comm.send(raw, comm.stream)
+            except P2pkvError as exc:
+                log.warning("NCCL send of a pulled tensor failed: %s", exc)
+                slot.buf.release()
+                return True
+            ev = torch.cuda.Event()
+            ev.record(comm.stream)
+            self._release_after(slot.buf, ev)
+            self._stats.add("pulls_served")
+            self._stats.add("bytes_served", n)
+            return True
         payload = raw if raw.device.type == "cpu" else raw.cpu()
         ok = self._reply(pp.sess.ident, "pdata", payload=payload, track=slot.buf if raw.device.type == "cpu" else None,
                          seq=pp.seq, key=pp.key.to_wire(), dt=T.dtype_name(slot.dtype), sh=list(slot.shape),
@@ -1130,6 +1702,10 @@ class Engine:
             return
         del self._sessions[sess.ident]
         self._parked = [pp for pp in self._parked if pp.sess is not sess]
+        self._release_gpu_state(sess)
+        for k in [k for k in self._lent if k[0] == sess.ident]:
+            self._lent.pop(k)[0].release()
+        sess.nccl_backlog.clear()
         eid = sess.eid
         tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"))
         if reason != "peer said hello again":
@@ -1167,9 +1743,50 @@ class Engine:
                     self._reply(sess.ident, "abort", tid=tid)
 
     # ------------------------------------------------------------------ timers
+    def _tick_gpu(self, now: float) -> None:
+        for peer in list(self._peers.values()):
+            for direction, comm in list(peer.nccl.items()):
+                if comm.state == "init":
+                    state = comm.poll()
+                    if state == "failed":
+                        self._fail_nccl(peer, direction, TransportError(comm.error or "NCCL init failed",
+                                                                        peer=peer.addr))
+                    elif state == "ready" and direction == "pull" and peer.pull_waiting:
+                        waiting, peer.pull_waiting = peer.pull_waiting, []
+                        for pull in waiting:
+                            self._send_pull(peer, pull)
+            if peer.queue and peer.ready:
+                self._pump_sends(peer)
+            for pull in [p for p in peer.pull_waiting if p.deadline < now]:
+                peer.pull_waiting.remove(pull)
+                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
+                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
+        for sess in list(self._sessions.values()):
+            comm = sess.nccl.get("push")
+            if sess.nccl_backlog and comm is not None and comm.poll() != "init":
+                backlog, sess.nccl_backlog = sess.nccl_backlog, []
+                for msg in backlog:
+                    self._on_data(sess, msg)
+            for direction, comm in list(sess.nccl.items()):
+                if comm.poll() == "failed":
+                    log.warning("NCCL %s communicator with %s failed: %s", direction, sess, comm.error)
+                    sess.nccl.pop(direction).abort()
+        if self._retry_parked:
+            self._retry_parked = False
+            keep = []
+            for pp in self._parked:
+                if not self._try_serve(pp):
+                    keep.append(pp)
+            self._parked = keep
+        if self._lent:
+            for k in [k for k, (_, dl) in self._lent.items() if dl < now]:
+                self._lent.pop(k)[0].release()
+
     def _tick(self) -> None:
         now = time.monotonic()
         cfg = self._cfg
+        if self._cuda:
+            self._tick_gpu(now)
         for peer in list(self._peers.values()):
             if peer.ready:
                 if now - peer.last_rx > cfg.effective_peer_timeout_s:
@@ -1267,6 +1884,19 @@ class Engine:
         self._tracked = []
         for peer in list(self._peers.values()):
             self._close_peer(peer)
+        for sess in list(self._sessions.values()):
+            self._release_gpu_state(sess)
+        for buf, _ in self._lent.values():
+            buf.release()
+        self._lent.clear()
+        if self._loop_comm is not None:
+            self._loop_comm.abort()
+            self._loop_comm = None
+        if self._completer is not None:
+            self._completer.close()
+        _LOCAL_ARENAS.pop(self.eid, None)
+        if self._pinned is not None:
+            self._pinned.close()
         try:
             self._router.close(0)
             self._ctx.destroy(linger=0)

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidKey",
     "InvalidTensor",
     "ShapeMismatch",
+    "InvalidBlockIds",
     "TransferTimeout",
     "PeerLost",
     "ProtocolError",
@@ -67,6 +68,12 @@ class ShapeMismatch(InvalidTensor):
     """An ``out=`` tensor does not match the shape/dtype of the data that arrived."""
 
     code = "shape_mismatch"
+
+
+class InvalidBlockIds(InvalidTensor, IndexError):
+    """Block ids are out of range, of a non-integer dtype or on the wrong device."""
+
+    code = "invalid_block_ids"
 
 
 class TransferTimeout(P2pkvError, TimeoutError):

@@ -163,14 +163,21 @@ class BufferPool:
     """
 
     def __init__(self, capacity: int, device: str | torch.device = "cpu", *, pin_memory: bool = False,
-                 on_free: Callable[[], None] | None = None, prefault: bool = True):
+                 on_free: Callable[[], None] | None = None, prefault: bool = True,
+                 arena: torch.Tensor | None = None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise InvalidTensor(f"pool capacity must be a positive int, got {capacity!r}")
         self.device = torch.device(device)
         self.capacity = _round_up(capacity) if capacity % ALIGN else capacity
         kw = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
-        self._arena: torch.Tensor | None = torch.empty(self.capacity, dtype=torch.uint8, device=self.device, **kw)
-        if prefault and self.device.type == "cpu":
+        if arena is not None:
+            if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.numel() < self.capacity \
+                    or arena.device != self.device:
+                raise InvalidTensor(f"arena must be a 1-D uint8 tensor of >= {self.capacity} bytes on {self.device}")
+            self._arena: torch.Tensor | None = arena[: self.capacity]
+        else:
+            self._arena = torch.empty(self.capacity, dtype=torch.uint8, device=self.device, **kw)
+        if prefault and self.device.type == "cpu" and arena is None:
             # Touch every page now: first-touch page faults would otherwise halve
             # the bandwidth of the first transfers into each part of the arena.
             self._arena.zero_()
@@ -190,6 +197,15 @@ class BufferPool:
         if self._arena is None:
             raise P2pkvError("buffer pool is closed")
         return self._arena
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Byte offset of ``t``'s memory inside the arena, or None if it lies elsewhere."""
+        arena = self._arena
+        if arena is None or t.device != self.device:
+            return None
+        off = t.data_ptr() - arena.data_ptr()
+        n = t.numel() * t.element_size()
+        return off if 0 <= off and off + n <= self.capacity else None
 
     @staticmethod
     def footprint(nbytes: int) -> int:

@@ -20,6 +20,7 @@ pdone  seq                                       an IPC pull finished copying
 abort  tid                                       drop every key of a transfer id
 ping   -                                         liveness
 bye    -                                         orderly close of a session
+nccl   uid, dir                                  join an NCCL communicator (dir: push or pull)
 hok    eid, align, window, maxmsg, pool, caps    session accepted
 ack    seq                                       data stored
 nack   seq, code, msg                            data refused (typed error code)
@@ -28,6 +29,7 @@ pdata  seq, key, dt, sh, n, x, ipc?              pulled tensor (payload follows 
 perr   seq, code, msg                            pull failed
 pong   -                                         liveness answer
 err    code, msg, seq?                           a request was refused
+nok    dir                                       NCCL communicator being joined
 ====== ========================================= ==================================
 """
 
@@ -63,6 +65,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "abort": {"tid": (_STR, True)},
     "ping": {},
     "bye": {},
+    "nccl": {"uid": ((bytes,), True), "dir": (_STR, True)},
+    "nok": {"dir": (_STR, True)},
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
             "pool": (_INT, True), "caps": (_MAP, True)},
     "ack": {"seq": (_INT, True)},
@@ -74,8 +78,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "pong": {},
     "err": {"code": (_STR, True), "msg": (_STR, True), "seq": ((int, type(None)), False)},
 }
-REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye"})
-REPLY_TYPES = frozenset({"hok", "ack", "nack", "grant", "pdata", "perr", "pong", "err", "abort"})
+REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl"})
+REPLY_TYPES = frozenset({"hok", "ack", "nack", "grant", "pdata", "perr", "pong", "err", "abort", "nok"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool")
 

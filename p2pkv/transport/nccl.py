@@ -1,0 +1,222 @@
+"""NCCL transport: p2pkv's own communicator manager.
+
+Binding: NVIDIA's ``nccl4py`` (PyPI ``nccl4py``, module ``nccl.core``), imported
+lazily. It is chosen over CuPy's ``cupy.cuda.nccl`` because it offers
+*non-blocking* initialisation (``NCCLConfig(blocking=False)``), async-error
+polling and ``abort()`` — together they let p2pkv put a deadline on
+communicator set-up and tear down a communicator whose peer vanished, which a
+blocking ``ncclCommInitRank`` cannot do (it would hang the caller until the
+peer joins). The hot path (``ncclSend``/``ncclRecv`` on raw pointers) goes
+through nccl4py's low-level ``nccl.bindings.nccl`` to keep per-layer host cost
+small.
+
+Each :class:`Comm` joins exactly two engines (or one engine with itself, one
+rank) and carries traffic in ONE direction: a push communicator (the
+connecting engine sends) and a pull communicator (the listening engine sends)
+are separate, so two engines pushing to each other can never deadlock on
+interleaved sends. Operations are issued on each side in the order of the
+control messages that announce them (the sender's sequence numbers), which
+is the order NCCL requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from ..errors import TransportError
+
+log = logging.getLogger("p2pkv")
+
+__all__ = ["nccl_available", "new_unique_id", "Comm", "nccl_version"]
+
+
+def nccl_available() -> bool:
+    try:
+        import nccl.core  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def nccl_version() -> str:
+    try:
+        import nccl.core as nc
+
+        return str(nc.get_version())
+    except Exception as exc:  # pragma: no cover
+        return f"unavailable ({exc})"
+
+
+def new_unique_id() -> bytes:
+    import nccl.core as nc
+
+    return bytes(nc.get_unique_id())
+
+
+class Comm:
+    """One NCCL communicator (2 ranks, or 1 rank for an engine talking to itself).
+
+    Created non-blocking: :meth:`poll` reports ``"init"`` until both ranks have
+    joined, then ``"ready"``; a failure or a missed ``deadline`` aborts it
+    (``"failed"``, with :attr:`error`).
+    """
+
+    def __init__(self, nranks: int, rank: int, uid: bytes, device: torch.device, *, deadline: float,
+                 min_ctas: int = 0, max_ctas: int = 0, buffsize: int = 0):
+        import nccl.core as nc
+        from nccl.bindings import nccl as nb
+
+        if nranks not in (1, 2) or not 0 <= rank < nranks:
+            raise TransportError(f"bad NCCL rank {rank} of {nranks}")
+        self._nc = nc
+        self._nb = nb
+        self.nranks = nranks
+        self.rank = rank
+        self.peer = 0 if nranks == 1 else 1 - rank
+        self.device = device
+        self.deadline = deadline
+        self.state = "init"
+        self.error: str | None = None
+        self.stream = torch.cuda.Stream(device)
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # p2p never needs NVLink multicast
+        if buffsize:
+            os.environ["NCCL_BUFFSIZE"] = str(buffsize)
+        cfg: dict[str, Any] = {"blocking": False}
+        if min_ctas:
+            cfg["min_ctas"] = min_ctas
+        if max_ctas:
+            cfg["max_ctas"] = max_ctas
+        try:
+            torch.cuda.set_device(device)
+            uid_obj = nc.UniqueId.from_bytes(uid)
+            self.comm = nc.Communicator.init(nranks, rank, uid_obj, config=nc.NCCLConfig(**cfg))
+        except Exception as exc:
+            self.state = "failed"
+            self.error = f"NCCL init failed: {exc}"
+            self.comm = None
+            raise TransportError(self.error) from None
+        self._raw = getattr(self.comm, "_comm", None)
+        self._uint8 = int(nc.UINT8)
+        self.poll()
+
+    # ------------------------------------------------------------------ state
+    def _async_state(self) -> Any:
+        return self.comm.get_async_error()
+
+    def poll(self) -> str:
+        """Advance initialisation; returns ``init``, ``ready``, ``failed`` or ``closed``."""
+        if self.state != "init":
+            return self.state
+        try:
+            res = self._async_state()
+        except Exception as exc:
+            self._fail(f"NCCL error while initialising: {exc}")
+            return self.state
+        if res == self._nb.Result.Success:
+            self.state = "ready"
+        elif res == self._nb.Result.InProgress:
+            if time.monotonic() > self.deadline:
+                self._fail("NCCL communicator init timed out: the peer never joined")
+        else:
+            self._fail(f"NCCL init failed: {res!r}")
+        return self.state
+
+    def _fail(self, msg: str) -> None:
+        self.error = msg
+        self.state = "failed"
+        self.abort()
+
+    def _settle(self, what: str, timeout: float = 10.0) -> None:
+        """Non-blocking comms may answer ncclInProgress; wait until the call has settled."""
+        end = time.monotonic() + timeout
+        while True:
+            res = self._async_state()
+            if res == self._nb.Result.Success:
+                return
+            if res != self._nb.Result.InProgress:
+                raise TransportError(f"NCCL {what} failed: {res!r}")
+            if time.monotonic() > end:
+                raise TransportError(f"NCCL {what} did not settle within {timeout}s")
+            time.sleep(0)
+
+    # ------------------------------------------------------------------ data
+    def _check_ready(self) -> None:
+        if self.state != "ready":
+            raise TransportError(f"NCCL communicator is {self.state}" + (f": {self.error}" if self.error else ""))
+
+    def _op(self, fn: Any, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        n = t.numel() * t.element_size()
+        if self._raw is not None:
+            fn(t.data_ptr(), n, self._uint8, self.peer, self._raw, stream.cuda_stream)
+        else:  # pragma: no cover - other nccl4py layouts
+            name = "send" if fn is self._nb.send else "recv"
+            getattr(self.comm, name)(t.view(torch.uint8).reshape(-1), self.peer, stream=stream.cuda_stream)
+
+    def _run(self, what: str, ops: list[tuple[Any, torch.Tensor]], stream: torch.cuda.Stream | None) -> None:
+        self._check_ready()
+        s = stream or self.stream
+        try:
+            if len(ops) > 1:
+                self._nb.group_start()
+                try:
+                    for fn, t in ops:
+                        self._op(fn, t, s)
+                finally:
+                    self._nb.group_end()
+            else:
+                self._op(ops[0][0], ops[0][1], s)
+        except TransportError:
+            raise
+        except Exception as exc:
+            if "InProgress" not in repr(exc):
+                self._fail(f"NCCL {what} failed: {exc}")
+                raise TransportError(self.error) from None
+        self._settle(what)
+
+    def send(self, t: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
+        """Post a send of ``t``'s bytes to the peer on ``stream`` (default: this comm's)."""
+        self._run("send", [(self._nb.send, t)], stream)
+
+    def recv(self, t: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
+        self._run("recv", [(self._nb.recv, t)], stream)
+
+    def send_recv(self, src: torch.Tensor, dst: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
+        """Grouped send + recv (the only legal way for a one-rank communicator to send to itself)."""
+        self._run("send/recv", [(self._nb.send, src), (self._nb.recv, dst)], stream)
+
+    def send_many(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream | None = None) -> None:
+        """Several sends in one NCCL group (one launch for a request's layers)."""
+        self._run("grouped send", [(self._nb.send, t) for t in tensors], stream)
+
+    def recv_many(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream | None = None) -> None:
+        self._run("grouped recv", [(self._nb.recv, t) for t in tensors], stream)
+
+    # ------------------------------------------------------------------ teardown
+    def abort(self) -> None:
+        """Local, immediate and idempotent: in-flight operations are terminated."""
+        comm, self.comm = self.comm, None
+        if self.state not in ("failed",):
+            self.state = "closed"
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception as exc:  # pragma: no cover
+                log.warning("NCCL abort failed: %s", exc)
+
+    def destroy(self) -> None:
+        """Orderly teardown (collective for 2 ranks: both sides must call it); prefer abort on errors."""
+        comm, self.comm = self.comm, None
+        self.state = "closed"
+        if comm is not None:
+            try:
+                comm.destroy()
+            except Exception as exc:  # pragma: no cover
+                log.warning("NCCL destroy failed: %s", exc)
+
+    def __repr__(self) -> str:
+        return f"<NCCL Comm rank {self.rank}/{self.nranks} {self.state} on {self.device}>"
