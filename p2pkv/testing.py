@@ -83,6 +83,14 @@ def _child(conn, cfg: dict) -> None:
                 eng.publish(key(tid, layer), kv_layer(ti, layer, tuple(shape), dt, eng.device), timeout=timeout)
         return len(tids) * layers
 
+    def publish_many_from(tids, first_seed, layers, shape, dtype="bfloat16", timeout=None):
+        dt = getattr(torch, dtype)
+        for ti, tid in enumerate(tids):
+            for layer in range(layers):
+                eng.publish(key(tid, layer), kv_layer(first_seed + ti, layer, tuple(shape), dt, eng.device),
+                            timeout=timeout)
+        return len(tids) * layers
+
     def pull_many(peer, tids, layers, shape, dtype="bfloat16", timeout=None):
         dt = getattr(torch, dtype)
         bad = 0
@@ -93,7 +101,19 @@ def _child(conn, cfg: dict) -> None:
                     bad += 1
         return bad
 
-    ops = {"send_many": send_many, "recv_many": recv_many, "publish_many": publish_many,
+    def claim_many(tid, n, timeout=None):
+        for i in range(n):
+            with eng.claim(TransferKey(tid, str(i)), timeout=timeout):
+                pass
+        return n
+
+    def publish_n(tid, n, nbytes, timeout=None):
+        t = torch.zeros(nbytes, dtype=torch.uint8, device=eng.device)
+        for i in range(n):
+            eng.publish(TransferKey(tid, str(i)), t, timeout=timeout)
+        return n
+
+    ops = {"send_many": send_many, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),
