@@ -13,7 +13,7 @@
 // Work decomposition: row = (layer, index into block_ids, outer index);
 // a row is RUN bytes, split into chunks of CHUNK_VECS vectors per warp.
 
-#include <cstdint>
+
 
 template <int VEC> struct VecT;
 template <> struct VecT<16> { typedef uint4 T; };
