@@ -387,7 +387,7 @@ class Engine:
             src = slot.tensor()
             result = out.copy_(src) if out is not None else src.clone()
         finally:
-            slot.buf.release()
+            self._release_after_caller(slot.buf)
         self._stats.add("recvs")
         self._stats.add("bytes_received_claimed", slot.buf.nbytes)
         self._stats.observe("recv_wait", time.monotonic() - t0)
@@ -396,7 +396,8 @@ class Engine:
     @contextmanager
     def claim(self, key: TransferKey, *, timeout: float | None = None) -> Iterator[torch.Tensor]:
         """Like :meth:`recv` without the copy: yields a view of the pool buffer,
-        valid inside the ``with`` block only; the buffer returns to the pool at exit."""
+        valid inside the ``with`` block only; the buffer returns to the pool at exit
+        (for CUDA, once the work queued on the current stream by then has finished)."""
         self._check_open()
         self._check_key(key)
         slot = self._inbox.claim(key, self._timeout(timeout), None, self._closed_error)
@@ -404,7 +405,7 @@ class Engine:
             self._stats.add("recvs")
             yield slot.tensor()
         finally:
-            slot.buf.release()
+            self._release_after_caller(slot.buf)
 
     def alloc_buffer(self, nbytes: int, *, timeout: float | None = None) -> Buffer:
         """A buffer from this engine's pool (e.g. to pack KV blocks into).
@@ -635,6 +636,18 @@ class Engine:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
             pass  # pipe full: the I/O thread is already due to wake
+
+    def _release_after_caller(self, buf: Buffer) -> None:
+        """Return a pool buffer once the work the caller queued on its current CUDA stream
+        (a copy out of it, an unpack kernel) has finished; at once for CPU buffers."""
+        if buf.overflow or not self._cuda or self._completer is None or self._closed:
+            if self._cuda and not buf.overflow:
+                torch.cuda.current_stream(self._device).synchronize()
+            buf.release()
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self._device))
+        self._completer.add(ev, lambda ok: buf.release(), time.monotonic() + 3600)
 
     def _post_gpu(self, callback, ok: bool) -> None:
         """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""

@@ -50,7 +50,10 @@ class BlockIds:
     __slots__ = ("host", "device", "num_blocks", "_dev", "_dev_unpack", "_host_unpack")
 
     def __init__(self, ids: Any, num_blocks: int, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        self.device = d
         self.num_blocks = int(num_blocks)
         if isinstance(ids, BlockIds):
             host = ids.host
@@ -214,11 +217,33 @@ def _stream(ptr: int):
     if s is None:
         import cupy
 
-        s = cupy.cuda.ExternalStream(ptr)
+        s = None
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            try:
+                s = from_external(_PtrStream(ptr))
+            except Exception:
+                s = None
+        if s is None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                s = cupy.cuda.ExternalStream(ptr)
         if len(_streams) > 64:
             _streams.clear()
         _streams[ptr] = s
     return s
+
+
+class _PtrStream:
+    """A raw stream handle speaking the CUDA stream protocol (for CuPy's from_external)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
 
 
 class _Plan:
