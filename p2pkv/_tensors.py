@@ -74,8 +74,11 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
+_ITEMSIZE = {d: d.itemsize for d in _DTYPES.values()}
+
+
 def nbytes_of(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
+    n = _ITEMSIZE.get(dtype) or dtype.itemsize
     for d in shape:
         n *= int(d)
     return n

@@ -286,11 +286,14 @@ class Engine:
         self._peer_by_mon: dict[zmq.Socket, _Peer] = {}
         self._sessions: dict[bytes, _Session] = {}
         self._parked: list[_ParkedPull] = []
+        self._pending_acks: dict[bytes, list[int]] = {}
         self._tracked: list[tuple[zmq.MessageTracker, Buffer]] = []
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._next_expire = 0.0
+        self._next_tick = 0.0
+        self._wake_sent = False
         if self._cuda:
             from .transport.cuda import Completer
 
@@ -632,10 +635,12 @@ class Engine:
         if self._closed and not force:
             raise EngineClosed(f"engine {self.address} is closed")
         self._cmds.append(cmd)
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # pipe full: the I/O thread is already due to wake
+        if not self._wake_sent:
+            self._wake_sent = True
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # pipe full: the I/O thread is already due to wake
 
     def _release_after_caller(self, buf: Buffer) -> None:
         """Return a pool buffer once the work the caller queued on its current CUDA stream
@@ -683,8 +688,13 @@ class Engine:
                             pass
                     except BlockingIOError:
                         pass
+                # Cleared after emptying the pipe and before draining: a command queued
+                # from here on either is drained below or writes a fresh wake-up byte.
+                self._wake_sent = False
+                if self._cmds:
                     if self._drain_commands():
                         return
+                    self._flush_acks()
                 if self._router in events:
                     self._pump_router()
                 for sock in list(events):
@@ -698,7 +708,10 @@ class Engine:
                 if self._mem_dirty:
                     self._mem_dirty = False
                     self._grant_credit()
-                self._tick()
+                now = time.monotonic()
+                if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
+                    self._next_tick = now + 0.01
+                    self._tick()
         except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
             log.exception("p2pkv I/O thread crashed; failing all pending transfers")
             self._closed = True
@@ -1204,6 +1217,11 @@ class Engine:
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
                 self._finish_send(item, TransferState.DONE)
+        elif t == "acks":
+            for seq in msg["seqs"]:
+                item = peer.inflight.pop(seq, None) if isinstance(seq, int) else None
+                if item is not None:
+                    self._finish_send(item, TransferState.DONE)
         elif t == "nack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
@@ -1364,7 +1382,7 @@ class Engine:
             try:
                 ident = r.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
             hdr = r.recv()
@@ -1380,6 +1398,7 @@ class Engine:
                 self._reply(ident, "err", code="error", msg=f"internal error: {type(exc).__name__}")
             finally:
                 _drain(r)
+        self._flush_acks()
 
     def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
                **fields: Any) -> bool:
@@ -1537,7 +1556,23 @@ class Engine:
             return
         self._stats.add("bytes_received", n)
         self._stats.add("tensors_received")
-        self._reply(ident, "ack", seq=seq)
+        self._ack(ident, seq)
+
+    def _ack(self, ident: bytes, seq: int) -> None:
+        """Queue an ack; the acks of one burst of messages go back as one ``acks`` message."""
+        pend = self._pending_acks.get(ident)
+        if pend is None:
+            self._pending_acks[ident] = [seq]
+        else:
+            pend.append(seq)
+
+    def _flush_acks(self) -> None:
+        pending, self._pending_acks = self._pending_acks, {}
+        for ident, seqs in pending.items():
+            if len(seqs) == 1:
+                self._reply(ident, "ack", seq=seqs[0])
+            else:
+                self._reply(ident, "acks", seqs=seqs)
 
     def _recv_payload(self, buf: Buffer) -> int:
         if buf.data.device.type == "cuda" and self._pinned is not None:
@@ -1586,7 +1621,7 @@ class Engine:
             self._stats.add("bytes_received", n)
             self._stats.add("tensors_received")
             self._stats.add(f"received_{x}")
-            self._reply(sess.ident, "ack", seq=seq)
+            self._ack(sess.ident, seq)
 
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s)
 

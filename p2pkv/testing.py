@@ -28,7 +28,11 @@ class RemoteError(RuntimeError):
 
 
 def _child(conn, cfg: dict) -> None:
+    import faulthandler
+
     import torch
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks on a timeout
 
     from . import Engine, TransferKey
     from .synthetic import kv_layer, same_bits
@@ -155,6 +159,11 @@ class RemoteEngine:
             if not self.proc.is_alive():
                 raise RemoteError("ProcessDied", f"remote engine exited with code {self.proc.exitcode}")
             if time.monotonic() > deadline:
+                try:
+                    os.kill(self.proc.pid, signal.SIGUSR1)  # the child prints its threads' stacks
+                    time.sleep(0.5)
+                except OSError:
+                    pass
                 raise RemoteError("Timeout", f"remote engine gave no answer within {timeout}s")
         status, value = self._conn.recv()
         if status == "err":

@@ -45,11 +45,13 @@ def test_gpu_pool_is_exportable_and_flat_over_10000_transfers():
         base_alloc = torch.cuda.memory_allocated()
         base_pool = b.stats()["pool"]
         for i in range(10_000):
-            a.send(b.address, K("s", str(i)), t)
+            h = a.send(b.address, K("s", str(i)), t)
             with b.claim(K("s", str(i)), timeout=10) as v:
                 if i % 1000 == 0:
                     assert torch.equal(v, t)
+        h.wait(10)
         torch.cuda.synchronize()
+        time.sleep(0.2)  # buffers return once their last GPU reader is done
         sb, sa = b.stats(), a.stats()
         assert torch.cuda.memory_allocated() == base_alloc
         assert sb["pool"]["in_use"] == 0 and sb["pool"]["overflow_allocs"] == 0
@@ -82,10 +84,11 @@ def test_ipc_two_processes_push_and_pull_100x32(procs):
     assert st_c["received_ipc"] == 100 * LLAMA.layers and st_c["pool"]["in_use"] == 0
     assert st_p["sent_ipc"] == 100 * LLAMA.layers
     ptids = [f"ipcpull-{i:03d}" for i in range(100)]
-    prod.call("publish_many", ptids[:50], LLAMA.layers, SHAPE, timeout=60)
+    # 20 requests (160 MiB) wait published; the other 80 are published while the pulls run
+    prod.call("publish_many", ptids[:20], LLAMA.layers, SHAPE, timeout=60)
     cons.start("pull_many", prod.address, ptids, LLAMA.layers, SHAPE, timeout=60)
     time.sleep(0.5)
-    prod.call("publish_many_from", ptids[50:], 50, LLAMA.layers, SHAPE, timeout=60)
+    prod.call("publish_many_from", ptids[20:], 20, LLAMA.layers, SHAPE, timeout=60)
     assert cons.result(timeout=200) == 0
     deadline = time.monotonic() + 5
     while prod.call("stats")["pool"]["in_use"] and time.monotonic() < deadline:

@@ -125,8 +125,10 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
 
     rows: list[dict[str, Any]] = []
     budget = 64 * MiB if smoke else 512 * MiB
-    pool = max(256 * MiB, 4 * max(sizes))
-    cfg = dict(timeout_s=120.0, pool_bytes=pool)
+    req_tokens = 256 if smoke else 2048
+    req_bytes = PRESETS["llama3-8b"].bytes_per_token() * req_tokens
+    pool = max(2 * req_bytes + 64 * MiB, 4 * max(sizes))
+    cfg = dict(timeout_s=120.0, pool_bytes=pool, credit_bytes=pool)
     ctx = mp.get_context("spawn")
     cons = RemoteEngine(**cfg)
     prod_remote = RemoteEngine(**cfg)
@@ -209,7 +211,7 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 bar(f"tcp {size}")
             # ---- a whole Llama-3-8B request: layer-wise pipelined vs at once
             p = PRESETS["llama3-8b"]
-            tokens = 256 if smoke else 2048
+            tokens = req_tokens
             shape = p.layer_shape(tokens)
             layer_bytes = 2 * int(torch.tensor(shape).prod())
             layers = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(p.layers)]
@@ -331,7 +333,7 @@ def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
     rows: list[dict[str, Any]] = []
     biggest = max(sizes)
     pool = max(512 * MiB, 3 * biggest + 64 * MiB)
-    cfg = dict(device="cuda", transport="ipc", timeout_s=120.0, pool_bytes=pool)
+    cfg = dict(device="cuda", transport="ipc", timeout_s=120.0, pool_bytes=pool, credit_bytes=pool)
     cons = RemoteEngine(**cfg)
     budget = 256 * MiB if smoke else 4 * GiB
     try:

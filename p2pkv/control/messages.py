@@ -23,6 +23,7 @@ bye    -                                         orderly close of a session
 nccl   uid, dir                                  join an NCCL communicator (dir: push or pull)
 hok    eid, align, window, maxmsg, pool, caps    session accepted
 ack    seq                                       data stored
+acks   seqs                                      several data stored (coalesced acks)
 nack   seq, code, msg                            data refused (typed error code)
 grant  n                                         credit granted
 pdata  seq, key, dt, sh, n, x, ipc?              pulled tensor (payload follows for x=tcp)
@@ -70,6 +71,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
             "pool": (_INT, True), "caps": (_MAP, True)},
     "ack": {"seq": (_INT, True)},
+    "acks": {"seqs": (_LIST, True)},
     "nack": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "grant": {"n": (_INT, True)},
     "pdata": {"seq": (_INT, True), "key": (_LIST, True), "dt": (_STR, True), "sh": (_LIST, True),
@@ -79,7 +81,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "err": {"code": (_STR, True), "msg": (_STR, True), "seq": ((int, type(None)), False)},
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl"})
-REPLY_TYPES = frozenset({"hok", "ack", "nack", "grant", "pdata", "perr", "pong", "err", "abort", "nok"})
+REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "pdata", "perr", "pong", "err", "abort", "nok"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool")
 
