@@ -7,7 +7,8 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, label: str = "", stream=None, width: int = 30):
+    def __init__(self, total: int, label: str = "", stream=None, width: int = 30, every_step: bool = False):
+        self.every_step = every_step
         self.total = max(1, total)
         self.label = label
         self.stream = stream or sys.stderr
@@ -26,7 +27,7 @@ class Progress:
             el = time.monotonic() - self.t0
             self.stream.write(f"\r{self.label} [{bar}] {pct:3d}% {self.n}/{self.total} {el:5.1f}s {note}")
             self.stream.flush()
-        elif pct // 25 != self._last_pct // 25 or self.n == self.total:
+        elif self.every_step or pct // 25 != self._last_pct // 25 or self.n == self.total:
             self.stream.write(f"{self.label} {pct:3d}% ({self.n}/{self.total}) {note}\n")
             self.stream.flush()
         self._last_pct = pct

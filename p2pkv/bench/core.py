@@ -196,7 +196,7 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                                  baseline="raw pyzmq push", **_lat(lat)))
                 # ---- p2pkv pull
                 ptid = f"pull-{size}"
-                m = min(n, lat_n * 2)
+                m = max(1, min(n, lat_n * 2, pool // (2 * max(size, 1))))  # all published before the pulls
                 prod_remote.call("publish_n", ptid, m, size, timeout=120)
                 out = torch.empty(size, dtype=torch.uint8)
                 plat = []
@@ -621,9 +621,17 @@ def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", 
              (len(sz) if gpu and torch.cuda.device_count() > 1 else 0)}
     todo = [s for s in suites if s == "tcp" or gpu]
     skipped = [s for s in suites if s not in todo]
-    prog = Progress(sum(steps[s] for s in todo), "bench")
+    prog = Progress(sum(steps[s] for s in todo), "bench", every_step=True)
     bar = lambda note: prog.update(1, note)  # noqa: E731
     rows: list[dict[str, Any]] = []
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save() -> dict[str, Any]:
+        result = {"meta": info, "skipped_suites": skipped, "results": rows}
+        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return result
+
     for s in todo:
         if s == "tcp":
             rows += bench_tcp(smoke, [x for x in sz if x <= 256 * MiB], bar)
@@ -633,11 +641,9 @@ def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", 
             rows += bench_ipc(smoke, [x for x in sz if x >= 4 * KiB], bar)
         elif s == "nccl":
             rows += bench_nccl(smoke, sz, bar)
+        save()  # partial results survive a later suite's failure
     prog.close()
-    result = {"meta": info, "skipped_suites": skipped, "results": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = save()
     result["plot"] = _plot(rows, os.path.join(out_dir, "bench.png"))
     return result
 
