@@ -43,51 +43,63 @@ struct PagedArgs {
 template <int VEC, bool PACK>
 __device__ __forceinline__ void paged_copy(const PagedArgs& a) {
     typedef typename VecT<VEC>::T V;
-    const long long lane = threadIdx.x & 31;
-    const long long warps_per_cta = blockDim.x >> 5;
-    const long long warp0 = (long long)blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
-    const long long total_warps = (long long)gridDim.x * warps_per_cta;
-    const long long rows = a.n_layers * a.n_ids * a.n_outer;
-    const long long units = rows * a.chunks_per_row;
+    // Index arithmetic in 32 bits (64-bit division is emulated and slow); byte
+    // offsets in 64 bits. The host guarantees rows * chunks_per_row < 2^31.
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned warps_per_cta = blockDim.x >> 5;
+    const unsigned warp0 = blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
+    const unsigned total_warps = gridDim.x * warps_per_cta;
+    const unsigned n_outer = (unsigned)a.n_outer;
+    const unsigned n_ids = (unsigned)a.n_ids;
+    const unsigned cpr = (unsigned)a.chunks_per_row;
+    const unsigned units = (unsigned)(a.n_layers * a.n_ids * a.n_outer) * cpr;
     const long long vecs_per_row = a.run_bytes / VEC;
     const unsigned long long* lp = reinterpret_cast<const unsigned long long*>(a.layer_ptrs);
     const long long* ids = reinterpret_cast<const long long*>(a.ids);
+    const unsigned os0 = (unsigned)a.outer_size[0], os1 = (unsigned)a.outer_size[1];
+    const unsigned os2 = (unsigned)a.outer_size[2], os3 = (unsigned)a.outer_size[3];
 
-    for (long long u = warp0; u < units; u += total_warps) {
-        long long row = u / a.chunks_per_row;
-        long long chunk = u - row * a.chunks_per_row;
-        long long o = row % a.n_outer;
-        long long t = row / a.n_outer;
-        long long i = t % a.n_ids;
-        long long l = t / a.n_ids;
+    for (unsigned u = warp0; u < units; u += total_warps) {
+        unsigned row = u / cpr;
+        unsigned chunk = u - row * cpr;
+        unsigned o = row % n_outer;
+        unsigned t = row / n_outer;
+        unsigned i = t % n_ids;
+        unsigned l = t / n_ids;
         long long bid = ids[i];
         if (bid < 0) continue;  // unpack: a repeated id whose later occurrence wins
         long long off = bid * a.block_stride;
-        long long rem = o;
-#pragma unroll
-        for (int d = 3; d >= 0; --d) {
-            long long s = a.outer_size[d];
-            long long q = rem / s;
-            off += (rem - q * s) * a.outer_stride[d];
-            rem = q;
+        if (n_outer > 1) {
+            unsigned rem = o, q;
+            q = rem / os3; off += (long long)(rem - q * os3) * a.outer_stride[3]; rem = q;
+            q = rem / os2; off += (long long)(rem - q * os2) * a.outer_stride[2]; rem = q;
+            q = rem / os1; off += (long long)(rem - q * os1) * a.outer_stride[1]; rem = q;
+            off += (long long)(rem % os0) * a.outer_stride[0];
         }
         char* cache = reinterpret_cast<char*>(lp ? lp[l] : (unsigned long long)a.base0) + off;
-        char* buf = reinterpret_cast<char*>(a.buf) + l * a.layer_buf_bytes + i * a.n_outer * a.run_bytes
-                    + o * a.run_bytes;
-        V* src = reinterpret_cast<V*>(PACK ? cache : buf);
+        char* buf = reinterpret_cast<char*>(a.buf) + (long long)l * a.layer_buf_bytes
+                    + ((long long)i * n_outer + o) * a.run_bytes;
+        const V* src = reinterpret_cast<const V*>(PACK ? cache : buf);
         V* dst = reinterpret_cast<V*>(PACK ? buf : cache);
-        long long v0 = chunk * CHUNK_VECS;
+        long long v0 = (long long)chunk * CHUNK_VECS;
         long long v1 = v0 + CHUNK_VECS < vecs_per_row ? v0 + CHUNK_VECS : vecs_per_row;
         V tmp[CHUNK_VECS / 32];
+        if (v0 + CHUNK_VECS <= vecs_per_row) {  // full chunk: no bounds checks
 #pragma unroll
-        for (int k = 0; k < CHUNK_VECS / 32; ++k) {
-            long long v = v0 + lane + 32LL * k;
-            if (v < v1) tmp[k] = src[v];
-        }
+            for (int k = 0; k < CHUNK_VECS / 32; ++k) tmp[k] = src[v0 + lane + 32 * k];
 #pragma unroll
-        for (int k = 0; k < CHUNK_VECS / 32; ++k) {
-            long long v = v0 + lane + 32LL * k;
-            if (v < v1) dst[v] = tmp[k];
+            for (int k = 0; k < CHUNK_VECS / 32; ++k) dst[v0 + lane + 32 * k] = tmp[k];
+        } else {
+#pragma unroll
+            for (int k = 0; k < CHUNK_VECS / 32; ++k) {
+                long long v = v0 + lane + 32 * k;
+                if (v < v1) tmp[k] = src[v];
+            }
+#pragma unroll
+            for (int k = 0; k < CHUNK_VECS / 32; ++k) {
+                long long v = v0 + lane + 32 * k;
+                if (v < v1) dst[v] = tmp[k];
+            }
         }
     }
 }

@@ -1318,7 +1318,7 @@ class Engine:
             else:
                 pull.finish(error=TransportError("CUDA IPC copy did not finish in time", key=pull.key))
 
-        self._completer.add(ev, done, pull.deadline + 5)
+        self._completer.add(ev, done, pull.deadline + 5, blocking=True)
 
     def _pull_nccl(self, peer: _Peer, pull: _PullItem, dst: torch.Tensor, n: int) -> None:
         comm = peer.nccl.get("pull")
@@ -1623,7 +1623,7 @@ class Engine:
             self._stats.add(f"received_{x}")
             self._ack(sess.ident, seq)
 
-        self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s)
+        self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
     def _grant_credit(self) -> None:
         waiting = sorted((s for s in self._sessions.values() if s.creq is not None), key=lambda s: s.creq_t)

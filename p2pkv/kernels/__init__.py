@@ -279,6 +279,21 @@ class _Plan:
         return self.n_outer > 0
 
 
+_plans: dict[tuple, _Plan] = {}
+
+
+def _plan(layer: torch.Tensor) -> _Plan:
+    """Plans depend only on shape, strides and dtype: cached (a serving engine has a handful)."""
+    key = (tuple(layer.shape), layer.stride(), layer.element_size())
+    p = _plans.get(key)
+    if p is None:
+        p = _Plan(layer)
+        if len(_plans) > 1024:
+            _plans.clear()
+        _plans[key] = p
+    return p
+
+
 def _vec_width(plan: _Plan, ptrs: Sequence[int], buf_ptr: int) -> int:
     g = plan.run_bytes
     for v in [plan.block_stride, buf_ptr, *plan.outer_stride, *ptrs]:
@@ -303,6 +318,8 @@ def _launch(direction: str, layers: Sequence[torch.Tensor], buf: torch.Tensor, i
     vec = _vec_width(plan, ptrs, buf.data_ptr())
     chunks = -(-(plan.run_bytes // vec) // 256)
     units = rows * chunks
+    if units >= 2**31:  # the kernel indexes its work in 32 bits
+        raise InvalidTensor(f"{units} work units exceed one launch; pack fewer blocks or layers per call")
     warps_per_cta = _THREADS // 32
     grid = max(1, min(-(-units // warps_per_cta), sms * 16))
     if len(layers) == 1:
@@ -378,7 +395,7 @@ def pack_layers(layers: Sequence[torch.Tensor], block_ids: Any, out: torch.Tenso
     else:
         _check_buf(out, first.device, nbytes, "out")
     be = backend or backend_for(first)
-    plan = _Plan(first) if be == "cuda" else None
+    plan = _plan(first) if be == "cuda" else None
     if be == "cuda" and plan is not None and plan.supported:
         _launch("pack", layers, out, ids.on_device(), plan)
         return out
@@ -408,7 +425,7 @@ def unpack_layers(buf: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: 
     if n == 0:
         return
     be = backend or backend_for(first)
-    plan = _Plan(first) if be == "cuda" else None
+    plan = _plan(first) if be == "cuda" else None
     if be == "cuda" and plan is not None and plan.supported:
         _launch("unpack", layers, buf, ids.for_unpack_device(), plan)
         return

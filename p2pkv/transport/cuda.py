@@ -114,8 +114,10 @@ class Completer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, event: torch.cuda.Event, callback: Callable[[bool], None], deadline: float) -> None:
-        self._q.put((event, callback, deadline))
+    def add(self, event: torch.cuda.Event, callback: Callable[[bool], None], deadline: float,
+            blocking: bool = False) -> None:
+        """``blocking=True`` marks work that always completes (a copy): the thread may block on it."""
+        self._q.put((event, callback, deadline, blocking))
 
     def _run(self) -> None:
         pending: list = []
@@ -134,7 +136,8 @@ class Completer:
             now = time.monotonic()
             still = []
             fired = False
-            for event, callback, deadline in pending:
+            for entry in pending:
+                event, callback, deadline, _ = entry
                 if event.query():
                     self._fire(callback, True)
                     fired = True
@@ -142,12 +145,17 @@ class Completer:
                     self._fire(callback, False)
                     fired = True
                 else:
-                    still.append((event, callback, deadline))
+                    still.append(entry)
             pending = still
             idle = 0 if fired else idle + 1
             if pending:
+                if all(blocking for _, _, _, blocking in pending):
+                    # only copies pending: they always finish, so wait on the oldest
+                    # (cudaEventSynchronize releases the GIL and wakes on completion)
+                    pending[0][0].synchronize()
+                    continue
                 # spin briefly for latency, then yield the CPU in short sleeps
-                time.sleep(0 if idle < 200 else 0.0002)
+                time.sleep(0 if idle < 200 else 0.0001)
 
     def _fire(self, callback: Callable[[bool], None], ok: bool) -> None:
         try:
