@@ -708,6 +708,9 @@ class Engine:
                 if self._mem_dirty:
                     self._mem_dirty = False
                     self._grant_credit()
+                    for peer in list(self._peers.values()):
+                        if peer.queue and peer.ready:  # sends waiting for a staging buffer
+                            self._pump_sends(peer)
                 now = time.monotonic()
                 if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
                     self._next_tick = now + 0.01

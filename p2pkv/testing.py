@@ -117,7 +117,17 @@ def _child(conn, cfg: dict) -> None:
             eng.publish(TransferKey(tid, str(i)), t, timeout=timeout)
         return n
 
-    ops = {"send_many": send_many, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
+    def ipc_copy_gpu_time(nbytes, reps=20):
+        """GPU time of the transport's own copy: from a peer's mapped arena into our pool."""
+        from .bench.core import gpu_time
+
+        sess = next(s for s in eng._sessions.values() if s.ipc is not None)
+        src = sess.ipc.view(0, nbytes)
+        with eng.alloc_buffer(nbytes) as buf:
+            g, _ = gpu_time(lambda: buf.data.copy_(src, non_blocking=True), reps)
+        return g
+
+    ops = {"send_many": send_many, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),

@@ -365,8 +365,11 @@ def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                         lat.append(time.perf_counter() - t1)
                     cons.result(timeout=120)
                     bw = n * size / el / 1e9
-                    rows.append(_row("ipc", variant, size, gbps=bw, ratio=bw / copy_bw, baseline="device copy",
-                                     **_lat(lat)))
+                    rows.append(_row("ipc", variant + " (end to end)", size, gbps=bw, ratio=bw / copy_bw,
+                                     baseline="device copy", **_lat(lat)))
+                g_ipc = cons.call("ipc_copy_gpu_time", size, 10 if size >= 256 * MiB else 30, timeout=120)
+                rows.append(_row("ipc", "p2pkv IPC copy, cross-process (GPU time)", size, gbps=size / g_ipc / 1e9,
+                                 gpu_us=_us(g_ipc), ratio=g_copy / g_ipc, baseline="device copy"))
                 buf.release()
                 del src, dst
                 bar(f"ipc {size}")

@@ -118,17 +118,17 @@ class Comm:
     # ------------------------------------------------------------------ state
     def poll(self) -> str:
         """Advance initialisation; returns ``init``, ``ready``, ``failed`` or ``closed``."""
-        if self.state not in ("init", "split"):
+        if self.state != "init":
             return self.state
         try:
             res = self.comm.get_async_error()
-            if res == self._nb.Result.Success and self.state == "split":
+            if res == self._nb.Result.Success and self.child is not None:
                 res = self.child.get_async_error()
         except Exception as exc:
             self._fail(f"NCCL error while initialising: {exc}")
             return self.state
         if res == self._nb.Result.Success:
-            if self.state == "init":
+            if self.child is None:
                 self._start_split()
             else:
                 self._use(self.child, settle=False)
@@ -143,7 +143,6 @@ class Comm:
         """Both ranks split the ready parent into a blocking child (a collective call)."""
         try:
             self.child = self.comm.split(color=0, key=self.rank, config=self._nc.NCCLConfig(blocking=True))
-            self.state = "split"
         except Exception as exc:  # pragma: no cover - depends on the NCCL build
             log.info("NCCL split into a blocking communicator refused (%s); using the non-blocking one", exc)
             self.child = None
