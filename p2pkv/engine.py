@@ -1445,7 +1445,7 @@ class Engine:
         if sess is None:
             if t not in ("bye", "pong"):
                 self._reply(ident, "err", code="no_session", msg="no session: send hello first",
-                            seq=msg.get("seq"))
+                            seq=_valid_seq(msg.get("seq")))
             return
         sess.last_rx = time.monotonic()
         if t == "ping":
@@ -1960,6 +1960,10 @@ class Engine:
             self._pool.close()
 
 
+def _valid_seq(seq: Any) -> int | None:
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+
+
 def _seq_of(hdr: bytes) -> int | None:
     """Best-effort ``seq`` of a header that failed validation, so the sender's item fails fast."""
     try:
@@ -1967,8 +1971,7 @@ def _seq_of(hdr: bytes) -> int | None:
 
         m = msgpack.unpackb(hdr, raw=False, max_str_len=8192, max_bin_len=8192, max_array_len=4096,
                             max_map_len=64)
-        seq = m.get("seq") if isinstance(m, dict) else None
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+        return _valid_seq(m.get("seq")) if isinstance(m, dict) else None
     except Exception:
         return None
 

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import traceback
+import zlib
 from typing import Any
 
 __all__ = ["RemoteEngine", "RemoteError"]
@@ -127,7 +128,79 @@ def _child(conn, cfg: dict) -> None:
             g, _ = gpu_time(lambda: buf.data.copy_(src, non_blocking=True), reps)
         return g
 
-    ops = {"send_many": send_many, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
+    def soak_produce(plan, layers, nbytes, seed, peer):
+        """Push or publish every layer of every transfer in a random interleaving; abort some."""
+        import random
+
+        rng = random.Random(seed)
+        work = [(tid, mode, layer) for tid, mode in plan for layer in range(layers)]
+        rng.shuffle(work)
+        hs = []
+        aborted = set()
+        sent_before_abort: dict[str, int] = {}
+        for tid, mode, layer in work:
+            if tid in aborted:
+                continue
+            t = kv_layer(zlib.crc32(tid.encode()) & 0xFFFF, layer, (nbytes,), torch.uint8, eng.device)
+            k = TransferKey(tid, str(layer))
+            if mode == "pull":
+                eng.publish(k, t)
+            else:
+                hs.append(eng.send(peer, k, t))
+                if mode == "abort":
+                    sent_before_abort[tid] = sent_before_abort.get(tid, 0) + 1
+                    if sent_before_abort[tid] == layers // 2:
+                        eng.abort(tid)
+                        aborted.add(tid)
+        outcome: dict[str, int] = {}
+        for h in hs:
+            try:
+                h.wait(60)
+                outcome["done"] = outcome.get("done", 0) + 1
+            except Exception as exc:  # noqa: BLE001
+                outcome[type(exc).__name__] = outcome.get(type(exc).__name__, 0) + 1
+        return outcome
+
+    def soak_consume(plan, layers, nbytes, seed, peer, threads=4, timeout=60.0):
+        """Receive / pull everything in random order from several threads; count outcomes."""
+        import random
+        import threading as th
+
+        from .errors import TransferAborted
+
+        rng = random.Random(seed)
+        work = [(tid, mode, layer) for tid, mode in plan for layer in range(layers)]
+        rng.shuffle(work)
+        results = {"ok": 0, "bad": 0, "aborted": 0, "other": 0}
+        errors: list[str] = []
+        lock = th.Lock()
+
+        def run(part):
+            for tid, mode, layer in part:
+                k = TransferKey(tid, str(layer))
+                try:
+                    got = eng.pull(peer, k, timeout=timeout) if mode == "pull" else eng.recv(k, timeout=timeout)
+                    good = same_bits(got, kv_layer(zlib.crc32(tid.encode()) & 0xFFFF, layer, (nbytes,), torch.uint8, eng.device))
+                    with lock:
+                        results["ok" if good else "bad"] += 1
+                except TransferAborted:
+                    with lock:
+                        results["aborted" if mode == "abort" else "other"] += 1
+                except Exception as exc:  # noqa: BLE001
+                    with lock:
+                        results["other"] += 1
+                        errors.append(f"{mode} {k}: {type(exc).__name__}: {exc}")
+
+        parts = [work[i::threads] for i in range(threads)]
+        ts = [th.Thread(target=run, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        results["errors"] = errors[:10]
+        return results
+
+    ops = {"send_many": send_many, "soak_produce": soak_produce, "soak_consume": soak_consume, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),
@@ -155,8 +228,12 @@ def _child(conn, cfg: dict) -> None:
 class RemoteEngine:
     """An engine in its own process. ``cfg`` is passed to ``Engine(**cfg)``."""
 
-    def __init__(self, start_timeout: float = 60.0, **cfg: Any):
-        ctx = mp.get_context("spawn")
+    def __init__(self, start_timeout: float = 60.0, method: str = "spawn", **cfg: Any):
+        """``method='forkserver'`` starts children from a preloaded server: much faster when
+        a test starts many engines (the server imports torch once)."""
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["torch", "zmq", "p2pkv", "p2pkv.testing"])
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child, cfg), daemon=True, name="p2pkv-remote")
         self.proc.start()
