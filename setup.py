@@ -25,11 +25,12 @@ setup(
     extras_require={
         "cu12": gpu_extra("12"),
         "cu13": gpu_extra("13"),
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80", "aiohttp>=3.9"],
         "bench": ["matplotlib>=3.6"],
         "proxy": ["aiohttp>=3.9"],
     },
-    entry_points={"console_scripts": ["p2pkv-demo=p2pkv.demo:main", "p2pkv-bench=p2pkv.bench:main"]},
+    entry_points={"console_scripts": ["p2pkv-demo=p2pkv.demo:main", "p2pkv-bench=p2pkv.bench:main",
+                                      "p2pkv-proxy=p2pkv.proxy:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

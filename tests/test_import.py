@@ -8,7 +8,7 @@ CHECK = r"""
 import json, os, sys, threading
 before_threads = threading.active_count()
 import p2pkv, p2pkv.engine, p2pkv.control, p2pkv.pool, p2pkv.mailbox, p2pkv.transport.tcp, p2pkv.demo
-import p2pkv.testing, p2pkv.synthetic
+import p2pkv.testing, p2pkv.synthetic, p2pkv.proxy
 for mod in ("p2pkv.adapters.vllm", "p2pkv.transport.ipc", "p2pkv.transport.nccl", "p2pkv.kernels", "p2pkv.bench"):
     try:
         __import__(mod)
@@ -25,7 +25,8 @@ socks = [f for f in os.listdir("/proc/self/fd") if _link(f).startswith("socket:"
 print(json.dumps({"threads": threading.active_count() - before_threads,
                   "sockets": len(socks),
                   "cuda_init": torch.cuda.is_initialized(),
-                  "cupy": "cupy" in sys.modules, "nccl": "nccl" in sys.modules}))
+                  "cupy": "cupy" in sys.modules, "nccl": "nccl" in sys.modules,
+                  "aiohttp": "aiohttp" in sys.modules}))
 """
 
 
@@ -33,4 +34,5 @@ def test_import_is_side_effect_free():
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"threads": 0, "sockets": 0, "cuda_init": False, "cupy": False, "nccl": False}
+    assert res == {"threads": 0, "sockets": 0, "cuda_init": False, "cupy": False, "nccl": False,
+                   "aiohttp": False}
