@@ -842,21 +842,7 @@ class Engine:
 
     def _lose_peer(self, peer: _Peer, make_error) -> None:
         """Fail everything in flight to ``peer`` and drop the connection."""
-        n = 0
-        for item in list(peer.queue) + list(peer.inflight.values()):
-            if self._finish_send(item, TransferState.FAILED, make_error()):
-                n += 1
-        for pull in list(peer.pulls.values()) + peer.pull_waiting:
-            pull.finish(error=make_error())
-            n += 1
-        peer.pull_waiting.clear()
-        for w in peer.connect_waiters:
-            w.error = make_error()
-            w.event.set()
-        peer.queue.clear()
-        peer.inflight.clear()
-        peer.pulls.clear()
-        peer.connect_waiters.clear()
+        n = self._fail_peer_work(peer, make_error)
         self._close_peer(peer)
         if peer.ready:
             self._stats.add("peers_lost")
@@ -1901,18 +1887,28 @@ class Engine:
                 except zmq.ZMQError:
                     pass
 
+    def _fail_peer_work(self, peer: _Peer, make_error) -> int:
+        """Fail every send, pull and connect waiting on ``peer``; return how many there were."""
+        n = 0
+        for item in list(peer.queue) + list(peer.inflight.values()):
+            if self._finish_send(item, TransferState.FAILED, make_error()):
+                n += 1
+        for pull in list(peer.pulls.values()) + peer.pull_waiting:
+            pull.finish(error=make_error())
+            n += 1
+        for w in peer.connect_waiters:
+            w.error = make_error()
+            w.event.set()
+        peer.queue.clear()
+        peer.inflight.clear()
+        peer.pulls.clear()
+        peer.pull_waiting.clear()
+        peer.connect_waiters.clear()
+        return n
+
     def _fail_everything(self, make_error) -> None:
         for peer in list(self._peers.values()):
-            for item in list(peer.queue) + list(peer.inflight.values()):
-                self._finish_send(item, TransferState.FAILED, make_error())
-            for pull in peer.pulls.values():
-                pull.finish(error=make_error())
-            for w in peer.connect_waiters:
-                w.error = make_error()
-                w.event.set()
-            peer.queue.clear()
-            peer.inflight.clear()
-            peer.pulls.clear()
+            self._fail_peer_work(peer, make_error)
         while self._cmds:
             cmd = self._cmds.popleft()
             if cmd[0] == "send":

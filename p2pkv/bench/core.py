@@ -90,6 +90,27 @@ def _us(x: float | None) -> float | None:
     return None if x is None else round(x * 1e6, 2)
 
 
+def _measure_push(eng: Any, cons: Any, tid: str, tensor: torch.Tensor, n: int, lat_n: int) -> tuple[float, list]:
+    """Seconds to push ``n`` copies of ``tensor`` pipelined (until the last ack), then ``lat_n``
+    one-at-a-time send->ack latencies; the remote consumer claims everything as it arrives."""
+    from .. import TransferKey
+
+    cons.start("claim_many", tid, n + lat_n + 1, timeout=120)
+    eng.send(cons.address, TransferKey(tid, "0"), tensor).wait(60)  # warm: connection and credit
+    t0 = time.perf_counter()
+    hs = [eng.send(cons.address, TransferKey(tid, str(i + 1)), tensor) for i in range(n)]
+    for h in hs:
+        h.wait(120)
+    elapsed = time.perf_counter() - t0
+    lat = []
+    for i in range(lat_n):
+        t1 = time.perf_counter()
+        eng.send(cons.address, TransferKey(tid, str(n + 1 + i)), tensor).wait(60)
+        lat.append(time.perf_counter() - t1)
+    cons.result(timeout=120)
+    return elapsed, lat
+
+
 # ----------------------------------------------------------------------------- TCP
 def _zmq_server(q, n_total: int, size: int) -> None:
     import numpy as np
@@ -178,20 +199,8 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 rows.append(_row("tcp", "raw pyzmq request/reply", size, **_lat(pull_lat)))
                 # ---- p2pkv push
                 t = torch.zeros(size, dtype=torch.uint8)
-                tid = f"push-{size}"
-                cons.start("claim_many", tid, n + lat_n + 1, timeout=120)
-                eng.send(cons.address, TransferKey(tid, "0"), t).wait(60)
-                t0 = time.perf_counter()
-                hs = [eng.send(cons.address, TransferKey(tid, str(i + 1)), t) for i in range(n)]
-                for h in hs:
-                    h.wait(120)
-                bw = n * size / (time.perf_counter() - t0) / 1e9
-                lat = []
-                for i in range(lat_n):
-                    t1 = time.perf_counter()
-                    eng.send(cons.address, TransferKey(tid, str(n + 1 + i)), t).wait(60)
-                    lat.append(time.perf_counter() - t1)
-                cons.result(timeout=120)
+                el, lat = _measure_push(eng, cons, f"push-{size}", t, n, lat_n)
+                bw = n * size / el / 1e9
                 rows.append(_row("tcp", "p2pkv push", size, gbps=bw, ratio=bw / raw_bw if raw_bw else None,
                                  baseline="raw pyzmq push", **_lat(lat)))
                 # ---- p2pkv pull
@@ -349,21 +358,7 @@ def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 rows.append(_row("ipc", "device copy (baseline)", size, gbps=copy_bw, gpu_us=_us(g_copy)))
                 buf = eng.alloc_buffer(size)
                 for variant, tensor in (("p2pkv push from pool buffer", buf.data), ("p2pkv push, staged", src)):
-                    tid = f"{variant[:20]}-{size}"
-                    lat_n = 5 if smoke else 30
-                    cons.start("claim_many", tid, n + lat_n + 1, timeout=120)
-                    eng.send(cons.address, TransferKey(tid, "0"), tensor).wait(60)
-                    t0 = time.perf_counter()
-                    hs = [eng.send(cons.address, TransferKey(tid, str(i + 1)), tensor) for i in range(n)]
-                    for h in hs:
-                        h.wait(120)
-                    el = time.perf_counter() - t0
-                    lat = []
-                    for i in range(lat_n):
-                        t1 = time.perf_counter()
-                        eng.send(cons.address, TransferKey(tid, str(n + 1 + i)), tensor).wait(60)
-                        lat.append(time.perf_counter() - t1)
-                    cons.result(timeout=120)
+                    el, lat = _measure_push(eng, cons, f"{variant[:20]}-{size}", tensor, n, 5 if smoke else 30)
                     bw = n * size / el / 1e9
                     rows.append(_row("ipc", variant + " (end to end)", size, gbps=bw, ratio=bw / copy_bw,
                                      baseline="device copy", **_lat(lat)))
