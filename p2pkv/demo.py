@@ -138,8 +138,10 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
         rows.append({"mode": m, "requests": requests, "layers": requests * p.layers, "bytes": nbytes,
                      "seconds": t1 - t0, "gbps": nbytes / max(t1 - t0, 1e-9) / 1e9,
                      "p50_us": _us(percentile(lat, 50)), "p99_us": _us(percentile(lat, 99))})
+    ps = result["producer_stats"]
+    used = [x for x in ("tcp", "ipc", "nccl") if ps.get(f"sent_{x}")]
     summary = {"rows": rows, "mismatches": result["bad"], "preset": preset, "tokens": tokens, "device": device,
-               "layer_bytes": layer_bytes}
+               "layer_bytes": layer_bytes, "transport": "+".join(used) or "tcp"}
     if not quiet:
         _print_table(summary)
     return summary
@@ -171,7 +173,7 @@ def _get(q: "mp.Queue", timeout: float, procs: list) -> tuple:
 
 def _print_table(s: dict[str, Any]) -> None:
     print(f"\np2pkv demo: {s['preset']} KV, {s['tokens']} tokens/request, "
-          f"{s['layer_bytes'] / 2**20:.2f} MiB/layer, device={s['device']}, transport=tcp")
+          f"{s['layer_bytes'] / 2**20:.2f} MiB/layer, device={s['device']}, transport={s['transport']} (push)")
     hdr = f"{'mode':<5} {'requests':>8} {'layers':>7} {'MiB':>9} {'seconds':>8} {'GB/s':>7} {'p50 us/layer':>13} {'p99 us/layer':>13}"
     print(hdr)
     print("-" * len(hdr))
