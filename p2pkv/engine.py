@@ -515,11 +515,13 @@ class Engine:
         arrives later is refused.
         """
         self._check_open()
-        try:
-            validate_transfer_id(transfer_id)
-        except InvalidKey:
-            raise
+        validate_transfer_id(transfer_id)
         self._stats.add("aborts")
+        # Local data is dropped here and now (the mailboxes are thread-safe), so memory is
+        # back when abort() returns; the I/O thread fails in-flight work and tells the peers.
+        reason = "transfer aborted locally"
+        for buf in self._inbox.abort(transfer_id, reason) + self._outbox.abort(transfer_id, reason):
+            buf.release()  # complete data nobody is reading: no GPU work can still touch it
         self._submit(("abort", transfer_id, True))
 
     def stats(self) -> dict[str, Any]:
