@@ -1536,18 +1536,24 @@ class Engine:
             got = self._recv_payload(buf)
             if got != n:
                 raise ProtocolError(f"payload of {got} bytes, header said {n}")
-            err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
         except P2pkvError as exc:
             buf.release()
             nack(exc)
             return
+        self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
+
+    def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
+               seq: int, nack, x: str) -> None:
+        """Put a fully received tensor in the inbox and ack it, or release it and nack why not."""
+        err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
         if err is not None:
             buf.release()
             nack(err)
             return
-        self._stats.add("bytes_received", n)
+        self._stats.add("bytes_received", buf.nbytes)
         self._stats.add("tensors_received")
-        self._ack(ident, seq)
+        self._stats.add(f"received_{x}")
+        self._ack(sess.ident, seq)
 
     def _ack(self, ident: bytes, seq: int) -> None:
         """Queue an ack; the acks of one burst of messages go back as one ``acks`` message."""
@@ -1604,15 +1610,7 @@ class Engine:
                 if self._sessions.get(sess.ident) is sess:
                     nack(TransportError(f"{x} transfer did not complete", key=key))
                 return
-            err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
-            if err is not None:
-                buf.release()
-                nack(err)
-                return
-            self._stats.add("bytes_received", n)
-            self._stats.add("tensors_received")
-            self._stats.add(f"received_{x}")
-            self._ack(sess.ident, seq)
+            self._store(sess, key, buf, dtype, shape, seq, nack, x)
 
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
