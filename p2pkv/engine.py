@@ -160,7 +160,6 @@ class _Peer:
         self.last_rx = now
         self.last_tx = now
         self.idle_since = now
-        self.connected_once = False
         self.xport = "tcp"                      # transport for CUDA tensors to this peer
         self.nccl: dict[str, Any] = {}          # "push"/"pull" -> Comm
         self.ipc: Any = None                    # IpcMapping of the peer's arena
@@ -647,8 +646,8 @@ class Engine:
     def _release_after_caller(self, buf: Buffer) -> None:
         """Return a pool buffer once the work the caller queued on its current CUDA stream
         (a copy out of it, an unpack kernel) has finished; at once for CPU buffers."""
-        if buf.overflow or not self._cuda or self._completer is None or self._closed:
-            if self._cuda and not buf.overflow:
+        if not self._cuda or self._completer is None or self._closed:
+            if self._cuda:
                 torch.cuda.current_stream(self._device).synchronize()
             buf.release()
             return
@@ -1180,7 +1179,6 @@ class Engine:
                 self._lose_peer(peer, lambda: PeerLost("peer restarted", peer=peer.addr))
                 return
             peer.ready = True
-            peer.connected_once = True
             peer.eid = msg["eid"]
             peer.caps = msg["caps"]
             peer.window = msg["window"]

@@ -16,11 +16,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-from .errors import P2pkvError, PeerLost, TransferAborted, TransferEvicted, TransferTimeout
+from .errors import P2pkvError, TransferAborted, TransferEvicted, TransferTimeout
 from .keys import TransferKey
 from .pool import Buffer
 
@@ -254,13 +254,6 @@ class Mailbox:
             self.bytes_held = 0
             self._wake_tid_locked(None)
         return out
-
-    def keys(self) -> list[TransferKey]:
-        with self._lock:
-            return list(self._slots)
-
-    def tids_of(self, keys: Iterable[TransferKey]) -> set[str]:
-        return {k.transfer_id for k in keys}
 
     def stats(self) -> dict[str, int]:
         with self._lock:

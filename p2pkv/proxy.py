@@ -20,7 +20,6 @@ each picked round-robin. ``GET /instances`` lists them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import logging

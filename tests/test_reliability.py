@@ -1,6 +1,5 @@
 """Reliability as a tested promise: soak, peer faults, slow and stuck peers, fuzzing, security."""
 
-import os
 import random
 import threading
 import time

@@ -7,7 +7,6 @@ Request / SchedulerOutput / ModelRunnerOutput objects. No weights: the model
 config is a local config.json and the tokenizer is skipped.
 """
 
-import os
 import socket
 import time
 from pathlib import Path

@@ -336,7 +336,7 @@ def bench_pack(smoke: bool, bar: Callable[[str], None]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- IPC
 def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
-    from .. import Engine, TransferKey
+    from .. import Engine
     from ..testing import RemoteEngine
 
     rows: list[dict[str, Any]] = []

@@ -218,13 +218,6 @@ class Comm:
         """Grouped send + recv (the only legal way for a one-rank communicator to send to itself)."""
         self._run("send/recv", [(self._nb.send, src), (self._nb.recv, dst)], stream)
 
-    def send_many(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream | None = None) -> None:
-        """Several sends in one NCCL group (one launch for a request's layers)."""
-        self._run("grouped send", [(self._nb.send, t) for t in tensors], stream)
-
-    def recv_many(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream | None = None) -> None:
-        self._run("grouped recv", [(self._nb.recv, t) for t in tensors], stream)
-
     # ------------------------------------------------------------------ teardown
     def abort(self) -> None:
         """Local, immediate and idempotent: in-flight operations are terminated."""

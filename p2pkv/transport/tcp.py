@@ -11,28 +11,10 @@ from __future__ import annotations
 import torch
 import zmq
 
-from .._tensors import as_bytes
 
-__all__ = ["ZERO_COPY_MIN", "host_bytes", "recv_payload_into"]
+__all__ = ["ZERO_COPY_MIN", "send_payload", "recv_payload_into"]
 
 ZERO_COPY_MIN = 64 * 1024  # below this, copying is cheaper than ZMQ's zero-copy bookkeeping
-
-
-def host_bytes(t: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor's bytes as a flat host ``uint8`` tensor (a view for CPU tensors).
-
-    For GPU tensors the bytes are copied to ``staging`` (pinned, if given and
-    large enough) or to a new pageable host tensor.
-    """
-    raw = as_bytes(t)
-    if raw.device.type == "cpu":
-        return raw
-    if staging is not None and staging.numel() >= raw.numel():
-        dst = staging[: raw.numel()]
-        dst.copy_(raw, non_blocking=True)
-        torch.cuda.current_stream(raw.device).synchronize()
-        return dst
-    return raw.cpu()
 
 
 def send_payload(sock: zmq.Socket, payload: torch.Tensor) -> None:
