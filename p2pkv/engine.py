@@ -38,6 +38,7 @@ import torch
 import zmq
 
 from . import _tensors as T
+from . import _trace
 from .config import EngineConfig
 from .control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
 from .errors import (AuthError, ConfigError, EngineClosed, InvalidAddress, InvalidKey, InvalidTensor,
@@ -336,6 +337,7 @@ class Engine:
         InvalidKey, InvalidTensor, InvalidAddress, EngineClosed
             Bad arguments are refused before anything is queued.
         """
+        _trace.mark("send.enter", key)
         self._check_open()
         parse_address(peer)
         self._check_key(key)
@@ -361,6 +363,7 @@ class Engine:
         item = _SendItem(handle, payload, t.dtype, tuple(t.shape), time.monotonic() + to, ready)
         self._stats.add("sends")
         self._submit(("send", peer, item))
+        _trace.mark("send.ret", key)
         return handle
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -385,11 +388,13 @@ class Engine:
             T.check_out(out, self._device)
         t0 = time.monotonic()
         slot = self._inbox.claim(key, self._timeout(timeout), self._out_check(out), self._closed_error)
+        _trace.mark("recv.woke", key)
         try:
             src = slot.tensor()
             result = out.copy_(src) if out is not None else src.clone()
         finally:
             self._release_after_caller(slot.buf)
+        _trace.mark("recv.ret", key)
         self._stats.add("recvs")
         self._stats.add("bytes_received_claimed", slot.buf.nbytes)
         self._stats.observe("recv_wait", time.monotonic() - t0)
@@ -853,6 +858,7 @@ class Engine:
                 self._lose_session(sess, "peer lost")
 
     def _cmd_send(self, addr: str, item: _SendItem) -> None:
+        _trace.mark("io.cmd", item.key)
         if isinstance(self._inbox.error_for(item.key), TransferAborted):
             self._finish_send(item, TransferState.ABORTED, TransferAborted("transfer aborted", key=item.key))
             return
@@ -959,6 +965,7 @@ class Engine:
                 peer.inflight.pop(item.seq, None)
                 self._finish_send(item, TransferState.FAILED, exc)
                 continue
+            _trace.mark("io.sent", item.key)
             peer.last_tx = time.monotonic()
             self._stats.add("bytes_sent", item.nbytes)
             self._stats.add(f"sent_{x}")
@@ -1205,11 +1212,13 @@ class Engine:
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
+                _trace.mark("ack.rx", item.key)
                 self._finish_send(item, TransferState.DONE)
         elif t == "acks":
             for seq in msg["seqs"]:
                 item = peer.inflight.pop(seq, None) if isinstance(seq, int) else None
                 if item is not None:
+                    _trace.mark("ack.rx", item.key)
                     self._finish_send(item, TransferState.DONE)
         elif t == "nack":
             item = peer.inflight.pop(msg["seq"], None)
@@ -1494,6 +1503,7 @@ class Engine:
         except P2pkvError as exc:
             nack(exc)
             return
+        _trace.mark("rx.hdr", key)
         n = msg["n"]
         if n != T.nbytes_of(dtype, shape):
             nack(ProtocolError(f"n={n} does not match dtype {msg['dt']} and shape {shape}"))
@@ -1548,6 +1558,7 @@ class Engine:
             buf.release()
             nack(err)
             return
+        _trace.mark("rx.delivered", key)
         self._stats.add("bytes_received", buf.nbytes)
         self._stats.add("tensors_received")
         self._stats.add(f"received_{x}")
@@ -1601,8 +1612,10 @@ class Engine:
             return
         ev = torch.cuda.Event()
         ev.record(stream)
+        _trace.mark("rx.posted", key)
 
         def done(ok: bool) -> None:
+            _trace.mark("rx.io_done", key)
             if not ok or (comm is not None and comm.state != "ready"):
                 buf.release()
                 if self._sessions.get(sess.ident) is sess:
@@ -1610,6 +1623,7 @@ class Engine:
                 return
             self._store(sess, key, buf, dtype, shape, seq, nack, x)
 
+        done.tkey = key  # type: ignore[attr-defined]
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
     def _grant_credit(self) -> None:

@@ -158,6 +158,9 @@ class Completer:
                 time.sleep(0 if idle < 200 else 0.0001)
 
     def _fire(self, callback: Callable[[bool], None], ok: bool) -> None:
+        from .. import _trace
+
+        _trace.mark("cq.fire", getattr(callback, "tkey", None))
         try:
             self._post(callback, ok)
         except Exception:  # pragma: no cover
