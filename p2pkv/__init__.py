@@ -12,12 +12,13 @@ from .errors import (AuthError, ConfigError, DuplicateKey, EngineClosed, Invalid
 from .handles import SendHandle, TransferState
 from .keys import TransferKey, new_transfer_id
 from .pool import Buffer, BufferPool
+from .request import RequestHandle, RequestState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "EngineConfig", "TransferKey", "new_transfer_id", "SendHandle", "TransferState",
-    "BufferPool", "Buffer",
+    "BufferPool", "Buffer", "RequestHandle", "RequestState",
     "P2pkvError", "ConfigError", "InvalidKey", "InvalidTensor", "ShapeMismatch", "InvalidAddress",
     "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "PoolExhausted", "TransferAborted",
     "TransferEvicted", "DuplicateKey", "EngineClosed", "TransportError", "__version__",

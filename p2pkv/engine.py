@@ -41,7 +41,7 @@ from . import _tensors as T
 from . import _trace
 from .config import EngineConfig
 from .control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from .errors import (AuthError, ConfigError, EngineClosed, InvalidAddress, InvalidKey, InvalidTensor,
+from .errors import (AuthError, ConfigError, DuplicateKey, EngineClosed, InvalidAddress, InvalidKey, InvalidTensor,
                      P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransferAborted, TransferTimeout,
                      TransportError,
                      error_from_code)
@@ -49,6 +49,7 @@ from .handles import SendHandle, TransferState
 from .keys import TransferKey, validate_transfer_id
 from .mailbox import Mailbox, Slot
 from .pool import ALIGN, Buffer, BufferPool
+from .request import Incoming, RequestHandle, RequestState, Watcher, parse_layout, wire_items
 from .stats import Stats
 from .transport import tcp
 
@@ -58,6 +59,22 @@ log = logging.getLogger("p2pkv")
 
 _ADDR = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9_.\-]+)):(\d{1,5})$")
 _TICK_S = 0.02
+_IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (a ring)
+
+
+class _LocalArena:
+    """An engine's arena in this process, viewed like an :class:`IpcMapping` (no IPC needed)."""
+
+    def __init__(self, arena: torch.Tensor):
+        self.tensor = arena
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.tensor.numel():
+            raise TransportError(f"range [{offset}, {offset + nbytes}) outside the peer's arena")
+        return self.tensor[offset:offset + nbytes]
+
+    def close(self) -> None:
+        pass
 
 
 def parse_address(addr: Any) -> tuple[str, int]:
@@ -165,13 +182,24 @@ class _Peer:
         self.nccl: dict[str, Any] = {}          # "push"/"pull" -> Comm
         self.ipc: Any = None                    # IpcMapping of the peer's arena
         self.pull_waiting: list[_PullItem] = []  # pulls waiting for the handshake or an NCCL comm
+        # whole requests (p2pkv.request): waiting to be offered, offered by seq, and the posting order
+        self.req_waiting: deque[RequestHandle] = deque()
+        self.reqs: dict[int, RequestHandle] = {}
+        self.req_order: deque[RequestHandle] = deque()
+        self.post_lock = threading.Lock()      # posting is done by callers' threads and the I/O thread
+        self.ipc_out: Any = None                # the peer's arena, mapped for writing (IPC requests)
+        self.ipc_events: list[Any] = []         # interprocess events signalling our writes to the peer
+        self.ipc_handles: list[bytes] = []
+        self.ipc_next = 0
+        self.copy_stream: Any = None
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
     def busy(self) -> bool:
-        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters or self.pull_waiting)
+        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters or self.pull_waiting
+                    or self.req_waiting or self.reqs)
 
 
 class _Session:
@@ -188,6 +216,11 @@ class _Session:
         self.nccl: dict[str, Any] = {}
         self.nccl_backlog: list[dict[str, Any]] = []  # data headers waiting for the push comm
         self.ipc: Any = None
+        self.offers: deque[Incoming] = deque()      # whole requests waiting for room (FIFO)
+        self.admitted: dict[int, Incoming] = {}     # granted, not yet fully landed
+        self.reserved = 0                           # pool bytes held by admitted requests
+        self.watcher: Any = None                    # waits for this session's GPU landings
+        self.ipc_events: dict[bytes, Any] = {}      # the peer's interprocess events, opened once
 
     def __repr__(self) -> str:
         return f"session({self.eid or self.ident.hex()})"
@@ -287,6 +320,9 @@ class Engine:
         self._sessions: dict[bytes, _Session] = {}
         self._parked: list[_ParkedPull] = []
         self._pending_acks: dict[bytes, list[int]] = {}
+        self._incoming: dict[tuple[bytes, int], Incoming] = {}   # whole requests coming in, by (session, seq)
+        self._incoming_keys: set[TransferKey] = set()
+        self._scratch: torch.Tensor | None = None
         self._tracked: list[tuple[zmq.MessageTracker, Buffer]] = []
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
@@ -365,6 +401,59 @@ class Engine:
         self._submit(("send", peer, item))
         _trace.mark("send.ret", key)
         return handle
+
+    def send_request(self, peer: str, transfer_id: str, layout: Any, *,
+                     timeout: float | None = None) -> RequestHandle:
+        """Start a whole-request push to ``peer``: one offer naming every tensor, then the data.
+
+        ``layout`` lists the request's tensors in the order they will move:
+        ``[(name, tensor), ...]`` or ``[(name, dtype, shape), ...]`` (or a dict).
+        The receiver reserves pool room for all of them at once; hand each
+        tensor over with :meth:`RequestHandle.send` as soon as it is ready (it
+        moves without blocking the caller, on the caller's thread for NCCL and
+        CUDA IPC). The receiver claims each tensor with :meth:`recv` /
+        :meth:`claim` under ``TransferKey(transfer_id, name)``, as for
+        :meth:`send`. ``timeout`` (default ``timeout_s``) bounds the whole request.
+
+        Raises
+        ------
+        InvalidKey, InvalidTensor, InvalidAddress, EngineClosed
+            Bad arguments are refused before anything is queued.
+        """
+        self._check_open()
+        parse_address(peer)
+        specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
+        req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
+        self._stats.add("requests")
+        self._submit(("offer", peer, req))
+        return req
+
+    def _request_send(self, req: RequestHandle, i: int, t: torch.Tensor) -> None:
+        """``RequestHandle.send``: runs on the caller's thread."""
+        self._check_open()
+        if t.device != self._device:
+            raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                key=req.transfer_id)
+        ready = None
+        if t.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(t.device))
+        else:
+            t = T.as_bytes(t)
+        with req.lock:
+            if i in req.sent:
+                raise InvalidKey(f"{req.specs[i].name!r} was sent already", key=req.transfer_id)
+            if req._state.finished:
+                raise req._error or P2pkvError("request already finished", key=req.transfer_id)
+            req.sent.add(i)
+            req.pending[i] = (t, ready)
+            granted = req._state is RequestState.GRANTED
+        if granted:
+            peer = req._p
+            if req.x == "tcp" or peer is None:
+                self._submit(("oflush", req.peer))
+            else:
+                self._flush_requests(peer)
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wait for the tensor pushed under ``key`` and return it (or fill ``out``).
@@ -714,6 +803,7 @@ class Engine:
                 if self._mem_dirty:
                     self._mem_dirty = False
                     self._grant_credit()
+                    self._admit()
                     for peer in list(self._peers.values()):
                         if peer.queue and peer.ready:  # sends waiting for a staging buffer
                             self._pump_sends(peer)
@@ -751,6 +841,21 @@ class Engine:
                     self._serve_parked(cmd[1])
                 elif op == "abort":
                     self._do_abort(cmd[1], broadcast=cmd[2], reason="transfer aborted locally")
+                elif op == "offer":
+                    self._cmd_offer(cmd[1], cmd[2])
+                elif op == "oflush":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None:
+                        self._flush_requests(peer)
+                elif op == "opost":
+                    peer, req = cmd[1], cmd[2]
+                    if self._peers.get(peer.addr) is peer and req.seq in peer.reqs:
+                        peer.sock.send(encode("opost", seq=req.seq, idx=cmd[3], ev=cmd[4]))
+                        peer.last_tx = time.monotonic()
+                elif op == "ofail":
+                    self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
+                elif op == "odone":
+                    self._request_done(cmd[1])
             except P2pkvError as exc:  # pragma: no cover - defensive
                 log.warning("command %s failed: %s", op, exc)
             except Exception:  # a bug in one command must not stop the engine
@@ -828,6 +933,9 @@ class Engine:
         if holder.ipc is not None:
             holder.ipc.close()
             holder.ipc = None
+        if getattr(holder, "ipc_out", None) is not None:
+            holder.ipc_out.close()
+            holder.ipc_out = None
 
     def _close_peer(self, peer: _Peer) -> None:
         self._release_gpu_state(peer)
@@ -1050,7 +1158,10 @@ class Engine:
 
         def done(ok: bool) -> None:
             if not ok or comm.state != "ready":
-                dst.release()
+                if self._loop_comm is comm:
+                    self._loop_comm = None
+                    comm.abort()  # the grouped receive may still write into dst: end it first
+                self._release_after(dst, ev)
                 self._finish_send(item, TransferState.FAILED, TransportError(
                     "NCCL loopback transfer did not complete", key=item.key))
                 return
@@ -1145,7 +1256,12 @@ class Engine:
         comm = peer.nccl.pop(direction, None)
         if comm is not None:
             comm.abort()
-        if direction == "push":
+        if direction == "req":
+            for req in [r for r in peer.req_waiting if self._request_transport(peer) == "nccl"]:
+                peer.req_waiting.remove(req)
+                req._set(RequestState.FAILED, exc)
+            self._end_req_comm(peer, exc)
+        elif direction == "push":
             for item in [i for i in peer.queue if self._item_transport(peer, i) == "nccl"]:
                 peer.queue.remove(item)
                 self._finish_send(item, TransferState.FAILED, exc)
@@ -1209,6 +1325,7 @@ class Engine:
             for pull in waiting:
                 self._send_pull(peer, pull)
             self._pump_sends(peer)
+            self._pump_offers(peer)
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
@@ -1240,6 +1357,8 @@ class Engine:
             self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
         elif t == "nok":
             pass  # the peer is joining the communicator; readiness shows in poll()
+        elif t in ("ogrant", "oerr", "odone"):
+            self._on_request_reply(peer, t, msg)
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -1249,8 +1368,10 @@ class Engine:
                 self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
             elif code == "transport" and msg.get("seq") is None:
                 exc = TransportError(msg["msg"], peer=peer.addr)
+                only = msg.get("dir")
                 for direction in list(peer.nccl):
-                    self._fail_nccl(peer, direction, exc)
+                    if only is None or only == direction:
+                        self._fail_nccl(peer, direction, exc)
             else:
                 seq = msg.get("seq")
                 item = peer.inflight.pop(seq, None) if seq is not None else None
@@ -1260,7 +1381,10 @@ class Engine:
                 pull = peer.pulls.pop(seq, None) if seq is not None else None
                 if pull is not None:
                     pull.finish(error=error_from_code(code, msg["msg"], key=pull.key, peer=peer.addr))
-                if item is None and pull is None:
+                req = peer.reqs.get(seq) if seq is not None else None
+                if req is not None:
+                    self._on_request_reply(peer, "oerr", msg)
+                if item is None and pull is None and req is None:
                     log.warning("peer %s reported: [%s] %s", peer.addr, code, msg["msg"])
 
     def _on_pdata(self, peer: _Peer, msg: dict[str, Any]) -> None:
@@ -1330,8 +1454,12 @@ class Engine:
             if ok and comm.state == "ready":
                 self._stats.add("bytes_pulled", n)
                 pull.finish(result=dst)
-            else:
-                pull.finish(error=PeerLost("NCCL receive did not complete", key=pull.key, peer=peer.addr))
+                return
+            if peer.nccl.get("pull") is comm:
+                # the receive may still write into ``dst`` (maybe the caller's out): end it first
+                peer.nccl.pop("pull").abort()
+            ev.synchronize()  # returns promptly once the communicator is aborted
+            pull.finish(error=PeerLost("NCCL receive did not complete", key=pull.key, peer=peer.addr))
 
         self._completer.add(ev, done, pull.deadline + 5)
 
@@ -1467,11 +1595,15 @@ class Engine:
                 lent[0].release()
         elif t == "nccl":
             self._on_nccl_request(sess, msg)
+        elif t == "offer":
+            self._on_offer(sess, msg)
+        elif t in ("odata", "opost", "oabort", "ofin"):
+            self._on_offer_msg(sess, t, msg)
 
     def _on_nccl_request(self, sess: _Session, msg: dict[str, Any]) -> None:
         direction = msg["dir"]
-        if direction not in ("push", "pull"):
-            raise ProtocolError(f"NCCL direction must be 'push' or 'pull', got {direction!r:.20}")
+        if direction not in ("push", "pull", "req"):
+            raise ProtocolError(f"NCCL direction must be 'push', 'pull' or 'req', got {direction!r:.20}")
         if not self._nccl_ok:
             self._reply(sess.ident, "err", code="transport", msg="this engine has no NCCL (CPU device or no nccl4py)")
             return
@@ -1491,10 +1623,20 @@ class Engine:
     def _on_data(self, sess: _Session, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         ident = sess.ident
+        x = msg["x"]
+        if x == "nccl" and self._nccl_ok:
+            comm = sess.nccl.get("push")
+            if comm is not None and (comm.poll() == "init" or sess.nccl_backlog):
+                sess.nccl_backlog.append(msg)  # handled, in order, once our side has joined
+                return
 
         def nack(exc: P2pkvError) -> None:
             self._stats.add("nacks")
-            self._reply(ident, "nack", seq=seq, code=exc.code, msg=str(exc)[:500])
+            self._reply(ident, "nack", seq=seq, code=exc.code, msg=exc.message[:500])
+            if x == "nccl":
+                # the sender posted its ncclSend with the header: match it, or the next receive of
+                # this communicator would take these bytes under another key
+                self._drain_nccl(sess, msg.get("n"))
 
         try:
             key = TransferKey.from_wire(msg["key"])
@@ -1511,7 +1653,6 @@ class Engine:
         if n > self._cfg.max_message_bytes:
             nack(InvalidTensor(f"{n} bytes exceed max_message_bytes={self._cfg.max_message_bytes}"))
             return
-        x = msg["x"]
         if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) \
                 or (x == "nccl" and not self._nccl_ok):
             nack(ProtocolError(f"transport {x!r:.20} is not available on this engine"))
@@ -1519,14 +1660,9 @@ class Engine:
         if x == "tcp" and not self._router.getsockopt(zmq.RCVMORE):
             nack(ProtocolError("data message lacks its payload frame"))
             return
-        if x == "nccl":
-            comm = sess.nccl.get("push")
-            if comm is None:
-                nack(TransportError("no NCCL communicator with this peer"))
-                return
-            if comm.poll() == "init" or sess.nccl_backlog:
-                sess.nccl_backlog.append(msg)  # posted, in order, once our side has joined
-                return
+        if x == "nccl" and sess.nccl.get("push") is None:
+            nack(TransportError("no NCCL communicator with this peer"))
+            return
         fp = BufferPool.footprint(n)
         if fp > sess.outstanding:
             self._stats.add("credit_violations")
@@ -1549,6 +1685,39 @@ class Engine:
             nack(exc)
             return
         self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
+
+    def _drain_nccl(self, sess: _Session, n: Any) -> None:
+        """Receive and discard ``n`` bytes the sender already posted on the session's push communicator."""
+        comm = sess.nccl.get("push")
+        if comm is None or comm.state != "ready":
+            return  # no communicator: the sender cannot have posted anything
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self._cfg.max_message_bytes:
+            try:
+                buf = self._pool.try_alloc(n, overflow=True)
+                assert buf is not None
+                comm.recv(buf.data, comm.stream)
+                ev = torch.cuda.Event()
+                ev.record(comm.stream)
+                self._release_after(buf, ev)
+                self._stats.add("drained_items")
+                return
+            except P2pkvError as exc:
+                log.warning("draining a refused NCCL tensor from %s failed: %s", sess, exc)
+        # size unknown (or no memory for it): end the communicator on both sides instead of shifting data
+        self._end_session_comm(sess, "push", TransportError("refused an NCCL tensor that could not be drained"))
+
+    def _end_session_comm(self, sess: _Session, direction: str, err: P2pkvError) -> None:
+        """Abort a session's communicator (its posted operations end), fail what it carried, tell the peer."""
+        comm = sess.nccl.pop(direction, None)
+        if comm is not None:
+            comm.abort()
+        sess.nccl_backlog.clear() if direction == "push" else None
+        if direction == "req":
+            for inc in [i for i in list(sess.admitted.values()) + list(sess.offers) if i.x == "nccl"]:
+                self._fail_incoming(inc, err)
+        elif comm is not None:
+            self._reply(sess.ident, "err", code="transport", msg=f"NCCL {direction} communicator ended: {err.message}",
+                        dir=direction)
 
     def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
                seq: int, nack, x: str) -> None:
@@ -1595,6 +1764,7 @@ class Engine:
                   shape: tuple[int, ...], buf: Buffer, nack) -> None:
         """Receive a CUDA IPC or NCCL tensor into ``buf``; deliver and ack once the GPU is done."""
         x, n, seq = msg["x"], msg["n"], msg["seq"]
+        ident_of = sess.ident
         comm = None
         try:
             if x == "ipc":
@@ -1617,9 +1787,12 @@ class Engine:
         def done(ok: bool) -> None:
             _trace.mark("rx.io_done", key)
             if not ok or (comm is not None and comm.state != "ready"):
-                buf.release()
+                if comm is not None and sess.nccl.get("push") is comm:
+                    # the receive may still write into the buffer: end the communicator first
+                    self._end_session_comm(sess, "push", TransportError("an NCCL receive missed its deadline"))
+                self._release_after(buf, ev)  # once the (now aborted) receive has ended
                 if self._sessions.get(sess.ident) is sess:
-                    nack(TransportError(f"{x} transfer did not complete", key=key))
+                    self._reply(ident_of, "nack", seq=seq, code="transport", msg=f"{x} transfer did not complete")
                 return
             self._store(sess, key, buf, dtype, shape, seq, nack, x)
 
@@ -1751,7 +1924,19 @@ class Engine:
             return
         del self._sessions[sess.ident]
         self._parked = [pp for pp in self._parked if pp.sess is not sess]
-        self._release_gpu_state(sess)
+        self._release_gpu_state(sess)  # aborted communicators end their posted receives
+        lost = PeerLost(f"sending peer {sess.eid} lost: {reason}")
+        for inc in [i for i in self._incoming.values() if i.sess is sess]:
+            if inc.quarantine:
+                self._release_quarantine(inc)
+            else:
+                self._fail_incoming(inc, lost, reply=False)
+                if inc.x == "ipc":
+                    self._release_quarantine(inc)
+        sess.offers.clear()
+        if sess.watcher is not None:
+            sess.watcher.close(join=False)  # it finishes the landings queued before it
+            sess.watcher = None
         for k in [k for k in self._lent if k[0] == sess.ident]:
             self._lent.pop(k)[0].release()
         sess.nccl_backlog.clear()
@@ -1762,10 +1947,574 @@ class Engine:
         log.info("session %s ended (%s); %d transfer(s) affected", sess, reason, len(tids))
         self._grant_credit()
 
+    # ================================================================== whole requests: producer side
+    def _cmd_offer(self, addr: str, req: RequestHandle) -> None:
+        if isinstance(self._inbox.error_for(req.key(0)), TransferAborted):
+            req._set(RequestState.ABORTED, TransferAborted("transfer aborted", key=req.transfer_id))
+            return
+        peer = self._get_peer(addr)
+        req._p = peer
+        peer.req_waiting.append(req)
+        self._pump_offers(peer)
+
+    def _request_transport(self, peer: _Peer) -> str:
+        if not self._cuda or peer.xport not in ("ipc", "nccl"):
+            return "tcp"
+        if peer.xport == "nccl" and peer.eid == self.eid:
+            return "ipc"  # to ourselves: a copy inside our own arena
+        return peer.xport
+
+    def _pump_offers(self, peer: _Peer) -> None:
+        """Send the offers waiting for the handshake (and, for NCCL, the communicator)."""
+        if not peer.ready:
+            return
+        while peer.req_waiting:
+            req = peer.req_waiting[0]
+            if req.done():
+                peer.req_waiting.popleft()
+                continue
+            x = self._request_transport(peer)
+            extra: dict[str, Any] = {}
+            try:
+                if x == "nccl":
+                    comm = self._peer_comm(peer, "req")
+                    if comm is None:
+                        return  # initialising: the tick pumps again
+                    req.comm = comm
+                elif x == "ipc":
+                    self._peer_out_arena(peer)
+                    extra["evs"] = self._ipc_event_ring(peer)
+            except P2pkvError as exc:
+                peer.req_waiting.popleft()
+                req._set(RequestState.FAILED, exc)
+                continue
+            peer.req_waiting.popleft()
+            req.x = x
+            req.seq = peer.next_seq()
+            peer.reqs[req.seq] = req
+            with peer.post_lock:
+                peer.req_order.append(req)
+            peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
+                                  x=x, to=max(0.0, req.deadline - time.monotonic()), **extra))
+            peer.last_tx = time.monotonic()
+            _trace.mark("req.offer", req.transfer_id)
+
+    def _peer_out_arena(self, peer: _Peer) -> Any:
+        """The receiver's arena, mapped here for writing (CUDA IPC requests)."""
+        if peer.ipc_out is None:
+            local = _LOCAL_ARENAS.get(peer.eid)
+            if local is not None:
+                peer.ipc_out = _LocalArena(local)
+            else:
+                info = peer.caps.get("ipc")
+                if not isinstance(info, dict) or not isinstance(info.get("handle"), bytes) \
+                        or not isinstance(info.get("size"), int):
+                    raise TransportError("the peer offered no CUDA IPC handle", peer=peer.addr)
+                from .transport.cuda import IpcMapping
+
+                peer.ipc_out = IpcMapping(info["handle"], info["size"], self._device)
+                self._stats.add("ipc_mappings")
+            peer.copy_stream = torch.cuda.Stream(self._device)
+        return peer.ipc_out
+
+    def _ipc_event_ring(self, peer: _Peer) -> list[bytes]:
+        if not peer.ipc_events:
+            for _ in range(_IPC_EVENTS):
+                ev = torch.cuda.Event(interprocess=True)
+                ev.record(torch.cuda.current_stream(self._device))  # an IPC handle needs a recorded event
+                peer.ipc_events.append(ev)
+                peer.ipc_handles.append(bytes(ev.ipc_handle()))
+        return peer.ipc_handles
+
+    def _flush_requests(self, peer: _Peer) -> None:
+        """Move every tensor that may move now, in the global posting order (any thread)."""
+        io = threading.current_thread() is self._thread
+        with peer.post_lock:
+            while peer.req_order:
+                req = peer.req_order[0]
+                if req.done():
+                    if req.x == "nccl" and not req.acked and req.seq >= 0:
+                        return  # the receiver has not confirmed it will discard yet (a grant may be on its way)
+                    if req.x == "nccl" and req.granted and req.next_post < len(req.specs):
+                        try:
+                            while req.next_post < len(req.specs):  # keep the communicator in step
+                                self._drain_item(req, req.next_post)
+                                req.next_post += 1
+                        except P2pkvError as exc:
+                            log.warning("draining request %s failed: %s", req.transfer_id, exc)
+                    peer.req_order.popleft()
+                    continue
+                if not req.granted:
+                    return
+                while req.next_post < len(req.specs):
+                    i = req.next_post
+                    with req.lock:
+                        ent = req.pending.pop(i, None)
+                    if ent is None:
+                        return  # the caller has not handed this tensor over yet
+                    if req.x == "tcp" and not io:
+                        with req.lock:
+                            req.pending[i] = ent
+                        self._submit(("oflush", req.peer))
+                        return
+                    try:
+                        self._post_item(peer, req, i, ent[0], ent[1], io)
+                    except P2pkvError as exc:
+                        req.next_post = len(req.specs)
+                        if io:
+                            self._fail_request(req, RequestState.FAILED, exc)
+                        else:
+                            self._submit(("ofail", req, exc))
+                        return
+                    req.next_post += 1
+                peer.req_order.popleft()
+
+    def _post_item(self, peer: _Peer, req: RequestHandle, i: int, t: torch.Tensor, ready: Any, io: bool) -> None:
+        """Move tensor ``i`` of a granted request (under ``peer.post_lock``)."""
+        n = req.specs[i].nbytes
+        if req.x == "nccl":
+            comm = req.comm
+            if ready is not None:
+                comm.stream.wait_event(ready)
+            comm.send(T.as_bytes(t), comm.stream)
+            ev = torch.cuda.Event()
+            ev.record(comm.stream)
+            req.last_event = ev
+            req.keep.append(t)
+        elif req.x == "ipc":
+            dst = peer.ipc_out.view(req.offs[i], n)
+            stream = peer.copy_stream
+            if ready is not None:
+                stream.wait_event(ready)
+            if n:
+                with torch.cuda.stream(stream):
+                    dst.copy_(T.as_bytes(t), non_blocking=True)
+            evi = peer.ipc_next
+            peer.ipc_next = (evi + 1) % len(peer.ipc_events)
+            peer.ipc_events[evi].record(stream)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            req.last_event = ev
+            req.keep.append(t)
+            if io:
+                peer.sock.send(encode("opost", seq=req.seq, idx=i, ev=evi))
+            else:
+                self._submit(("opost", peer, req, i, evi))
+        else:  # tcp, on the I/O thread
+            payload = t
+            if ready is not None:
+                ready.synchronize()
+                payload = T.as_bytes(t).cpu()
+            peer.sock.send(encode("odata", seq=req.seq, idx=i, n=n), zmq.SNDMORE)
+            tcp.send_payload(peer.sock, T.as_bytes(payload))
+        peer.last_tx = time.monotonic()
+        self._stats.add("bytes_sent", n)
+        self._stats.add(f"sent_{req.x}")
+        _trace.mark("req.posted", f"{req.transfer_id}/{req.specs[i].name}")
+
+    def _drain_item(self, req: RequestHandle, i: int) -> None:
+        """Match a receive the consumer posted for a tensor we will never send (scratch bytes it discards)."""
+        n = req.specs[i].nbytes
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(max(n, 1 << 20), dtype=torch.uint8, device=self._device)
+        req.comm.send(self._scratch[:n], req.comm.stream)
+        self._stats.add("drained_items")
+
+    def _fail_request(self, req: RequestHandle, state: RequestState, err: P2pkvError, *,
+                      from_peer: bool = False) -> None:
+        """Finish a request with an error (I/O thread), keeping the transport in step with the receiver.
+
+        ``from_peer``: the receiver failed it (its ``oerr``). Otherwise we give up and
+        tell the receiver (``oabort``); for NCCL the receiver's confirmation
+        comes before we drain what it posted (see :meth:`_flush_requests`).
+        """
+        was_granted = req.granted
+        if not req._set(state, err):
+            return
+        self._stats.add("requests_failed")
+        if req.keep and req.last_event is not None and not req.last_event.query():
+            keep = req.keep  # posted GPU work may still read the caller's tensors
+            self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+        req.keep = []
+        peer = req._p
+        if peer is None or req.seq < 0 or self._peers.get(peer.addr) is not peer:
+            return
+        if from_peer:
+            req.acked = True
+            peer.reqs.pop(req.seq, None)
+            if req.x == "nccl" and was_granted and not isinstance(err, TransferAborted):
+                # the receiver ended its communicator: ours must end too, or posted sends never finish
+                self._end_req_comm(peer, err)
+            elif req.x == "ipc" and was_granted:
+                self._after_writes(req, lambda: self._send_oabort(peer, req, err, force=True))
+        elif req.seq in peer.reqs:
+            if req.x == "ipc" and was_granted:
+                self._after_writes(req, lambda: self._send_oabort(peer, req, err))
+            else:
+                self._send_oabort(peer, req, err)
+        self._flush_requests(peer)
+
+    def _after_writes(self, req: RequestHandle, fn: Any) -> None:
+        ev = req.last_event
+        if ev is None or ev.query():
+            fn()
+        else:
+            self._completer.add(ev, lambda ok: fn(), time.monotonic() + 60)
+
+    def _send_oabort(self, peer: _Peer, req: RequestHandle, err: P2pkvError, force: bool = False,
+                     end: bool = False) -> None:
+        if self._peers.get(peer.addr) is peer and (force or req.seq in peer.reqs):
+            peer.sock.send(encode("oabort", seq=req.seq, msg=err.message[:300], code=err.code, end=end))
+            peer.last_tx = time.monotonic()
+
+    def _end_req_comm(self, peer: _Peer, err: P2pkvError) -> None:
+        """Abort our request communicator with ``peer`` (local, immediate) and fail what it carried."""
+        comm = peer.nccl.pop("req", None)
+        if comm is not None:
+            comm.abort()
+        for req in [r for r in peer.reqs.values() if r.x == "nccl"]:
+            peer.reqs.pop(req.seq, None)
+            req.acked = True
+            if req._set(RequestState.FAILED, err if isinstance(err, PeerLost) else
+                        TransportError(f"NCCL communicator ended: {err}", key=req.transfer_id, peer=peer.addr)):
+                self._stats.add("requests_failed")
+            if req.keep and req.last_event is not None:
+                keep = req.keep
+                self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+            req.keep = []
+        with peer.post_lock:
+            peer.req_order = deque(r for r in peer.req_order if r.x != "nccl")
+
+    def _on_request_reply(self, peer: _Peer, t: str, msg: dict[str, Any]) -> None:
+        req = peer.reqs.get(msg["seq"])
+        if req is None:
+            return
+        if t == "ogrant":
+            offs = msg.get("offs")
+            if req.x == "ipc":
+                if not isinstance(offs, list) or len(offs) != len(req.specs) or \
+                        not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs):
+                    self._fail_request(req, RequestState.FAILED,
+                                       ProtocolError("IPC grant without a valid offset per tensor", peer=peer.addr))
+                    return
+                req.offs = offs
+            req.granted = True
+            _trace.mark("req.granted", req.transfer_id)
+            req._set(RequestState.GRANTED)
+            self._flush_requests(peer)
+        elif t == "odone":
+            peer.reqs.pop(req.seq, None)
+            req.keep = []
+            if req._set(RequestState.DONE):
+                self._stats.add("requests_done")
+                self._stats.observe("request", time.monotonic() - req.t_start)
+        elif t == "oerr":
+            err = error_from_code(msg["code"], msg["msg"], key=req.transfer_id, peer=peer.addr)
+            if req.done():  # our give-up, confirmed: drain what the receiver posted
+                req.acked = True
+                peer.reqs.pop(req.seq, None)
+                self._flush_requests(peer)
+            else:
+                state = RequestState.ABORTED if isinstance(err, TransferAborted) else RequestState.FAILED
+                self._fail_request(req, state, err, from_peer=True)
+
+    def _tick_requests(self, peer: _Peer, now: float) -> None:
+        for req in [r for r in peer.req_waiting if r.deadline < now]:
+            peer.req_waiting.remove(req)
+            why = "no NCCL communicator" if peer.ready else "peer unreachable"
+            req._set(RequestState.FAILED, TransferTimeout(f"request not offered within its deadline: {why}",
+                                                          key=req.transfer_id, peer=peer.addr))
+        for req in [r for r in peer.reqs.values() if r.deadline < now and not r.done()]:
+            what = "no room at the receiver" if not req.granted else \
+                "not every tensor was handed over" if req.next_post < len(req.specs) else "no completion"
+            err = TransferTimeout(f"request did not complete within its deadline ({what})", key=req.transfer_id,
+                                  peer=peer.addr)
+            if req.x == "nccl" and req.granted and req.next_post >= len(req.specs):
+                # posted sends may still read the caller's tensors: end them before reporting
+                self._send_oabort(peer, req, err, end=True)
+                self._end_req_comm(peer, err)
+            else:
+                self._fail_request(req, RequestState.FAILED, err)
+
+    # ================================================================== whole requests: consumer side
+    def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+
+        def refuse(exc: P2pkvError) -> None:
+            self._stats.add("offers_refused")
+            self._reply(sess.ident, "oerr", seq=seq, code=exc.code, msg=exc.message[:500])
+
+        try:
+            tid = validate_transfer_id(msg["tid"])
+            specs = wire_items(msg["items"], self._cfg.max_message_bytes)
+        except P2pkvError as exc:
+            refuse(exc)
+            return
+        x = msg["x"]
+        evs = msg.get("evs")
+        if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) or \
+                (x == "nccl" and (not self._nccl_ok or sess.nccl.get("req") is None)) or \
+                (x == "ipc" and (not isinstance(evs, list) or not evs or len(evs) > 1024 or
+                                 not all(isinstance(e, bytes) and len(e) == 64 for e in evs))):
+            refuse(ProtocolError(f"transport {x!r:.20} is not available for requests on this engine"))
+            return
+        if (sess.ident, seq) in self._incoming:
+            refuse(ProtocolError(f"offer seq {seq} is already in use"))
+            return
+        keys = [TransferKey(tid, s.name) for s in specs]
+        err = self._inbox.error_for(keys[0])
+        if isinstance(err, TransferAborted):
+            refuse(err)
+            return
+        for k in keys:
+            if k in self._incoming_keys or self._inbox.has(k):
+                refuse(DuplicateKey("data for this key is already waiting or on its way", key=k))
+                return
+        need = sum(BufferPool.footprint(s.nbytes) for s in specs)
+        limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
+        if need > limit:
+            refuse(PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
+                                 f"{self._cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)"))
+            return
+        to = msg["to"]
+        to = min(float(to), self._cfg.timeout_s * 4) if to == to and to >= 0 else 0.0
+        # a little after the producer's own deadline, so its error (which knows why) wins
+        inc = Incoming(sess, seq, tid, specs, x, time.monotonic() + to + 0.25, evs)
+        sess.offers.append(inc)
+        self._incoming[(sess.ident, seq)] = inc
+        self._incoming_keys.update(keys)
+        self._inbox.expect(tid, sess.ident)
+        _trace.mark("rx.offer", tid)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Grant waiting offers that fit, oldest first within a session; one session cannot block another."""
+        for sess in list(self._sessions.values()):
+            while sess.offers:
+                inc = sess.offers[0]
+                if inc.failed:
+                    sess.offers.popleft()
+                    continue
+                if not self._admit_one(sess, inc):
+                    break
+                sess.offers.popleft()
+
+    def _admit_one(self, sess: _Session, inc: Incoming) -> bool:
+        comm = None
+        if inc.x == "nccl":
+            comm = sess.nccl.get("req")
+            state = comm.poll() if comm is not None else "failed"
+            if state == "init":
+                return False
+            if state != "ready":
+                self._fail_incoming(inc, TransportError("no NCCL communicator for requests"))
+                return True
+        need = sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        if sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
+            return False
+        bufs = []
+        for s in inc.specs:
+            b = self._pool.try_alloc(s.nbytes)
+            if b is None:
+                for b2 in bufs:
+                    b2.release()
+                return False
+            bufs.append(b)
+        inc.bufs = bufs
+        inc.comm = comm
+        sess.reserved += need
+        sess.admitted[inc.seq] = inc
+        offs = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
+        self._reply(sess.ident, "ogrant", seq=inc.seq, **offs)
+        _trace.mark("rx.granted", inc.transfer_id)
+        if inc.x == "nccl":
+            watcher = self._session_watcher(sess)
+            try:
+                for i, b in enumerate(bufs):
+                    comm.recv(b.data, comm.stream)
+                    ev = torch.cuda.Event()
+                    ev.record(comm.stream)
+                    inc.posted[i] = True
+                    watcher.add(ev, lambda i=i: self._landed(inc, i))
+            except P2pkvError as exc:
+                self._end_session_comm(sess, "req", exc)
+        return True
+
+    def _session_watcher(self, sess: _Session) -> Watcher:
+        if sess.watcher is None:
+            sess.watcher = Watcher(self._device, name=f"p2pkv-land-{self.port}")
+        return sess.watcher
+
+    def _landed(self, inc: Incoming, i: int) -> None:
+        """Tensor ``i`` of ``inc`` is in its buffer (watcher thread for GPUs, I/O thread for TCP)."""
+        with inc.lock:
+            buf, inc.bufs[i] = inc.bufs[i], None
+            inc.posted[i] = False
+            good = not inc.failed and (inc.comm is None or inc.comm.state == "ready")
+            if good:
+                inc.landed[i] = True
+            complete = good and all(inc.landed)
+        if buf is None:
+            return
+        if not good:
+            buf.release()  # failed meanwhile: the bytes are not trusted
+            return
+        spec = inc.specs[i]
+        err = self._inbox.deliver(inc.keys[i], buf, spec.dtype, spec.shape, src=inc.sess.ident)
+        _trace.mark("rx.landed", inc.keys[i])
+        if err is not None:
+            buf.release()  # aborted (or a duplicate) meanwhile: discard
+        self._stats.add("bytes_received", spec.nbytes)
+        self._stats.add("tensors_received")
+        if complete:
+            if threading.current_thread() is self._thread:
+                self._request_done(inc)
+            else:
+                self._submit(("odone", inc), force=True)
+
+    def _request_done(self, inc: Incoming) -> None:
+        sess = inc.sess
+        if sess.admitted.pop(inc.seq, None) is not None:
+            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        self._forget_incoming(inc)
+        if self._sessions.get(sess.ident) is sess:
+            self._reply(sess.ident, "odone", seq=inc.seq)
+        self._stats.add("requests_received")
+        self._admit()
+
+    def _forget_incoming(self, inc: Incoming) -> None:
+        self._incoming.pop((inc.sess.ident, inc.seq), None)
+        self._incoming_keys.difference_update(inc.keys)
+
+    def _fail_incoming(self, inc: Incoming, err: P2pkvError, *, reply: bool = True, keys_error: bool = True) -> None:
+        """Give up on an incoming request (I/O thread): free what no GPU work can still write."""
+        with inc.lock:
+            if inc.failed:
+                return
+            inc.failed = True
+            free = [(i, b) for i, b in enumerate(inc.bufs) if b is not None and not inc.posted[i]]
+            if inc.x == "ipc" and reply and inc.admitted:
+                inc.quarantine = True  # the producer may still write unposted items: wait for its ofin
+                free = []
+            for i, _ in free:
+                inc.bufs[i] = None
+        for _, b in free:
+            b.release()
+        sess = inc.sess
+        if sess.admitted.pop(inc.seq, None) is not None:
+            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        if not inc.quarantine:
+            self._forget_incoming(inc)
+        else:
+            self._incoming_keys.difference_update(inc.keys)
+        if keys_error:
+            self._inbox.fail_transfer(inc.transfer_id, lambda: err.__class__(str(err.message), key=inc.transfer_id))
+        if reply and self._sessions.get(sess.ident) is sess:
+            self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg=err.message[:500])
+        self._stats.add("requests_failed_rx")
+
+    def _release_quarantine(self, inc: Incoming) -> None:
+        with inc.lock:
+            free = [(i, b) for i, b in enumerate(inc.bufs) if b is not None and not inc.posted[i]]
+            for i, _ in free:
+                inc.bufs[i] = None
+            inc.quarantine = False
+        for _, b in free:
+            b.release()
+        self._forget_incoming(inc)
+
+    def _on_offer_msg(self, sess: _Session, t: str, msg: dict[str, Any]) -> None:
+        inc = self._incoming.get((sess.ident, msg["seq"]))
+        if t == "odata":
+            if inc is None or inc.x != "tcp" or not inc.admitted or inc.failed or \
+                    not 0 <= msg["idx"] < len(inc.specs) or inc.bufs[msg["idx"]] is None:
+                return  # late frames of a failed request: drained by the caller
+            i = msg["idx"]
+            buf = inc.bufs[i]
+            if not self._router.getsockopt(zmq.RCVMORE):
+                self._fail_incoming(inc, ProtocolError("odata lacks its payload frame"))
+                return
+            got = self._recv_payload(buf)
+            if got != buf.nbytes or msg["n"] != buf.nbytes:
+                self._fail_incoming(inc, ProtocolError(f"payload of {got} bytes, the offer said {buf.nbytes}"))
+                return
+            self._landed(inc, i)
+        elif t == "opost":
+            i, evi = msg["idx"], msg["ev"]
+            if inc is None or inc.x != "ipc" or not inc.admitted or not 0 <= i < len(inc.specs) or \
+                    evi >= len(inc.evs) or inc.bufs[i] is None or inc.posted[i]:
+                return
+            ev = sess.ipc_events.get(inc.evs[evi])
+            if ev is None:
+                try:
+                    ev = torch.cuda.Event.from_ipc_handle(self._device, inc.evs[evi])
+                except Exception as exc:
+                    self._fail_incoming(inc, TransportError(f"cannot open the peer's CUDA IPC event: {exc}"))
+                    return
+                sess.ipc_events[inc.evs[evi]] = ev
+            with inc.lock:
+                inc.posted[i] = True
+            self._session_watcher(sess).add(ev, lambda: self._landed(inc, i))
+        elif t == "oabort":
+            if inc is None:
+                return
+            if not inc.admitted:
+                try:
+                    sess.offers.remove(inc)
+                except ValueError:
+                    pass
+            err = error_from_code(msg.get("code", "aborted"), f"the producer gave up: {msg['msg'][:300]}",
+                                  key=inc.transfer_id)
+            with inc.lock:
+                inc.quarantine = False
+            if msg.get("end") and inc.x == "nccl" and inc.admitted:
+                self._end_session_comm(sess, "req", err)  # its communicator ended: ours must too
+            self._fail_incoming(inc, err, reply=False, keys_error=True)
+            if inc.x == "ipc":
+                self._release_quarantine(inc)
+            self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg="discarded")
+        elif t == "ofin":
+            if inc is not None and inc.quarantine:
+                self._release_quarantine(inc)
+
+    def _tick_incoming(self, now: float) -> None:
+        for inc in [i for i in self._incoming.values() if i.deadline < now]:
+            if inc.quarantine:
+                if inc.deadline + 2 * self._cfg.timeout_s < now:
+                    self._release_quarantine(inc)  # the producer never said it stopped writing
+                continue
+            if inc.failed:
+                continue
+            sess = inc.sess
+            err = TransferTimeout("the receiver's deadline passed before every tensor of the request arrived"
+                                  + ("" if inc.admitted else " (no room for it)"), key=inc.transfer_id)
+            if inc.x == "nccl" and inc.admitted:
+                self._end_session_comm(sess, "req", err)  # posted receives may still write: end them first
+            else:
+                try:
+                    sess.offers.remove(inc)
+                except ValueError:
+                    pass
+                self._fail_incoming(inc, err)
+
     # ------------------------------------------------------------------ abort
     def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None) -> None:
         for buf in self._inbox.abort(tid, reason) + self._outbox.abort(tid, reason):
             buf.release()
+        for inc in [i for i in self._incoming.values() if i.transfer_id == tid and not i.failed]:
+            if not inc.admitted:
+                try:
+                    inc.sess.offers.remove(inc)
+                except ValueError:
+                    pass
+            self._fail_incoming(inc, TransferAborted(reason, key=tid), reply=inc.sess.ident != skip,
+                                keys_error=False)
+        for peer in list(self._peers.values()):
+            for req in [r for r in peer.req_waiting if r.transfer_id == tid]:
+                peer.req_waiting.remove(req)
+                req._set(RequestState.ABORTED, TransferAborted(reason, key=tid))
+            for req in [r for r in peer.reqs.values() if r.transfer_id == tid]:
+                self._fail_request(req, RequestState.ABORTED, TransferAborted(reason, key=tid))
         for peer in list(self._peers.values()):
             for item in [i for i in peer.queue if i.key.transfer_id == tid]:
                 peer.queue.remove(item)
@@ -1806,10 +2555,14 @@ class Engine:
                             self._send_pull(peer, pull)
             if peer.queue and peer.ready:
                 self._pump_sends(peer)
+            if peer.req_waiting and peer.ready:
+                self._pump_offers(peer)
             for pull in [p for p in peer.pull_waiting if p.deadline < now]:
                 peer.pull_waiting.remove(pull)
                 pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
                                                   "NCCL communicator)", key=pull.key, peer=peer.addr))
+        if any(sess.offers for sess in self._sessions.values()):
+            self._admit()
         for sess in list(self._sessions.values()):
             comm = sess.nccl.get("push")
             if sess.nccl_backlog and comm is not None and comm.poll() != "init":
@@ -1861,10 +2614,14 @@ class Engine:
                 del peer.inflight[seq]
                 self._finish_send(item, TransferState.FAILED, TransferTimeout(
                     "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
+            if peer.req_waiting or peer.reqs:
+                self._tick_requests(peer, now)
             for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.deadline + 0.25 < now]:
                 del peer.pulls[seq]
                 pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,
                                                   peer=peer.addr))
+        if self._incoming:
+            self._tick_incoming(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:
@@ -1911,6 +2668,17 @@ class Engine:
         for w in peer.connect_waiters:
             w.error = make_error()
             w.event.set()
+        for req in list(peer.req_waiting) + list(peer.reqs.values()):
+            if req._set(RequestState.FAILED, make_error()):
+                n += 1
+            if req.keep and req.last_event is not None and self._completer is not None:
+                keep = req.keep
+                self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+            req.keep = []
+        peer.req_waiting.clear()
+        peer.reqs.clear()
+        with peer.post_lock:
+            peer.req_order.clear()
         peer.queue.clear()
         peer.inflight.clear()
         peer.pulls.clear()
@@ -1930,6 +2698,8 @@ class Engine:
             elif cmd[0] == "connect":
                 cmd[2].error = make_error()
                 cmd[2].event.set()
+            elif cmd[0] == "offer":
+                cmd[2]._set(RequestState.FAILED, make_error())
 
     def _teardown(self) -> None:
         th = self._thread
@@ -1945,6 +2715,16 @@ class Engine:
             self._close_peer(peer)
         for sess in list(self._sessions.values()):
             self._release_gpu_state(sess)
+            if sess.watcher is not None:
+                sess.watcher.close()
+        for inc in list(self._incoming.values()):
+            with inc.lock:
+                bufs = [b for b in inc.bufs if b is not None]
+                inc.bufs = [None] * len(inc.bufs)
+                inc.failed = True
+            for b in bufs:
+                b.release()
+        self._incoming.clear()
         for buf, _ in self._lent.values():
             buf.release()
         self._lent.clear()

@@ -216,6 +216,27 @@ class Mailbox:
         self._tid_src.pop(tid, None)
         return out
 
+    def has(self, key: TransferKey) -> bool:
+        """True while data for ``key`` waits unclaimed."""
+        with self._lock:
+            return key in self._slots
+
+    def expect(self, tid: str, src: object) -> None:
+        """Note that ``src`` is sending transfer ``tid`` (so losing it fails the waits at once)."""
+        with self._lock:
+            self._tid_src[tid] = (src, time.monotonic())
+            self._lost.pop(tid)
+
+    def fail_transfer(self, tid: str, make_error: Callable[[], P2pkvError]) -> None:
+        """Fail the waits for keys of ``tid`` that have not arrived with ``make_error()``.
+
+        Data of ``tid`` that did arrive stays claimable.
+        """
+        with self._lock:
+            self._lost.put(tid, self.tomb_s, make_error)
+            self._tid_src.pop(tid, None)
+            self._wake_tid_locked(tid)
+
     def source_lost(self, src: object, make_error: Callable[[], P2pkvError]) -> list[str]:
         """Fail waits for missing keys of every transfer that ``src`` was sending."""
         with self._lock:

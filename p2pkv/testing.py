@@ -59,6 +59,30 @@ def _child(conn, cfg: dict) -> None:
                 h.wait(timeout)
         return len(hs)
 
+    def send_requests(peer, tids, layers, shape, dtype="bfloat16", wait=True, timeout=None, seed_of=None,
+                      only=None, abort=False):
+        """One whole request (send_request) per transfer id; ``only`` sends just the first N layers
+        (the rest never come), ``abort`` then aborts the transfer."""
+        dt = getattr(torch, dtype)
+        outcome: dict[str, int] = {}
+        reqs = []
+        for ti, tid in enumerate(tids):
+            r = seed_of[ti] if seed_of else ti
+            data = [(key(tid, layer).name, kv_layer(r, layer, tuple(shape), dt, eng.device)) for layer in range(layers)]
+            req = eng.send_request(peer, tid, data, timeout=timeout)
+            for name, t in data[: only if only is not None else layers]:
+                req.send(name, t)
+            if abort:
+                eng.abort(tid)
+            reqs.append(req)
+            if wait:
+                try:
+                    req.wait(None if timeout is None else timeout + 5)
+                    outcome["done"] = outcome.get("done", 0) + 1
+                except Exception as exc:  # noqa: BLE001 - reported back by class name
+                    outcome[type(exc).__name__] = outcome.get(type(exc).__name__, 0) + 1
+        return outcome
+
     def wait_sends(timeout=None):
         errors: dict[str, int] = {}
         for h in handles:
@@ -200,7 +224,7 @@ def _child(conn, cfg: dict) -> None:
         results["errors"] = errors[:10]
         return results
 
-    ops = {"send_many": send_many, "soak_produce": soak_produce, "soak_consume": soak_consume, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
+    ops = {"send_many": send_many, "send_requests": send_requests, "soak_produce": soak_produce, "soak_consume": soak_consume, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),

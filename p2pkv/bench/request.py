@@ -29,8 +29,8 @@ from ..synthetic import PRESETS
 
 MiB = 2**20
 # Step order of one tensor's path, for the per-step breakdown.
-STEPS = ["send.enter", "send.ret", "io.cmd", "io.sent", "rx.hdr", "rx.posted", "cq.fire", "rx.io_done",
-         "rx.delivered", "recv.woke", "recv.ret", "ack.rx"]
+STEPS = ["send.enter", "send.ret", "io.cmd", "io.sent", "req.posted", "rx.hdr", "rx.posted", "cq.fire", "rx.io_done",
+         "rx.delivered", "rx.landed", "recv.woke", "recv.ret", "ack.rx"]
 
 
 def _layer_shape(tokens: int) -> tuple[int, ...]:
@@ -110,9 +110,10 @@ def _consumer(cfg: dict[str, Any], conn: Any) -> None:
             stream = torch.cuda.current_stream(eng.device) if eng.device.type == "cuda" else None
             for name, out in zip(names, bufs):
                 eng.recv(TransferKey(tid, name), out=out, timeout=60)
-                if stream is not None:
-                    stream.synchronize()
                 stamps.append(time.monotonic())
+            if stream is not None:
+                stream.synchronize()  # the copies into ``out`` are done: the process holds every layer
+                stamps[-1] = time.monotonic()
             conn.send((stamps, _trace.take()))
     finally:
         eng.close()
@@ -183,7 +184,26 @@ def _send_layers(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[
     return hs
 
 
-SEND_PATHS: dict[str, Callable[..., Any]] = {"send": _send_layers}
+def _send_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[str], gap_s: float,
+                  ready: list[float], host: list[float]) -> list[Any]:
+    """One offer for the whole request, then each layer handed over as it becomes ready."""
+    eng = pair.eng
+    t = time.monotonic()
+    req = eng.send_request(pair.address, tid, list(zip(names, layers)))
+    host.append(time.monotonic() - t)
+    t_next = time.monotonic()
+    for name, x in zip(names, layers):
+        if gap_s:
+            t_next += gap_s
+            _busy_until(t_next)
+        t = time.monotonic()
+        ready.append(t)
+        req.send(name, x)
+        host.append(time.monotonic() - t)
+    return [req]
+
+
+SEND_PATHS: dict[str, Callable[..., Any]] = {"send": _send_layers, "request": _send_request}
 
 
 def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, gaps_us: tuple[int, ...] = (200,),

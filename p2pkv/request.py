@@ -1,0 +1,368 @@
+"""Whole-request transfers: one offer, one grant, the data, one completion.
+
+The unit of control is the *request* (all the KV tensors of one prompt), not
+the tensor. The producer names every tensor of the request up front in one
+``offer`` (names, dtypes, shapes, in the order it will send them); the
+consumer reserves pool space for all of them at once and answers with one
+``grant`` (for CUDA IPC: where in its arena each tensor goes); the producer
+then moves each tensor as soon as it is ready, on the caller's thread where
+the transport allows it, and the consumer answers with one ``odone`` when
+every tensor has landed. No per-tensor header, credit request or ack.
+
+Per transport, what happens per tensor:
+
+* NCCL: the consumer posts every ``ncclRecv`` of the request into its pool at
+  grant time, in the offer's order; the producer's ``RequestHandle.send``
+  makes the communicator's stream wait on the caller's stream and posts the
+  ``ncclSend`` right there, on the caller's thread. Nothing crosses a Python
+  thread on the data path; the consumer learns of each landing from a
+  watcher thread that blocks (GIL released) on the per-tensor CUDA event.
+* CUDA IPC: the producer copies straight into the consumer's pool (its arena
+  is mapped once per peer): one copy, no staging. An interprocess CUDA event
+  recorded after the copy tells the consumer, through a small ``opost``
+  message, when to wait.
+* TCP: one ``odata`` frame pair per tensor, sent by the I/O thread.
+
+Ordering: NCCL matches sends and receives in posting order per
+communicator, so every party posts in one global order: requests in offer
+order (FIFO per peer on both sides), tensors in the offer's order. A request
+that gives up after its grant (abort, deadline) still "sends" its missing
+tensors from scratch memory so the consumer's posted receives complete and
+the communicator stays in step; the consumer discards them.
+
+This module holds the state of both sides; the wire work is in
+:mod:`p2pkv.engine`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import _tensors as T
+from . import _trace
+from .errors import InvalidTensor, P2pkvError, ShapeMismatch, TransferTimeout
+from .keys import TransferKey, validate_transfer_id
+
+log = logging.getLogger("p2pkv")
+
+__all__ = ["RequestState", "RequestHandle", "ItemSpec", "parse_layout", "Watcher", "MAX_ITEMS"]
+
+MAX_ITEMS = 2048  # tensors in one request (the offer is one control message)
+
+
+class RequestState(enum.Enum):
+    """Life of one whole-request send."""
+
+    OFFERED = "offered"    # offer queued or sent; no grant yet
+    GRANTED = "granted"    # the receiver reserved room; tensors move as they are sent
+    DONE = "done"          # the receiver holds every tensor
+    FAILED = "failed"      # see .error
+    ABORTED = "aborted"    # its transfer id was aborted
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestState.DONE, RequestState.FAILED, RequestState.ABORTED)
+
+
+class ItemSpec:
+    """One tensor of a request: its name, dtype, shape and size in bytes."""
+
+    __slots__ = ("name", "dtype", "shape", "nbytes")
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = T.nbytes_of(dtype, shape)
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, T.dtype_name(self.dtype), list(self.shape), self.nbytes]
+
+    def __repr__(self) -> str:
+        return f"ItemSpec({self.name!r}, {self.dtype}, {self.shape})"
+
+
+def parse_layout(transfer_id: str, layout: Any, max_bytes: int) -> list[ItemSpec]:
+    """Validate a request layout: ``[(name, tensor)]`` or ``[(name, dtype, shape)]`` (or a dict of either).
+
+    Raises
+    ------
+    InvalidKey, InvalidTensor
+    """
+    validate_transfer_id(transfer_id)
+    if isinstance(layout, dict):
+        layout = [(k, *(v if isinstance(v, tuple) else (v,))) for k, v in layout.items()]
+    if not isinstance(layout, (list, tuple)) or not layout:
+        raise InvalidTensor("layout must be a non-empty list of (name, tensor) or (name, dtype, shape)")
+    if len(layout) > MAX_ITEMS:
+        raise InvalidTensor(f"a request holds at most {MAX_ITEMS} tensors, got {len(layout)}")
+    specs: list[ItemSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(layout):
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+            raise InvalidTensor(f"layout[{i}] must be (name, tensor) or (name, dtype, shape), got {entry!r:.80}")
+        name = entry[0]
+        TransferKey(transfer_id, name)  # validates the name
+        if name in seen:
+            raise InvalidTensor(f"layout names {name!r} twice")
+        seen.add(name)
+        if len(entry) == 2:
+            t = T.check_tensor(entry[1], f"layout[{i}]")
+            dtype, shape = t.dtype, tuple(t.shape)
+        else:
+            dtype, shape = entry[1], entry[2]
+            if not isinstance(dtype, torch.dtype):
+                raise InvalidTensor(f"layout[{i}]: dtype must be a torch.dtype, got {dtype!r:.40}")
+            T.dtype_name(dtype)
+            shape = T.check_shape(list(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape)
+        spec = ItemSpec(name, dtype, tuple(shape))
+        if spec.nbytes > max_bytes:
+            raise InvalidTensor(f"layout[{i}] ({name!r}) is {spec.nbytes} bytes; max_message_bytes={max_bytes}")
+        specs.append(spec)
+    return specs
+
+
+class RequestHandle:
+    """The producer's handle of one whole-request send (from :meth:`Engine.send_request`).
+
+    ``send(name, tensor)`` hands one tensor over as soon as it is ready (in
+    any order; it moves in the layout's order). It never blocks on the GPU:
+    the tensor is read after the work already queued on the caller's current
+    CUDA stream. Do not modify a sent tensor until the handle is finished.
+    ``wait()`` returns once the receiver holds every tensor.
+    """
+
+    __slots__ = ("transfer_id", "peer", "specs", "index", "nbytes", "deadline", "timeout", "_engine", "_state",
+                 "_error", "_event", "lock", "pending", "next_post", "posted_events", "seq", "x", "offs", "t_start",
+                 "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "__weakref__")
+
+    def __init__(self, engine: Any, peer: str, transfer_id: str, specs: list[ItemSpec], timeout: float):
+        self._engine = engine
+        self.transfer_id = transfer_id
+        self.peer = peer
+        self.specs = specs
+        self.index = {s.name: i for i, s in enumerate(specs)}
+        self.nbytes = sum(s.nbytes for s in specs)
+        self.timeout = timeout
+        self.t_start = time.monotonic()
+        self.deadline = self.t_start + timeout
+        self.t_done: float | None = None
+        self._state = RequestState.OFFERED
+        self._error: P2pkvError | None = None
+        self._event = threading.Event()
+        self.lock = threading.Lock()
+        self.pending: dict[int, tuple[torch.Tensor, Any]] = {}  # index -> (tensor, ready event)
+        self.sent: set[int] = set()   # indices handed over by the caller
+        self.next_post = 0            # the next index to move (the layout's order)
+        self.posted_events: list[Any] = []  # GPU work reading the caller's tensors (kept until it ends)
+        self.seq = -1
+        self.x = ""
+        self.offs: list[int] | None = None
+        self.granted = False          # the receiver posted/reserved for this request (ogrant seen)
+        self.acked = False            # the receiver confirmed our give-up (oerr after oabort)
+        self.comm: Any = None         # the NCCL communicator carrying it
+        self._p: Any = None           # the engine's peer object
+        self.last_event: Any = None   # the last GPU work reading the caller's tensors
+        self.keep: list[torch.Tensor] = []  # tensors still read by posted GPU work
+
+    # ------------------------------------------------------------------ public
+    @property
+    def state(self) -> RequestState:
+        return self._state
+
+    @property
+    def error(self) -> P2pkvError | None:
+        return self._error
+
+    def done(self) -> bool:
+        return self._state.finished
+
+    def send(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand over the tensor named ``name`` in the layout.
+
+        Raises
+        ------
+        InvalidKey
+            ``name`` is not in the layout, or was sent already.
+        InvalidTensor, ShapeMismatch
+            The tensor is not contiguous, or not on the engine's device, or its
+            dtype/shape differ from the layout.
+        P2pkvError
+            The request already failed (its error), or the engine is closed.
+        """
+        _trace.mark("send.enter", f"{self.transfer_id}/{name}")
+        from .errors import InvalidKey
+
+        i = self.index.get(name) if isinstance(name, str) else None
+        if i is None:
+            raise InvalidKey(f"{name!r:.80} is not a tensor of this request's layout", key=self.transfer_id)
+        spec = self.specs[i]
+        t = T.check_tensor(tensor)
+        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+            raise ShapeMismatch(f"{name!r}: tensor is {t.dtype} {tuple(t.shape)}, the layout says "
+                                f"{spec.dtype} {spec.shape}", key=self.transfer_id)
+        self._engine._request_send(self, i, t)
+        _trace.mark("send.ret", f"{self.transfer_id}/{name}")
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the receiver holds every tensor; raise the request's error if it failed.
+
+        Raises
+        ------
+        TransferTimeout
+            Still unfinished after ``timeout`` seconds (the request goes on until its own deadline).
+        PeerLost, TransferAborted, PoolExhausted, TransferTimeout, ...
+            The error the request failed with.
+        """
+        if not self._event.wait(timeout):
+            raise TransferTimeout(f"request still {self._state.value} after waiting {timeout:.3g}s",
+                                  key=self.transfer_id, peer=self.peer)
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.t_done is None else self.t_done - self.t_start
+
+    def __repr__(self) -> str:
+        err = f" error={self._error!r}" if self._error else ""
+        return (f"<RequestHandle {self.transfer_id} -> {self.peer} {len(self.specs)} tensors {self.nbytes}B "
+                f"{self._state.value}{err}>")
+
+    # ------------------------------------------------------------------ engine side
+    def _set(self, state: RequestState, error: P2pkvError | None = None) -> bool:
+        """Move to ``state``; finished states are final. Returns False if already finished."""
+        with self.lock:
+            if self._state.finished:
+                return False
+            self._state = state
+            if state.finished:
+                self._error = error
+                self.t_done = time.monotonic()
+        if state.finished:
+            self.pending.clear()
+            self._event.set()
+        return True
+
+    def key(self, i: int) -> TransferKey:
+        return TransferKey(self.transfer_id, self.specs[i].name)
+
+
+class Incoming:
+    """The consumer's side of one granted (or waiting) request from one session."""
+
+    __slots__ = ("sess", "seq", "transfer_id", "specs", "x", "deadline", "bufs", "landed", "events", "failed",
+                 "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm")
+
+    def __init__(self, sess: Any, seq: int, transfer_id: str, specs: list[ItemSpec], x: str, deadline: float,
+                 evs: list[bytes] | None):
+        self.sess = sess
+        self.seq = seq
+        self.transfer_id = transfer_id
+        self.specs = specs
+        self.x = x
+        self.deadline = deadline
+        self.bufs: list[Any] = []          # pool buffers, one per item, once admitted
+        self.landed = [False] * len(specs)
+        self.events: list[Any] = []
+        self.failed = False
+        self.keys = [TransferKey(transfer_id, s.name) for s in specs]
+        self.nbytes = sum(s.nbytes for s in specs)
+        self.t_arrived = time.monotonic()
+        self.evs = evs or []               # the producer's interprocess event handles (IPC)
+        self.done_sent = False
+        self.lock = threading.Lock()
+        self.posted = [False] * len(specs)  # a GPU landing is pending for the item (owned by the watcher)
+        self.quarantine = False            # failed IPC request: unposted buffers wait for the producer's ofin
+        self.comm: Any = None
+
+    @property
+    def admitted(self) -> bool:
+        return bool(self.bufs)
+
+    def all_landed(self) -> bool:
+        return all(self.landed)
+
+    def __repr__(self) -> str:
+        return f"<Incoming {self.transfer_id} seq={self.seq} {len(self.specs)} items x={self.x}>"
+
+
+class Watcher:
+    """A thread that waits for CUDA events in order, blocking (GIL released), and runs callbacks.
+
+    Each callback runs on this thread right after its event completes. Used
+    for work that always completes: copies, and NCCL operations whose
+    communicator is aborted on any failure or deadline (an aborted NCCL kernel
+    ends, so its event completes).
+    """
+
+    def __init__(self, device: torch.device, name: str):
+        self._device = device
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def add(self, event: Any, callback: Callable[[], None]) -> None:
+        self._q.put((event, callback))
+
+    def _run(self) -> None:
+        torch.cuda.set_device(self._device)
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            event, callback = item
+            try:
+                if event is not None:
+                    event.synchronize()
+            except Exception as exc:  # pragma: no cover - a CUDA error: the callback sees the comm state
+                log.warning("waiting for a CUDA event failed: %s", exc)
+            try:
+                callback()
+            except Exception:  # pragma: no cover - a bug must not stop the watcher
+                log.exception("request landing callback failed")
+
+    def close(self, join: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        if join and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+
+def wire_items(msg_items: Sequence[Any], max_bytes: int) -> list[ItemSpec]:
+    """Decode and check the items of an ``offer`` message.
+
+    Raises
+    ------
+    ProtocolError, InvalidTensor, InvalidKey
+    """
+    from .errors import ProtocolError
+
+    if len(msg_items) > MAX_ITEMS or not msg_items:
+        raise ProtocolError(f"an offer holds 1..{MAX_ITEMS} items, got {len(msg_items)}")
+    specs = []
+    seen = set()
+    for it in msg_items:
+        if not isinstance(it, list) or len(it) != 4:
+            raise ProtocolError("offer items are [name, dtype, shape, nbytes]")
+        name, dt, sh, n = it
+        if not isinstance(name, str) or name in seen:
+            raise ProtocolError(f"offer item name {name!r:.60} is not a unique str")
+        seen.add(name)
+        spec = ItemSpec(name, T.dtype_from_name(dt), T.check_shape(sh))
+        if isinstance(n, bool) or not isinstance(n, int) or n != spec.nbytes:
+            raise ProtocolError(f"offer item {name!r:.60}: nbytes {n!r:.20} does not match dtype and shape")
+        if n > max_bytes:
+            raise InvalidTensor(f"offer item {name!r:.60} of {n} bytes exceeds max_message_bytes={max_bytes}")
+        specs.append(spec)
+    return specs
