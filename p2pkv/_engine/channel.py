@@ -1,0 +1,397 @@
+"""The control channel and sessions: one DEALER per peer we dial (handshake, auth,
+transport choice, liveness), one ROUTER for peers that dial us; message dispatch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+import uuid
+from typing import Any
+
+import torch
+import zmq
+
+from .. import _trace
+from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
+from ..errors import (AuthError, P2pkvError, PeerLost, TransferAborted,
+                      TransportError, error_from_code)
+from ..handles import TransferState
+from ..keys import validate_transfer_id
+from ..pool import ALIGN, Buffer
+from ..transport import tcp
+from .state import (_ConnectWaiter, _Peer,
+                    _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
+                    parse_address)
+from .base import _EngineBase
+
+
+class _Channel(_EngineBase):
+    """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
+
+    def _get_peer(self, addr: str) -> _Peer:
+        peer = self._peers.get(addr)
+        if peer is not None:
+            return peer
+        host, port = parse_address(addr)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(_zmq_endpoint(host, port))
+        peer = _Peer(addr, sock, mon)
+        self._peers[addr] = peer
+        self._peer_by_sock[sock] = peer
+        self._peer_by_mon[mon] = peer
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(mon, zmq.POLLIN)
+        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
+                 "caps": self._caps()}
+        if self._cfg.auth_token is not None:
+            hello["tok"] = self._cfg.auth_token
+        sock.send(encode("hello", **hello))
+        peer.last_tx = time.monotonic()
+        self._stats.add("connections")
+        return peer
+
+    def _caps(self) -> dict[str, Any]:
+        caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
+                                "dev": str(self._device), "pid": os.getpid()}
+        if self._ipc_handle is not None:
+            caps["transports"].append("ipc")
+            caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
+        if self._nccl_ok:
+            caps["transports"].append("nccl")
+        return caps
+
+    def _choose_transport(self, caps: dict[str, Any]) -> str:
+        """The transport for CUDA tensors to a peer with ``caps`` (CPU tensors always use TCP)."""
+        want = self._cfg.transport
+        theirs = caps.get("transports") if isinstance(caps.get("transports"), list) else []
+        cuda_both = self._cuda and caps.get("cuda") is True
+        ipc_ok = cuda_both and self._ipc_handle is not None and "ipc" in theirs and caps.get("host") == self._host
+        nccl_ok = cuda_both and self._nccl_ok and "nccl" in theirs
+        if want == "tcp":
+            return "tcp"
+        if want == "ipc":
+            if not ipc_ok:
+                raise TransportError("transport='ipc' but the peer is not a CUDA engine on this host with IPC")
+            return "ipc"
+        if want == "nccl":
+            if not nccl_ok:
+                raise TransportError("transport='nccl' but the peer has no NCCL (or no CUDA device)")
+            return "nccl"
+        return "ipc" if ipc_ok else "nccl" if nccl_ok else "tcp"
+
+    def _release_gpu_state(self, holder: Any) -> None:
+        """Abort a peer's or session's NCCL communicators (local, never hangs) and unmap its arena."""
+        for comm in holder.nccl.values():
+            comm.abort()
+        holder.nccl.clear()
+        if holder.ipc is not None:
+            holder.ipc.close()
+            holder.ipc = None
+        if getattr(holder, "ipc_out", None) is not None:
+            holder.ipc_out.close()
+            holder.ipc_out = None
+
+    def _close_peer(self, peer: _Peer) -> None:
+        self._release_gpu_state(peer)
+        self._peers.pop(peer.addr, None)
+        self._peer_by_sock.pop(peer.sock, None)
+        self._peer_by_mon.pop(peer.mon, None)
+        for s in (peer.sock, peer.mon):
+            try:
+                self._poller.unregister(s)
+            except KeyError:
+                pass
+        try:
+            peer.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        peer.mon.close(0)
+        peer.sock.close(0)
+
+    def _lose_peer(self, peer: _Peer, make_error) -> None:
+        """Fail everything in flight to ``peer`` and drop the connection."""
+        n = self._fail_peer_work(peer, make_error)
+        self._close_peer(peer)
+        if peer.ready:
+            self._stats.add("peers_lost")
+            log.info("peer %s lost: %s (%d transfers failed)", peer.addr, make_error(), n)
+            # The same engine's connection into our ROUTER is dead too.
+            for sess in [s for s in self._sessions.values() if s.eid == peer.eid]:
+                self._lose_session(sess, "peer lost")
+
+    def _cmd_connect(self, addr: str, w: _ConnectWaiter) -> None:
+        peer = self._get_peer(addr)
+        if peer.ready:
+            w.event.set()
+        else:
+            peer.connect_waiters.append(w)
+
+    def _pump_peer(self, peer: _Peer) -> None:
+        sock = peer.sock
+        for _ in range(256):
+            if peer.addr not in self._peers:
+                return
+            try:
+                hdr = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # pragma: no cover
+                log.warning("recv from %s failed: %s", peer.addr, exc)
+                return
+            peer.last_rx = time.monotonic()
+            try:
+                msg = decode(hdr, REPLY_TYPES)
+                self._on_reply(peer, msg)
+            except P2pkvError as exc:
+                self._stats.add("protocol_errors")
+                log.warning("bad reply from %s: %s", peer.addr, exc)
+            finally:
+                if peer.addr in self._peers:
+                    _drain(sock)
+
+    def _on_reply(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "pong":
+            return
+        if t == "hok":
+            if peer.ready and msg["eid"] != peer.eid:
+                self._lose_peer(peer, lambda: PeerLost("peer restarted", peer=peer.addr))
+                return
+            peer.ready = True
+            peer.eid = msg["eid"]
+            peer.caps = msg["caps"]
+            peer.window = msg["window"]
+            peer.pool = msg["pool"]
+            peer.maxmsg = msg["maxmsg"]
+            try:
+                peer.xport = self._choose_transport(peer.caps)
+            except TransportError as exc:
+                peer.xport = "none"
+                err = exc
+                for item in [i for i in peer.queue if i.ready is not None]:
+                    peer.queue.remove(item)
+                    self._finish_send(item, TransferState.FAILED, TransportError(str(err), peer=peer.addr))
+            for w in peer.connect_waiters:
+                w.event.set()
+            peer.connect_waiters.clear()
+            for item in list(peer.queue):
+                if not self._fits_peer(peer, item):
+                    peer.queue.remove(item)
+            waiting, peer.pull_waiting = peer.pull_waiting, []
+            for pull in waiting:
+                self._send_pull(peer, pull)
+            self._pump_sends(peer)
+            self._pump_offers(peer)
+        elif t == "ack":
+            item = peer.inflight.pop(msg["seq"], None)
+            if item is not None:
+                _trace.mark("ack.rx", item.key)
+                self._finish_send(item, TransferState.DONE)
+        elif t == "acks":
+            for seq in msg["seqs"]:
+                item = peer.inflight.pop(seq, None) if isinstance(seq, int) else None
+                if item is not None:
+                    _trace.mark("ack.rx", item.key)
+                    self._finish_send(item, TransferState.DONE)
+        elif t == "nack":
+            item = peer.inflight.pop(msg["seq"], None)
+            if item is not None:
+                err = error_from_code(msg["code"], msg["msg"], key=item.key, peer=peer.addr)
+                state = TransferState.ABORTED if isinstance(err, TransferAborted) else TransferState.FAILED
+                self._finish_send(item, state, err)
+        elif t == "grant":
+            peer.credit += msg["n"]
+            peer.creq_pending = False
+            self._pump_sends(peer)
+        elif t == "pdata":
+            self._on_pdata(peer, msg)
+        elif t == "perr":
+            pull = peer.pulls.pop(msg["seq"], None)
+            if pull is not None:
+                pull.finish(error=error_from_code(msg["code"], msg["msg"], key=pull.key, peer=peer.addr))
+        elif t == "abort":
+            self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
+        elif t == "nok":
+            pass  # the peer is joining the communicator; readiness shows in poll()
+        elif t in ("ogrant", "oerr", "odone"):
+            self._on_request_reply(peer, t, msg)
+        elif t == "err":
+            code = msg["code"]
+            if code == "auth":
+                err_msg = msg["msg"]
+                self._lose_peer(peer, lambda: AuthError(err_msg, peer=peer.addr))
+            elif code == "no_session":
+                self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
+            elif code == "transport" and msg.get("seq") is None:
+                exc = TransportError(msg["msg"], peer=peer.addr)
+                only = msg.get("dir")
+                for direction in list(peer.nccl):
+                    if only is None or only == direction:
+                        self._fail_nccl(peer, direction, exc)
+            else:
+                seq = msg.get("seq")
+                item = peer.inflight.pop(seq, None) if seq is not None else None
+                if item is not None:
+                    self._finish_send(item, TransferState.FAILED,
+                                      error_from_code(code, msg["msg"], key=item.key, peer=peer.addr))
+                pull = peer.pulls.pop(seq, None) if seq is not None else None
+                if pull is not None:
+                    pull.finish(error=error_from_code(code, msg["msg"], key=pull.key, peer=peer.addr))
+                req = peer.reqs.get(seq) if seq is not None else None
+                if req is not None:
+                    self._on_request_reply(peer, "oerr", msg)
+                if item is None and pull is None and req is None:
+                    log.warning("peer %s reported: [%s] %s", peer.addr, code, msg["msg"])
+
+    def _pump_monitor(self, peer: _Peer) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                evt = recv_monitor_message(peer.mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
+                self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
+                return
+
+    def _pump_router(self) -> None:
+        r = self._router
+        for _ in range(256):
+            try:
+                ident = r.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not r.getsockopt(zmq.RCVMORE):
+                continue  # an empty message: nothing to do
+            hdr = r.recv()
+            try:
+                msg = decode(hdr, REQUEST_TYPES)
+                self._on_request(ident, msg)
+            except P2pkvError as exc:
+                self._stats.add("protocol_errors")
+                self._reply(ident, "err", code=exc.code, msg=str(exc)[:500], seq=_seq_of(hdr))
+            except Exception as exc:  # a bug must not kill the engine
+                self._stats.add("internal_errors")
+                log.exception("internal error handling a request")
+                self._reply(ident, "err", code="error", msg=f"internal error: {type(exc).__name__}")
+            finally:
+                _drain(r)
+        self._flush_acks()
+
+    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
+               **fields: Any) -> bool:
+        try:
+            if payload is None:
+                self._router.send_multipart([ident, encode(mtype, **fields)])
+            else:
+                self._router.send(ident, zmq.SNDMORE)
+                self._router.send(encode(mtype, **fields), zmq.SNDMORE)
+                n = payload.numel()
+                if track is not None and n >= tcp.ZERO_COPY_MIN:
+                    tracker = self._router.send(payload.numpy(), copy=False, track=True)
+                    self._tracked.append((tracker, track))
+                else:
+                    tcp.send_payload(self._router, payload)
+                    if track is not None:
+                        track.release()
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            if track is not None:
+                track.release()
+            log.debug("reply to %s dropped: %s", ident.hex(), exc)
+            return False
+
+    def _on_request(self, ident: bytes, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        sess = self._sessions.get(ident)
+        if t == "hello":
+            tok = self._cfg.auth_token
+            if tok is not None and not (isinstance(msg.get("tok"), str)
+                                        and hmac.compare_digest(msg["tok"].encode(), tok.encode())):
+                self._stats.add("auth_failures")
+                self._reply(ident, "err", code="auth", msg="authentication failed: wrong or missing auth_token")
+                return
+            if sess is not None:
+                self._lose_session(sess, "peer said hello again")
+            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
+                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
+            return
+        if sess is None:
+            if t not in ("bye", "pong"):
+                self._reply(ident, "err", code="no_session", msg="no session: send hello first",
+                            seq=_valid_seq(msg.get("seq")))
+            return
+        sess.last_rx = time.monotonic()
+        if t == "ping":
+            self._reply(ident, "pong")
+        elif t == "data":
+            self._on_data(sess, msg)
+        elif t == "creq":
+            sess.creq = (msg["need"], msg["want"])
+            sess.creq_t = time.monotonic()
+            self._grant_credit()
+        elif t == "cret":
+            sess.outstanding -= min(msg["n"], sess.outstanding)
+            self._grant_credit()
+        elif t == "pull":
+            self._on_pull(sess, msg)
+        elif t == "abort":
+            tid = validate_transfer_id(msg["tid"])
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident)
+        elif t == "bye":
+            self._lose_session(sess, "peer closed its engine")
+        elif t == "pdone":
+            lent = self._lent.pop((ident, msg["seq"]), None)
+            if lent is not None:
+                lent[0].release()
+        elif t == "nccl":
+            self._on_nccl_request(sess, msg)
+        elif t == "offer":
+            self._on_offer(sess, msg)
+        elif t in ("odata", "opost", "oabort", "ofin"):
+            self._on_offer_msg(sess, t, msg)
+
+    def _lose_session(self, sess: _Session, reason: str) -> None:
+        if self._sessions.get(sess.ident) is not sess:
+            return
+        del self._sessions[sess.ident]
+        self._parked = [pp for pp in self._parked if pp.sess is not sess]
+        self._release_gpu_state(sess)  # aborted communicators end their posted receives
+        lost = PeerLost(f"sending peer {sess.eid} lost: {reason}")
+        for inc in [i for i in self._incoming.values() if i.sess is sess]:
+            if inc.quarantine:
+                self._release_quarantine(inc)
+            else:
+                self._fail_incoming(inc, lost, reply=False)
+                if inc.x == "ipc":
+                    self._release_quarantine(inc)
+        sess.offers.clear()
+        if sess.watcher is not None:
+            sess.watcher.close(join=False)  # it finishes the landings queued before it
+            sess.watcher = None
+        for k in [k for k in self._lent if k[0] == sess.ident]:
+            self._lent.pop(k)[0].release()
+        sess.nccl_backlog.clear()
+        eid = sess.eid
+        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"))
+        if reason != "peer said hello again":
+            self._stats.add("sessions_lost")
+        log.info("session %s ended (%s); %d transfer(s) affected", sess, reason, len(tids))
+        self._grant_credit()
+

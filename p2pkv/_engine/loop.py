@@ -1,0 +1,387 @@
+"""The progress loop: the I/O thread that owns every socket, runs commands from callers
+and GPU completions, and fires the timers (deadlines, heartbeats, TTL); plus shutdown.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from ..control.messages import encode
+from ..errors import (EngineClosed, P2pkvError, PeerLost, TransferAborted,
+                      TransferTimeout, TransportError)
+from ..handles import TransferState
+from ..pool import Buffer
+from ..request import RequestState
+from .state import (_LOCAL_ARENAS, _TICK_S, _Peer,
+                    log)
+from .base import _EngineBase
+
+
+class _ProgressLoop(_EngineBase):
+    """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
+
+    def _run(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self._device)
+        try:
+            while True:
+                try:
+                    events = dict(self._poller.poll(int(_TICK_S * 1000)))
+                except zmq.ZMQError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                # Cleared after emptying the pipe and before draining: a command queued
+                # from here on either is drained below or writes a fresh wake-up byte.
+                self._wake_sent = False
+                if self._cmds:
+                    if self._drain_commands():
+                        return
+                    self._flush_acks()
+                if self._router in events:
+                    self._pump_router()
+                for sock in list(events):
+                    peer = self._peer_by_sock.get(sock)
+                    if peer is not None:
+                        self._pump_peer(peer)
+                        continue
+                    peer = self._peer_by_mon.get(sock)
+                    if peer is not None:
+                        self._pump_monitor(peer)
+                if self._mem_dirty:
+                    self._mem_dirty = False
+                    self._grant_credit()
+                    self._admit()
+                    for peer in list(self._peers.values()):
+                        if peer.queue and peer.ready:  # sends waiting for a staging buffer
+                            self._pump_sends(peer)
+                now = time.monotonic()
+                if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
+                    self._next_tick = now + 0.01
+                    self._tick()
+        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
+            log.exception("p2pkv I/O thread crashed; failing all pending transfers")
+            self._closed = True
+        finally:
+            self._fail_everything(lambda: EngineClosed(f"engine {self.address} closed"))
+
+    def _drain_commands(self) -> bool:
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            op = cmd[0]
+            try:
+                if op == "stop":
+                    self._say_goodbye()
+                    return True
+                if op == "gpu":
+                    cmd[1](cmd[2])
+                elif op == "send":
+                    self._cmd_send(cmd[1], cmd[2])
+                elif op == "pull":
+                    self._cmd_pull(cmd[1], cmd[2])
+                elif op == "cancel_pull":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None:
+                        peer.pulls.pop(cmd[2].seq, None)
+                elif op == "connect":
+                    self._cmd_connect(cmd[1], cmd[2])
+                elif op == "published":
+                    self._serve_parked(cmd[1])
+                elif op == "abort":
+                    self._do_abort(cmd[1], broadcast=cmd[2], reason="transfer aborted locally")
+                elif op == "offer":
+                    self._cmd_offer(cmd[1], cmd[2])
+                elif op == "oflush":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None:
+                        self._flush_requests(peer)
+                elif op == "opost":
+                    peer, req = cmd[1], cmd[2]
+                    if self._peers.get(peer.addr) is peer and req.seq in peer.reqs:
+                        peer.sock.send(encode("opost", seq=req.seq, idx=cmd[3], ev=cmd[4]))
+                        peer.last_tx = time.monotonic()
+                elif op == "ofail":
+                    self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
+                elif op == "odone":
+                    self._request_done(cmd[1])
+            except P2pkvError as exc:  # pragma: no cover - defensive
+                log.warning("command %s failed: %s", op, exc)
+            except Exception:  # a bug in one command must not stop the engine
+                self._stats.add("internal_errors")
+                log.exception("command %s failed", op)
+        return False
+
+    def _post_gpu(self, callback, ok: bool) -> None:
+        """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
+        self._cmds.append(("gpu", callback, ok))
+        try:
+            os.write(self._wake_w, b"g")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _release_after(self, buf: Buffer, event: Any) -> None:
+        """Release ``buf`` once the GPU work reading or writing it (``event``) is done."""
+        if event is None or event.query() or self._completer is None:
+            buf.release()
+        else:
+            self._completer.add(event, lambda ok: buf.release(), time.monotonic() + 3600)
+
+    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None) -> None:
+        for buf in self._inbox.abort(tid, reason) + self._outbox.abort(tid, reason):
+            buf.release()
+        for inc in [i for i in self._incoming.values() if i.transfer_id == tid and not i.failed]:
+            if not inc.admitted:
+                try:
+                    inc.sess.offers.remove(inc)
+                except ValueError:
+                    pass
+            self._fail_incoming(inc, TransferAborted(reason, key=tid), reply=inc.sess.ident != skip,
+                                keys_error=False)
+        for peer in list(self._peers.values()):
+            for req in [r for r in peer.req_waiting if r.transfer_id == tid]:
+                peer.req_waiting.remove(req)
+                req._set(RequestState.ABORTED, TransferAborted(reason, key=tid))
+            for req in [r for r in peer.reqs.values() if r.transfer_id == tid]:
+                self._fail_request(req, RequestState.ABORTED, TransferAborted(reason, key=tid))
+        for peer in list(self._peers.values()):
+            for item in [i for i in peer.queue if i.key.transfer_id == tid]:
+                peer.queue.remove(item)
+                self._finish_send(item, TransferState.ABORTED, TransferAborted(reason, key=item.key))
+            for seq, item in [(s, i) for s, i in peer.inflight.items() if i.key.transfer_id == tid]:
+                del peer.inflight[seq]
+                self._finish_send(item, TransferState.ABORTED, TransferAborted(reason, key=item.key))
+            for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.key.transfer_id == tid]:
+                del peer.pulls[seq]
+                pull.finish(error=TransferAborted(reason, key=pull.key))
+        keep = []
+        for pp in self._parked:
+            if pp.key.transfer_id == tid:
+                self._reply(pp.sess.ident, "perr", seq=pp.seq, code="aborted", msg=reason)
+            else:
+                keep.append(pp)
+        self._parked = keep
+        if broadcast:
+            for peer in self._peers.values():
+                if peer.ready:
+                    peer.sock.send(encode("abort", tid=tid))
+            for sess in self._sessions.values():
+                if sess.ident != skip:
+                    self._reply(sess.ident, "abort", tid=tid)
+
+    def _tick_gpu(self, now: float) -> None:
+        for peer in list(self._peers.values()):
+            for direction, comm in list(peer.nccl.items()):
+                if comm.state == "init":
+                    state = comm.poll()
+                    if state == "failed":
+                        self._fail_nccl(peer, direction, TransportError(comm.error or "NCCL init failed",
+                                                                        peer=peer.addr))
+                    elif state == "ready" and direction == "pull" and peer.pull_waiting:
+                        waiting, peer.pull_waiting = peer.pull_waiting, []
+                        for pull in waiting:
+                            self._send_pull(peer, pull)
+            if peer.queue and peer.ready:
+                self._pump_sends(peer)
+            if peer.req_waiting and peer.ready:
+                self._pump_offers(peer)
+            for pull in [p for p in peer.pull_waiting if p.deadline < now]:
+                peer.pull_waiting.remove(pull)
+                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
+                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
+        if any(sess.offers for sess in self._sessions.values()):
+            self._admit()
+        for sess in list(self._sessions.values()):
+            comm = sess.nccl.get("push")
+            if sess.nccl_backlog and comm is not None and comm.poll() != "init":
+                backlog, sess.nccl_backlog = sess.nccl_backlog, []
+                for msg in backlog:
+                    self._on_data(sess, msg)
+            for direction, comm in list(sess.nccl.items()):
+                if comm.poll() == "failed":
+                    log.warning("NCCL %s communicator with %s failed: %s", direction, sess, comm.error)
+                    sess.nccl.pop(direction).abort()
+        if self._retry_parked:
+            self._retry_parked = False
+            keep = []
+            for pp in self._parked:
+                if not self._try_serve(pp):
+                    keep.append(pp)
+            self._parked = keep
+        if self._lent:
+            for k in [k for k, (_, dl) in self._lent.items() if dl < now]:
+                self._lent.pop(k)[0].release()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        cfg = self._cfg
+        if self._cuda:
+            self._tick_gpu(now)
+        for peer in list(self._peers.values()):
+            if peer.ready:
+                if now - peer.last_rx > cfg.effective_peer_timeout_s:
+                    silent = now - peer.last_rx
+                    self._lose_peer(peer, lambda s=silent: PeerLost(f"peer silent for {s:.2f}s", peer=peer.addr))
+                    continue
+                if now - peer.last_tx >= cfg.effective_heartbeat_s:
+                    peer.sock.send(encode("ping"))
+                    peer.last_tx = now
+                if (peer.credit > 0 and not peer.queue and not peer.inflight
+                        and now - peer.idle_since > 4 * cfg.effective_heartbeat_s):
+                    peer.sock.send(encode("cret", n=peer.credit))
+                    peer.credit = 0
+            elif not peer.busy() and now - peer.created > cfg.effective_peer_timeout_s:
+                self._close_peer(peer)  # nobody waits for an unreachable peer
+                continue
+            for item in [i for i in peer.queue if i.deadline < now]:
+                peer.queue.remove(item)
+                why = "no credit from the receiver (it is full)" if peer.ready else "peer unreachable"
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    f"send not started within its deadline: {why}", key=item.key, peer=peer.addr))
+            for seq, item in [(s, i) for s, i in peer.inflight.items() if i.deadline < now]:
+                del peer.inflight[seq]
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
+            if peer.req_waiting or peer.reqs:
+                self._tick_requests(peer, now)
+            for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.deadline + 0.25 < now]:
+                del peer.pulls[seq]
+                pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,
+                                                  peer=peer.addr))
+        if self._incoming:
+            self._tick_incoming(now)
+        for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
+            self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
+        if self._parked:
+            keep = []
+            for pp in self._parked:
+                if pp.deadline < now:
+                    self._reply(pp.sess.ident, "perr", seq=pp.seq, code="timeout",
+                                msg="the key was not published before the pull's deadline")
+                else:
+                    keep.append(pp)
+            self._parked = keep
+        if self._tracked:
+            still = []
+            for tracker, buf in self._tracked:
+                if tracker.done:
+                    buf.release()
+                else:
+                    still.append((tracker, buf))
+            self._tracked = still
+        if now >= self._next_expire:
+            self._next_expire = now + min(0.5, cfg.ttl_s / 4)
+            for buf in self._inbox.expire(now) + self._outbox.expire(now):
+                buf.release()
+                self._stats.add("evicted")
+
+    def _say_goodbye(self) -> None:
+        for peer in self._peers.values():
+            if peer.ready:
+                try:
+                    peer.sock.send(encode("bye"), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def _fail_peer_work(self, peer: _Peer, make_error) -> int:
+        """Fail every send, pull and connect waiting on ``peer``; return how many there were."""
+        n = 0
+        for item in list(peer.queue) + list(peer.inflight.values()):
+            if self._finish_send(item, TransferState.FAILED, make_error()):
+                n += 1
+        for pull in list(peer.pulls.values()) + peer.pull_waiting:
+            pull.finish(error=make_error())
+            n += 1
+        for w in peer.connect_waiters:
+            w.error = make_error()
+            w.event.set()
+        for req in list(peer.req_waiting) + list(peer.reqs.values()):
+            if req._set(RequestState.FAILED, make_error()):
+                n += 1
+            if req.keep and req.last_event is not None and self._completer is not None:
+                keep = req.keep
+                self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+            req.keep = []
+        peer.req_waiting.clear()
+        peer.reqs.clear()
+        with peer.post_lock:
+            peer.req_order.clear()
+        peer.queue.clear()
+        peer.inflight.clear()
+        peer.pulls.clear()
+        peer.pull_waiting.clear()
+        peer.connect_waiters.clear()
+        return n
+
+    def _fail_everything(self, make_error) -> None:
+        for peer in list(self._peers.values()):
+            self._fail_peer_work(peer, make_error)
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            if cmd[0] == "send":
+                self._finish_send(cmd[2], TransferState.FAILED, make_error())
+            elif cmd[0] == "pull":
+                cmd[2].finish(error=make_error())
+            elif cmd[0] == "connect":
+                cmd[2].error = make_error()
+                cmd[2].event.set()
+            elif cmd[0] == "offer":
+                cmd[2]._set(RequestState.FAILED, make_error())
+
+    def _teardown(self) -> None:
+        th = self._thread
+        if th is not None and th.is_alive():  # pragma: no cover - a stuck I/O thread
+            log.error("p2pkv I/O thread did not stop; closing sockets anyway")
+        for buf in self._inbox.fail_all(lambda: EngineClosed("closed")) + \
+                self._outbox.fail_all(lambda: EngineClosed("closed")):
+            buf.release()
+        for _, buf in self._tracked:
+            buf.release()
+        self._tracked = []
+        for peer in list(self._peers.values()):
+            self._close_peer(peer)
+        for sess in list(self._sessions.values()):
+            self._release_gpu_state(sess)
+            if sess.watcher is not None:
+                sess.watcher.close()
+        for inc in list(self._incoming.values()):
+            with inc.lock:
+                bufs = [b for b in inc.bufs if b is not None]
+                inc.bufs = [None] * len(inc.bufs)
+                inc.failed = True
+            for b in bufs:
+                b.release()
+        self._incoming.clear()
+        for buf, _ in self._lent.values():
+            buf.release()
+        self._lent.clear()
+        if self._loop_comm is not None:
+            self._loop_comm.abort()
+            self._loop_comm = None
+        if self._completer is not None:
+            self._completer.close()
+        _LOCAL_ARENAS.pop(self.eid, None)
+        if self._pinned is not None:
+            self._pinned.close()
+        try:
+            self._router.close(0)
+            self._ctx.destroy(linger=0)
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._pool.close()
+

@@ -1,0 +1,404 @@
+"""The per-tensor push path: ``Engine.send`` -> credit -> header + data -> coalesced acks;
+and its receiving side (credit grants, storing, NCCL drains).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from .. import _tensors as T
+from .. import _trace
+from ..control.messages import encode
+from ..errors import (InvalidTensor,
+                      P2pkvError, PoolExhausted, ProtocolError, TransferAborted,
+                      TransferTimeout, TransportError)
+from ..handles import TransferState
+from ..keys import TransferKey
+from ..pool import Buffer, BufferPool
+from ..transport import tcp
+from .state import (_Peer,
+                    _SendItem, _Session, log)
+from .base import _EngineBase
+
+
+class _PushPath(_EngineBase):
+    """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
+
+    def _cmd_send(self, addr: str, item: _SendItem) -> None:
+        _trace.mark("io.cmd", item.key)
+        if isinstance(self._inbox.error_for(item.key), TransferAborted):
+            self._finish_send(item, TransferState.ABORTED, TransferAborted("transfer aborted", key=item.key))
+            return
+        peer = self._get_peer(addr)
+        if peer.ready and not self._fits_peer(peer, item):
+            return
+        peer.queue.append(item)
+        self._pump_sends(peer)
+
+    def _fits_peer(self, peer: _Peer, item: _SendItem) -> bool:
+        limit = min(peer.window, peer.pool)
+        if item.footprint > limit or item.nbytes > peer.maxmsg:
+            self._finish_send(item, TransferState.FAILED, PoolExhausted(
+                f"tensor of {item.nbytes} bytes can never fit the receiver (credit window {peer.window}, "
+                f"pool {peer.pool}, max message {peer.maxmsg} bytes)", key=item.key, peer=peer.addr))
+            return False
+        return True
+
+    def _item_transport(self, peer: _Peer, item: _SendItem) -> str:
+        return peer.xport if item.ready is not None else "tcp"
+
+    def _pump_sends(self, peer: _Peer) -> None:
+        if not peer.ready:
+            return
+        while peer.queue:
+            item = peer.queue[0]
+            x = self._item_transport(peer, item)
+            loop_nccl = x == "nccl" and peer.eid == self.eid
+            comm = None
+            if x == "nccl":
+                comm = self._loopback_comm() if loop_nccl else self._peer_comm(peer, "push")
+                if comm is None:
+                    return  # communicator still initialising: the tick pumps again
+            if loop_nccl:
+                if not self._loopback_nccl_send(peer, item, comm):
+                    return
+                continue
+            if x == "ipc" and item.stage is None and self._pool.offset_of(item.payload) is None:
+                item.stage = self._pool.try_alloc(item.nbytes)
+                if item.stage is None:
+                    return  # our own pool is full: retried when memory comes back
+            if item.footprint > peer.credit:
+                if not peer.creq_pending:
+                    want = sum(i.footprint for i in peer.queue) - peer.credit
+                    peer.sock.send(encode("creq", need=item.footprint - peer.credit, want=max(want, 0)))
+                    peer.creq_pending = True
+                    peer.last_tx = time.monotonic()
+                    self._stats.add("credit_requests")
+                return
+            peer.queue.popleft()
+            peer.credit -= item.footprint
+            item.seq = peer.next_seq()
+            peer.inflight[item.seq] = item
+            item.handle._set(TransferState.IN_FLIGHT)
+            try:
+                if x == "tcp":
+                    self._send_tcp(peer, item)
+                elif x == "ipc":
+                    self._send_ipc(peer, item)
+                else:
+                    self._send_nccl(peer, item, comm)
+            except P2pkvError as exc:
+                peer.inflight.pop(item.seq, None)
+                self._finish_send(item, TransferState.FAILED, exc)
+                continue
+            _trace.mark("io.sent", item.key)
+            peer.last_tx = time.monotonic()
+            self._stats.add("bytes_sent", item.nbytes)
+            self._stats.add(f"sent_{x}")
+        peer.idle_since = time.monotonic()
+
+    def _data_header(self, item: _SendItem, x: str, **extra: Any) -> bytes:
+        return encode("data", seq=item.seq, key=item.key.to_wire(), dt=T.dtype_name(item.dtype),
+                      sh=list(item.shape), n=item.nbytes, x=x, **extra)
+
+    def _send_tcp(self, peer: _Peer, item: _SendItem) -> None:
+        payload = item.payload
+        if item.ready is not None:  # a CUDA tensor: stage it through host memory
+            item.ready.synchronize()
+            src = T.as_bytes(payload)
+            stage = self._pinned.try_alloc(item.nbytes) if self._pinned is not None else None
+            if stage is not None:
+                stage.data.copy_(src)
+                item.stage = stage  # ZMQ reads it until the send finishes
+                payload = stage.data
+            else:
+                payload = src.cpu()
+        peer.sock.send(self._data_header(item, "tcp"), zmq.SNDMORE)
+        tcp.send_payload(peer.sock, payload)
+
+    def _send_ipc(self, peer: _Peer, item: _SendItem) -> None:
+        src = T.as_bytes(item.payload)
+        if item.stage is None:
+            off = self._pool.offset_of(item.payload)
+            event = item.ready
+        else:
+            off = item.stage.offset
+            stream = self._copy_stream
+            stream.wait_event(item.ready)
+            with torch.cuda.stream(stream):
+                item.stage.data.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            item.gpu_event = event
+        seq = item.seq
+        hdr = self._data_header(item, "ipc", ipc={"off": off})
+
+        def announce(ok: bool) -> None:
+            if peer.inflight.get(seq) is not item or self._peers.get(peer.addr) is not peer:
+                return  # failed or aborted meanwhile
+            if not ok:
+                peer.inflight.pop(seq, None)
+                self._finish_send(item, TransferState.FAILED, TransferTimeout(
+                    "the tensor was not ready on the GPU before the send's deadline", key=item.key, peer=peer.addr))
+                return
+            peer.sock.send(hdr)
+            peer.last_tx = time.monotonic()
+
+        if event.query():
+            announce(True)
+        else:
+            self._completer.add(event, announce, item.deadline)
+
+    def _send_nccl(self, peer: _Peer, item: _SendItem, comm: Any) -> None:
+        peer.sock.send(self._data_header(item, "nccl"))
+        comm.stream.wait_event(item.ready)
+        comm.send(T.as_bytes(item.payload), comm.stream)
+        item.gpu_event = torch.cuda.Event()
+        item.gpu_event.record(comm.stream)
+
+    def _loopback_nccl_send(self, peer: _Peer, item: _SendItem, comm: Any) -> bool:
+        """An engine sending to itself over NCCL: one grouped send+recv on a one-rank communicator."""
+        dst = self._pool.try_alloc(item.nbytes)
+        if dst is None:
+            return False
+        peer.queue.popleft()
+        item.handle._set(TransferState.IN_FLIGHT)
+        try:
+            comm.stream.wait_event(item.ready)
+            comm.send_recv(T.as_bytes(item.payload), dst.data, comm.stream)
+        except P2pkvError as exc:
+            dst.release()
+            self._finish_send(item, TransferState.FAILED, exc)
+            return True
+        ev = torch.cuda.Event()
+        ev.record(comm.stream)
+        item.gpu_event = ev
+
+        def done(ok: bool) -> None:
+            if not ok or comm.state != "ready":
+                if self._loop_comm is comm:
+                    self._loop_comm = None
+                    comm.abort()  # the grouped receive may still write into dst: end it first
+                self._release_after(dst, ev)
+                self._finish_send(item, TransferState.FAILED, TransportError(
+                    "NCCL loopback transfer did not complete", key=item.key))
+                return
+            err = self._inbox.deliver(item.key, dst, item.dtype, item.shape, src=b"loopback")
+            if err is not None:
+                dst.release()
+                self._finish_send(item, TransferState.FAILED, err)
+                return
+            self._stats.add("bytes_received", item.nbytes)
+            self._stats.add("tensors_received")
+            self._finish_send(item, TransferState.DONE)
+
+        self._completer.add(ev, done, item.deadline)
+        self._stats.add("bytes_sent", item.nbytes)
+        self._stats.add("sent_nccl")
+        return True
+
+    def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
+        item.payload = None  # type: ignore[assignment]
+        if item.stage is not None:
+            self._release_after(item.stage, item.gpu_event)
+            item.stage = None
+        if item.handle.done():
+            return False
+        # count before the handle wakes its waiter, so stats() never lags a finished wait
+        if state is TransferState.DONE:
+            self._stats.add("sends_done")
+            self._stats.observe("send", time.monotonic() - item.handle.t_start)
+        else:
+            self._stats.add("sends_failed")
+        if item.gpu_event is not None and not item.gpu_event.query() and state is not TransferState.DONE:
+            # the GPU may still read the caller's tensor: keep it alive until it is done
+            keep = item.handle._tensor
+            self._completer.add(item.gpu_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+        return item.handle._set(state, error)
+
+    def _on_data(self, sess: _Session, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+        ident = sess.ident
+        x = msg["x"]
+        if x == "nccl" and self._nccl_ok:
+            comm = sess.nccl.get("push")
+            if comm is not None and (comm.poll() == "init" or sess.nccl_backlog):
+                sess.nccl_backlog.append(msg)  # handled, in order, once our side has joined
+                return
+
+        def nack(exc: P2pkvError) -> None:
+            self._stats.add("nacks")
+            self._reply(ident, "nack", seq=seq, code=exc.code, msg=exc.message[:500])
+            if x == "nccl":
+                # the sender posted its ncclSend with the header: match it, or the next receive of
+                # this communicator would take these bytes under another key
+                self._drain_nccl(sess, msg.get("n"))
+
+        try:
+            key = TransferKey.from_wire(msg["key"])
+            dtype = T.dtype_from_name(msg["dt"])
+            shape = T.check_shape(msg["sh"])
+        except P2pkvError as exc:
+            nack(exc)
+            return
+        _trace.mark("rx.hdr", key)
+        n = msg["n"]
+        if n != T.nbytes_of(dtype, shape):
+            nack(ProtocolError(f"n={n} does not match dtype {msg['dt']} and shape {shape}"))
+            return
+        if n > self._cfg.max_message_bytes:
+            nack(InvalidTensor(f"{n} bytes exceed max_message_bytes={self._cfg.max_message_bytes}"))
+            return
+        if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) \
+                or (x == "nccl" and not self._nccl_ok):
+            nack(ProtocolError(f"transport {x!r:.20} is not available on this engine"))
+            return
+        if x == "tcp" and not self._router.getsockopt(zmq.RCVMORE):
+            nack(ProtocolError("data message lacks its payload frame"))
+            return
+        if x == "nccl" and sess.nccl.get("push") is None:
+            nack(TransportError("no NCCL communicator with this peer"))
+            return
+        fp = BufferPool.footprint(n)
+        if fp > sess.outstanding:
+            self._stats.add("credit_violations")
+        sess.outstanding -= min(fp, sess.outstanding)
+        try:
+            buf = self._pool.try_alloc(n, overflow=True)
+        except PoolExhausted as exc:
+            nack(exc)
+            return
+        assert buf is not None
+        if x != "tcp":
+            self._recv_gpu(sess, msg, key, dtype, shape, buf, nack)
+            return
+        try:
+            got = self._recv_payload(buf)
+            if got != n:
+                raise ProtocolError(f"payload of {got} bytes, header said {n}")
+        except P2pkvError as exc:
+            buf.release()
+            nack(exc)
+            return
+        self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
+
+    def _drain_nccl(self, sess: _Session, n: Any) -> None:
+        """Receive and discard ``n`` bytes the sender already posted on the session's push communicator."""
+        comm = sess.nccl.get("push")
+        if comm is None or comm.state != "ready":
+            return  # no communicator: the sender cannot have posted anything
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self._cfg.max_message_bytes:
+            try:
+                buf = self._pool.try_alloc(n, overflow=True)
+                assert buf is not None
+                comm.recv(buf.data, comm.stream)
+                ev = torch.cuda.Event()
+                ev.record(comm.stream)
+                self._release_after(buf, ev)
+                self._stats.add("drained_items")
+                return
+            except P2pkvError as exc:
+                log.warning("draining a refused NCCL tensor from %s failed: %s", sess, exc)
+        # size unknown (or no memory for it): end the communicator on both sides instead of shifting data
+        self._end_session_comm(sess, "push", TransportError("refused an NCCL tensor that could not be drained"))
+
+    def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
+               seq: int, nack, x: str) -> None:
+        """Put a fully received tensor in the inbox and ack it, or release it and nack why not."""
+        err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
+        if err is not None:
+            buf.release()
+            nack(err)
+            return
+        _trace.mark("rx.delivered", key)
+        self._stats.add("bytes_received", buf.nbytes)
+        self._stats.add("tensors_received")
+        self._stats.add(f"received_{x}")
+        self._ack(sess.ident, seq)
+
+    def _ack(self, ident: bytes, seq: int) -> None:
+        """Queue an ack; the acks of one burst of messages go back as one ``acks`` message."""
+        pend = self._pending_acks.get(ident)
+        if pend is None:
+            self._pending_acks[ident] = [seq]
+        else:
+            pend.append(seq)
+
+    def _flush_acks(self) -> None:
+        pending, self._pending_acks = self._pending_acks, {}
+        for ident, seqs in pending.items():
+            if len(seqs) == 1:
+                self._reply(ident, "ack", seq=seqs[0])
+            else:
+                self._reply(ident, "acks", seqs=seqs)
+
+    def _recv_payload(self, buf: Buffer) -> int:
+        if buf.data.device.type == "cuda" and self._pinned is not None:
+            stage = self._pinned.try_alloc(buf.nbytes)
+            if stage is not None:
+                with stage:
+                    got = tcp.recv_payload_into(self._router, stage.data)
+                    if got == buf.nbytes:
+                        buf.data.copy_(stage.data)
+                    return got
+        return tcp.recv_payload_into(self._router, buf.data)
+
+    def _recv_gpu(self, sess: _Session, msg: dict[str, Any], key: TransferKey, dtype: torch.dtype,
+                  shape: tuple[int, ...], buf: Buffer, nack) -> None:
+        """Receive a CUDA IPC or NCCL tensor into ``buf``; deliver and ack once the GPU is done."""
+        x, n, seq = msg["x"], msg["n"], msg["seq"]
+        ident_of = sess.ident
+        comm = None
+        try:
+            if x == "ipc":
+                src = self._ipc_view(sess, sess.caps, sess.eid, msg.get("ipc"), n)
+                stream = self._copy_stream
+                with torch.cuda.stream(stream):
+                    buf.data.copy_(src, non_blocking=True)
+            else:
+                comm = sess.nccl["push"]
+                stream = comm.stream
+                comm.recv(buf.data, stream)
+        except P2pkvError as exc:
+            buf.release()
+            nack(exc)
+            return
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        _trace.mark("rx.posted", key)
+
+        def done(ok: bool) -> None:
+            _trace.mark("rx.io_done", key)
+            if not ok or (comm is not None and comm.state != "ready"):
+                if comm is not None and sess.nccl.get("push") is comm:
+                    # the receive may still write into the buffer: end the communicator first
+                    self._end_session_comm(sess, "push", TransportError("an NCCL receive missed its deadline"))
+                self._release_after(buf, ev)  # once the (now aborted) receive has ended
+                if self._sessions.get(sess.ident) is sess:
+                    self._reply(ident_of, "nack", seq=seq, code="transport", msg=f"{x} transfer did not complete")
+                return
+            self._store(sess, key, buf, dtype, shape, seq, nack, x)
+
+        done.tkey = key  # type: ignore[attr-defined]
+        self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
+
+    def _grant_credit(self) -> None:
+        waiting = sorted((s for s in self._sessions.values() if s.creq is not None), key=lambda s: s.creq_t)
+        if not waiting:
+            return
+        available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
+        window = self._cfg.effective_credit_bytes
+        for sess in waiting:
+            need, want = sess.creq  # type: ignore[misc]
+            g = min(available, window - sess.outstanding, max(want, need, window // 4))
+            if g < need:
+                break  # FIFO: later requesters wait behind this one
+            sess.outstanding += g
+            available -= g
+            sess.creq = None
+            self._reply(sess.ident, "grant", n=g)
+

@@ -1,0 +1,607 @@
+"""Whole-request transfers (see :mod:`p2pkv.request`): the producer's offer/grant/post
+machinery and the consumer's admission, landing and completion.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+import zmq
+
+from .. import _tensors as T
+from .. import _trace
+from ..control.messages import encode
+from ..errors import (DuplicateKey, InvalidKey, InvalidTensor,
+                      P2pkvError, PeerLost, PoolExhausted, ProtocolError, TransferAborted,
+                      TransferTimeout, TransportError, error_from_code)
+from ..keys import TransferKey, validate_transfer_id
+from ..pool import BufferPool
+from ..request import Incoming, RequestHandle, RequestState, Watcher, wire_items
+from ..transport import tcp
+from .state import (_IPC_EVENTS, _LOCAL_ARENAS, _LocalArena, _Peer,
+                    _Session, log)
+from .base import _EngineBase
+
+
+class _RequestPath(_EngineBase):
+    """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
+
+    def _request_send(self, req: RequestHandle, i: int, t: torch.Tensor) -> None:
+        """``RequestHandle.send``: runs on the caller's thread."""
+        self._check_open()
+        if t.device != self._device:
+            raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                key=req.transfer_id)
+        ready = None
+        if t.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(t.device))
+        else:
+            t = T.as_bytes(t)
+        with req.lock:
+            if i in req.sent:
+                raise InvalidKey(f"{req.specs[i].name!r} was sent already", key=req.transfer_id)
+            if req._state.finished:
+                raise req._error or P2pkvError("request already finished", key=req.transfer_id)
+            req.sent.add(i)
+            req.pending[i] = (t, ready)
+            granted = req._state is RequestState.GRANTED
+        if granted:
+            peer = req._p
+            if req.x == "tcp" or peer is None:
+                self._submit(("oflush", req.peer))
+            else:
+                self._flush_requests(peer)
+
+    def _cmd_offer(self, addr: str, req: RequestHandle) -> None:
+        if isinstance(self._inbox.error_for(req.key(0)), TransferAborted):
+            req._set(RequestState.ABORTED, TransferAborted("transfer aborted", key=req.transfer_id))
+            return
+        peer = self._get_peer(addr)
+        req._p = peer
+        peer.req_waiting.append(req)
+        self._pump_offers(peer)
+
+    def _request_transport(self, peer: _Peer) -> str:
+        if not self._cuda or peer.xport not in ("ipc", "nccl"):
+            return "tcp"
+        if peer.xport == "nccl" and peer.eid == self.eid:
+            return "ipc"  # to ourselves: a copy inside our own arena
+        return peer.xport
+
+    def _pump_offers(self, peer: _Peer) -> None:
+        """Send the offers waiting for the handshake (and, for NCCL, the communicator)."""
+        if not peer.ready:
+            return
+        while peer.req_waiting:
+            req = peer.req_waiting[0]
+            if req.done():
+                peer.req_waiting.popleft()
+                continue
+            x = self._request_transport(peer)
+            extra: dict[str, Any] = {}
+            try:
+                if x == "nccl":
+                    comm = self._peer_comm(peer, "req")
+                    if comm is None:
+                        return  # initialising: the tick pumps again
+                    req.comm = comm
+                elif x == "ipc":
+                    self._peer_out_arena(peer)
+                    extra["evs"] = self._ipc_event_ring(peer)
+            except P2pkvError as exc:
+                peer.req_waiting.popleft()
+                req._set(RequestState.FAILED, exc)
+                continue
+            peer.req_waiting.popleft()
+            req.x = x
+            req.seq = peer.next_seq()
+            peer.reqs[req.seq] = req
+            with peer.post_lock:
+                peer.req_order.append(req)
+            peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
+                                  x=x, to=max(0.0, req.deadline - time.monotonic()), **extra))
+            peer.last_tx = time.monotonic()
+            _trace.mark("req.offer", req.transfer_id)
+
+    def _peer_out_arena(self, peer: _Peer) -> Any:
+        """The receiver's arena, mapped here for writing (CUDA IPC requests)."""
+        if peer.ipc_out is None:
+            local = _LOCAL_ARENAS.get(peer.eid)
+            if local is not None:
+                peer.ipc_out = _LocalArena(local)
+            else:
+                info = peer.caps.get("ipc")
+                if not isinstance(info, dict) or not isinstance(info.get("handle"), bytes) \
+                        or not isinstance(info.get("size"), int):
+                    raise TransportError("the peer offered no CUDA IPC handle", peer=peer.addr)
+                from .transport.cuda import IpcMapping
+
+                peer.ipc_out = IpcMapping(info["handle"], info["size"], self._device)
+                self._stats.add("ipc_mappings")
+            peer.copy_stream = torch.cuda.Stream(self._device)
+        return peer.ipc_out
+
+    def _ipc_event_ring(self, peer: _Peer) -> list[bytes]:
+        if not peer.ipc_events:
+            for _ in range(_IPC_EVENTS):
+                ev = torch.cuda.Event(interprocess=True)
+                ev.record(torch.cuda.current_stream(self._device))  # an IPC handle needs a recorded event
+                peer.ipc_events.append(ev)
+                peer.ipc_handles.append(bytes(ev.ipc_handle()))
+        return peer.ipc_handles
+
+    def _flush_requests(self, peer: _Peer) -> None:
+        """Move every tensor that may move now, in the global posting order (any thread)."""
+        io = threading.current_thread() is self._thread
+        with peer.post_lock:
+            while peer.req_order:
+                req = peer.req_order[0]
+                if req.done():
+                    if req.x == "nccl" and not req.acked and req.seq >= 0:
+                        return  # the receiver has not confirmed it will discard yet (a grant may be on its way)
+                    if req.x == "nccl" and req.granted and req.next_post < len(req.specs):
+                        try:
+                            while req.next_post < len(req.specs):  # keep the communicator in step
+                                self._drain_item(req, req.next_post)
+                                req.next_post += 1
+                        except P2pkvError as exc:
+                            log.warning("draining request %s failed: %s", req.transfer_id, exc)
+                    peer.req_order.popleft()
+                    continue
+                if not req.granted:
+                    return
+                while req.next_post < len(req.specs):
+                    i = req.next_post
+                    with req.lock:
+                        ent = req.pending.pop(i, None)
+                    if ent is None:
+                        return  # the caller has not handed this tensor over yet
+                    if req.x == "tcp" and not io:
+                        with req.lock:
+                            req.pending[i] = ent
+                        self._submit(("oflush", req.peer))
+                        return
+                    try:
+                        self._post_item(peer, req, i, ent[0], ent[1], io)
+                    except P2pkvError as exc:
+                        req.next_post = len(req.specs)
+                        if io:
+                            self._fail_request(req, RequestState.FAILED, exc)
+                        else:
+                            self._submit(("ofail", req, exc))
+                        return
+                    req.next_post += 1
+                peer.req_order.popleft()
+
+    def _post_item(self, peer: _Peer, req: RequestHandle, i: int, t: torch.Tensor, ready: Any, io: bool) -> None:
+        """Move tensor ``i`` of a granted request (under ``peer.post_lock``)."""
+        n = req.specs[i].nbytes
+        if req.x == "nccl":
+            comm = req.comm
+            if ready is not None:
+                comm.stream.wait_event(ready)
+            comm.send(T.as_bytes(t), comm.stream)
+            ev = torch.cuda.Event()
+            ev.record(comm.stream)
+            req.last_event = ev
+            req.keep.append(t)
+        elif req.x == "ipc":
+            dst = peer.ipc_out.view(req.offs[i], n)
+            stream = peer.copy_stream
+            if ready is not None:
+                stream.wait_event(ready)
+            if n:
+                with torch.cuda.stream(stream):
+                    dst.copy_(T.as_bytes(t), non_blocking=True)
+            evi = peer.ipc_next
+            peer.ipc_next = (evi + 1) % len(peer.ipc_events)
+            peer.ipc_events[evi].record(stream)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            req.last_event = ev
+            req.keep.append(t)
+            if io:
+                peer.sock.send(encode("opost", seq=req.seq, idx=i, ev=evi))
+            else:
+                self._submit(("opost", peer, req, i, evi))
+        else:  # tcp, on the I/O thread
+            payload = t
+            if ready is not None:
+                ready.synchronize()
+                payload = T.as_bytes(t).cpu()
+            peer.sock.send(encode("odata", seq=req.seq, idx=i, n=n), zmq.SNDMORE)
+            tcp.send_payload(peer.sock, T.as_bytes(payload))
+        peer.last_tx = time.monotonic()
+        self._stats.add("bytes_sent", n)
+        self._stats.add(f"sent_{req.x}")
+        _trace.mark("req.posted", f"{req.transfer_id}/{req.specs[i].name}")
+
+    def _drain_item(self, req: RequestHandle, i: int) -> None:
+        """Match a receive the consumer posted for a tensor we will never send (scratch bytes it discards)."""
+        n = req.specs[i].nbytes
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(max(n, 1 << 20), dtype=torch.uint8, device=self._device)
+        req.comm.send(self._scratch[:n], req.comm.stream)
+        self._stats.add("drained_items")
+
+    def _fail_request(self, req: RequestHandle, state: RequestState, err: P2pkvError, *,
+                      from_peer: bool = False) -> None:
+        """Finish a request with an error (I/O thread), keeping the transport in step with the receiver.
+
+        ``from_peer``: the receiver failed it (its ``oerr``). Otherwise we give up and
+        tell the receiver (``oabort``); for NCCL the receiver's confirmation
+        comes before we drain what it posted (see :meth:`_flush_requests`).
+        """
+        was_granted = req.granted
+        if not req._set(state, err):
+            return
+        self._stats.add("requests_failed")
+        if req.keep and req.last_event is not None and not req.last_event.query():
+            keep = req.keep  # posted GPU work may still read the caller's tensors
+            self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+        req.keep = []
+        peer = req._p
+        if peer is None or req.seq < 0 or self._peers.get(peer.addr) is not peer:
+            return
+        if from_peer:
+            req.acked = True
+            peer.reqs.pop(req.seq, None)
+            if req.x == "nccl" and was_granted and not isinstance(err, TransferAborted):
+                # the receiver ended its communicator: ours must end too, or posted sends never finish
+                self._end_req_comm(peer, err)
+            elif req.x == "ipc" and was_granted:
+                self._after_writes(req, lambda: self._send_oabort(peer, req, err, force=True))
+        elif req.seq in peer.reqs:
+            if req.x == "ipc" and was_granted:
+                self._after_writes(req, lambda: self._send_oabort(peer, req, err))
+            else:
+                self._send_oabort(peer, req, err)
+        self._flush_requests(peer)
+
+    def _after_writes(self, req: RequestHandle, fn: Any) -> None:
+        ev = req.last_event
+        if ev is None or ev.query():
+            fn()
+        else:
+            self._completer.add(ev, lambda ok: fn(), time.monotonic() + 60)
+
+    def _send_oabort(self, peer: _Peer, req: RequestHandle, err: P2pkvError, force: bool = False,
+                     end: bool = False) -> None:
+        if self._peers.get(peer.addr) is peer and (force or req.seq in peer.reqs):
+            peer.sock.send(encode("oabort", seq=req.seq, msg=err.message[:300], code=err.code, end=end))
+            peer.last_tx = time.monotonic()
+
+    def _end_req_comm(self, peer: _Peer, err: P2pkvError) -> None:
+        """Abort our request communicator with ``peer`` (local, immediate) and fail what it carried."""
+        comm = peer.nccl.pop("req", None)
+        if comm is not None:
+            comm.abort()
+        for req in [r for r in peer.reqs.values() if r.x == "nccl"]:
+            peer.reqs.pop(req.seq, None)
+            req.acked = True
+            if req._set(RequestState.FAILED, err if isinstance(err, PeerLost) else
+                        TransportError(f"NCCL communicator ended: {err}", key=req.transfer_id, peer=peer.addr)):
+                self._stats.add("requests_failed")
+            if req.keep and req.last_event is not None:
+                keep = req.keep
+                self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
+            req.keep = []
+        with peer.post_lock:
+            peer.req_order = deque(r for r in peer.req_order if r.x != "nccl")
+
+    def _on_request_reply(self, peer: _Peer, t: str, msg: dict[str, Any]) -> None:
+        req = peer.reqs.get(msg["seq"])
+        if req is None:
+            return
+        if t == "ogrant":
+            offs = msg.get("offs")
+            if req.x == "ipc":
+                if not isinstance(offs, list) or len(offs) != len(req.specs) or \
+                        not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs):
+                    self._fail_request(req, RequestState.FAILED,
+                                       ProtocolError("IPC grant without a valid offset per tensor", peer=peer.addr))
+                    return
+                req.offs = offs
+            req.granted = True
+            _trace.mark("req.granted", req.transfer_id)
+            req._set(RequestState.GRANTED)
+            self._flush_requests(peer)
+        elif t == "odone":
+            peer.reqs.pop(req.seq, None)
+            req.keep = []
+            if req._set(RequestState.DONE):
+                self._stats.add("requests_done")
+                self._stats.observe("request", time.monotonic() - req.t_start)
+        elif t == "oerr":
+            err = error_from_code(msg["code"], msg["msg"], key=req.transfer_id, peer=peer.addr)
+            if req.done():  # our give-up, confirmed: drain what the receiver posted
+                req.acked = True
+                peer.reqs.pop(req.seq, None)
+                self._flush_requests(peer)
+            else:
+                state = RequestState.ABORTED if isinstance(err, TransferAborted) else RequestState.FAILED
+                self._fail_request(req, state, err, from_peer=True)
+
+    def _tick_requests(self, peer: _Peer, now: float) -> None:
+        for req in [r for r in peer.req_waiting if r.deadline < now]:
+            peer.req_waiting.remove(req)
+            why = "no NCCL communicator" if peer.ready else "peer unreachable"
+            req._set(RequestState.FAILED, TransferTimeout(f"request not offered within its deadline: {why}",
+                                                          key=req.transfer_id, peer=peer.addr))
+        for req in [r for r in peer.reqs.values() if r.deadline < now and not r.done()]:
+            what = "no room at the receiver" if not req.granted else \
+                "not every tensor was handed over" if req.next_post < len(req.specs) else "no completion"
+            err = TransferTimeout(f"request did not complete within its deadline ({what})", key=req.transfer_id,
+                                  peer=peer.addr)
+            if req.x == "nccl" and req.granted and req.next_post >= len(req.specs):
+                # posted sends may still read the caller's tensors: end them before reporting
+                self._send_oabort(peer, req, err, end=True)
+                self._end_req_comm(peer, err)
+            else:
+                self._fail_request(req, RequestState.FAILED, err)
+
+    def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+
+        def refuse(exc: P2pkvError) -> None:
+            self._stats.add("offers_refused")
+            self._reply(sess.ident, "oerr", seq=seq, code=exc.code, msg=exc.message[:500])
+
+        try:
+            tid = validate_transfer_id(msg["tid"])
+            specs = wire_items(msg["items"], self._cfg.max_message_bytes)
+        except P2pkvError as exc:
+            refuse(exc)
+            return
+        x = msg["x"]
+        evs = msg.get("evs")
+        if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) or \
+                (x == "nccl" and (not self._nccl_ok or sess.nccl.get("req") is None)) or \
+                (x == "ipc" and (not isinstance(evs, list) or not evs or len(evs) > 1024 or
+                                 not all(isinstance(e, bytes) and len(e) == 64 for e in evs))):
+            refuse(ProtocolError(f"transport {x!r:.20} is not available for requests on this engine"))
+            return
+        if (sess.ident, seq) in self._incoming:
+            refuse(ProtocolError(f"offer seq {seq} is already in use"))
+            return
+        keys = [TransferKey(tid, s.name) for s in specs]
+        err = self._inbox.error_for(keys[0])
+        if isinstance(err, TransferAborted):
+            refuse(err)
+            return
+        for k in keys:
+            if k in self._incoming_keys or self._inbox.has(k):
+                refuse(DuplicateKey("data for this key is already waiting or on its way", key=k))
+                return
+        need = sum(BufferPool.footprint(s.nbytes) for s in specs)
+        limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
+        if need > limit:
+            refuse(PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
+                                 f"{self._cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)"))
+            return
+        to = msg["to"]
+        to = min(float(to), self._cfg.timeout_s * 4) if to == to and to >= 0 else 0.0
+        # a little after the producer's own deadline, so its error (which knows why) wins
+        inc = Incoming(sess, seq, tid, specs, x, time.monotonic() + to + 0.25, evs)
+        sess.offers.append(inc)
+        self._incoming[(sess.ident, seq)] = inc
+        self._incoming_keys.update(keys)
+        self._inbox.expect(tid, sess.ident)
+        _trace.mark("rx.offer", tid)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Grant waiting offers that fit, oldest first within a session; one session cannot block another."""
+        for sess in list(self._sessions.values()):
+            while sess.offers:
+                inc = sess.offers[0]
+                if inc.failed:
+                    sess.offers.popleft()
+                    continue
+                if not self._admit_one(sess, inc):
+                    break
+                sess.offers.popleft()
+
+    def _admit_one(self, sess: _Session, inc: Incoming) -> bool:
+        comm = None
+        if inc.x == "nccl":
+            comm = sess.nccl.get("req")
+            state = comm.poll() if comm is not None else "failed"
+            if state == "init":
+                return False
+            if state != "ready":
+                self._fail_incoming(inc, TransportError("no NCCL communicator for requests"))
+                return True
+        need = sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        if sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
+            return False
+        bufs = []
+        for s in inc.specs:
+            b = self._pool.try_alloc(s.nbytes)
+            if b is None:
+                for b2 in bufs:
+                    b2.release()
+                return False
+            bufs.append(b)
+        inc.bufs = bufs
+        inc.comm = comm
+        sess.reserved += need
+        sess.admitted[inc.seq] = inc
+        offs = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
+        self._reply(sess.ident, "ogrant", seq=inc.seq, **offs)
+        _trace.mark("rx.granted", inc.transfer_id)
+        if inc.x == "nccl":
+            watcher = self._session_watcher(sess)
+            try:
+                for i, b in enumerate(bufs):
+                    comm.recv(b.data, comm.stream)
+                    ev = torch.cuda.Event()
+                    ev.record(comm.stream)
+                    inc.posted[i] = True
+                    watcher.add(ev, lambda i=i: self._landed(inc, i))
+            except P2pkvError as exc:
+                self._end_session_comm(sess, "req", exc)
+        return True
+
+    def _session_watcher(self, sess: _Session) -> Watcher:
+        if sess.watcher is None:
+            sess.watcher = Watcher(self._device, name=f"p2pkv-land-{self.port}")
+        return sess.watcher
+
+    def _landed(self, inc: Incoming, i: int) -> None:
+        """Tensor ``i`` of ``inc`` is in its buffer (watcher thread for GPUs, I/O thread for TCP)."""
+        with inc.lock:
+            buf, inc.bufs[i] = inc.bufs[i], None
+            inc.posted[i] = False
+            good = not inc.failed and (inc.comm is None or inc.comm.state == "ready")
+            if good:
+                inc.landed[i] = True
+            complete = good and all(inc.landed)
+        if buf is None:
+            return
+        if not good:
+            buf.release()  # failed meanwhile: the bytes are not trusted
+            return
+        spec = inc.specs[i]
+        err = self._inbox.deliver(inc.keys[i], buf, spec.dtype, spec.shape, src=inc.sess.ident)
+        _trace.mark("rx.landed", inc.keys[i])
+        if err is not None:
+            buf.release()  # aborted (or a duplicate) meanwhile: discard
+        self._stats.add("bytes_received", spec.nbytes)
+        self._stats.add("tensors_received")
+        if complete:
+            if threading.current_thread() is self._thread:
+                self._request_done(inc)
+            else:
+                self._submit(("odone", inc), force=True)
+
+    def _request_done(self, inc: Incoming) -> None:
+        sess = inc.sess
+        if sess.admitted.pop(inc.seq, None) is not None:
+            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        self._forget_incoming(inc)
+        if self._sessions.get(sess.ident) is sess:
+            self._reply(sess.ident, "odone", seq=inc.seq)
+        self._stats.add("requests_received")
+        self._admit()
+
+    def _forget_incoming(self, inc: Incoming) -> None:
+        self._incoming.pop((inc.sess.ident, inc.seq), None)
+        self._incoming_keys.difference_update(inc.keys)
+
+    def _fail_incoming(self, inc: Incoming, err: P2pkvError, *, reply: bool = True, keys_error: bool = True) -> None:
+        """Give up on an incoming request (I/O thread): free what no GPU work can still write."""
+        with inc.lock:
+            if inc.failed:
+                return
+            inc.failed = True
+            free = [(i, b) for i, b in enumerate(inc.bufs) if b is not None and not inc.posted[i]]
+            if inc.x == "ipc" and reply and inc.admitted:
+                inc.quarantine = True  # the producer may still write unposted items: wait for its ofin
+                free = []
+            for i, _ in free:
+                inc.bufs[i] = None
+        for _, b in free:
+            b.release()
+        sess = inc.sess
+        if sess.admitted.pop(inc.seq, None) is not None:
+            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+        if not inc.quarantine:
+            self._forget_incoming(inc)
+        else:
+            self._incoming_keys.difference_update(inc.keys)
+        if keys_error:
+            self._inbox.fail_transfer(inc.transfer_id, lambda: err.__class__(str(err.message), key=inc.transfer_id))
+        if reply and self._sessions.get(sess.ident) is sess:
+            self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg=err.message[:500])
+        self._stats.add("requests_failed_rx")
+
+    def _release_quarantine(self, inc: Incoming) -> None:
+        with inc.lock:
+            free = [(i, b) for i, b in enumerate(inc.bufs) if b is not None and not inc.posted[i]]
+            for i, _ in free:
+                inc.bufs[i] = None
+            inc.quarantine = False
+        for _, b in free:
+            b.release()
+        self._forget_incoming(inc)
+
+    def _on_offer_msg(self, sess: _Session, t: str, msg: dict[str, Any]) -> None:
+        inc = self._incoming.get((sess.ident, msg["seq"]))
+        if t == "odata":
+            if inc is None or inc.x != "tcp" or not inc.admitted or inc.failed or \
+                    not 0 <= msg["idx"] < len(inc.specs) or inc.bufs[msg["idx"]] is None:
+                return  # late frames of a failed request: drained by the caller
+            i = msg["idx"]
+            buf = inc.bufs[i]
+            if not self._router.getsockopt(zmq.RCVMORE):
+                self._fail_incoming(inc, ProtocolError("odata lacks its payload frame"))
+                return
+            got = self._recv_payload(buf)
+            if got != buf.nbytes or msg["n"] != buf.nbytes:
+                self._fail_incoming(inc, ProtocolError(f"payload of {got} bytes, the offer said {buf.nbytes}"))
+                return
+            self._landed(inc, i)
+        elif t == "opost":
+            i, evi = msg["idx"], msg["ev"]
+            if inc is None or inc.x != "ipc" or not inc.admitted or not 0 <= i < len(inc.specs) or \
+                    evi >= len(inc.evs) or inc.bufs[i] is None or inc.posted[i]:
+                return
+            ev = sess.ipc_events.get(inc.evs[evi])
+            if ev is None:
+                try:
+                    ev = torch.cuda.Event.from_ipc_handle(self._device, inc.evs[evi])
+                except Exception as exc:
+                    self._fail_incoming(inc, TransportError(f"cannot open the peer's CUDA IPC event: {exc}"))
+                    return
+                sess.ipc_events[inc.evs[evi]] = ev
+            with inc.lock:
+                inc.posted[i] = True
+            self._session_watcher(sess).add(ev, lambda: self._landed(inc, i))
+        elif t == "oabort":
+            if inc is None:
+                return
+            if not inc.admitted:
+                try:
+                    sess.offers.remove(inc)
+                except ValueError:
+                    pass
+            err = error_from_code(msg.get("code", "aborted"), f"the producer gave up: {msg['msg'][:300]}",
+                                  key=inc.transfer_id)
+            with inc.lock:
+                inc.quarantine = False
+            if msg.get("end") and inc.x == "nccl" and inc.admitted:
+                self._end_session_comm(sess, "req", err)  # its communicator ended: ours must too
+            self._fail_incoming(inc, err, reply=False, keys_error=True)
+            if inc.x == "ipc":
+                self._release_quarantine(inc)
+            self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg="discarded")
+        elif t == "ofin":
+            if inc is not None and inc.quarantine:
+                self._release_quarantine(inc)
+
+    def _tick_incoming(self, now: float) -> None:
+        for inc in [i for i in self._incoming.values() if i.deadline < now]:
+            if inc.quarantine:
+                if inc.deadline + 2 * self._cfg.timeout_s < now:
+                    self._release_quarantine(inc)  # the producer never said it stopped writing
+                continue
+            if inc.failed:
+                continue
+            sess = inc.sess
+            err = TransferTimeout("the receiver's deadline passed before every tensor of the request arrived"
+                                  + ("" if inc.admitted else " (no room for it)"), key=inc.transfer_id)
+            if inc.x == "nccl" and inc.admitted:
+                self._end_session_comm(sess, "req", err)  # posted receives may still write: end them first
+            else:
+                try:
+                    sess.offers.remove(inc)
+                except ValueError:
+                    pass
+                self._fail_incoming(inc, err)
+

@@ -1,0 +1,225 @@
+"""State of the engine's peers, sessions and work items, and small wire helpers."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket as _socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+import zmq
+
+from ..errors import InvalidAddress, P2pkvError, TransportError
+from ..handles import SendHandle
+from ..keys import TransferKey
+from ..pool import Buffer, BufferPool
+from ..request import Incoming, RequestHandle
+
+log = logging.getLogger("p2pkv")
+
+_ADDR = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9_.\-]+)):(\d{1,5})$")
+_TICK_S = 0.02
+_IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (a ring)
+
+class _LocalArena:
+    """An engine's arena in this process, viewed like an :class:`IpcMapping` (no IPC needed)."""
+
+    def __init__(self, arena: torch.Tensor):
+        self.tensor = arena
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.tensor.numel():
+            raise TransportError(f"range [{offset}, {offset + nbytes}) outside the peer's arena")
+        return self.tensor[offset:offset + nbytes]
+
+    def close(self) -> None:
+        pass
+
+
+def parse_address(addr: Any) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``); raise :class:`InvalidAddress`."""
+    if not isinstance(addr, str):
+        raise InvalidAddress(f"peer address must be a 'host:port' str, got {type(addr).__name__}")
+    m = _ADDR.match(addr.strip())
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise InvalidAddress(f"peer address must look like 'host:port', got {addr!r:.100}")
+    return (m.group(1) or m.group(2)), int(m.group(3))
+
+
+def _zmq_endpoint(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _host_id() -> str:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                mid = f.read().strip()
+            if mid:
+                return f"{mid}:{_socket.gethostname()}"
+        except OSError:
+            pass
+    return f"host:{_socket.gethostname()}"
+
+
+# ----------------------------------------------------------------------------- work items
+class _SendItem:
+    __slots__ = ("handle", "key", "payload", "dtype", "shape", "nbytes", "footprint", "deadline", "seq", "ready",
+                 "stage", "gpu_event")
+
+    def __init__(self, handle: SendHandle, payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
+                 deadline: float, ready: Any = None):
+        self.handle = handle
+        self.key = handle.key
+        self.payload = payload
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = handle.nbytes
+        self.footprint = BufferPool.footprint(handle.nbytes)
+        self.deadline = deadline
+        self.seq = -1
+        self.ready = ready          # CUDA event: the producer's stream has written the tensor
+        self.stage: Buffer | None = None  # our pool buffer holding a staged copy (CUDA IPC)
+        self.gpu_event: Any = None  # last GPU operation reading the payload or the stage
+
+
+class _PullItem:
+    __slots__ = ("key", "peer", "out", "deadline", "seq", "event", "result", "error", "timeout")
+
+    def __init__(self, key: TransferKey, peer: str, out: torch.Tensor | None, timeout: float):
+        self.key = key
+        self.peer = peer
+        self.out = out
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.seq = -1
+        self.event = threading.Event()
+        self.result: torch.Tensor | None = None
+        self.error: P2pkvError | None = None
+
+    def finish(self, result: torch.Tensor | None = None, error: P2pkvError | None = None) -> None:
+        if self.event.is_set():
+            return
+        self.result, self.error = result, error
+        self.event.set()
+
+
+class _ConnectWaiter:
+    __slots__ = ("event", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: P2pkvError | None = None
+
+
+class _Peer:
+    """Our outgoing connection (DEALER) to one peer engine."""
+
+    def __init__(self, addr: str, sock: zmq.Socket, mon: zmq.Socket):
+        now = time.monotonic()
+        self.addr = addr
+        self.sock = sock
+        self.mon = mon
+        self.ready = False
+        self.eid = ""
+        self.caps: dict[str, Any] = {}
+        self.queue: deque[_SendItem] = deque()
+        self.inflight: dict[int, _SendItem] = {}
+        self.pulls: dict[int, _PullItem] = {}
+        self.connect_waiters: list[_ConnectWaiter] = []
+        self.credit = 0
+        self.creq_pending = False
+        self.window = 0
+        self.pool = 0
+        self.maxmsg = 0
+        self.seq = 0
+        self.created = now
+        self.last_rx = now
+        self.last_tx = now
+        self.idle_since = now
+        self.xport = "tcp"                      # transport for CUDA tensors to this peer
+        self.nccl: dict[str, Any] = {}          # "push"/"pull" -> Comm
+        self.ipc: Any = None                    # IpcMapping of the peer's arena
+        self.pull_waiting: list[_PullItem] = []  # pulls waiting for the handshake or an NCCL comm
+        # whole requests (p2pkv.request): waiting to be offered, offered by seq, and the posting order
+        self.req_waiting: deque[RequestHandle] = deque()
+        self.reqs: dict[int, RequestHandle] = {}
+        self.req_order: deque[RequestHandle] = deque()
+        self.post_lock = threading.Lock()      # posting is done by callers' threads and the I/O thread
+        self.ipc_out: Any = None                # the peer's arena, mapped for writing (IPC requests)
+        self.ipc_events: list[Any] = []         # interprocess events signalling our writes to the peer
+        self.ipc_handles: list[bytes] = []
+        self.ipc_next = 0
+        self.copy_stream: Any = None
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def busy(self) -> bool:
+        return bool(self.queue or self.inflight or self.pulls or self.connect_waiters or self.pull_waiting
+                    or self.req_waiting or self.reqs)
+
+
+class _Session:
+    """A peer's incoming connection to our ROUTER (identified by its routing id)."""
+
+    def __init__(self, ident: bytes, eid: str, caps: dict[str, Any]):
+        self.ident = ident
+        self.eid = eid
+        self.caps = caps
+        self.last_rx = time.monotonic()
+        self.outstanding = 0
+        self.creq: tuple[int, int] | None = None
+        self.creq_t = 0.0
+        self.nccl: dict[str, Any] = {}
+        self.nccl_backlog: list[dict[str, Any]] = []  # data headers waiting for the push comm
+        self.ipc: Any = None
+        self.offers: deque[Incoming] = deque()      # whole requests waiting for room (FIFO)
+        self.admitted: dict[int, Incoming] = {}     # granted, not yet fully landed
+        self.reserved = 0                           # pool bytes held by admitted requests
+        self.watcher: Any = None                    # waits for this session's GPU landings
+        self.ipc_events: dict[bytes, Any] = {}      # the peer's interprocess events, opened once
+
+    def __repr__(self) -> str:
+        return f"session({self.eid or self.ident.hex()})"
+
+
+class _ParkedPull:
+    __slots__ = ("sess", "seq", "key", "deadline", "dt", "sh", "x")
+
+    def __init__(self, sess: _Session, seq: int, key: TransferKey, deadline: float, dt: Any, sh: Any, x: str):
+        self.sess, self.seq, self.key, self.deadline, self.dt, self.sh, self.x = sess, seq, key, deadline, dt, sh, x
+
+
+# Arenas of engines in this process, by engine id: CUDA IPC cannot open a handle
+# exported by its own process, so same-process peers read each other's arena directly.
+_LOCAL_ARENAS: dict[str, torch.Tensor] = {}
+
+
+# ----------------------------------------------------------------------------- engine
+def _valid_seq(seq: Any) -> int | None:
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+
+
+def _seq_of(hdr: bytes) -> int | None:
+    """Best-effort ``seq`` of a header that failed validation, so the sender's item fails fast."""
+    try:
+        import msgpack
+
+        m = msgpack.unpackb(hdr, raw=False, max_str_len=8192, max_bin_len=8192, max_array_len=4096,
+                            max_map_len=64)
+        return _valid_seq(m.get("seq")) if isinstance(m, dict) else None
+    except Exception:
+        return None
+
+
+def _drain(sock: zmq.Socket) -> None:
+    """Discard the rest of a multipart message (keeps framing safe after an error)."""
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv(copy=False)
+
