@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ from . import _trace
 from ._engine.base import _EngineBase
 from ._engine.channel import _Channel
 from ._engine.comms import _CommManager
-from ._engine.loop import _ProgressLoop
+from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
@@ -148,9 +149,12 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             from .transport.cuda import Completer
 
             _LOCAL_ARENAS[self.eid] = self._pool.arena
-            self._completer = Completer(self._post_gpu, name=f"p2pkv-cuda-{self.port}")
+            post = weakref.WeakMethod(self._post_gpu)
+            self._completer = Completer(lambda cb, ok: (lambda m: m and m(cb, ok))(post()),
+                                        name=f"p2pkv-cuda-{self.port}")
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"p2pkv-io-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=io_main, args=(weakref.ref(self),), name=f"p2pkv-io-{self.port}",
+                                        daemon=True)
         self._thread.start()
 
     @property
@@ -421,7 +425,10 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             return
         self._closed = True
         th = self._thread
-        if th is not None and th.is_alive():
+        if th is threading.current_thread():  # collected on the I/O thread (an engine never closed)
+            self._say_goodbye()
+            self._fail_everything(lambda: EngineClosed(f"engine {self.address} closed"))
+        elif th is not None and th.is_alive():
             self._submit(("stop",), force=True)
             th.join(timeout=10.0)
         self._teardown()

@@ -26,56 +26,43 @@ from .base import _EngineBase
 class _ProgressLoop(_EngineBase):
     """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
 
-    def _run(self) -> None:
-        if self._cuda:
-            torch.cuda.set_device(self._device)
-        try:
-            while True:
-                try:
-                    events = dict(self._poller.poll(int(_TICK_S * 1000)))
-                except zmq.ZMQError as exc:
-                    if exc.errno == errno.EINTR:
-                        continue
-                    raise
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                # Cleared after emptying the pipe and before draining: a command queued
-                # from here on either is drained below or writes a fresh wake-up byte.
-                self._wake_sent = False
-                if self._cmds:
-                    if self._drain_commands():
-                        return
-                    self._flush_acks()
-                if self._router in events:
-                    self._pump_router()
-                for sock in list(events):
-                    peer = self._peer_by_sock.get(sock)
-                    if peer is not None:
-                        self._pump_peer(peer)
-                        continue
-                    peer = self._peer_by_mon.get(sock)
-                    if peer is not None:
-                        self._pump_monitor(peer)
-                if self._mem_dirty:
-                    self._mem_dirty = False
-                    self._grant_credit()
-                    self._admit()
-                    for peer in list(self._peers.values()):
-                        if peer.queue and peer.ready:  # sends waiting for a staging buffer
-                            self._pump_sends(peer)
-                now = time.monotonic()
-                if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
-                    self._next_tick = now + 0.01
-                    self._tick()
-        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
-            log.exception("p2pkv I/O thread crashed; failing all pending transfers")
-            self._closed = True
-        finally:
-            self._fail_everything(lambda: EngineClosed(f"engine {self.address} closed"))
+    def _loop_once(self, events: dict[Any, int]) -> bool:
+        """One turn of the progress loop (I/O thread) after a poll; True when the engine stops."""
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        # Cleared after emptying the pipe and before draining: a command queued
+        # from here on either is drained below or writes a fresh wake-up byte.
+        self._wake_sent = False
+        if self._cmds:
+            if self._drain_commands():
+                return True
+            self._flush_acks()
+        if self._router in events:
+            self._pump_router()
+        for sock in list(events):
+            peer = self._peer_by_sock.get(sock)
+            if peer is not None:
+                self._pump_peer(peer)
+                continue
+            peer = self._peer_by_mon.get(sock)
+            if peer is not None:
+                self._pump_monitor(peer)
+        if self._mem_dirty:
+            self._mem_dirty = False
+            self._grant_credit()
+            self._admit()
+            for peer in list(self._peers.values()):
+                if peer.queue and peer.ready:  # sends waiting for a staging buffer
+                    self._pump_sends(peer)
+        now = time.monotonic()
+        if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
+            self._next_tick = now + 0.01
+            self._tick()
+        return False
 
     def _drain_commands(self) -> bool:
         while self._cmds:
@@ -385,3 +372,38 @@ class _ProgressLoop(_EngineBase):
                     pass
             self._pool.close()
 
+
+def io_main(wref: Any) -> None:
+    """The I/O thread: runs the engine's progress loop while the engine exists.
+
+    It holds the engine only through a weak reference between turns, so an
+    engine that its owner forgot to close can still be collected (its
+    ``__del__`` warns and closes it).
+    """
+    eng = wref()
+    if eng is None:
+        return
+    if eng._cuda:
+        torch.cuda.set_device(eng._device)
+    poller = eng._poller  # polled without holding the engine
+    del eng
+    while True:
+        try:
+            events = dict(poller.poll(int(_TICK_S * 1000)))
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            return  # the context was torn down under us: the engine is gone
+        eng = wref()
+        if eng is None:
+            return
+        try:
+            stop = eng._loop_once(events)
+        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
+            log.exception("p2pkv I/O thread crashed; failing all pending transfers")
+            eng._closed = True
+            stop = True
+        if stop:
+            eng._fail_everything(lambda eng=eng: EngineClosed(f"engine {eng.address} closed"))
+            return
+        del eng
