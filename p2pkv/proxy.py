@@ -1,81 +1,357 @@
 """XpYd disaggregation proxy for OpenAI-compatible servers (vLLM), built on aiohttp.
 
-``python -m p2pkv.proxy --port 8000 [--prefill URL[,P2PKV_HOST:PORT]] [--decode URL,P2PKV_HOST:PORT]``
+``python -m p2pkv.proxy [--host 127.0.0.1] --port 8000 [--prefill URL[,P2PKV_HOST:PORT]] [--decode URL,P2PKV_HOST:PORT]``
 
 For every ``/v1/completions`` or ``/v1/chat/completions`` request the proxy
 allocates ONE canonical ``transfer_id`` and hands it to both sides in
 ``kv_transfer_params``: the prefill request (``max_tokens=1``, not streamed)
 carries ``do_remote_decode`` and the decode engine's p2pkv address (push mode);
-the decode request carries ``do_remote_prefill`` plus whatever the prefill
+the decode request carries ``do_remote_prefill`` plus the fields the prefill
 engine returned in its ``kv_transfer_params`` (the producer's address, for pull
-mode). The decode response is passed back, streamed if the client asked.
+mode), checked and filtered to the known keys. The decode response is passed
+back, streamed if the client asked.
 
-Instances are given on the command line or register themselves with
-``POST /register {"role": "prefill"|"decode", "url": ..., "p2pkv": "host:port"}``
-and keep registering as a heartbeat; one silent for ``--instance-ttl`` seconds,
-or one that refuses a connection, is dropped. Prefill and decode instances are
-each picked round-robin. ``GET /instances`` lists them.
+Instances are given on the command line (*static*: never dropped; one that
+refuses a connection is skipped for a growing back-off and then retried) or
+register themselves with ``POST /register {"role": "prefill"|"decode", "url":
+..., "p2pkv": "host:port"}`` and ``Authorization: Bearer <token>`` and keep
+registering as a heartbeat (*dynamic*: dropped after ``--instance-ttl`` seconds
+of silence, or at once when they refuse a connection). Registration needs the
+shared secret of ``--register-token`` (or ``$P2PKV_PROXY_REGISTER_TOKEN``);
+without one it is refused unless ``--allow-unauthenticated-register`` is given
+(trusted networks only). Prefill and decode instances are each picked
+round-robin among the healthy ones.
+
+Endpoints: ``GET /health`` (200 when at least one prefill and one decode
+instance are healthy, else 503; JSON with the counts), ``GET /healthz``
+(liveness: always 200), ``GET /instances`` (needs the token when one is set).
+
+The proxy listens on 127.0.0.1 unless ``--host`` says otherwise, caps its client
+connections (the oldest connection that has not sent a whole request is closed
+to make room), closes connections that do not send a request head within
+``--header-timeout`` or a body within ``--body-timeout``, and bounds its
+connection pool to the instances. It never forwards the client's headers, the
+registration token or cookies to an instance.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from .errors import ConfigError, InvalidAddress, P2pkvError
 from .keys import new_transfer_id
 
 log = logging.getLogger("p2pkv.proxy")
 
-__all__ = ["Instance", "Registry", "make_app", "main"]
+__all__ = ["Instance", "Registry", "ProxyLimits", "RegistrationConflict", "RunningProxy", "make_app",
+           "start_proxy", "parse_host_port", "normalize_url", "main"]
+
+ROLES = ("prefill", "decode")
+TOKEN_ENV = "P2PKV_PROXY_REGISTER_TOKEN"
+#: Header the proxy adds to every request it sends to an instance; a request that comes back
+#: carrying the proxy's own id is a loop (an instance URL that is really the proxy).
+HOP_HEADER = "X-P2pkv-Proxy-Id"
+#: Keys of the prefill engine's ``kv_transfer_params`` passed on to the decode request, with
+#: their checks; anything else is dropped (an instance cannot smuggle fields to another one).
+_PASSED_PARAMS = ("remote_host", "remote_port", "remote_tp_size", "mode")
+
+_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
+_PATH_RE = re.compile(r"[A-Za-z0-9._~/-]*", re.ASCII)
 
 
+class RegistrationConflict(P2pkvError):
+    """A registration that would change an existing instance's role or p2pkv address."""
+
+
+# ------------------------------------------------------------------ validation
+def _check_host(host: Any, what: str) -> str:
+    """Return ``host`` (an IP address or a DNS name, lower-cased) or raise ``InvalidAddress``."""
+    if not isinstance(host, str) or not host:
+        raise InvalidAddress(f"{what}: the host must be a non-empty string, got {host!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise InvalidAddress(f"{what}: {host!r} is neither an IP address nor a DNS host name") from None
+        return host.lower().rstrip(".")
+    if ip.is_unspecified or ip.is_multicast:
+        raise InvalidAddress(f"{what}: {host!r} is not an address one can connect to")
+    return str(ip)
+
+
+def _check_port(port: Any, what: str) -> int:
+    """Return ``port`` as an int in 1..65535; strings must be ASCII digits (``"²"`` is refused)."""
+    if isinstance(port, str):
+        if not _PORT_RE.fullmatch(port):
+            raise InvalidAddress(f"{what}: the port must be 1 to 5 ASCII digits, got {port!r}")
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidAddress(f"{what}: the port must be an integer in 1..65535, got {port!r}")
+    return port
+
+
+def parse_host_port(spec: Any, what: str = "p2pkv address") -> tuple[str, int]:
+    """Parse ``"host:port"`` or ``"[ipv6]:port"``.
+
+    Parameters
+    ----------
+    spec : Any
+        The address, as a registrant sent it.
+    what : str
+        What the address is, for the error message.
+
+    Returns
+    -------
+    tuple[str, int]
+        The host (IPv6 without brackets) and the port.
+
+    Raises
+    ------
+    InvalidAddress
+        ``spec`` is not a string, the host is not an IP address or DNS name (or is
+        ``0.0.0.0``/``::``), or the port is not an integer in 1..65535.
+    """
+    if not isinstance(spec, str) or len(spec) > 300 or not spec.isascii():
+        raise InvalidAddress(f"{what} must be an ASCII string 'host:port', got {spec!r}")
+    if spec.startswith("["):
+        host, sep, port = spec[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise InvalidAddress(f"{what} must be '[ipv6]:port', got {spec!r}")
+    else:
+        host, sep, port = spec.rpartition(":")
+        if not sep or ":" in host:
+            raise InvalidAddress(f"{what} must be 'host:port' (IPv6 in brackets), got {spec!r}")
+    return _check_host(host, what), _check_port(port, what)
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def normalize_url(url: Any) -> str:
+    """Check an instance's base URL and return it as ``scheme://host:port[/path]``.
+
+    Raises
+    ------
+    InvalidAddress
+        Not an ``http``/``https`` URL with a valid host and port, or it has user
+        info, a query, a fragment or an odd path.
+    """
+    if not isinstance(url, str) or len(url) > 2048 or not url.isascii():
+        raise InvalidAddress(f"url must be an ASCII http(s) URL, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidAddress(f"url must be an http(s) URL, got {url!r}")
+    if "@" in parts.netloc or parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise InvalidAddress(f"url must have no user info, query or fragment, got {url!r}")
+    if not _PATH_RE.fullmatch(parts.path) or "//" in parts.path or "/." in parts.path:
+        raise InvalidAddress(f"url has an unsupported path: {url!r}")
+    netloc = parts.netloc
+    if netloc.startswith("["):
+        host, sep, rest = netloc[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise InvalidAddress(f"url has a bad IPv6 host: {url!r}")
+        port: Any = rest[1:] if rest else None
+    else:
+        host, sep, port = netloc.partition(":")
+        if not sep:
+            port = None
+    host = _check_host(host, "url")
+    port = (443 if parts.scheme == "https" else 80) if port is None else _check_port(port, "url")
+    return f"{parts.scheme}://{_fmt_host(host)}:{port}{parts.path.rstrip('/')}"
+
+
+def _check_role(role: Any) -> str:
+    if not isinstance(role, str) or role not in ROLES:
+        raise ConfigError(f"role must be 'prefill' or 'decode', got {role!r}"[:200])
+    return role
+
+
+def _passed_params(params: Any, who: str) -> dict[str, Any]:
+    """The checked subset of a prefill reply's ``kv_transfer_params`` given to the decode request.
+
+    Raises
+    ------
+    _UpstreamError
+        The params are not an object, or a known key has the wrong type (the proxy answers 502).
+    """
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise _UpstreamError(f"{who} returned kv_transfer_params that are not a JSON object")
+    out: dict[str, Any] = {}
+    try:
+        if params.get("remote_host") is not None:
+            out["remote_host"] = _check_host(params["remote_host"], "remote_host")
+        if params.get("remote_port") is not None:
+            p = params["remote_port"]
+            if isinstance(p, str):
+                raise InvalidAddress(f"remote_port must be a JSON integer, got {p!r}")
+            out["remote_port"] = _check_port(p, "remote_port")
+    except InvalidAddress as exc:
+        raise _UpstreamError(f"{who} returned bad kv_transfer_params: {exc}") from None
+    tp = params.get("remote_tp_size")
+    if tp is not None:
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 65536:
+            raise _UpstreamError(f"{who} returned bad kv_transfer_params: remote_tp_size={tp!r}"[:300])
+        out["remote_tp_size"] = tp
+    mode = params.get("mode")
+    if mode is not None:
+        if mode not in ("push", "pull"):
+            raise _UpstreamError(f"{who} returned bad kv_transfer_params: mode={mode!r}"[:300])
+        out["mode"] = mode
+    dropped = sorted(str(k)[:40] for k in params if k not in _PASSED_PARAMS
+                     and k not in ("transfer_id", "do_remote_prefill", "do_remote_decode"))
+    if dropped:
+        log.warning("%s: dropped unknown kv_transfer_params keys %s", who, dropped[:10])
+    return out
+
+
+class _UpstreamError(Exception):
+    """An instance answered with something the proxy cannot use (-> 502)."""
+
+
+# ------------------------------------------------------------------ registry
 @dataclass
 class Instance:
+    """One prefill or decode instance.
+
+    ``static`` instances come from the command line and are never dropped; after a
+    failed connection they are skipped until ``unhealthy_until`` (a back-off that
+    doubles per consecutive failure) and then tried again.
+    """
+
     role: str
     url: str
     p2pkv: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     static: bool = False
+    failures: int = 0
+    unhealthy_until: float = 0.0
 
     def p2pkv_host_port(self) -> tuple[str | None, int | None]:
         if not self.p2pkv:
             return None, None
-        host, _, port = self.p2pkv.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_host_port(self.p2pkv)
+
+    def healthy(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.unhealthy_until
 
 
 class Registry:
-    """Prefill and decode instances, with heartbeat expiry and round-robin choice."""
+    """Prefill and decode instances, with heartbeat expiry, back-off and round-robin choice.
 
-    def __init__(self, ttl_s: float = 10.0):
+    Parameters
+    ----------
+    ttl_s : float
+        Dynamic instances silent this long are dropped.
+    backoff_s, max_backoff_s : float
+        A static instance that failed ``n`` times in a row is skipped for
+        ``min(backoff_s * 2**(n-1), max_backoff_s)`` seconds.
+    max_instances : int
+        At most this many instances per role (registrations beyond are refused).
+
+    Rules for ``register`` (a heartbeat is a repeated registration):
+
+    * the URL is normalized (``scheme://host:port[/path]``), so spellings of one URL are one instance;
+    * one URL has one role; registering it under the other role is a ``RegistrationConflict``;
+    * the p2pkv address of a registered instance is fixed: a registration with another
+      address is a ``RegistrationConflict`` (for a dynamic instance, until it has expired);
+      one without an address keeps the old one;
+    * a dynamic registration of a static instance's URL only refreshes it.
+    """
+
+    def __init__(self, ttl_s: float = 10.0, *, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 max_instances: int = 256):
+        if not ttl_s > 0 or not backoff_s > 0 or not max_backoff_s >= backoff_s or max_instances < 1:
+            raise ConfigError("Registry: ttl_s and backoff_s must be > 0, max_backoff_s >= backoff_s, "
+                              "max_instances >= 1")
         self.ttl_s = ttl_s
-        self._by_role: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}}
-        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_instances = max_instances
+        self._by_role: dict[str, dict[str, Instance]] = {r: {} for r in ROLES}
+        self._rr = {r: itertools.count() for r in ROLES}
 
-    def register(self, role: str, url: str, p2pkv: str | None = None, static: bool = False) -> Instance:
-        if role not in self._by_role:
-            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must be an http(s) URL, got {url!r}")
-        if p2pkv is not None and (not isinstance(p2pkv, str) or ":" not in p2pkv
-                                  or not p2pkv.rpartition(":")[2].isdigit()):
-            raise ValueError(f"p2pkv must be 'host:port', got {p2pkv!r}")
+    def register(self, role: Any, url: Any, p2pkv: Any = None, static: bool = False) -> Instance:
+        """Add or refresh an instance.
+
+        Raises
+        ------
+        ConfigError
+            ``role`` is not ``"prefill"``/``"decode"`` or the role already has ``max_instances``.
+        InvalidAddress
+            ``url`` or ``p2pkv`` is malformed (see ``normalize_url``, ``parse_host_port``).
+        RegistrationConflict
+            The URL is registered under the other role or with another p2pkv address.
+        """
+        role = _check_role(role)
+        url = normalize_url(url)
+        if p2pkv is not None:
+            host, port = parse_host_port(p2pkv)
+            p2pkv = f"{_fmt_host(host)}:{port}"
+        self.expire()
+        other = "decode" if role == "prefill" else "prefill"
+        if url in self._by_role[other]:
+            raise RegistrationConflict(f"{url} is already registered as a {other} instance")
         inst = self._by_role[role].get(url)
         if inst is None:
-            inst = self._by_role[role][url] = Instance(role, url.rstrip("/"), p2pkv, static=static)
-            log.info("registered %s instance %s (p2pkv %s)", role, url, p2pkv)
+            if len(self._by_role[role]) >= self.max_instances:
+                raise ConfigError(f"too many {role} instances (max_instances={self.max_instances})")
+            inst = self._by_role[role][url] = Instance(role, url, p2pkv, static=static)
+            log.info("registered %s instance %s (p2pkv %s%s)", role, url, p2pkv, ", static" if static else "")
+        elif p2pkv is not None and p2pkv != inst.p2pkv:
+            raise RegistrationConflict(
+                f"{role} instance {url} is registered with p2pkv address {inst.p2pkv}; it cannot be changed to "
+                f"{p2pkv}" + ("" if inst.static else f" before the old registration expires ({self.ttl_s:g}s)"))
         inst.last_seen = time.monotonic()
-        inst.p2pkv = p2pkv or inst.p2pkv
         return inst
 
     def drop(self, inst: Instance, why: str) -> None:
+        """Remove a dynamic instance (static ones are only marked unhealthy; see ``failed``)."""
+        if inst.static:
+            self.failed(inst, why)
+            return
         if self._by_role[inst.role].pop(inst.url, None) is not None:
             log.warning("dropped %s instance %s: %s", inst.role, inst.url, why)
+
+    def failed(self, inst: Instance, why: str) -> None:
+        """A connection to ``inst`` failed: drop a dynamic instance, back a static one off."""
+        if not inst.static:
+            self.drop(inst, why)
+            return
+        inst.failures += 1
+        wait = min(self.backoff_s * 2 ** min(inst.failures - 1, 30), self.max_backoff_s)
+        inst.unhealthy_until = time.monotonic() + wait
+        log.warning("%s instance %s unhealthy for %.1fs (failure %d): %s", inst.role, inst.url, wait,
+                    inst.failures, why)
+
+    def succeeded(self, inst: Instance) -> None:
+        """A request to ``inst`` got an answer: clear its back-off."""
+        if inst.failures:
+            log.info("%s instance %s is healthy again", inst.role, inst.url)
+        inst.failures = 0
+        inst.unhealthy_until = 0.0
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -85,59 +361,338 @@ class Registry:
                     self.drop(inst, f"no heartbeat for {now - inst.last_seen:.1f}s")
 
     def pick(self, role: str) -> Instance | None:
+        """The next healthy instance of ``role`` (round-robin), or None."""
         self.expire()
-        live = list(self._by_role[role].values())
+        now = time.monotonic()
+        live = [i for i in self._by_role[role].values() if i.healthy(now)]
         if not live:
             return None
         return live[next(self._rr[role]) % len(live)]
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per role: ``{"healthy": n, "total": m}``."""
+        self.expire()
+        now = time.monotonic()
+        return {role: {"healthy": sum(i.healthy(now) for i in insts.values()), "total": len(insts)}
+                for role, insts in self._by_role.items()}
+
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         self.expire()
-        return {role: [{"url": i.url, "p2pkv": i.p2pkv, "static": i.static} for i in insts.values()]
+        now = time.monotonic()
+        return {role: [{"url": i.url, "p2pkv": i.p2pkv, "static": i.static, "healthy": i.healthy(now)}
+                       for i in insts.values()]
                 for role, insts in self._by_role.items()}
 
 
-def make_app(registry: Registry, timeout_s: float = 600.0):
-    """The proxy as an ``aiohttp.web.Application``."""
-    from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, web
+# ------------------------------------------------------------------ limits and connection guard
+@dataclass(frozen=True)
+class ProxyLimits:
+    """Resource limits of the proxy (all enforced by aiohttp or the connection guard).
 
-    session_key = web.AppKey("p2pkv_session", ClientSession)
+    Attributes
+    ----------
+    max_connections : int
+        Client connections held at once; a new one beyond closes the oldest connection
+        that has not sent a whole request (or, if none, is answered 503 and closed).
+    header_timeout_s : float
+        A connection must send a complete request head within this long of opening (or of
+        its previous response); also the keep-alive idle timeout.
+    body_timeout_s : float
+        Time to receive a request's body.
+    max_body_bytes : int
+        Largest request body (413 beyond).
+    timeout_s : float
+        Total time of one request to an instance (the decode request includes the generation).
+    connect_timeout_s : float
+        Time to connect to an instance.
+    upstream_connections, upstream_connections_per_host : int
+        The proxy's client pool to the instances: total and per instance.
+    max_upstream_json_bytes : int
+        Largest prefill reply read.
+    """
+
+    max_connections: int = 1024
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    max_body_bytes: int = 16 << 20
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    upstream_connections: int = 256
+    upstream_connections_per_host: int = 64
+    max_upstream_json_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_body_bytes", "upstream_connections", "upstream_connections_per_host",
+                     "max_upstream_json_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ProxyLimits.{name} must be a positive int, got {v!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "timeout_s", "connect_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v < 1e6:
+                raise ConfigError(f"ProxyLimits.{name} must be a positive number of seconds, got {v!r}")
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers 503 and closes: the connection cap is reached and every connection is busy."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = b'{"error":{"message":"proxy connection limit reached"}}'
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.close()
+
+
+class _ConnectionGuard:
+    """Protocol factory in front of aiohttp's server that caps concurrent connections.
+
+    Connections are in one of three phases: *idle* (no request head yet: slowloris lives
+    here), *body* (a handler reads the request body) and *work* (the request is being
+    served). When the cap is reached, a new connection closes the oldest idle one, else
+    the oldest one still in *body*; a connection in *work* is never closed for another.
+    """
+
+    def __init__(self, max_connections: int):
+        self.max_connections = max_connections
+        self._server: Any = None
+        self._phase: dict[Any, str] = {}
+        self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.evictions = 0
+        self.refusals = 0
+
+    def attach(self, server: Any) -> None:
+        self._server = server
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        server = self._server
+        conns = [c for c in server.connections if c not in self._evicted]
+        if len(conns) >= self.max_connections:
+            victim = (next((c for c in conns if c not in self._phase), None)
+                      or next((c for c in conns if self._phase.get(c) == "body"), None))
+            if victim is None:
+                self.refusals += 1
+                return _Refuse()
+            self._evicted.add(victim)
+            self._phase.pop(victim, None)
+            victim.force_close()
+            self.evictions += 1
+        protocol: asyncio.BaseProtocol = server()
+        return protocol
+
+    def begin(self, proto: Any) -> None:
+        self._phase[proto] = "body"
+
+    def working(self, proto: Any) -> None:
+        if proto in self._phase:
+            self._phase[proto] = "work"
+
+    def end(self, proto: Any) -> None:
+        self._phase.pop(proto, None)
+
+
+@dataclass
+class _State:
+    registry: Registry
+    limits: ProxyLimits
+    token: bytes | None
+    allow_unauthenticated: bool
+    guard: _ConnectionGuard
+    proxy_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    listen: tuple[str, int] | None = None
+    session: Any = None
+
+
+def _local_names() -> set[str]:
+    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
+    try:
+        names.add(socket.gethostname().lower())
+    except OSError:  # pragma: no cover
+        pass
+    return names
+
+
+def is_own_url(url: str, listen: tuple[str, int] | None) -> bool:
+    """Whether ``url`` (normalized) obviously points at the proxy listening on ``listen``.
+
+    Loopback addresses, ``localhost``, this host's name and the listening host with the
+    listening port count; other aliases are caught at request time by the loop header.
+    """
+    if listen is None:
+        return False
+    parts = urlsplit(url)
+    if parts.port != listen[1]:
+        return False
+    host = (parts.hostname or "").lower()
+    if host in _local_names() or host == listen[0].lower():
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------ the app
+def make_app(registry: Registry, timeout_s: float | None = None, *, register_token: str | None = None,
+             allow_unauthenticated_register: bool = False, limits: ProxyLimits | None = None) -> Any:
+    """The proxy as an ``aiohttp.web.Application``.
+
+    Parameters
+    ----------
+    registry : Registry
+        The instances.
+    timeout_s : float, optional
+        Total time of one request to an instance (overrides ``limits.timeout_s``).
+    register_token : str, optional
+        Shared secret ``POST /register`` and ``GET /instances`` must present as
+        ``Authorization: Bearer <token>`` (compared in constant time).
+    allow_unauthenticated_register : bool
+        Without a token, accept registrations from anyone who can reach the proxy
+        (trusted networks only). Without a token and without this, ``/register`` is 403.
+    limits : ProxyLimits, optional
+        Connection, body and upstream limits. The connection cap and header timeout
+        apply when the app is served with ``start_proxy``.
+
+    Raises
+    ------
+    ConfigError
+        An empty ``register_token``.
+    """
+    from aiohttp import ClientConnectionError, ClientError, ClientSession, ClientTimeout, DummyCookieJar, \
+        TCPConnector, web
+
+    limits = limits or ProxyLimits()
+    if timeout_s is not None:
+        limits = dataclasses.replace(limits, timeout_s=timeout_s)
+    if register_token is not None and (not isinstance(register_token, str) or not register_token):
+        raise ConfigError("register_token must be a non-empty string")
+    state = _State(registry, limits, register_token.encode() if register_token else None,
+                   allow_unauthenticated_register, _ConnectionGuard(limits.max_connections))
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[])
+
+    def error(status: int, message: str, **headers: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "code": status}}, status=status,
+                                 headers=headers or None)
+
+    @web.middleware
+    async def phases(request: web.Request, handler: Any) -> web.StreamResponse:
+        proto = request.protocol
+        state.guard.begin(proto)
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        finally:
+            state.guard.end(proto)
+
+    app.middlewares.append(phases)
+
+    async def read_json(request: web.Request) -> Any:
+        """The request body as JSON; raises ``web.HTTPException``-like responses via ValueError."""
+        try:
+            raw = await asyncio.wait_for(request.read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _ClientBodyError(408, f"request body not received within {limits.body_timeout_s:g}s") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _ClientBodyError(413, f"request body larger than {limits.max_body_bytes} bytes") from None
+        state.guard.working(request.protocol)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise _ClientBodyError(400, f"bad request body: {exc}"[:300]) from None
+
+    def authorized(request: web.Request) -> web.Response | None:
+        if state.token is None:
+            if state.allow_unauthenticated:
+                return None
+            return error(403, "registration is disabled: the proxy has no --register-token "
+                              f"(or ${TOKEN_ENV}) and was not started with --allow-unauthenticated-register")
+        got = request.headers.get("Authorization", "")
+        scheme, _, given = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 state.token):
+            return error(401, "missing or wrong registration token (Authorization: Bearer <token>)",
+                         **{"WWW-Authenticate": 'Bearer realm="p2pkv-proxy"'})
+        return None
 
     async def on_startup(app: web.Application) -> None:
-        app[session_key] = ClientSession(timeout=ClientTimeout(total=timeout_s))
+        state.session = ClientSession(
+            connector=TCPConnector(limit=limits.upstream_connections,
+                                   limit_per_host=limits.upstream_connections_per_host),
+            timeout=ClientTimeout(total=limits.timeout_s, sock_connect=limits.connect_timeout_s),
+            cookie_jar=DummyCookieJar(),  # an instance's cookies must not travel to another one
+            trust_env=False)
 
     async def on_cleanup(app: web.Application) -> None:
-        await app[session_key].close()
+        if state.session is not None:
+            await state.session.close()
 
     async def register(request: web.Request) -> web.Response:
+        denied = authorized(request)
+        if denied is not None:
+            return denied
         try:
-            body = await request.json()
-            inst = registry.register(body.get("role"), body.get("url"), body.get("p2pkv"))
-        except (ValueError, json.JSONDecodeError, AttributeError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            body = await read_json(request)
+        except _ClientBodyError as exc:
+            return error(exc.status, exc.message)
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object {role, url, p2pkv}")
+        try:
+            url = normalize_url(body.get("url"))
+            if is_own_url(url, state.listen):
+                return error(400, f"{url} is this proxy's own address")
+            inst = registry.register(body.get("role"), url, body.get("p2pkv"))
+        except RegistrationConflict as exc:
+            return error(409, str(exc))
+        except (ConfigError, InvalidAddress) as exc:
+            return error(400, str(exc))
         return web.json_response({"ok": True, "role": inst.role, "url": inst.url, "ttl_s": registry.ttl_s})
 
     async def instances(request: web.Request) -> web.Response:
+        if state.token is not None:
+            denied = authorized(request)
+            if denied is not None:
+                return denied
         return web.json_response(registry.snapshot())
 
-    async def health(request: web.Request) -> web.Response:
+    async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def health(request: web.Request) -> web.Response:
+        counts = registry.counts()
+        ok = counts["prefill"]["healthy"] > 0 and counts["decode"]["healthy"] > 0
+        return web.json_response({"status": "ok" if ok else "unavailable", **counts}, status=200 if ok else 503)
+
+    async def read_bounded(r: Any, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of an upstream body, or None if it is larger."""
+        buf = bytearray()
+        async for chunk in r.content.iter_chunked(1 << 16):
+            buf += chunk
+            if len(buf) > limit:
+                return None
+        return bytes(buf)
+
+    hop = {HOP_HEADER: state.proxy_id}
+
+    def is_loop(r: Any) -> bool:
+        return r.status == 508 and r.headers.get(HOP_HEADER) == state.proxy_id
+
     async def forward(request: web.Request) -> web.StreamResponse:
+        if state.proxy_id in request.headers.getall(HOP_HEADER, []):
+            return error(508, "request loop: an instance URL points back at this proxy", **hop)
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the request body must be a JSON object")
-        except (ValueError, json.JSONDecodeError) as exc:
-            return web.json_response({"error": {"message": f"bad request body: {exc}"}}, status=400)
-        session: ClientSession = request.app[session_key]
+            body = await read_json(request)
+        except _ClientBodyError as exc:
+            return error(exc.status, exc.message)
+        if not isinstance(body, dict):
+            return error(400, "bad request body: the request body must be a JSON object")
+        session: ClientSession = state.session
         path = request.path
         tid = new_transfer_id()
         # ---- prefill: one token, no streaming, told where the decode engine listens
         for _ in range(8):
             pre, dec = registry.pick("prefill"), registry.pick("decode")
             if pre is None or dec is None:
-                return web.json_response({"error": {"message": "no live prefill or decode instance"}}, status=503)
+                return error(503, "no healthy prefill or decode instance")
             host, port = dec.p2pkv_host_port()
             pbody = dict(body, max_tokens=1, stream=False)
             if "max_completion_tokens" in body:
@@ -146,43 +701,175 @@ def make_app(registry: Registry, timeout_s: float = 600.0):
             pbody["kv_transfer_params"] = {"transfer_id": tid, "do_remote_decode": True, "do_remote_prefill": False,
                                            "remote_host": host, "remote_port": port}
             try:
-                async with session.post(pre.url + path, json=pbody) as r:
+                async with session.post(pre.url + path, json=pbody, headers=hop) as r:
+                    if is_loop(r):
+                        registry.failed(pre, "its URL leads back to this proxy")
+                        continue
+                    registry.succeeded(pre)
                     if r.status != 200:
-                        text = await r.text()
-                        return web.json_response({"error": {"message": f"prefill failed: {text[:500]}"}},
-                                                 status=r.status)
-                    pre_resp = await r.json()
+                        text = (await read_bounded(r, 4096) or b"").decode("utf-8", "replace")
+                        return error(r.status if 400 <= r.status < 600 else 502,
+                                     f"prefill failed ({r.status}): {text[:500]}")
+                    raw = await read_bounded(r, limits.max_upstream_json_bytes)
                 break
             except ClientConnectionError as exc:
-                registry.drop(pre, f"connection failed: {exc}")
+                registry.failed(pre, f"connection failed: {exc!r}"[:300])
+            except asyncio.TimeoutError:
+                return error(504, f"prefill instance {pre.url} did not answer within {limits.timeout_s:g}s")
+            except ClientError as exc:
+                return error(502, f"prefill instance {pre.url} failed: {exc!r}"[:300])
         else:
-            return web.json_response({"error": {"message": "prefill instances unreachable"}}, status=503)
-        params = dict(pre_resp.get("kv_transfer_params") or {})
+            return error(503, "prefill instances unreachable")
+        who = f"prefill instance {pre.url}"
+        try:
+            if raw is None:
+                raise _UpstreamError(f"{who} returned more than {limits.max_upstream_json_bytes} bytes")
+            try:
+                pre_resp = json.loads(raw)
+            except (ValueError, RecursionError):
+                raise _UpstreamError(f"{who} returned a body that is not JSON") from None
+            if not isinstance(pre_resp, dict):
+                raise _UpstreamError(f"{who} returned JSON that is not an object")
+            params = _passed_params(pre_resp.get("kv_transfer_params"), who)
+        except _UpstreamError as exc:
+            log.warning("%s", exc)
+            return error(502, str(exc))
         params.update({"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False})
         dbody = dict(body, kv_transfer_params=params)
         # ---- decode: the client's request, streamed back as it comes
         try:
-            async with session.post(dec.url + path, json=dbody) as r:
+            async with session.post(dec.url + path, json=dbody, headers=hop) as r:
+                if is_loop(r):
+                    registry.failed(dec, "its URL leads back to this proxy")
+                    return error(502, "decode instance URL leads back to this proxy")
+                registry.succeeded(dec)
                 resp = web.StreamResponse(status=r.status, headers={
                     "Content-Type": r.headers.get("Content-Type", "application/json"), "X-P2pkv-Transfer-Id": tid})
                 await resp.prepare(request)
-                async for chunk in r.content.iter_any():
-                    await resp.write(chunk)
-                await resp.write_eof()
+                try:
+                    async for chunk in r.content.iter_any():
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                except (ClientError, asyncio.TimeoutError) as exc:  # headers are out: all we can do is cut it short
+                    log.warning("decode instance %s broke off transfer %s: %r", dec.url, tid, exc)
+                    request.protocol.force_close()
                 return resp
         except ClientConnectionError as exc:
-            registry.drop(dec, f"connection failed: {exc}")
-            return web.json_response({"error": {"message": f"decode instance unreachable: {exc}"}}, status=503)
+            registry.failed(dec, f"connection failed: {exc!r}"[:300])
+            return error(503, f"decode instance unreachable: {exc}"[:300])
+        except asyncio.TimeoutError:
+            return error(504, f"decode instance {dec.url} did not answer within {limits.timeout_s:g}s")
+        except ClientError as exc:
+            return error(502, f"decode instance {dec.url} failed: {exc!r}"[:300])
 
-    app = web.Application()
+    app[_STATE_KEY] = state
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app.router.add_post("/register", register)
     app.router.add_get("/instances", instances)
-    app.router.add_get("/healthz", health)
+    app.router.add_get("/health", health)
+    app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/completions", forward)
     app.router.add_post("/v1/chat/completions", forward)
     return app
+
+
+class _ClientBodyError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _state_key() -> Any:
+    from aiohttp import web
+
+    return web.AppKey("p2pkv_proxy_state", _State)
+
+
+try:
+    _STATE_KEY: Any = _state_key()
+except ImportError:  # pragma: no cover - aiohttp is the [proxy] extra
+    _STATE_KEY = "p2pkv_proxy_state"
+
+
+# ------------------------------------------------------------------ serving
+class RunningProxy:
+    """A proxy served by ``start_proxy``; ``await close()`` stops it."""
+
+    def __init__(self, runner: Any, server: asyncio.AbstractServer, host: str, port: int, guard: _ConnectionGuard):
+        self._runner = runner
+        self._server = server
+        self.host = host
+        self.port = port
+        self.guard = guard
+
+    @property
+    def url(self) -> str:
+        return f"http://{_fmt_host(self.host)}:{self.port}"
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        await self._runner.cleanup()
+
+
+async def start_proxy(app: Any, host: str = "127.0.0.1", port: int = 0) -> RunningProxy:
+    """Serve ``app`` (from ``make_app``) with its limits: header timeout, connection cap.
+
+    Parameters
+    ----------
+    app : aiohttp.web.Application
+        The proxy.
+    host : str
+        Address to listen on (loopback by default; ``0.0.0.0`` to expose it).
+    port : int
+        Port; 0 picks a free one (see ``RunningProxy.port``).
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound.
+    """
+    from aiohttp import web
+
+    state: _State = app[_STATE_KEY]
+    lim = state.limits
+    # keepalive_timeout in aiohttp starts when a connection opens (and after each response) and
+    # closes it if no complete request head has arrived by then: the header timeout.
+    runner = web.AppRunner(app, keepalive_timeout=lim.header_timeout_s, handler_cancellation=True,
+                           shutdown_timeout=5.0, max_line_size=8190, max_field_size=8190, max_headers=100)
+    await runner.setup()
+    state.guard.attach(runner.server)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(state.guard, host, port, reuse_address=True,
+                                          backlog=min(lim.max_connections, 4096))
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = server.sockets[0].getsockname()
+    state.listen = (host, bound[1])
+    return RunningProxy(runner, server, host, bound[1], state.guard)
+
+
+def _raise_fd_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``want`` (within the hard limit); return the soft limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover
+        return want
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+    return int(soft) if soft != resource.RLIM_INFINITY else want
 
 
 def _parse_instance(spec: str) -> tuple[str, str | None]:
@@ -190,24 +877,109 @@ def _parse_instance(spec: str) -> tuple[str, str | None]:
     return url, (p2 or None)
 
 
+def _positive(kind: type) -> Any:
+    def conv(s: str) -> Any:
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+        if not 0 < v < 1e9:
+            raise argparse.ArgumentTypeError(f"must be > 0: {s!r}")
+        return v
+    return conv
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m p2pkv.proxy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--prefill", action="append", default=[], help="URL[,P2PKV_HOST:PORT] (repeatable)")
-    ap.add_argument("--decode", action="append", default=[], help="URL,P2PKV_HOST:PORT (repeatable)")
-    ap.add_argument("--instance-ttl", type=float, default=10.0, help="drop instances silent this long (s)")
+    """Command line entry point (``python -m p2pkv.proxy`` / ``p2pkv-proxy``)."""
+    d = ProxyLimits()
+    ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the proxy on every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    ap.add_argument("--prefill", action="append", default=[], help="URL[,P2PKV_HOST:PORT] (repeatable; static)")
+    ap.add_argument("--decode", action="append", default=[], help="URL,P2PKV_HOST:PORT (repeatable; static)")
+    ap.add_argument("--instance-ttl", type=_positive(float), default=10.0,
+                    help="drop registered instances silent this long (s, default 10)")
+    ap.add_argument("--register-token", default=os.environ.get(TOKEN_ENV) or None,
+                    help=f"shared secret for POST /register (default ${TOKEN_ENV}; prefer the variable, a flag "
+                         "is visible in ps)")
+    ap.add_argument("--allow-unauthenticated-register", action="store_true",
+                    help="without a token, let anyone who reaches the proxy register instances (trusted networks "
+                         "only)")
+    ap.add_argument("--timeout", type=_positive(float), default=d.timeout_s,
+                    help="total time of one request to an instance (s)")
+    ap.add_argument("--connect-timeout", type=_positive(float), default=d.connect_timeout_s,
+                    help="time to connect to an instance (s)")
+    ap.add_argument("--header-timeout", type=_positive(float), default=d.header_timeout_s,
+                    help="a client must send a request head within this long (s)")
+    ap.add_argument("--body-timeout", type=_positive(float), default=d.body_timeout_s,
+                    help="a client must send the request body within this long (s)")
+    ap.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes, help="largest request body")
+    ap.add_argument("--max-connections", type=_positive(int), default=d.max_connections,
+                    help="client connections held at once (lowered to fit the file descriptor limit)")
+    ap.add_argument("--upstream-connections", type=_positive(int), default=d.upstream_connections,
+                    help="connections to all instances together")
+    ap.add_argument("--upstream-connections-per-host", type=_positive(int), default=d.upstream_connections_per_host,
+                    help="connections to one instance")
+    ap.add_argument("--max-instances", type=_positive(int), default=256, help="registered instances per role")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from aiohttp import web
-
-    reg = Registry(a.instance_ttl)
-    for spec in a.prefill:
-        reg.register("prefill", *_parse_instance(spec), static=True)
-    for spec in a.decode:
-        reg.register("decode", *_parse_instance(spec), static=True)
-    web.run_app(make_app(reg), host=a.host, port=a.port)
+    if not 0 <= a.port <= 65535:
+        ap.error(f"--port must be in 0..65535, got {a.port}")
+    # Every client and upstream connection is a descriptor: keep the cap below the limit so that
+    # accept() never fails with EMFILE (which would stall every client, honest ones included).
+    reserve = a.upstream_connections + 64
+    fds = _raise_fd_limit(a.max_connections + reserve)
+    max_conn = min(a.max_connections, fds - reserve)
+    if max_conn < 8:
+        ap.error(f"the file descriptor limit ({fds}) leaves no room for client connections; lower "
+                 "--upstream-connections or raise `ulimit -n`")
+    if max_conn < a.max_connections:
+        log.warning("--max-connections lowered to %d to fit the file descriptor limit %d", max_conn, fds)
+    try:
+        limits = ProxyLimits(max_connections=max_conn, header_timeout_s=a.header_timeout,
+                             body_timeout_s=a.body_timeout, max_body_bytes=a.max_body_bytes, timeout_s=a.timeout,
+                             connect_timeout_s=a.connect_timeout, upstream_connections=a.upstream_connections,
+                             upstream_connections_per_host=a.upstream_connections_per_host)
+        reg = Registry(a.instance_ttl, max_instances=a.max_instances)
+        for role, specs in (("prefill", a.prefill), ("decode", a.decode)):
+            for spec in specs:
+                url, p2 = _parse_instance(spec)
+                if a.port and is_own_url(normalize_url(url), (a.host, a.port)):
+                    raise ConfigError(f"--{role} {url} is this proxy's own address")
+                reg.register(role, url, p2, static=True)
+        app = make_app(reg, register_token=a.register_token,
+                       allow_unauthenticated_register=a.allow_unauthenticated_register, limits=limits)
+    except P2pkvError as exc:
+        print(f"p2pkv-proxy: error: {exc}", file=sys.stderr)
+        return 2
+    if a.register_token is None and not a.allow_unauthenticated_register:
+        log.info("POST /register is disabled (no --register-token / $%s); only static instances are used",
+                 TOKEN_ENV)
+    elif a.register_token is None:
+        log.warning("POST /register accepts anyone (--allow-unauthenticated-register): trusted networks only")
+    try:
+        asyncio.run(_serve_forever(app, a.host, a.port))
+    except OSError as exc:
+        print(f"p2pkv-proxy: error: cannot listen on {a.host}:{a.port}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _serve_forever(app: Any, host: str, port: int) -> None:
+    proxy = await start_proxy(app, host, port)
+    print(f"p2pkv-proxy listening on {proxy.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await proxy.close()
 
 
 if __name__ == "__main__":
