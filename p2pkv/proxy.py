@@ -51,7 +51,6 @@ import signal
 import socket
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,7 +158,10 @@ def normalize_url(url: Any) -> str:
     """
     if not isinstance(url, str) or len(url) > 2048 or not url.isascii():
         raise InvalidAddress(f"url must be an ASCII http(s) URL, got {url!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidAddress(f"url {url!r} cannot be parsed: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidAddress(f"url must be an http(s) URL, got {url!r}")
     if "@" in parts.netloc or parts.query or parts.fragment or url.endswith(("?", "#")):
@@ -433,52 +435,59 @@ class ProxyLimits:
                 raise ConfigError(f"ProxyLimits.{name} must be a positive number of seconds, got {v!r}")
 
 
-class _Refuse(asyncio.Protocol):
-    """Answers 503 and closes: the connection cap is reached and every connection is busy."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = b'{"error":{"message":"proxy connection limit reached"}}'
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        transport.close()
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: 55\r\n\r\n" b'{"error":{"message":"proxy connection limit reached"}}\n')
 
 
 class _ConnectionGuard:
-    """Protocol factory in front of aiohttp's server that caps concurrent connections.
+    """Caps the client connections of an aiohttp server.
 
     Connections are in one of three phases: *idle* (no request head yet: slowloris lives
     here), *body* (a handler reads the request body) and *work* (the request is being
-    served). When the cap is reached, a new connection closes the oldest idle one, else
-    the oldest one still in *body*; a connection in *work* is never closed for another.
+    served). When a new connection goes over the cap, the oldest idle connection is
+    closed, else the oldest one still in *body*; a connection in *work* is never closed
+    for another (if all are, the new one is answered 503 and closed). Honest clients
+    send their request head with the connection, so they are the youngest idle ones.
     """
 
     def __init__(self, max_connections: int):
         self.max_connections = max_connections
         self._server: Any = None
         self._phase: dict[Any, str] = {}
-        self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._evicted: set[Any] = set()  # closed by us, until aiohttp forgets them
         self.evictions = 0
         self.refusals = 0
 
     def attach(self, server: Any) -> None:
+        """Watch ``server`` (an ``aiohttp.web.Server``): every handler reports ``connection_made`` to it."""
         self._server = server
+        made = server.connection_made
 
-    def __call__(self) -> asyncio.BaseProtocol:
-        server = self._server
-        conns = [c for c in server.connections if c not in self._evicted]
-        if len(conns) >= self.max_connections:
-            victim = (next((c for c in conns if c not in self._phase), None)
-                      or next((c for c in conns if self._phase.get(c) == "body"), None))
-            if victim is None:
-                self.refusals += 1
-                return _Refuse()
-            self._evicted.add(victim)
-            self._phase.pop(victim, None)
-            victim.force_close()
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self._admit(handler, transport)
+
+        # aiohttp has no connection limit of its own; its Server is told of every new
+        # connection (in accept order), which is where the cap is enforced.
+        server.connection_made = connection_made
+
+    def _admit(self, new: Any, transport: asyncio.Transport) -> None:
+        everyone = self._server.connections
+        self._evicted.intersection_update(everyone)
+        conns = [c for c in everyone if c not in self._evicted]
+        if len(conns) <= self.max_connections:
+            return
+        victim = (next((c for c in conns if c is not new and c not in self._phase), None)
+                  or next((c for c in conns if c is not new and self._phase.get(c) == "body"), None))
+        if victim is None:
+            self.refusals += 1
+            transport.write(_REFUSED)
+            victim = new
+        else:
             self.evictions += 1
-        protocol: asyncio.BaseProtocol = server()
-        return protocol
+        self._evicted.add(victim)
+        self._phase.pop(victim, None)
+        victim.force_close()
 
     def begin(self, proto: Any) -> None:
         self._phase[proto] = "body"
@@ -797,9 +806,8 @@ except ImportError:  # pragma: no cover - aiohttp is the [proxy] extra
 class RunningProxy:
     """A proxy served by ``start_proxy``; ``await close()`` stops it."""
 
-    def __init__(self, runner: Any, server: asyncio.AbstractServer, host: str, port: int, guard: _ConnectionGuard):
-        self._runner = runner
-        self._server = server
+    def __init__(self, runner: Any, host: str, port: int, guard: _ConnectionGuard):
+        self._runner: Any = runner
         self.host = host
         self.port = port
         self.guard = guard
@@ -809,11 +817,9 @@ class RunningProxy:
         return f"http://{_fmt_host(self.host)}:{self.port}"
 
     async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        self._server = None
-        await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
 
 async def start_proxy(app: Any, host: str = "127.0.0.1", port: int = 0) -> RunningProxy:
@@ -837,22 +843,23 @@ async def start_proxy(app: Any, host: str = "127.0.0.1", port: int = 0) -> Runni
 
     state: _State = app[_STATE_KEY]
     lim = state.limits
+    # lingering_time: after an early answer (408, 413) aiohttp reads and discards the rest of the
+    # body this long before closing; a slow body must not buy another 10 s (its default).
     # keepalive_timeout in aiohttp starts when a connection opens (and after each response) and
     # closes it if no complete request head has arrived by then: the header timeout.
     runner = web.AppRunner(app, keepalive_timeout=lim.header_timeout_s, handler_cancellation=True,
-                           shutdown_timeout=5.0, max_line_size=8190, max_field_size=8190, max_headers=100)
+                           shutdown_timeout=5.0, lingering_time=min(2.0, lim.body_timeout_s), max_line_size=8190, max_field_size=8190, max_headers=100)
     await runner.setup()
     state.guard.attach(runner.server)
-    loop = asyncio.get_running_loop()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=min(lim.max_connections, 4096))
     try:
-        server = await loop.create_server(state.guard, host, port, reuse_address=True,
-                                          backlog=min(lim.max_connections, 4096))
+        await site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    bound = server.sockets[0].getsockname()
-    state.listen = (host, bound[1])
-    return RunningProxy(runner, server, host, bound[1], state.guard)
+    bound = runner.addresses[0][1]
+    state.listen = (host, bound)
+    return RunningProxy(runner, host, bound, state.guard)
 
 
 def _raise_fd_limit(want: int) -> int:
