@@ -60,8 +60,18 @@ from .keys import new_transfer_id
 
 log = logging.getLogger("p2pkv.proxy")
 
-__all__ = ["Instance", "Registry", "ProxyLimits", "RegistrationConflict", "RunningProxy", "make_app",
-           "start_proxy", "parse_host_port", "normalize_url", "main"]
+__all__ = [
+    "Instance",
+    "ProxyLimits",
+    "RegistrationConflict",
+    "Registry",
+    "RunningProxy",
+    "main",
+    "make_app",
+    "normalize_url",
+    "parse_host_port",
+    "start_proxy",
+]
 
 ROLES = ("prefill", "decode")
 TOKEN_ENV = "P2PKV_PROXY_REGISTER_TOKEN"
@@ -435,8 +445,9 @@ class ProxyLimits:
                 raise ConfigError(f"ProxyLimits.{name} must be a positive number of seconds, got {v!r}")
 
 
+_REFUSED_BODY = b'{"error":{"message":"proxy connection limit reached","code":503}}'
 _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: 55\r\n\r\n" b'{"error":{"message":"proxy connection limit reached"}}\n')
+            b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY))
 
 
 class _ConnectionGuard:
@@ -567,8 +578,15 @@ def make_app(registry: Registry, timeout_s: float | None = None, *, register_tok
     ConfigError
         An empty ``register_token``.
     """
-    from aiohttp import ClientConnectionError, ClientError, ClientSession, ClientTimeout, DummyCookieJar, \
-        TCPConnector, web
+    from aiohttp import (
+        ClientConnectionError,
+        ClientError,
+        ClientSession,
+        ClientTimeout,
+        DummyCookieJar,
+        TCPConnector,
+        web,
+    )
 
     limits = limits or ProxyLimits()
     if timeout_s is not None:
@@ -771,7 +789,7 @@ def make_app(registry: Registry, timeout_s: float | None = None, *, register_tok
         except ClientError as exc:
             return error(502, f"decode instance {dec.url} failed: {exc!r}"[:300])
 
-    app[_STATE_KEY] = state
+    app[_state_key()] = state
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app.router.add_post("/register", register)
@@ -790,16 +808,16 @@ class _ClientBodyError(Exception):
         self.message = message
 
 
+_STATE_KEYS: list[Any] = []
+
+
 def _state_key() -> Any:
-    from aiohttp import web
+    """The app key of the proxy's state (made on first use: importing this module needs no aiohttp)."""
+    if not _STATE_KEYS:
+        from aiohttp import web
 
-    return web.AppKey("p2pkv_proxy_state", _State)
-
-
-try:
-    _STATE_KEY: Any = _state_key()
-except ImportError:  # pragma: no cover - aiohttp is the [proxy] extra
-    _STATE_KEY = "p2pkv_proxy_state"
+        _STATE_KEYS.append(web.AppKey("p2pkv_proxy_state", _State))
+    return _STATE_KEYS[0]
 
 
 # ------------------------------------------------------------------ serving
@@ -841,7 +859,7 @@ async def start_proxy(app: Any, host: str = "127.0.0.1", port: int = 0) -> Runni
     """
     from aiohttp import web
 
-    state: _State = app[_STATE_KEY]
+    state: _State = app[_state_key()]
     lim = state.limits
     # lingering_time: after an early answer (408, 413) aiohttp reads and discards the rest of the
     # body this long before closing; a slow body must not buy another 10 s (its default).

@@ -6,9 +6,9 @@ import json
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from p2pkv.proxy import Registry, make_app  # noqa: E402
+from p2pkv.proxy import Registry, make_app
 
 
 def stub(name: str, seen: list):
