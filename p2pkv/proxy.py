@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import __version__
 from .errors import ConfigError, InvalidAddress, P2pkvError
 from .keys import new_transfer_id
 
@@ -429,8 +430,8 @@ class ProxyLimits:
     max_body_bytes: int = 16 << 20
     timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    upstream_connections: int = 256
-    upstream_connections_per_host: int = 64
+    upstream_connections: int = 1024
+    upstream_connections_per_host: int = 512
     max_upstream_json_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
@@ -918,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point (``python -m p2pkv.proxy`` / ``p2pkv-proxy``)."""
     d = ProxyLimits()
     ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the proxy on every interface)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -951,21 +953,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= a.port <= 65535:
         ap.error(f"--port must be in 0..65535, got {a.port}")
-    # Every client and upstream connection is a descriptor: keep the cap below the limit so that
-    # accept() never fails with EMFILE (which would stall every client, honest ones included).
-    reserve = a.upstream_connections + 64
-    fds = _raise_fd_limit(a.max_connections + reserve)
-    max_conn = min(a.max_connections, fds - reserve)
-    if max_conn < 8:
-        ap.error(f"the file descriptor limit ({fds}) leaves no room for client connections; lower "
-                 "--upstream-connections or raise `ulimit -n`")
-    if max_conn < a.max_connections:
-        log.warning("--max-connections lowered to %d to fit the file descriptor limit %d", max_conn, fds)
+    # Every client and upstream connection is a descriptor: keep both caps below the limit so
+    # that accept() never fails with EMFILE (which would stall every client, honest ones included).
+    fds = _raise_fd_limit(a.max_connections + a.upstream_connections + 64)
+    avail = fds - 64
+    if avail < 16:
+        print(f"p2pkv-proxy: error: the file descriptor limit ({fds}) leaves no room for connections; "
+              "raise `ulimit -n`", file=sys.stderr)
+        return 2
+    upstream = a.upstream_connections
+    max_conn = a.max_connections
+    if max_conn + upstream > avail:
+        upstream = max(4, min(upstream, avail // 2))
+        max_conn = min(max_conn, avail - upstream)
+        log.warning("connection caps lowered to fit the file descriptor limit %d: --max-connections %d, "
+                    "--upstream-connections %d", fds, max_conn, upstream)
     try:
         limits = ProxyLimits(max_connections=max_conn, header_timeout_s=a.header_timeout,
                              body_timeout_s=a.body_timeout, max_body_bytes=a.max_body_bytes, timeout_s=a.timeout,
-                             connect_timeout_s=a.connect_timeout, upstream_connections=a.upstream_connections,
-                             upstream_connections_per_host=a.upstream_connections_per_host)
+                             connect_timeout_s=a.connect_timeout, upstream_connections=upstream,
+                             upstream_connections_per_host=min(a.upstream_connections_per_host, upstream))
         reg = Registry(a.instance_ttl, max_instances=a.max_instances)
         for role, specs in (("prefill", a.prefill), ("decode", a.decode)):
             for spec in specs:
@@ -978,6 +985,9 @@ def main(argv: list[str] | None = None) -> int:
     except P2pkvError as exc:
         print(f"p2pkv-proxy: error: {exc}", file=sys.stderr)
         return 2
+    if a.register_token is not None and len(a.register_token) < 16:
+        log.warning("the registration token is short (%d characters); use at least 16 random ones",
+                    len(a.register_token))
     if a.register_token is None and not a.allow_unauthenticated_register:
         log.info("POST /register is disabled (no --register-token / $%s); only static instances are used",
                  TOKEN_ENV)

@@ -610,6 +610,9 @@ def test_cli_takes_the_token_from_the_environment_and_refuses_its_own_url() -> N
     r = subprocess.run([sys.executable, "-m", "p2pkv.proxy", "--port", "18123", "--prefill", "http://localhost:18123"],
                        capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2 and "own address" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "p2pkv.proxy", "--decode", "http://127.0.0.1:\u00b2"],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "url must be" in r.stderr, r.stderr
 
 
 @pytest.mark.timeout(120)
