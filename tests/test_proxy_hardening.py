@@ -495,8 +495,8 @@ def test_slowloris_connections_cannot_lock_out_an_honest_client() -> None:
             async with aiohttp.ClientSession() as s:
                 for _ in range(3):
                     t0 = time.monotonic()
-                    st, _ = await asyncio.wait_for(post(s, env.url + "/v1/completions", json=COMPLETION), 5)
-                    assert st == 200 and time.monotonic() - t0 < 3
+                    st, _ = await asyncio.wait_for(post(s, env.url + "/v1/completions", json=COMPLETION), 10)
+                    assert st == 200 and time.monotonic() - t0 < 5
             assert env.proxy.guard.evictions >= 100
         finally:
             for c in socks:
@@ -633,9 +633,9 @@ def test_cli_slowloris_with_few_descriptors_keeps_answering() -> None:
             async with aiohttp.ClientSession() as s:
                 for _ in range(3):
                     t0 = time.monotonic()
-                    st, js = await asyncio.wait_for(post(s, url + "/v1/completions", json=COMPLETION), 5)
+                    st, js = await asyncio.wait_for(post(s, url + "/v1/completions", json=COMPLETION), 10)
                     assert st == 200 and js["choices"][0]["text"] == "D-out"
-                    assert time.monotonic() - t0 < 3
+                    assert time.monotonic() - t0 < 5
         finally:
             for c in socks:
                 c.close()
