@@ -615,7 +615,13 @@ def make_app(registry: Registry, timeout_s: float | None = None, *, register_tok
     app.middlewares.append(phases)
 
     async def read_json(request: web.Request) -> Any:
-        """The request body as JSON; raises ``web.HTTPException``-like responses via ValueError."""
+        """The request body as JSON.
+
+        Raises
+        ------
+        _ClientBodyError
+            408 (not received within ``body_timeout_s``), 413 (over ``max_body_bytes``) or 400 (not JSON).
+        """
         try:
             raw = await asyncio.wait_for(request.read(), limits.body_timeout_s)
         except asyncio.TimeoutError:
