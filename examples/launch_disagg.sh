@@ -4,10 +4,13 @@
 #   bash examples/launch_disagg.sh 2p2d    # two of each (needs 4 GPUs)
 # Across hosts: run each vllm command on its own host with "host" set to that
 # host's reachable address, and point the proxy at http://HOST:PORT,HOST:P2PKV_PORT.
+# The proxy listens on 127.0.0.1 unless PROXY_HOST says otherwise (PROXY_HOST=0.0.0.0
+# exposes it); its instances are static, so no registration token is needed.
 set -euo pipefail
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B-Instruct}
 MODE=${MODE:-push}            # push (layer-wise streaming) or pull
 HOST=${HOST:-127.0.0.1}
+PROXY_HOST=${PROXY_HOST:-127.0.0.1}
 export NCCL_NVLS_ENABLE=0
 layout=${1:-1p1d}
 case "$layout" in
@@ -33,4 +36,4 @@ for i in $(seq 0 $((ND - 1))); do
   pids+=($!); proxy_args+=(--decode "http://$HOST:$http,$HOST:$p2p"); gpu=$((gpu + 1))
 done
 trap 'kill "${pids[@]}" 2>/dev/null' EXIT
-python -m p2pkv.proxy --port 8000 "${proxy_args[@]}"
+python -m p2pkv.proxy --host "$PROXY_HOST" --port 8000 "${proxy_args[@]}"

@@ -6,9 +6,9 @@ import json
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from p2pkv.proxy import Registry, make_app  # noqa: E402
+from p2pkv.proxy import Registry, make_app
 
 
 def stub(name: str, seen: list):
@@ -53,9 +53,9 @@ def test_proxy_routes_with_one_transfer_id_and_drops_dead_instances():
             runners.append(r)
             urls[name] = u
         reg = Registry(ttl_s=0.5)
-        proxy_runner, purl = await _serve(make_app(reg))
+        proxy_runner, purl = await _serve(make_app(reg, register_token="t0ken-for-tests"))
         runners.append(proxy_runner)
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0ken-for-tests"}) as s:
             for name, role, p2 in (("P1", "prefill", None), ("P2", "prefill", None), ("D1", "decode", "127.0.0.1:14600")):
                 async with s.post(purl + "/register", json={"role": role, "url": urls[name], "p2pkv": p2}) as r:
                     assert r.status == 200
