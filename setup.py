@@ -1,5 +1,7 @@
 """Packaging of p2pkv (see README.md)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 GPU_COMMON = ["cupy-cuda{cu}x>=13", "nvidia-nccl-cu{cu}>=2.20", "nccl4py>=0.6"]
@@ -13,7 +15,7 @@ setup(
     name="p2pkv",
     version="0.1.0",
     description="KV-cache transfer engine for disaggregated LLM serving (NCCL, CUDA IPC, TCP)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
