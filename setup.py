@@ -23,11 +23,15 @@ setup(
     package_dir={"p2pkv.csrc": "csrc"},
     package_data={"p2pkv.csrc": ["*.cu", "*.cuh"]},
     include_package_data=True,
-    install_requires=["torch>=2.1", "numpy>=1.24", "pyzmq>=25", "msgpack>=1.0"],
+    # tqdm: the demo's and the benchmark's progress bar; pure Python, no dependencies, and already
+    # installed wherever vLLM or SGLang is (both require it), so it costs p2pkv's users nothing.
+    install_requires=["torch>=2.1", "numpy>=1.24", "pyzmq>=25", "msgpack>=1.0", "tqdm>=4.60"],
     extras_require={
         "cu12": gpu_extra("12"),
         "cu13": gpu_extra("13"),
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80", "aiohttp>=3.9"],
+        # CI's gates (settings in pyproject.toml); pinned so a new release cannot fail an unchanged tree.
+        "lint": ["ruff==0.17.6", "mypy==2.4.1"],
         "bench": ["matplotlib>=3.6"],
         "proxy": ["aiohttp>=3.9"],
     },

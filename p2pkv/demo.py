@@ -39,6 +39,19 @@ class DemoError(Exception):
     """The demo could not run or finish; the message is one line for the user."""
 
 
+def _orchestration_s(timeout: float) -> float:
+    """Deadline of the demo's own hand-offs (process start, "request ready"), beyond ``timeout``:
+    a side may wait for the other to start (importing torch takes seconds) or to finish a request."""
+    return max(120.0, 4 * timeout)
+
+
+def _take(qu: Any, timeout: float, what: str) -> Any:
+    try:
+        return qu.get(timeout=timeout)
+    except queue.Empty:
+        raise DemoError(f"{what} did not come within {timeout:g} s") from None
+
+
 def _layer_key(tid: str, layer: int) -> Any:
     from . import TransferKey
 
@@ -50,7 +63,7 @@ def _child(role: str, target: Callable[..., None], q: Any, *args: Any) -> None:
     try:
         target(q, *args)
     except Exception as exc:  # shipped to the parent, which prints it
-        q.put(("error", role, f"{type(exc).__name__}: {exc}"))
+        q.put(("error", role, str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
 
 
@@ -65,7 +78,8 @@ def _consumer(q: Any, cfg: dict[str, Any], args: dict[str, Any], ctl: Any, ready
     timeout = args["timeout"]
     with Engine(**cfg) as eng:
         q.put(("address", eng.address))
-        producer = ctl.get(timeout=timeout)
+        wait_s = _orchestration_s(timeout)
+        producer = _take(ctl, wait_s, "the producer's address")
         bad = 0
         # One reusable destination per layer, as a serving engine's KV cache would be.
         outs = [torch.empty(shape, dtype=torch.bfloat16, device=eng.device) for _ in range(preset.layers)]
@@ -75,7 +89,8 @@ def _consumer(q: Any, cfg: dict[str, Any], args: dict[str, Any], ctl: Any, ready
             lat: list[float] = []
             for r in range(args["requests"]):
                 tid = f"demo-{mode}-{r}"
-                if ready.get(timeout=timeout) != (mode, r):  # the producer has made (and for pull published) it
+                # the producer has made the request (and for pull published it)
+                if _take(ready, wait_s, f"{mode} request {r} from the producer") != (mode, r):
                     raise RuntimeError("producer and consumer are out of step")
                 t0 = time.perf_counter()
                 go.put((mode, r))
@@ -97,7 +112,7 @@ def _consumer(q: Any, cfg: dict[str, Any], args: dict[str, Any], ctl: Any, ready
                 q.put(("progress", mode, r))
             times[mode] = {"transfer_s": transfer_s, "verify_s": verify_s, "pull_lat": lat}
         q.put(("consumer_done", bad, times))
-        ctl.get(timeout=timeout * 4)  # keep serving until the producer is finished
+        _take(ctl, wait_s, "the end of the run")  # keep serving until the producer is finished
 
 
 def _producer(q: Any, cfg: dict[str, Any], args: dict[str, Any], consumer: str, ctl: Any, ready: Any,
@@ -108,6 +123,7 @@ def _producer(q: Any, cfg: dict[str, Any], args: dict[str, Any], consumer: str, 
     preset = PRESETS[args["preset"]]
     shape = preset.layer_shape(args["tokens"])
     timeout = args["timeout"]
+    wait_s = _orchestration_s(timeout)
     with Engine(**cfg) as eng:
         q.put(("producer_address", eng.address))
         eng.connect(consumer)
@@ -119,7 +135,7 @@ def _producer(q: Any, cfg: dict[str, Any], args: dict[str, Any], consumer: str, 
                 layers = [kv_layer(r, layer, shape, device=eng.device) for layer in range(preset.layers)]
                 if mode == "push":
                     ready.put((mode, r))
-                    go.get(timeout=timeout)  # the consumer's clock runs from here
+                    _take(go, wait_s, "the consumer's go")  # the consumer's clock runs from here
                     handles = [eng.send(consumer, _layer_key(tid, i), t, timeout=timeout) for i, t in enumerate(layers)]
                     for h in handles:
                         h.wait(timeout)
@@ -128,10 +144,10 @@ def _producer(q: Any, cfg: dict[str, Any], args: dict[str, Any], consumer: str, 
                     for i, t in enumerate(layers):
                         eng.publish(_layer_key(tid, i), t, timeout=timeout)
                     ready.put((mode, r))
-                    go.get(timeout=timeout)
+                    _take(go, wait_s, "the consumer's go")
         sent = [x for x in ("tcp", "ipc", "nccl") if eng.stats().get(f"sent_{x}")]
         q.put(("producer_done", lat, sent))
-        ctl.get(timeout=timeout * 4)
+        _take(ctl, wait_s, "the end of the run")
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -246,15 +262,16 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
     procs = [cons]
     result: dict[str, Any] = {}
     bar = None
+    finished = False
     try:
-        msg = _get(q, timeout, procs)
+        msg = _get(q, _orchestration_s(timeout), procs)
         prod = ctx.Process(target=_child, args=("producer", _producer, q, cfg, args, msg[1], prod_ctl, ready, go),
                            name="producer", daemon=True)
         prod.start()
         procs.append(prod)
         bar = None if quiet else Progress(requests * len(modes), "moving KV")
         while "bad" not in result or "lat" not in result:
-            msg = _get(q, timeout * 2, procs)
+            msg = _get(q, _orchestration_s(timeout), procs)
             if msg[0] == "producer_address":
                 cons_ctl.put(msg[1])
             elif msg[0] == "progress":
@@ -264,15 +281,17 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
                 result["bad"], result["times"] = msg[1], msg[2]
             elif msg[0] == "producer_done":
                 result["lat"], result["sent"] = msg[1], msg[2]
+        finished = True
     finally:
         if bar:
             bar.close()
         cons_ctl.put("stop")
         prod_ctl.put("stop")
-        for pr in procs:
-            pr.join(timeout=15)
+        for pr in procs:  # after a failure the other side may be waiting for it: do not wait long
+            pr.join(timeout=15 if finished else 1)
             if pr.is_alive():
                 pr.kill()
+                pr.join(timeout=5)
     layer_bytes = p.layer_bytes(tokens)
     rows = []
     for m in modes:
@@ -305,7 +324,7 @@ def _get(q: Any, timeout: float, procs: list[Any]) -> tuple[Any, ...]:
             if dead:
                 raise DemoError(f"the {dead[0].name} process exited with code {dead[0].exitcode}") from None
             if time.monotonic() > deadline:
-                raise DemoError(f"the demo's processes did not report within {timeout:g} s") from None
+                raise DemoError(f"the demo's processes reported nothing for {timeout:g} s") from None
             continue
         if msg[0] == "error":
             raise DemoError(f"the {msg[1]} failed: {msg[2]}")
