@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +47,13 @@ def gpu_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> tuple[fl
 
 
 def wall_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
-    """Wall seconds per call of a synchronous (CPU) ``fn``, after ``warmup`` untimed calls."""
+    """Wall seconds of a synchronous (CPU) ``fn``: the median of ``reps`` timed calls after
+    ``warmup`` untimed ones (the median, so that a call the OS preempted does not skew it)."""
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

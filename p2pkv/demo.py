@@ -378,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     0: every tensor arrived bit-exact; 1: a mismatch or a failure while running;
     2: bad options (one ``p2pkv-demo: error: ...`` line on stderr, after the usage).
     """
-    ap = argparse.ArgumentParser(prog="p2pkv-demo", description=(__doc__ or "").split("\n\n")[0].replace("\n", " "))
+    ap = argparse.ArgumentParser(
+        prog="p2pkv-demo", description="A producer and a consumer process move a synthetic Llama-3-8B KV cache over "
+        "p2pkv, verify it bit for bit and print the transfer rate, latency and verification time.")
     ap.add_argument("--requests", type=_positive_int, default=16, metavar="N",
                     help="requests to move per mode; each is one whole KV cache of 32 layers (default 16)")
     ap.add_argument("--tokens", type=_positive_int, default=512, metavar="N",

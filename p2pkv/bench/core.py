@@ -454,7 +454,7 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
         slow_pl = max(t_pl["_s"], (t_pl.get("host_us") or 0) / 1e6)
         rows.append(row(f"pack_layers, {p.layers} layers", nbytes * p.layers, t_b,
                         gbps_rw=rw(t_b, nbytes * p.layers), speedup_vs_index_select=slow_pl / slow_b))
-        rows.append(row(f"index_select x{p.layers}", nbytes * p.layers, t_pl))
+        rows.append(row(f"index_select x{p.layers}", nbytes * p.layers, t_pl, gbps_rw=rw(t_pl, nbytes * p.layers)))
     return rows
 
 
@@ -724,7 +724,8 @@ def format_table(rows: list[Row], width: int = TABLE_WIDTH) -> list[str]:
             what = r["what"] if len(r["what"]) <= what_w else r["what"][:what_w - 1] + "~"
             lines.append(f"{what:<{what_w}}" + "".join(f" {cells[i]:>{w}}" for _, cells, w in cols))
         shown = {h for h, _, _ in cols}
-        baselines = sorted({(r["what"], r["baseline"]) for r in rs if r.get("baseline")})
+        ratio = dict(_COLUMNS)["ratio"]
+        baselines = sorted({(r["what"], r["baseline"]) for r in rs if r.get("baseline") and ratio(r) is not None})
         for what, base in baselines:
             lines.append(f"  ratio of {what!r}: vs {base!r}"[:width])
         lines.extend(f"  {_NOTES[h]}"[:width] for h in _NOTES if h in shown)
@@ -742,7 +743,7 @@ def _f(x: Any) -> str:
 def _fmt_size(n: int) -> str:
     for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= div:
-            return f"{n / div:g}{unit}"
+            return f"{n / div:.4g}{unit}"
     return f"{n}B"
 
 
