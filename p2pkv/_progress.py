@@ -29,9 +29,12 @@ class Progress:
         Where to write; default ``sys.stderr``.
     every_step:
         When not on a terminal, write a line for every step instead of every quarter.
+    unit:
+        What one step is, for the bar's rate (``request/s``).
     """
 
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, every_step: bool = False) -> None:
+    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, every_step: bool = False,
+                 unit: str = "step") -> None:
         self.total = max(1, total)
         self.label = label
         self.stream: TextIO = stream if stream is not None else sys.stderr
@@ -41,7 +44,7 @@ class Progress:
         isatty = getattr(self.stream, "isatty", None)
         self._bar: tqdm | None = None
         if isatty is not None and isatty():
-            self._bar = tqdm(total=self.total, desc=label, file=self.stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=self.total, desc=label, file=self.stream, dynamic_ncols=True, leave=True, unit=unit)
 
     def update(self, n: int = 1, note: str = "") -> None:
         """Advance by ``n`` steps; ``note`` says what was just done."""

@@ -269,7 +269,7 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
                            name="producer", daemon=True)
         prod.start()
         procs.append(prod)
-        bar = None if quiet else Progress(requests * len(modes), "moving KV")
+        bar = None if quiet else Progress(requests * len(modes), "moving KV", unit="request")
         while "bad" not in result or "lat" not in result:
             msg = _get(q, _orchestration_s(timeout), procs)
             if msg[0] == "producer_address":

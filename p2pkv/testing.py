@@ -264,7 +264,11 @@ class RemoteEngine:
                 except OSError:
                     pass
                 raise RemoteError("Timeout", f"remote engine gave no answer within {timeout}s")
-        status, value = self._conn.recv()
+        try:
+            status, value = self._conn.recv()
+        except EOFError:  # the child died after the pipe became readable (e.g. failed while starting)
+            self.proc.join(5)
+            raise RemoteError("ProcessDied", f"remote engine exited with code {self.proc.exitcode}") from None
         if status == "err":
             raise RemoteError(*value)
         return value

@@ -99,6 +99,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
 
 # ----------------------------------------------------------------------------- environment
 def env_info(argv: list[str]) -> dict[str, Any]:
+    """The machine and the versions a result depends on (recorded in ``bench.json``)."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m p2pkv.bench " + " ".join(argv),
