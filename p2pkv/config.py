@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -165,7 +166,7 @@ class EngineConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None = None, **overrides: Any) -> EngineConfig:
         """Build from a plain mapping; unknown keys raise :class:`ConfigError`.
 
         String values are converted to the field's type, so the same mapping
@@ -185,7 +186,7 @@ class EngineConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, prefix: str = "P2PKV_",
-                 **overrides: Any) -> "EngineConfig":
+                 **overrides: Any) -> EngineConfig:
         """Build from ``P2PKV_<FIELD>`` variables (e.g. ``P2PKV_TIMEOUT_S=5``)."""
         env = os.environ if environ is None else environ
         data: dict[str, Any] = {}
@@ -196,7 +197,7 @@ class EngineConfig:
         data.update(overrides)
         return cls.from_dict(data)
 
-    def replace(self, **changes: Any) -> "EngineConfig":
+    def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

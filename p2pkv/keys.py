@@ -68,7 +68,7 @@ class TransferKey:
         return [self.transfer_id, self.name]
 
     @classmethod
-    def from_wire(cls, value: Any) -> "TransferKey":
+    def from_wire(cls, value: Any) -> TransferKey:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise InvalidKey(f"a key on the wire is a [transfer_id, name] array, got {value!r:.80}")
         return cls(value[0], value[1])

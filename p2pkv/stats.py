@@ -12,7 +12,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    i = min(len(s) - 1, max(0, int(round(q / 100.0 * (len(s) - 1)))))
+    i = min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))
     return s[i]
 
 

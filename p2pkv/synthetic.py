@@ -6,6 +6,7 @@ sides can regenerate them and compare bit for bit without sending hashes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ __all__ = ["ModelPreset", "PRESETS", "kv_layer", "same_bits"]
 
 @dataclass(frozen=True)
 class ModelPreset:
+    """The KV-cache geometry of one model (per tensor-parallel rank)."""
+
     name: str
     layers: int
     kv_heads: int
@@ -28,7 +31,13 @@ class ModelPreset:
         return (self.kv_planes, blocks, self.block_size, self.kv_heads, self.head_size)
 
     def bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        return self.kv_planes * self.kv_heads * self.head_size * torch.empty((), dtype=dtype).element_size() * self.layers
+        """KV bytes of one token over all layers."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        return self.kv_planes * self.kv_heads * self.head_size * esize * self.layers
+
+    def layer_bytes(self, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one layer of ``tokens`` tokens in the packed layout of :meth:`layer_shape`."""
+        return math.prod(self.layer_shape(tokens)) * torch.empty((), dtype=dtype).element_size()
 
 
 PRESETS = {
@@ -42,6 +51,7 @@ _BASES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _base(n32: int, device: torch.device) -> torch.Tensor:
+    """``n32`` pseudo-random int32 words on ``device``, cached for reuse."""
     key = (n32, device)
     base = _BASES.get(key)
     if base is None:

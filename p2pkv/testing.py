@@ -14,7 +14,9 @@ import signal
 import time
 import traceback
 import zlib
+from multiprocessing.connection import Connection
 from typing import Any
+from collections.abc import Callable
 
 __all__ = ["RemoteEngine", "RemoteError"]
 
@@ -22,13 +24,13 @@ __all__ = ["RemoteEngine", "RemoteError"]
 class RemoteError(RuntimeError):
     """A command failed inside the child; ``kind`` is the exception class name."""
 
-    def __init__(self, kind: str, message: str, tb: str = ""):
+    def __init__(self, kind: str, message: str, tb: str = "") -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.tb = tb
 
 
-def _child(conn, cfg: dict) -> None:
+def _child(conn: Connection, cfg: dict[str, Any]) -> None:
     import faulthandler
 
     import torch
@@ -40,12 +42,13 @@ def _child(conn, cfg: dict) -> None:
 
     eng = Engine(**cfg)
     conn.send(("ok", eng.address))
-    handles: list = []
+    handles: list[Any] = []
 
     def key(tid: str, layer: int) -> TransferKey:
         return TransferKey(tid, f"model.layers.{layer}.self_attn")
 
-    def send_many(peer, tids, layers, shape, dtype="bfloat16", wait=True, timeout=None, seed_of=None):
+    def send_many(peer: str, tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
+                  wait: bool = True, timeout: float | None = None, seed_of: list[int] | None = None) -> int:
         dt = getattr(torch, dtype)
         hs = []
         for ti, tid in enumerate(tids):
@@ -59,13 +62,14 @@ def _child(conn, cfg: dict) -> None:
                 h.wait(timeout)
         return len(hs)
 
-    def send_requests(peer, tids, layers, shape, dtype="bfloat16", wait=True, timeout=None, seed_of=None,
-                      only=None, abort=False):
+    def send_requests(peer: str, tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
+                      wait: bool = True, timeout: float | None = None, seed_of: list[int] | None = None,
+                      only: int | None = None, abort: bool = False) -> dict[str, int]:
         """One whole request (send_request) per transfer id; ``only`` sends just the first N layers
         (the rest never come), ``abort`` then aborts the transfer."""
         dt = getattr(torch, dtype)
         outcome: dict[str, int] = {}
-        reqs = []
+        reqs: list[Any] = []
         for ti, tid in enumerate(tids):
             r = seed_of[ti] if seed_of else ti
             data = [(key(tid, layer).name, kv_layer(r, layer, tuple(shape), dt, eng.device)) for layer in range(layers)]
@@ -79,21 +83,22 @@ def _child(conn, cfg: dict) -> None:
                 try:
                     req.wait(None if timeout is None else timeout + 5)
                     outcome["done"] = outcome.get("done", 0) + 1
-                except Exception as exc:  # noqa: BLE001 - reported back by class name
+                except Exception as exc:
                     outcome[type(exc).__name__] = outcome.get(type(exc).__name__, 0) + 1
         return outcome
 
-    def wait_sends(timeout=None):
+    def wait_sends(timeout: float | None = None) -> dict[str, int]:
         errors: dict[str, int] = {}
         for h in handles:
             try:
                 h.wait(timeout)
-            except Exception as exc:  # noqa: BLE001 - reported back by class name
+            except Exception as exc:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
         handles.clear()
         return errors
 
-    def recv_many(tids, layers, shape, dtype="bfloat16", timeout=None, seed_of=None, use_out=False):
+    def recv_many(tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16", timeout: float | None = None,
+                  seed_of: list[int] | None = None, use_out: bool = False) -> int:
         dt = getattr(torch, dtype)
         bad = 0
         out = torch.empty(tuple(shape), dtype=dt, device=eng.device) if use_out else None
@@ -105,14 +110,16 @@ def _child(conn, cfg: dict) -> None:
                     bad += 1
         return bad
 
-    def publish_many(tids, layers, shape, dtype="bfloat16", timeout=None):
+    def publish_many(tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
+                     timeout: float | None = None) -> int:
         dt = getattr(torch, dtype)
         for ti, tid in enumerate(tids):
             for layer in range(layers):
                 eng.publish(key(tid, layer), kv_layer(ti, layer, tuple(shape), dt, eng.device), timeout=timeout)
         return len(tids) * layers
 
-    def publish_many_from(tids, first_seed, layers, shape, dtype="bfloat16", timeout=None):
+    def publish_many_from(tids: list[str], first_seed: int, layers: int, shape: list[int], dtype: str = "bfloat16",
+                          timeout: float | None = None) -> int:
         dt = getattr(torch, dtype)
         for ti, tid in enumerate(tids):
             for layer in range(layers):
@@ -120,7 +127,8 @@ def _child(conn, cfg: dict) -> None:
                             timeout=timeout)
         return len(tids) * layers
 
-    def pull_many(peer, tids, layers, shape, dtype="bfloat16", timeout=None):
+    def pull_many(peer: str, tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
+                  timeout: float | None = None) -> int:
         dt = getattr(torch, dtype)
         bad = 0
         for ti, tid in enumerate(tids):
@@ -130,21 +138,21 @@ def _child(conn, cfg: dict) -> None:
                     bad += 1
         return bad
 
-    def claim_many(tid, n, timeout=None):
+    def claim_many(tid: str, n: int, timeout: float | None = None) -> int:
         for i in range(n):
             with eng.claim(TransferKey(tid, str(i)), timeout=timeout):
                 pass
         return n
 
-    def publish_n(tid, n, nbytes, timeout=None):
+    def publish_n(tid: str, n: int, nbytes: int, timeout: float | None = None) -> int:
         t = torch.zeros(nbytes, dtype=torch.uint8, device=eng.device)
         for i in range(n):
             eng.publish(TransferKey(tid, str(i)), t, timeout=timeout)
         return n
 
-    def ipc_copy_gpu_time(nbytes, reps=20):
+    def ipc_copy_gpu_time(nbytes: int, reps: int = 20) -> float:
         """GPU time of the transport's own copy: from a peer's mapped arena into our pool."""
-        from .bench.core import gpu_time
+        from ._timing import gpu_time
 
         sess = next(s for s in eng._sessions.values() if s.ipc is not None)
         src = sess.ipc.view(0, nbytes)
@@ -152,7 +160,7 @@ def _child(conn, cfg: dict) -> None:
             g, _ = gpu_time(lambda: buf.data.copy_(src, non_blocking=True), reps)
         return g
 
-    def soak_produce(plan, layers, nbytes, seed, peer):
+    def soak_produce(plan: list[tuple[str, str]], layers: int, nbytes: int, seed: int, peer: str) -> dict[str, int]:
         """Push or publish every layer of every transfer in a random interleaving; abort some."""
         import random
 
@@ -181,11 +189,12 @@ def _child(conn, cfg: dict) -> None:
             try:
                 h.wait(60)
                 outcome["done"] = outcome.get("done", 0) + 1
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 outcome[type(exc).__name__] = outcome.get(type(exc).__name__, 0) + 1
         return outcome
 
-    def soak_consume(plan, layers, nbytes, seed, peer, threads=4, timeout=60.0):
+    def soak_consume(plan: list[tuple[str, str]], layers: int, nbytes: int, seed: int, peer: str, threads: int = 4,
+                     timeout: float = 60.0) -> dict[str, Any]:
         """Receive / pull everything in random order from several threads; count outcomes."""
         import random
         import threading as th
@@ -195,22 +204,23 @@ def _child(conn, cfg: dict) -> None:
         rng = random.Random(seed)
         work = [(tid, mode, layer) for tid, mode in plan for layer in range(layers)]
         rng.shuffle(work)
-        results = {"ok": 0, "bad": 0, "aborted": 0, "other": 0}
+        results: dict[str, Any] = {"ok": 0, "bad": 0, "aborted": 0, "other": 0}
         errors: list[str] = []
         lock = th.Lock()
 
-        def run(part):
+        def run(part: list[tuple[str, str, int]]) -> None:
             for tid, mode, layer in part:
                 k = TransferKey(tid, str(layer))
                 try:
                     got = eng.pull(peer, k, timeout=timeout) if mode == "pull" else eng.recv(k, timeout=timeout)
-                    good = same_bits(got, kv_layer(zlib.crc32(tid.encode()) & 0xFFFF, layer, (nbytes,), torch.uint8, eng.device))
+                    want = kv_layer(zlib.crc32(tid.encode()) & 0xFFFF, layer, (nbytes,), torch.uint8, eng.device)
+                    good = same_bits(got, want)
                     with lock:
                         results["ok" if good else "bad"] += 1
                 except TransferAborted:
                     with lock:
                         results["aborted" if mode == "abort" else "other"] += 1
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     with lock:
                         results["other"] += 1
                         errors.append(f"{mode} {k}: {type(exc).__name__}: {exc}")
@@ -224,7 +234,11 @@ def _child(conn, cfg: dict) -> None:
         results["errors"] = errors[:10]
         return results
 
-    ops = {"send_many": send_many, "send_requests": send_requests, "soak_produce": soak_produce, "soak_consume": soak_consume, "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n, "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
+    ops: dict[str, Callable[..., Any]] = {
+           "send_many": send_many, "send_requests": send_requests, "soak_produce": soak_produce,
+           "soak_consume": soak_consume,
+           "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n,
+           "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),
@@ -243,7 +257,7 @@ def _child(conn, cfg: dict) -> None:
                 return
             try:
                 conn.send(("ok", ops[op](*args, **kwargs)))
-            except Exception as exc:  # noqa: BLE001 - shipped to the parent
+            except Exception as exc:
                 conn.send(("err", (type(exc).__name__, str(exc), traceback.format_exc())))
     finally:
         eng.close()
@@ -255,7 +269,7 @@ class RemoteEngine:
     def __init__(self, start_timeout: float = 60.0, method: str = "spawn", **cfg: Any):
         """``method='forkserver'`` starts children from a preloaded server: much faster when
         a test starts many engines (the server imports torch once)."""
-        ctx = mp.get_context(method)
+        ctx: Any = mp.get_context(method)  # spawn / forkserver / fork: each has .Process and .Pipe
         if method == "forkserver":
             ctx.set_forkserver_preload(["torch", "zmq", "p2pkv", "p2pkv.testing"])
         self._conn, child = ctx.Pipe()
@@ -276,7 +290,11 @@ class RemoteEngine:
                 except OSError:
                     pass
                 raise RemoteError("Timeout", f"remote engine gave no answer within {timeout}s")
-        status, value = self._conn.recv()
+        try:
+            status, value = self._conn.recv()
+        except EOFError:  # the child died after the pipe became readable (e.g. failed while starting)
+            self.proc.join(5)
+            raise RemoteError("ProcessDied", f"remote engine exited with code {self.proc.exitcode}") from None
         if status == "err":
             raise RemoteError(*value)
         return value
@@ -308,7 +326,7 @@ class RemoteEngine:
             self.kill()
         self._conn.close()
 
-    def __enter__(self) -> "RemoteEngine":
+    def __enter__(self) -> RemoteEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

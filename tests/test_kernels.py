@@ -26,7 +26,7 @@ def layouts(num_blocks=12, bs=4, heads=3, head=8, dtype=torch.bfloat16, device="
 
 
 def ref_pack(layer, ids):
-    return torch.stack([layer[i] for i in ids]) if ids else torch.empty((0,) + tuple(layer.shape[1:]), dtype=layer.dtype)
+    return torch.stack([layer[i] for i in ids]) if ids else torch.empty((0, *layer.shape[1:]), dtype=layer.dtype)
 
 
 ID_LISTS = [[3, 1, 7], [0], [], [5, 5, 2, 5], list(range(11, -1, -1))]
@@ -72,7 +72,7 @@ def test_batched_layers_cpu():
         assert same_bits(packed[li], ref_pack(layer, ids))
     targets = [torch.zeros_like(t) for t in layers]
     unpack_layers(packed, targets, ids)
-    for t, layer in zip(targets, layers):
+    for t, layer in zip(targets, layers, strict=True):
         for i in ids:
             assert same_bits(t[i], layer[i])
 
@@ -110,7 +110,7 @@ def test_bad_buffers_and_layers():
         pack(layer, [1, 2], out=torch.empty(3, 4))
     with pytest.raises(InvalidTensor, match="contiguous"):
         pack(layer, [1, 2], out=torch.empty(4, 4)[:, ::2])
-    with pytest.raises(InvalidTensor, match="torch.Tensor"):
+    with pytest.raises(InvalidTensor, match=r"torch\.Tensor"):
         pack([1, 2], [0])  # type: ignore[arg-type]
     with pytest.raises(InvalidTensor, match="differs"):
         pack_layers([layer, torch.zeros(12, 5)], [0])
@@ -150,7 +150,7 @@ def test_cuda_batched_and_odd_alignment():
     targets = [torch.zeros_like(t) for t in layers]
     unpack_layers(a, targets, ids, backend="cuda")
     torch.cuda.synchronize()
-    for t, layer in zip(targets, layers):
+    for t, layer in zip(targets, layers, strict=True):
         assert same_bits(t[ids.host.cuda()], layer[ids.host.cuda()])
     # byte-aligned odd sizes force narrow vectors
     odd = kv_layer(1, 1, (9, 3, 7), torch.uint8, "cuda")[:, :, 1:]

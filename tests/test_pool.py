@@ -1,3 +1,4 @@
+import itertools
 import random
 import threading
 import time
@@ -24,7 +25,7 @@ def test_alloc_release_roundtrip_and_views():
     s = p.stats()
     assert s["in_use"] == 0 and s["live_buffers"] == 0 and s["high_water"] == 1024
     with pytest.raises(Exception, match="after release"):
-        b.data
+        _ = b.data
 
 
 def test_context_manager_and_zero_size():
@@ -105,7 +106,7 @@ def test_random_ops_never_overlap(ops):
             if b is not None:
                 live.append(b)
         spans = sorted((b.offset, b.offset + b.size) for b in live)
-        for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        for (_, e0), (s1, _) in itertools.pairwise(spans):
             assert e0 <= s1
         assert p.stats()["in_use"] == sum(b.size for b in live)
         assert p.stats()["free"] + p.stats()["in_use"] == p.capacity

@@ -6,9 +6,9 @@ import json
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
-from aiohttp import web
+from aiohttp import web  # noqa: E402
 
-from p2pkv.proxy import Registry, make_app
+from p2pkv.proxy import Registry, make_app  # noqa: E402
 
 
 def stub(name: str, seen: list):

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
-from aiohttp import web
+from aiohttp import web  # noqa: E402
 
-from p2pkv import proxy as proxy_mod
-from p2pkv.proxy import ProxyLimits, Registry, make_app, start_proxy
+from p2pkv import proxy as proxy_mod  # noqa: E402
+from p2pkv.proxy import ProxyLimits, Registry, make_app, start_proxy  # noqa: E402
 
 TOKEN = "s3cret-register-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -435,7 +435,7 @@ def test_no_secret_reaches_an_instance() -> None:
                 assert r.status == 200
             assert (await post(s, env.url + "/v1/completions", json=COMPLETION))[0] == 200
         assert env.seen
-        for name, _, b, headers, raw in env.seen:
+        for name, _, _body, headers, raw in env.seen:
             blob = raw.decode() + json.dumps(headers)
             for secret in (TOKEN, "ENGINE-TOKEN-XYZ", "COOKIE-FROM-PREFILL", "CLIENT-PARAM-SECRET", "CLIENT-API-KEY",
                            "CLIENT-COOKIE", "CLIENT-X-KEY", "10.6.6.6"):
@@ -550,7 +550,7 @@ def _spawn(args: list[str], nofile: int | None = None, env: dict | None = None) 
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     p = subprocess.Popen([sys.executable, "-m", "p2pkv.proxy", "--port", "0", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, preexec_fn=limit,  # noqa: PLW1509 (the child only calls setrlimit)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=limit,
                          env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30
     assert p.stdout is not None

@@ -11,7 +11,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pkv import Engine, PeerLost, TransferAborted, TransferKey, TransferState, TransferTimeout
+from p2pkv import AuthError, Engine, PeerLost, TransferAborted, TransferKey, TransferState, TransferTimeout
 from p2pkv.control.messages import PROTOCOL_VERSION, decode, encode
 from p2pkv.testing import RemoteEngine
 
@@ -102,7 +102,7 @@ def test_kill_peer_50_times_and_restart_on_same_address():
                     time.sleep(rng.random() * 0.05)
                     t0 = time.monotonic()
                     victim.kill()
-                    with pytest.raises((PeerLost, TransferTimeout)):
+                    with pytest.raises((PeerLost, TransferTimeout)):  # noqa: PT012 - any layer may be the one
                         for layer in range(64):
                             survivor.recv(K(tid, f"model.layers.{layer}.self_attn"), timeout=FAULT["timeout_s"])
                     assert time.monotonic() - t0 <= FAULT["timeout_s"] + 1
@@ -263,11 +263,10 @@ def test_unauthenticated_peer_cannot_send_pull_abort_or_read():
     with Engine(**sec) as a, Engine(**sec) as friend, Engine(**FAST) as stranger:
         a.publish(K("sec", "pub"), torch.ones(4))
         friend.send(a.address, K("sec", "pushed"), torch.ones(4)).wait(5)
-        with pytest.raises(Exception) as e1:
+        with pytest.raises(AuthError):
             stranger.send(a.address, K("sec", "x"), torch.ones(4)).wait(5)
-        with pytest.raises(Exception) as e2:
+        with pytest.raises(AuthError):
             stranger.pull(a.address, K("sec", "pub"), timeout=2)
-        assert type(e1.value).__name__ == type(e2.value).__name__ == "AuthError"
         stranger.abort("sec")  # goes nowhere: the stranger has no session with a
         time.sleep(0.3)
         assert a.stats()["outbox"]["held"] == 1 and a.stats()["inbox"]["held"] == 1
@@ -286,7 +285,7 @@ def test_other_peer_cannot_overwrite_a_key_in_flight(pair):
 
 
 def test_abort_is_idempotent_and_concurrent(pair):
-    a, b = pair
+    a, _ = pair
     ts = [threading.Thread(target=a.abort, args=("same",)) for _ in range(8)]
     for t in ts:
         t.start()

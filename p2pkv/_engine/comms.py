@@ -29,7 +29,7 @@ class _CommManager(_EngineBase):
         """The ready communicator of ``direction`` to ``peer``, starting it if needed; None while it initialises."""
         comm = peer.nccl.get(direction)
         if comm is None:
-            from .transport.nccl import Comm, new_unique_id
+            from ..transport.nccl import Comm, new_unique_id
 
             uid = new_unique_id()
             peer.sock.send(encode("nccl", uid=uid, dir=direction))
@@ -51,7 +51,7 @@ class _CommManager(_EngineBase):
     def _loopback_comm(self) -> Any:
         comm = self._loop_comm
         if comm is None:
-            from .transport.nccl import Comm, new_unique_id
+            from ..transport.nccl import Comm, new_unique_id
 
             comm = self._loop_comm = Comm(1, 0, new_unique_id(), self._device, **self._nccl_kwargs())
             self._stats.add("nccl_comms")
@@ -94,7 +94,7 @@ class _CommManager(_EngineBase):
         old = sess.nccl.pop(direction, None)
         if old is not None:
             old.abort()
-        from .transport.nccl import Comm
+        from ..transport.nccl import Comm
 
         try:
             sess.nccl[direction] = Comm(2, 1, msg["uid"], self._device, **self._nccl_kwargs())

@@ -219,7 +219,7 @@ class _ProgressLoop(_EngineBase):
             if peer.ready:
                 if now - peer.last_rx > cfg.effective_peer_timeout_s:
                     silent = now - peer.last_rx
-                    self._lose_peer(peer, lambda s=silent: PeerLost(f"peer silent for {s:.2f}s", peer=peer.addr))
+                    self._lose_peer(peer, lambda s=silent, a=peer.addr: PeerLost(f"peer silent for {s:.2f}s", peer=a))
                     continue
                 if now - peer.last_tx >= cfg.effective_heartbeat_s:
                     peer.sock.send(encode("ping"))

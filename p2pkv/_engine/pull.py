@@ -148,7 +148,7 @@ class _PullPath(_EngineBase):
             if not isinstance(info, dict) or not isinstance(info.get("handle"), bytes) \
                     or not isinstance(info.get("size"), int):
                 raise TransportError("the peer offered no CUDA IPC handle")
-            from .transport.cuda import IpcMapping
+            from ..transport.cuda import IpcMapping
 
             holder.ipc = IpcMapping(info["handle"], info["size"], self._device)
             self._stats.add("ipc_mappings")

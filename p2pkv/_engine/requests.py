@@ -119,7 +119,7 @@ class _RequestPath(_EngineBase):
                 if not isinstance(info, dict) or not isinstance(info.get("handle"), bytes) \
                         or not isinstance(info.get("size"), int):
                     raise TransportError("the peer offered no CUDA IPC handle", peer=peer.addr)
-                from .transport.cuda import IpcMapping
+                from ..transport.cuda import IpcMapping
 
                 peer.ipc_out = IpcMapping(info["handle"], info["size"], self._device)
                 self._stats.add("ipc_mappings")
@@ -581,9 +581,8 @@ class _RequestPath(_EngineBase):
             if inc.x == "ipc":
                 self._release_quarantine(inc)
             self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg="discarded")
-        elif t == "ofin":
-            if inc is not None and inc.quarantine:
-                self._release_quarantine(inc)
+        elif t == "ofin" and inc is not None and inc.quarantine:
+            self._release_quarantine(inc)
 
     def _tick_incoming(self, now: float) -> None:
         for inc in [i for i in self._incoming.values() if i.deadline < now]:

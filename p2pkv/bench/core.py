@@ -1,30 +1,105 @@
-"""Benchmark driver: see :mod:`p2pkv.bench` for the suites."""
+"""Benchmark driver: the suite registry, the command line, the table and the plot.
+
+See :mod:`p2pkv.bench` for what each suite measures. A suite is a function
+``(smoke, sizes, bar) -> rows`` registered in :data:`SUITES`; it is imported
+only when it runs, so a suite may live in its own module of this package.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
+import importlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import socket
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .. import __version__
 from .._progress import Progress
+from .._timing import gpu_time, wall_time
 from ..stats import percentile
 from ..synthetic import PRESETS
 
+__all__ = ["SUITES", "Suite", "gpu_time", "main", "parse_size", "run"]
+
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-SUITES = ("tcp", "pack", "ipc", "nccl")
+
+Row = dict[str, Any]
+Bar = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- suites
+def _no_gpu() -> str | None:
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+def _no_nccl() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from ..transport.nccl import nccl_available
+
+    return None if nccl_available() else "needs nccl4py (pip install 'p2pkv[cu13]')"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark suite.
+
+    Attributes
+    ----------
+    name:
+        What ``--suite`` calls it.
+    func:
+        ``"module:function"`` (module relative to :mod:`p2pkv.bench`), imported
+        when the suite runs; the function is ``(smoke, sizes, bar) -> list of rows``
+        and calls ``bar(note)`` once per step.
+    steps:
+        ``(smoke, sizes) -> number of bar() calls`` (for the progress report).
+    unavailable:
+        ``() -> reason`` the suite cannot run on this machine, or ``None``.
+    """
+
+    name: str
+    func: str
+    steps: Callable[[bool, list[int]], int]
+    unavailable: Callable[[], str | None] = lambda: None
+
+    def resolve(self) -> Callable[[bool, list[int], Bar], list[Row]]:
+        """Import and return the suite's function."""
+        module, _, name = self.func.partition(":")
+        fn: Callable[[bool, list[int], Bar], list[Row]] = getattr(importlib.import_module(module, __package__), name)
+        return fn
+
+
+def _nccl_steps(smoke: bool, sizes: list[int]) -> int:
+    two = torch.cuda.is_available() and torch.cuda.device_count() > 1
+    return len(sizes) + 1 + (len(sizes) if two else 0)
+
+
+#: Every suite, in the order ``--suite all`` runs them. To add one, write its
+#: function (in a module of this package) and add a line here.
+SUITES: dict[str, Suite] = {s.name: s for s in (
+    Suite("tcp", ".core:bench_tcp", lambda smoke, sizes: len([x for x in sizes if x <= 256 * MiB]) + 1),
+    Suite("pack", ".core:bench_pack", lambda smoke, sizes: 3 * len(_pack_tokens(smoke))),
+    Suite("ipc", ".core:bench_ipc", lambda smoke, sizes: len([x for x in sizes if x >= 4 * KiB]), _no_gpu),
+    Suite("nccl", ".core:bench_nccl", _nccl_steps, _no_nccl),
+)}
 
 
 # ----------------------------------------------------------------------------- environment
 def env_info(argv: list[str]) -> dict[str, Any]:
+    """The machine and the versions a result depends on (recorded in ``bench.json``)."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m p2pkv.bench " + " ".join(argv),
@@ -63,11 +138,13 @@ def env_info(argv: list[str]) -> dict[str, Any]:
     return info
 
 
+
+
 def _sizes(smoke: bool, big: bool) -> list[int]:
     if smoke:
         return [4 * KiB, 64 * KiB, 1 * MiB]
     s = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
-    return s + [1 * GiB] if big else s
+    return [*s, 1 * GiB] if big else s
 
 
 def _count_for(size: int, smoke: bool, budget: int) -> int:
@@ -88,6 +165,39 @@ def _lat(vals: list[float]) -> dict[str, float | None]:
 
 def _us(x: float | None) -> float | None:
     return None if x is None else round(x * 1e6, 2)
+
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*(?:([kmg])(?:ib|b)?|b)?", re.IGNORECASE)
+_SIZE_UNIT = {"": 1, "k": KiB, "m": MiB, "g": GiB}
+
+
+def parse_size(text: str) -> int:
+    """A message size in bytes: ``4096``, ``4K``, ``16M``, ``1G`` (powers of 1024, as in
+    nccl-tests; ``KiB``/``KB`` spellings too).
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not such a size or is 0.
+    """
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"invalid size {text!r}: expected bytes such as 4096, 4K, 16M or 1G")
+    n = int(m.group(1)) * _SIZE_UNIT[(m.group(2) or "").lower()]
+    if n <= 0:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return n
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({parse_size(x) for x in text.split(",") if x.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one size, e.g. 4K,16M")
+    return sizes
 
 
 def _measure_push(eng: Any, cons: Any, tid: str, tensor: torch.Tensor, n: int, lat_n: int) -> tuple[float, list]:
@@ -112,15 +222,14 @@ def _measure_push(eng: Any, cons: Any, tid: str, tensor: torch.Tensor, n: int, l
 
 
 # ----------------------------------------------------------------------------- TCP
-def _zmq_server(q, n_total: int, size: int) -> None:
-    import numpy as np
+def _zmq_server(q: Any, n_total: int, size: int) -> None:
     import zmq
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     port = s.bind_to_random_port("tcp://127.0.0.1")
     q.put(port)
-    buf = np.empty(max(size, 1), np.uint8)
+    buf = memoryview(bytearray(max(size, 1)))
     try:
         while True:
             ident = s.recv()
@@ -137,19 +246,21 @@ def _zmq_server(q, n_total: int, size: int) -> None:
         ctx.term()
 
 
-def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
-    import numpy as np
+def bench_tcp(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
+    """Two processes on loopback: p2pkv push and pull vs raw pyzmq (sizes up to 256 MiB), plus a whole
+    Llama-3-8B request sent layer by layer vs at once."""
     import zmq
 
     from .. import Engine, TransferKey
     from ..testing import RemoteEngine
 
-    rows: list[dict[str, Any]] = []
+    sizes = [x for x in sizes if x <= 256 * MiB]
+    rows: list[Row] = []
     budget = 64 * MiB if smoke else 512 * MiB
     req_tokens = 256 if smoke else 2048
     req_bytes = PRESETS["llama3-8b"].bytes_per_token() * req_tokens
-    pool = max(2 * req_bytes + 64 * MiB, 4 * max(sizes))
-    cfg = dict(timeout_s=120.0, pool_bytes=pool, credit_bytes=pool)
+    pool = max(2 * req_bytes + 64 * MiB, 4 * max(sizes, default=0))
+    cfg: dict[str, Any] = {"timeout_s": 120.0, "pool_bytes": pool, "credit_bytes": pool}
     ctx = mp.get_context("spawn")
     cons = RemoteEngine(**cfg)
     prod_remote = RemoteEngine(**cfg)
@@ -168,13 +279,13 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 d = zc.socket(zmq.DEALER)
                 d.setsockopt(zmq.LINGER, 0)
                 d.connect(f"tcp://127.0.0.1:{port}")
-                a = np.zeros(max(size, 1), np.uint8)[:size]
+                a = memoryview(bytearray(max(size, 1)))[:size]
                 d.send_multipart([b"h", a])
                 d.recv()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     d.send(b"h", zmq.SNDMORE)
-                    d.send(a, copy=size < 65536)
+                    d.send(a, 0, copy=size < 65536)
                 for _ in range(n):
                     d.recv()
                 raw_bw = n * size / (time.perf_counter() - t0) / 1e9
@@ -182,7 +293,7 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 for _ in range(lat_n):
                     t1 = time.perf_counter()
                     d.send(b"h", zmq.SNDMORE)
-                    d.send(a, copy=size < 65536)
+                    d.send(a, 0, copy=size < 65536)
                     d.recv()
                     raw_lat.append(time.perf_counter() - t1)
                 pull_lat = []
@@ -249,100 +360,119 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
     return rows
 
 
-# ----------------------------------------------------------------------------- GPU timing
-def gpu_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> tuple[float, float]:
-    """(GPU seconds per call, host seconds per call).
 
-    GPU time is measured with CUDA events around ``reps`` calls queued behind a
-    sleep kernel, so host launch cost does not leak into it; host time is the
-    wall time of issuing the calls.
+# ----------------------------------------------------------------------------- pack
+def _pack_tokens(smoke: bool) -> list[int]:
+    if torch.cuda.is_available():
+        return [128, 4096] if smoke else [128, 512, 2048, 4096, 16384, 65536, 131072]
+    return [128, 1024] if smoke else [128, 512, 2048, 4096, 16384]
+
+
+def bench_pack(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
+    """Pack/unpack of every preset's KV layout vs ``index_select``/``index_copy_`` and a plain copy.
+
+    On a GPU the CUDA kernels are timed with CUDA events (``gpu us``, plus the
+    host's issue time); without one the torch fallback is timed on the CPU
+    (``host us`` is then the whole call). ``sizes`` is not used: the cases are
+    token counts of real models' layouts.
     """
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU busy-wait while the host queues the calls
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - t0) / reps
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps, host
-
-
-def bench_pack(smoke: bool, bar: Callable[[str], None]) -> list[dict[str, Any]]:
-    from ..kernels import BlockIds, pack, pack_layers, unpack
-
-    rows: list[dict[str, Any]] = []
-    token_counts = [128, 4096] if smoke else [128, 512, 2048, 4096, 16384, 65536, 131072]
-    dev = torch.device("cuda", torch.cuda.current_device())
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    rows: list[Row] = []
     for pname in ("llama3-8b", "llama3-70b-tp8", "deepseek-mla"):
-        p = PRESETS[pname]
-        for tokens in token_counts:
-            nblk = (tokens + p.block_size - 1) // p.block_size
-            total_blocks = nblk * 2 + 7
-            if p.kv_planes == 2:
-                cache = torch.empty((2, total_blocks, p.block_size, p.kv_heads, p.head_size), dtype=torch.bfloat16,
-                                    device=dev).transpose(0, 1)
-            else:
-                cache = torch.empty((total_blocks, p.block_size, p.head_size), dtype=torch.bfloat16, device=dev)
-            cache.view(torch.int16).random_()
-            ids_list = torch.randperm(total_blocks)[:nblk].tolist()
-            ids = BlockIds(ids_list, total_blocks, dev)
-            ids_dev = ids.on_device()
-            out = pack(cache, ids)
-            nbytes = out.numel() * out.element_size()
-            src = torch.empty_like(out)
-            reps = 10 if nbytes > 256 * MiB else 30
-            g_copy, _ = gpu_time(lambda: out.copy_(src), reps)
-            g_is, h_is = gpu_time(lambda: torch.index_select(cache, 0, ids_dev, out=out), reps)
-            g_pk, h_pk = gpu_time(lambda: pack(cache, ids, out=out, backend="cuda"), reps)
-            g_up, h_up = gpu_time(lambda: unpack(out, cache, ids, backend="cuda"), reps)
-            g_ic, _ = gpu_time(lambda: cache.index_copy_(0, ids_dev, out), reps)
-            bw = lambda g: nbytes * 2 / g / 1e9  # bytes read + written  # noqa: E731
-            base = dict(preset=pname, tokens=tokens)
-            rows.append(_row("pack", "device copy (baseline)", nbytes, gpu_us=_us(g_copy), gbps_rw=bw(g_copy), **base))
-            rows.append(_row("pack", "torch index_select", nbytes, gpu_us=_us(g_is), host_us=_us(h_is),
-                             gbps_rw=bw(g_is), **base))
-            rows.append(_row("pack", "p2pkv pack", nbytes, gpu_us=_us(g_pk), host_us=_us(h_pk), gbps_rw=bw(g_pk),
-                             ratio_to_copy=g_copy / g_pk, speedup_vs_index_select=g_is / g_pk, **base))
-            rows.append(_row("pack", "torch index_copy_", nbytes, gpu_us=_us(g_ic), gbps_rw=bw(g_ic), **base))
-            rows.append(_row("pack", "p2pkv unpack", nbytes, gpu_us=_us(g_up), host_us=_us(h_up), gbps_rw=bw(g_up),
-                             ratio_to_copy=g_copy / g_up, speedup_vs_index_copy=g_ic / g_up, **base))
-            if tokens <= 16384:
-                layers = [cache] * p.layers if nbytes * p.layers > 8 * GiB else \
-                    [torch.empty_like(cache) for _ in range(p.layers)]
-                allout = torch.empty((p.layers,) + tuple(out.shape), dtype=out.dtype, device=dev)
-                g_b, h_b = gpu_time(lambda: pack_layers(layers, ids, out=allout, backend="cuda"), 5)
-
-                def per_layer() -> None:
-                    for li, layer in enumerate(layers):
-                        torch.index_select(layer, 0, ids_dev, out=allout[li])
-
-                g_pl, h_pl = gpu_time(per_layer, 5)
-                rows.append(_row("pack", f"p2pkv pack_layers ({p.layers} layers, 1 launch)", nbytes * p.layers,
-                                 gpu_us=_us(g_b), host_us=_us(h_b), gbps_rw=nbytes * p.layers * 2 / g_b / 1e9,
-                                 speedup_vs_index_select=max(g_pl, h_pl) / max(g_b, h_b), **base))
-                rows.append(_row("pack", f"torch index_select x{p.layers}", nbytes * p.layers, gpu_us=_us(g_pl),
-                                 host_us=_us(h_pl), **base))
-                del layers, allout
-            del cache, out, src
-            torch.cuda.empty_cache()
+        for tokens in _pack_tokens(smoke):
+            rows.extend(_pack_case(pname, tokens, dev))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             bar(f"pack {pname} {tokens}")
     return rows
 
 
+def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
+    from ..kernels import BlockIds, pack, pack_layers, unpack
+
+    gpu = dev.type == "cuda"
+    backend = "cuda" if gpu else "torch"
+    p = PRESETS[pname]
+    nblk = (tokens + p.block_size - 1) // p.block_size
+    total_blocks = nblk * 2 + 7
+    if p.kv_planes == 2:
+        cache = torch.empty((2, total_blocks, p.block_size, p.kv_heads, p.head_size), dtype=torch.bfloat16,
+                            device=dev).transpose(0, 1)
+    else:
+        cache = torch.empty((total_blocks, p.block_size, p.head_size), dtype=torch.bfloat16, device=dev)
+    cache.view(torch.int16).random_()
+    ids = BlockIds(torch.randperm(total_blocks)[:nblk].tolist(), total_blocks, dev)
+    ids_idx = ids.on_device() if gpu else ids.host
+    out = pack(cache, ids)
+    nbytes = out.numel() * out.element_size()
+    src = torch.empty_like(out)
+    reps = (10 if nbytes > 256 * MiB else 30) if gpu else (5 if nbytes > 16 * MiB else 20)
+
+    def timed(fn: Callable[[], Any], n: int = reps) -> dict[str, Any]:
+        """gpu_us and host_us on a GPU; host_us (the whole call) on the CPU; plus the seconds used."""
+        if gpu:
+            g, h = gpu_time(fn, n)
+            return {"gpu_us": _us(g), "host_us": _us(h), "_s": g}
+        w = wall_time(fn, n)
+        return {"host_us": _us(w), "_s": w}
+
+    def row(what: str, size: int, t: dict[str, Any], **kw: Any) -> Row:
+        return _row("pack", what, size, preset=pname, tokens=tokens, backend=backend,
+                    **{k: v for k, v in t.items() if k != "_s"}, **kw)
+
+    t_copy = timed(lambda: out.copy_(src))
+    t_is = timed(lambda: torch.index_select(cache, 0, ids_idx, out=out))
+    t_pk = timed(lambda: pack(cache, ids, out=out, backend=backend))
+    t_up = timed(lambda: unpack(out, cache, ids, backend=backend))
+    t_ic = timed(lambda: cache.index_copy_(0, ids_idx, out))
+
+    def rw(t: dict[str, Any], size: int = nbytes) -> float:
+        return size * 2 / t["_s"] / 1e9  # bytes read + written
+
+    rows = [
+        row("copy (baseline)", nbytes, t_copy, gbps_rw=rw(t_copy)),
+        row("torch index_select", nbytes, t_is, gbps_rw=rw(t_is)),
+        row("p2pkv pack", nbytes, t_pk, gbps_rw=rw(t_pk), ratio_to_copy=t_copy["_s"] / t_pk["_s"],
+            speedup_vs_index_select=t_is["_s"] / t_pk["_s"]),
+        row("torch index_copy_", nbytes, t_ic, gbps_rw=rw(t_ic)),
+        row("p2pkv unpack", nbytes, t_up, gbps_rw=rw(t_up), ratio_to_copy=t_copy["_s"] / t_up["_s"],
+            speedup_vs_index_copy=t_ic["_s"] / t_up["_s"]),
+    ]
+    if tokens <= (16384 if gpu else 1024):
+        # On the CPU, and for big GPU cases, every "layer" is the same tensor: the timing is the same.
+        layers = [cache] * p.layers if (not gpu or nbytes * p.layers > 8 * GiB) else \
+            [torch.empty_like(cache) for _ in range(p.layers)]
+        allout = torch.empty((p.layers, *out.shape), dtype=out.dtype, device=dev)
+
+        def per_layer() -> None:
+            for li, layer in enumerate(layers):
+                torch.index_select(layer, 0, ids_idx, out=allout[li])
+
+        t_b = timed(lambda: pack_layers(layers, ids, out=allout, backend=backend), 5)
+        t_pl = timed(per_layer, 5)
+        # One launch vs L launches: on a GPU the slower of device and host time bounds each.
+        slow_b = max(t_b["_s"], (t_b.get("host_us") or 0) / 1e6)
+        slow_pl = max(t_pl["_s"], (t_pl.get("host_us") or 0) / 1e6)
+        rows.append(row(f"pack_layers, {p.layers} layers", nbytes * p.layers, t_b,
+                        gbps_rw=rw(t_b, nbytes * p.layers), speedup_vs_index_select=slow_pl / slow_b))
+        rows.append(row(f"index_select x{p.layers}", nbytes * p.layers, t_pl, gbps_rw=rw(t_pl, nbytes * p.layers)))
+    return rows
+
+
 # ----------------------------------------------------------------------------- IPC
-def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
+def bench_ipc(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
+    """Two processes on one GPU over CUDA IPC vs a same-size device copy."""
     from .. import Engine
     from ..testing import RemoteEngine
 
-    rows: list[dict[str, Any]] = []
+    sizes = [x for x in sizes if x >= 4 * KiB]
+    rows: list[Row] = []
+    if not sizes:
+        return rows
     biggest = max(sizes)
     pool = max(512 * MiB, 3 * biggest + 64 * MiB)
-    cfg = dict(device="cuda", transport="ipc", timeout_s=120.0, pool_bytes=pool, credit_bytes=pool)
+    cfg: dict[str, Any] = {"device": "cuda", "transport": "ipc", "timeout_s": 120.0, "pool_bytes": pool,
+                           "credit_bytes": pool}
     cons = RemoteEngine(**cfg)
     budget = 256 * MiB if smoke else 4 * GiB
     try:
@@ -353,20 +483,19 @@ def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
                 n = min(n, 200)
                 src = torch.empty(size, dtype=torch.uint8, device=eng.device)
                 dst = torch.empty_like(src)
-                g_copy, _ = gpu_time(lambda: dst.copy_(src), 10 if size >= 256 * MiB else 30)
+                g_copy, _ = gpu_time(functools.partial(dst.copy_, src), 10 if size >= 256 * MiB else 30)
                 copy_bw = size / g_copy / 1e9
-                rows.append(_row("ipc", "device copy (baseline)", size, gbps=copy_bw, gpu_us=_us(g_copy)))
+                rows.append(_row("ipc", "copy (baseline)", size, gbps=copy_bw, gpu_us=_us(g_copy)))
                 buf = eng.alloc_buffer(size)
-                for variant, tensor in (("p2pkv push from pool buffer", buf.data), ("p2pkv push, staged", src)):
+                for variant, tensor in (("p2pkv push, pool buffer", buf.data), ("p2pkv push, staged", src)):
                     el, lat = _measure_push(eng, cons, f"{variant[:20]}-{size}", tensor, n, 5 if smoke else 30)
                     bw = n * size / el / 1e9
-                    rows.append(_row("ipc", variant + " (end to end)", size, gbps=bw, ratio=bw / copy_bw,
+                    rows.append(_row("ipc", variant, size, gbps=bw, ratio=bw / copy_bw,
                                      baseline="device copy", **_lat(lat)))
                 g_ipc = cons.call("ipc_copy_gpu_time", size, 10 if size >= 256 * MiB else 30, timeout=120)
-                rows.append(_row("ipc", "p2pkv IPC copy, cross-process (GPU time)", size, gbps=size / g_ipc / 1e9,
+                rows.append(_row("ipc", "p2pkv IPC copy only (GPU time)", size, gbps=size / g_ipc / 1e9,
                                  gpu_us=_us(g_ipc), ratio=g_copy / g_ipc, baseline="device copy"))
                 buf.release()
-                del src, dst
                 bar(f"ipc {size}")
     finally:
         cons.close()
@@ -374,12 +503,11 @@ def bench_ipc(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list
 
 
 # ----------------------------------------------------------------------------- NCCL
-def bench_nccl(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
-    from ..transport.nccl import Comm, nccl_available, new_unique_id
+def bench_nccl(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
+    """p2pkv's NCCL path vs raw NCCL (one rank; with two GPUs also two processes)."""
+    from ..transport.nccl import Comm, new_unique_id
 
-    rows: list[dict[str, Any]] = []
-    if not nccl_available():
-        return [_row("nccl", "skipped: nccl4py not installed", 0)]
+    rows: list[Row] = []
     import nccl.core as nc
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -392,19 +520,9 @@ def bench_nccl(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> lis
     for size in sizes:
         a = torch.empty(size, dtype=torch.uint8, device=dev)
         b = torch.empty_like(a)
-
-        def raw_op() -> None:
-            nc.group_start()
-            raw.send(a, 0, stream=s.cuda_stream)
-            raw.recv(b, 0, stream=s.cuda_stream)
-            nc.group_end()
-
-        def p2p_op() -> None:
-            comm.send_recv(a, b, s)
-
         reps = 10 if size >= 256 * MiB else 30
-        g_raw, h_raw = gpu_time(raw_op, reps)
-        g_p, h_p = gpu_time(p2p_op, reps)
+        g_raw, h_raw = gpu_time(functools.partial(_raw_send_recv, nc, raw, a, b, s.cuda_stream), reps)
+        g_p, h_p = gpu_time(functools.partial(comm.send_recv, a, b, s), reps)
         rows.append(_row("nccl", "raw nccl4py send/recv (1 rank)", size, gbps=size / g_raw / 1e9,
                          gpu_us=_us(g_raw), host_us=_us(h_raw)))
         rows.append(_row("nccl", "p2pkv Comm send/recv (1 rank)", size, gbps=size / g_p / 1e9, gpu_us=_us(g_p),
@@ -419,11 +537,18 @@ def bench_nccl(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> lis
     return rows
 
 
-def _bench_engine_nccl_loopback(smoke: bool, sizes: list[int], bar) -> list[dict[str, Any]]:
+def _raw_send_recv(nc: Any, raw: Any, a: torch.Tensor, b: torch.Tensor, stream: int) -> None:
+    nc.group_start()
+    raw.send(a, 0, stream=stream)
+    raw.recv(b, 0, stream=stream)
+    nc.group_end()
+
+
+def _bench_engine_nccl_loopback(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
     """The whole engine path (header, credit-free loopback, completion, deliver) on one GPU."""
     from .. import Engine, TransferKey
 
-    rows = []
+    rows: list[Row] = []
     with Engine(device="cuda", transport="nccl", timeout_s=120.0, pool_bytes=max(512 * MiB, 2 * max(sizes))) as e:
         for size in sizes:
             t = torch.empty(size, dtype=torch.uint8, device=e.device)
@@ -436,12 +561,18 @@ def _bench_engine_nccl_loopback(smoke: bool, sizes: list[int], bar) -> list[dict
                     pass
                 if i >= 2:
                     lat.append(time.perf_counter() - t1)
-            rows.append(_row("nccl", "p2pkv engine send->recv over NCCL (loopback)", size, **_lat(lat)))
+            rows.append(_row("nccl", "p2pkv engine send->claim (loopback)", size, **_lat(lat)))
     bar("nccl engine loopback")
     return rows
 
 
-def _two_gpu_worker(rank: int, port: int, sizes: list[int], reps: int, q) -> None:
+def _dist_p2p(dist: Any, x: torch.Tensor, rank: int) -> None:
+    work = dist.isend(x, 1) if rank == 0 else dist.irecv(x, 0)
+    if work is not None:
+        work.wait()
+
+
+def _two_gpu_worker(rank: int, port: int, sizes: list[int], reps: int, q: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
     out: dict[str, Any] = {}
@@ -451,12 +582,12 @@ def _two_gpu_worker(rank: int, port: int, sizes: list[int], reps: int, q) -> Non
     for size in sizes:
         x = torch.empty(size, dtype=torch.uint8, device="cuda")
         for _ in range(3):
-            (dist.isend(x, 1) if rank == 0 else dist.irecv(x, 0)).wait()
+            _dist_p2p(dist, x, rank)
         torch.cuda.synchronize()
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(reps):
-            (dist.isend(x, 1) if rank == 0 else dist.irecv(x, 0)).wait()
+            _dist_p2p(dist, x, rank)
         torch.cuda.synchronize()
         out[f"torch.distributed:{size}"] = (time.perf_counter() - t0) / reps
     try:
@@ -469,8 +600,8 @@ def _two_gpu_worker(rank: int, port: int, sizes: list[int], reps: int, q) -> Non
         s = torch.cuda.current_stream().cuda_stream
         for size in sizes:
             x = torch.empty(size, dtype=torch.uint8, device="cuda")
-            op = (lambda: c.send(x.data_ptr(), size, cnccl.NCCL_UINT8, 1, s)) if rank == 0 else \
-                (lambda: c.recv(x.data_ptr(), size, cnccl.NCCL_UINT8, 0, s))
+            op = functools.partial(c.send if rank == 0 else c.recv, x.data_ptr(), size, cnccl.NCCL_UINT8,
+                                   1 - rank, s)
             for _ in range(3):
                 op()
             torch.cuda.synchronize()
@@ -486,11 +617,11 @@ def _two_gpu_worker(rank: int, port: int, sizes: list[int], reps: int, q) -> Non
     q.put((rank, out))
 
 
-def bench_nccl_two_gpus(smoke: bool, sizes: list[int], bar) -> list[dict[str, Any]]:
+def bench_nccl_two_gpus(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
     from .. import Engine, TransferKey
     from ..testing import RemoteEngine
 
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     reps = 5 if smoke else 20
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -504,10 +635,10 @@ def bench_nccl_two_gpus(smoke: bool, sizes: list[int], bar) -> list[dict[str, An
     for pr in procs:
         pr.join(30)
     base = res[1]
-    cfg = dict(transport="nccl", timeout_s=120.0, pool_bytes=max(512 * MiB, 3 * max(sizes)))
-    cons = RemoteEngine(**dict(cfg, device="cuda:1"))
+    cfg: dict[str, Any] = {"transport": "nccl", "timeout_s": 120.0, "pool_bytes": max(512 * MiB, 3 * max(sizes))}
+    cons = RemoteEngine(**cfg, device="cuda:1")
     try:
-        with Engine(**dict(cfg, device="cuda:0")) as e:
+        with Engine(**cfg, device="cuda:0") as e:
             e.connect(cons.address)
             for size in sizes:
                 t = torch.empty(size, dtype=torch.uint8, device=e.device)
@@ -529,12 +660,12 @@ def bench_nccl_two_gpus(smoke: bool, sizes: list[int], bar) -> list[dict[str, An
                 raw = base.get(f"cupy nccl:{size}")
                 td = base.get(f"torch.distributed:{size}")
                 if raw:
-                    rows.append(_row("nccl2", "raw CuPy NCCL send/recv (2 GPUs)", size, gbps=size / raw / 1e9,
+                    rows.append(_row("nccl 2 GPUs", "raw CuPy NCCL send/recv", size, gbps=size / raw / 1e9,
                                      per_op_us=_us(raw)))
                 if td:
-                    rows.append(_row("nccl2", "torch.distributed isend/irecv (2 GPUs)", size, gbps=size / td / 1e9,
+                    rows.append(_row("nccl 2 GPUs", "torch.distributed isend/irecv", size, gbps=size / td / 1e9,
                                      per_op_us=_us(td)))
-                rows.append(_row("nccl2", "p2pkv push over NCCL (2 GPUs)", size, gbps=size / per / 1e9,
+                rows.append(_row("nccl 2 GPUs", "p2pkv push over NCCL", size, gbps=size / per / 1e9,
                                  per_op_us=_us(per), ratio=(raw / per) if raw else None,
                                  added_us=_us(per - raw) if raw else None, baseline="raw CuPy NCCL", **_lat(lat)))
                 bar(f"nccl2 {size}")
@@ -542,47 +673,91 @@ def bench_nccl_two_gpus(smoke: bool, sizes: list[int], bar) -> list[dict[str, An
         cons.close()
     return rows
 
+# ----------------------------------------------------------------------------- table
+#: (header, how to read it from a row); a column is printed only where some row of the suite has a value.
+_COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
+    ("case", lambda r: f"{r['preset']} {r['tokens']}tok" if "preset" in r else None),
+    ("size", lambda r: _fmt_size(r["bytes"])),
+    ("GB/s", lambda r: r.get("gbps")),
+    ("GB/s r+w", lambda r: r.get("gbps_rw")),
+    ("p50 us", lambda r: r.get("p50_us")),
+    ("p99 us", lambda r: r.get("p99_us")),
+    ("op us", lambda r: r.get("per_op_us")),
+    ("gpu us", lambda r: r.get("gpu_us")),
+    ("host us", lambda r: r.get("host_us")),
+    ("seconds", lambda r: r.get("seconds")),
+    ("ratio", lambda r: r.get("ratio", r.get("ratio_to_copy"))),
+    ("speedup", lambda r: r.get("speedup_vs_index_select", r.get("speedup_vs_index_copy"))),
+    ("+us", lambda r: r.get("added_host_us", r.get("added_us"))),
+]
+_NOTES = {
+    "GB/s r+w": "GB/s r+w counts bytes read and written",
+    "ratio": "ratio: p2pkv's speed / its baseline's (1.0 = as fast)",
+    "speedup": "speedup: p2pkv's kernel vs torch's index_select / index_copy_ (all layers vs one per layer)",
+    "host us": "host us: time the host spent issuing the call (on a CPU: the whole call)",
+    "+us": "+us: host or per-operation time p2pkv adds to its baseline",
+}
+TABLE_WIDTH = 100
 
-# ----------------------------------------------------------------------------- driver
-def _print(rows: list[dict[str, Any]]) -> None:
-    cur = None
+
+def format_table(rows: list[Row], width: int = TABLE_WIDTH) -> list[str]:
+    """The results as text lines, one section per suite, at most ``width`` columns wide.
+
+    Only the columns some row of a section measured are shown; the baselines
+    that ``ratio`` refers to are listed under each section.
+    """
+    lines: list[str] = []
+    suites: dict[str, list[Row]] = {}
     for r in rows:
-        if r["suite"] != cur:
-            cur = r["suite"]
-            print(f"\n== {cur} ==")
-            print(f"{'what':<52} {'size':>10} {'GB/s':>9} {'p50 us':>9} {'p99 us':>9} {'gpu us':>9} "
-                  f"{'host us':>9} {'ratio':>6}  extra")
-        gb = r.get("gbps", r.get("gbps_rw"))
-        ratio = r.get("ratio", r.get("ratio_to_copy"))
-        extra = {k: v for k, v in r.items() if k in ("preset", "tokens", "speedup_vs_index_select",
-                                                       "speedup_vs_index_copy", "seconds", "added_host_us",
-                                                       "added_us", "baseline")}
-        print(f"{r['what'][:52]:<52} {_fmt_size(r['bytes']):>10} {_f(gb):>9} {_f(r.get('p50_us')):>9} "
-              f"{_f(r.get('p99_us')):>9} {_f(r.get('gpu_us')):>9} {_f(r.get('host_us')):>9} {_f(ratio):>6}  "
-              f"{json.dumps(extra) if extra else ''}")
+        suites.setdefault(r["suite"], []).append(r)
+    for suite, rs in suites.items():
+        cols = []
+        for header, get in _COLUMNS:
+            cells = [_f(get(r)) for r in rs]
+            if any(c != "-" for c in cells):
+                cols.append((header, cells, max(len(header), *map(len, cells))))
+        fixed = sum(w + 1 for _, _, w in cols)
+        what_w = max(12, min(max(len(r["what"]) for r in rs), width - fixed))
+        lines.append("")
+        lines.append(f"== {suite} ==")
+        lines.append(f"{'what':<{what_w}}" + "".join(f" {h:>{w}}" for h, _, w in cols))
+        for i, r in enumerate(rs):
+            what = r["what"] if len(r["what"]) <= what_w else r["what"][:what_w - 1] + "~"
+            lines.append(f"{what:<{what_w}}" + "".join(f" {cells[i]:>{w}}" for _, cells, w in cols))
+        shown = {h for h, _, _ in cols}
+        ratio = dict(_COLUMNS)["ratio"]
+        baselines = sorted({(r["what"], r["baseline"]) for r in rs if r.get("baseline") and ratio(r) is not None})
+        for what, base in baselines:
+            lines.append(f"  ratio of {what!r}: vs {base!r}"[:width])
+        lines.extend(f"  {_NOTES[h]}"[:width] for h in _NOTES if h in shown)
+    return lines
 
 
 def _f(x: Any) -> str:
     if x is None:
         return "-"
-    return f"{x:.3g}" if isinstance(x, float) and abs(x) < 100 else f"{x:.0f}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
 
 
 def _fmt_size(n: int) -> str:
     for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= div:
-            return f"{n / div:g}{unit}"
+            return f"{n / div:.4g}{unit}"
     return f"{n}B"
 
 
-def _plot(rows: list[dict[str, Any]], path: str) -> bool:
+# ----------------------------------------------------------------------------- plot
+def _plot(rows: list[Row], path: str) -> str | None:
+    """Write the bandwidth plot; return why it was not written, or ``None``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:
-        return False
+    except ImportError:
+        return "matplotlib is not installed (pip install 'p2pkv[bench]')"
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         gb = r.get("gbps")
@@ -590,7 +765,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> bool:
             continue
         series.setdefault(f"{r['suite']}: {r['what']}", []).append((r["bytes"], gb))
     if not series:
-        return False
+        return "no bandwidth was measured at several sizes"
     fig, ax = plt.subplots(figsize=(10, 6))
     for name, pts in sorted(series.items()):
         pts.sort()
@@ -606,66 +781,110 @@ def _plot(rows: list[dict[str, Any]], path: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
+
+
+# ----------------------------------------------------------------------------- driver
+class NothingToRun(Exception):
+    """Every requested suite is unavailable on this machine; nothing was measured or written."""
 
 
 def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", sizes: list[int] | None = None,
         big: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``suites`` and write ``bench.json`` (and ``bench.png``) into ``out_dir``.
+
+    Returns
+    -------
+    dict
+        ``meta`` (machine and versions), ``skipped_suites`` (name -> reason),
+        ``results`` (rows), ``plot`` (the PNG's path or ``None``) and
+        ``no_plot`` (why no PNG was written, or ``None``).
+
+    Raises
+    ------
+    KeyError
+        An unknown suite name.
+    NothingToRun
+        Every suite is unavailable here; ``out_dir`` is left as it was.
+    """
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    chosen = [SUITES[s] for s in suites]
+    skipped = {s.name: reason for s in chosen if (reason := s.unavailable()) is not None}
+    todo = [s for s in chosen if s.name not in skipped]
+    if not todo:
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise NothingToRun(f"every requested suite is unavailable here ({why}); nothing was written")
     info = env_info(argv or [])
-    gpu = torch.cuda.is_available()
     sz = sizes or _sizes(smoke, big)
-    steps = {"tcp": len(sz) + 1, "pack": 6 if smoke else 21, "ipc": len(sz), "nccl": len(sz) + 1 +
-             (len(sz) if gpu and torch.cuda.device_count() > 1 else 0)}
-    todo = [s for s in suites if s == "tcp" or gpu]
-    skipped = [s for s in suites if s not in todo]
-    prog = Progress(sum(steps[s] for s in todo), "bench", every_step=True)
-    bar = lambda note: prog.update(1, note)  # noqa: E731
-    rows: list[dict[str, Any]] = []
+    prog = Progress(sum(s.steps(smoke, sz) for s in todo), "bench", every_step=True)
+    rows: list[Row] = []
     os.makedirs(out_dir, exist_ok=True)
+    json_path, png_path = os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.png")
+    if os.path.exists(png_path):
+        os.remove(png_path)  # an older run's plot must not sit beside this run's numbers
 
     def save() -> dict[str, Any]:
         result = {"meta": info, "skipped_suites": skipped, "results": rows}
-        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, json_path)
         return result
 
-    for s in todo:
-        if s == "tcp":
-            rows += bench_tcp(smoke, [x for x in sz if x <= 256 * MiB], bar)
-        elif s == "pack":
-            rows += bench_pack(smoke, bar)
-        elif s == "ipc":
-            rows += bench_ipc(smoke, [x for x in sz if x >= 4 * KiB], bar)
-        elif s == "nccl":
-            rows += bench_nccl(smoke, sz, bar)
-        save()  # partial results survive a later suite's failure
-    prog.close()
+    try:
+        for s in todo:
+            rows += s.resolve()(smoke, sz, lambda note: prog.update(1, note))
+            save()  # partial results survive a later suite's failure
+    finally:
+        prog.close()
     result = save()
-    result["plot"] = _plot(rows, os.path.join(out_dir, "bench.png"))
+    result["no_plot"] = _plot(rows, png_path)
+    result["plot"] = None if result["no_plot"] else png_path
+    result["json"] = json_path
     return result
 
 
+def _parse_suites(text: str) -> list[str]:
+    names = list(SUITES) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(bad) or repr(text)}; "
+                                         f"choose from {', '.join(SUITES)} or all")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``p2pkv-bench`` command; returns its exit status (2: bad input or nothing to run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m p2pkv.bench", description="p2pkv microbenchmarks")
-    ap.add_argument("--suite", default="all", help=f"comma-separated subset of {','.join(SUITES)} (default all)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes and counts (CI)")
+    ap = argparse.ArgumentParser(
+        prog="p2pkv-bench", description="p2pkv microbenchmarks, each beside its baseline (see README: Benchmarks).")
+    ap.add_argument("--suite", type=_parse_suites, default=list(SUITES), metavar="NAMES",
+                    help=f"comma-separated suites: {', '.join(SUITES)} or all (default: all; those this machine "
+                         "cannot run are skipped)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and counts: seconds, as CI runs it")
     ap.add_argument("--big", action="store_true", help="also 1 GiB messages")
-    ap.add_argument("--sizes", default="", help="comma-separated byte sizes, e.g. 4096,1048576")
-    ap.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    ap.add_argument("--sizes", type=_parse_sizes, default=None, metavar="BYTES",
+                    help="comma-separated message sizes in bytes; K, M, G suffixes are powers of 1024 "
+                         "(e.g. 4K,16M,1G; default 4K..256M)")
+    ap.add_argument("--out", default="bench-results", metavar="DIR",
+                    help="folder for bench.json and bench.png (default: bench-results)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     a = ap.parse_args(argv)
-    suites = list(SUITES) if a.suite == "all" else [s.strip() for s in a.suite.split(",") if s.strip()]
-    bad = [s for s in suites if s not in SUITES]
-    if bad:
-        ap.error(f"unknown suite(s) {bad}; choose from {SUITES}")
-    sizes = [int(x) for x in a.sizes.split(",") if x.strip()] or None
-    res = run(suites, a.smoke, a.out, sizes, a.big, argv)
+    try:
+        res = run(a.suite, a.smoke, a.out, a.sizes, a.big, argv)
+    except NothingToRun as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     m = res["meta"]
-    print(f"p2pkv bench {m['date']}  gpus={m.get('gpus')} driver={m.get('driver')} nccl={m.get('nccl')} "
-          f"torch={m['torch']}")
-    if res["skipped_suites"]:
-        print(f"skipped (no GPU): {', '.join(res['skipped_suites'])}")
-    _print(res["results"])
-    print(f"\nwrote {os.path.join(a.out, 'bench.json')}" + (" and bench.png" if res["plot"] else ""))
+    gpus = ", ".join(m.get("gpus") or []) or "none"
+    print(f"p2pkv bench {m['date']}  torch {m['torch']}  GPUs: {gpus}"
+          + (f"  driver {m['driver']}  NCCL {m['nccl']}" if m.get("gpus") else ""))
+    for name, reason in res["skipped_suites"].items():
+        print(f"skipped {name}: {reason}")
+    print("\n".join(format_table(res["results"])))
+    print(f"\nwrote {res['json']}")
+    if res["plot"]:
+        print(f"wrote {res['plot']}")
+    else:
+        print(f"no bench.png: {res['no_plot']}")
     return 0

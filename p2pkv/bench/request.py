@@ -20,7 +20,8 @@ import os
 import socket
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -64,7 +65,7 @@ def _raw_worker(rank: int, port: int, tokens_list: list[int], reps: int, q: Any)
                 w.wait()
             torch.cuda.synchronize()
             t1 = time.monotonic()
-            stamps = [None, None]
+            stamps: list[Any] = [None, None]
             dist.all_gather_object(stamps, (t0, t1))
             if r >= 2:
                 times.append(stamps[1][1] - stamps[0][0])  # receiver done - sender start
@@ -108,7 +109,7 @@ def _consumer(cfg: dict[str, Any], conn: Any) -> None:
             bufs = outs[key]
             stamps = []
             stream = torch.cuda.current_stream(eng.device) if eng.device.type == "cuda" else None
-            for name, out in zip(names, bufs):
+            for name, out in zip(names, bufs, strict=True):
                 eng.recv(TransferKey(tid, name), out=out, timeout=60)
                 stamps.append(time.monotonic())
             if stream is not None:
@@ -155,7 +156,8 @@ def _one_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[
     shape = tuple(layers[0].shape)
     pair.conn.send((tid, names, shape))
     time.sleep(0.005)  # the consumer is waiting in recv before the first send
-    ready, host = [], []
+    ready: list[float] = []
+    host: list[float] = []
     t0 = time.monotonic()
     handles = send_fn(pair, tid, layers, names, gap_s, ready, host)
     stamps, rx_events = pair.conn.recv()
@@ -173,7 +175,7 @@ def _send_layers(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[
     eng = pair.eng
     hs = []
     t_next = time.monotonic()
-    for name, x in zip(names, layers):
+    for name, x in zip(names, layers, strict=True):
         if gap_s:
             t_next += gap_s
             _busy_until(t_next)
@@ -189,10 +191,10 @@ def _send_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list
     """One offer for the whole request, then each layer handed over as it becomes ready."""
     eng = pair.eng
     t = time.monotonic()
-    req = eng.send_request(pair.address, tid, list(zip(names, layers)))
+    req = eng.send_request(pair.address, tid, list(zip(names, layers, strict=True)))
     host.append(time.monotonic() - t)
     t_next = time.monotonic()
-    for name, x in zip(names, layers):
+    for name, x in zip(names, layers, strict=True):
         if gap_s:
             t_next += gap_s
             _busy_until(t_next)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     devs = tuple(a.devices.split(",")) if a.devices else None
     rows = bench_request([int(t) for t in a.tokens.split(",")], a.transports.split(","), a.reps,
                          tuple(int(g) for g in a.gaps.split(",") if g), paths=a.paths.split(",") if a.paths else None,
-                         devices=devs, bar=lambda note: print("..", note, flush=True))  # type: ignore[arg-type]
+                         devices=devs, bar=lambda note: print("..", note, flush=True))
     for r in rows:
         steps = r.pop("steps", None)
         print(json.dumps(r))

@@ -5,7 +5,9 @@ A layer cache is any tensor whose dim 0 indexes blocks (``[num_blocks, ...]``)
 with arbitrary strides — e.g. vLLM's FlashAttention layout
 ``[2, num_blocks, block_size, heads, head]`` viewed as ``cache.transpose(0, 1)``.
 The packed form is contiguous ``[len(block_ids), *layer.shape[1:]]`` (one layer)
-or ``[L, len(block_ids), *layer.shape[1:]]`` (many layers, one launch).
+or ``[L, len(block_ids), *layer.shape[1:]]`` (many layers, one launch); given an
+``out`` buffer of the right byte size, the bytes are written there and ``out``
+itself (any dtype or shape, e.g. a pool buffer's flat ``uint8`` data) is returned.
 
 On CUDA tensors the work runs in ``csrc/paged_kv.cu``, compiled at run time
 by NVRTC through CuPy (cached per device); elsewhere, or without CuPy, it runs
@@ -366,10 +368,28 @@ def _row_bytes(layer: torch.Tensor) -> int:
 
 def pack(layer: torch.Tensor, block_ids: Any, out: torch.Tensor | None = None, *,
          backend: str | None = None) -> torch.Tensor:
-    """Gather ``layer[block_ids]`` into a contiguous ``[n, *layer.shape[1:]]`` tensor.
+    """Gather ``layer[block_ids]`` into one contiguous buffer.
 
-    ``out`` (contiguous, same device, ``n * row`` bytes, any dtype) receives the
-    data if given. Runs on the current CUDA stream for CUDA tensors.
+    Parameters
+    ----------
+    layer:
+        A blocks-first layer cache ``[num_blocks, ...]`` (any strides).
+    block_ids:
+        The blocks to gather, in order: a :class:`BlockIds` or a sequence of ints.
+    out:
+        Optional destination: contiguous, on ``layer``'s device, exactly
+        ``n * row`` bytes, of any dtype and shape (e.g. a pool buffer's flat
+        ``uint8`` ``buf.data``).
+    backend:
+        ``"cuda"`` or ``"torch"``; default: CUDA kernels for CUDA tensors when
+        CuPy is available, else the torch fallback.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out`` itself when given (its dtype and shape unchanged, e.g. flat
+        ``uint8``); otherwise a new ``[n, *layer.shape[1:]]`` tensor of
+        ``layer``'s dtype. Runs on the current CUDA stream for CUDA tensors.
 
     Raises
     ------
@@ -380,8 +400,15 @@ def pack(layer: torch.Tensor, block_ids: Any, out: torch.Tensor | None = None, *
 
 def pack_layers(layers: Sequence[torch.Tensor], block_ids: Any, out: torch.Tensor | None = None, *,
                 backend: str | None = None, _single: bool = False) -> torch.Tensor:
-    """Gather the same blocks of many same-layout layers in one launch:
-    returns ``[L, n, *layer.shape[1:]]`` (``[n, ...]`` from :func:`pack`)."""
+    """Gather the same blocks of many same-layout layers in one launch.
+
+    Returns ``out`` itself when given (contiguous, ``L * n * row`` bytes, any
+    dtype and shape); otherwise a new ``[L, n, *layer.shape[1:]]`` tensor.
+
+    Raises
+    ------
+    InvalidBlockIds, InvalidTensor
+    """
     if not isinstance(layers, (list, tuple)) or not layers:
         raise InvalidTensor("layers must be a non-empty list of tensors")
     first = _check_layer(layers[0], "layers[0]" if not _single else "layer")
