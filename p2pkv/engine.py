@@ -49,7 +49,7 @@ from .handles import SendHandle
 from .keys import TransferKey, validate_transfer_id
 from .mailbox import Mailbox, Slot
 from .pool import Buffer, BufferPool
-from .request import RequestHandle, parse_layout
+from .request import RequestHandle, Watcher, parse_layout
 from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
@@ -138,6 +138,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._incoming = {}   # whole requests coming in, by (session, seq)
         self._incoming_keys = set()
         self._scratch = None
+        self._release_watcher = None
         self._tracked = []
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
@@ -538,7 +539,11 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             return
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self._device))
-        self._completer.add(ev, lambda ok: buf.release(), time.monotonic() + 3600)
+        # A thread blocked (GIL released) on the caller's work, in order: no polling.
+        w = self._release_watcher
+        if w is None:
+            w = self._release_watcher = Watcher(self._device, name=f"p2pkv-release-{self.port}")
+        w.add(ev, buf.release)
 
     def _on_pool_free(self) -> None:
         if not self._mem_dirty and not self._closed:

@@ -63,10 +63,12 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
         return len(hs)
 
     def send_requests(peer: str, tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
-                      wait: bool = True, timeout: float | None = None, seed_of: list[int] | None = None,
+                      wait: bool = True, req_timeout: float | None = None, seed_of: list[int] | None = None,
                       only: int | None = None, abort: bool = False) -> dict[str, int]:
         """One whole request (send_request) per transfer id; ``only`` sends just the first N layers
-        (the rest never come), ``abort`` then aborts the transfer."""
+        (the rest never come), ``abort`` then aborts the transfer. ``req_timeout``: each request's
+        deadline (``timeout=`` is the remote call's own)."""
+        timeout = req_timeout
         dt = getattr(torch, dtype)
         outcome: dict[str, int] = {}
         reqs: list[Any] = []

@@ -184,7 +184,8 @@ def test_request_between_processes_bit_exact():
     with RemoteEngine(**FAST) as prod, RemoteEngine(**FAST) as cons:
         tids = [f"p{i:02d}" for i in range(20)]
         cons.start("recv_many", tids, LLAMA.layers, list(SHAPE), timeout=30)
-        assert prod.call("send_requests", cons.address, tids, LLAMA.layers, list(SHAPE), timeout=30) == {"done": 20}
+        done = prod.call("send_requests", cons.address, tids, LLAMA.layers, list(SHAPE), req_timeout=30)
+        assert done == {"done": 20}
         assert cons.result(timeout=60) == 0
         s = cons.call("stats")
         assert s["requests_received"] == 20 and s["pool"]["in_use"] == 0
@@ -197,7 +198,7 @@ def test_request_producer_killed_fails_waits_fast():
     try:
         with Engine(**FAST) as cons:
             prod.call("send_requests", cons.address, ["k1"], LLAMA.layers, list(SHAPE), only=4, wait=False,
-                      timeout=20)
+                      req_timeout=20)
             cons.recv(TransferKey("k1", NAMES[3]), timeout=10)
             prod.kill()
             t0 = time.monotonic()

@@ -32,7 +32,7 @@ def _settle(cond, timeout: float = 10.0) -> None:
 
 def _roundtrip(prod: RemoteEngine, cons: RemoteEngine, tids: list[str]) -> None:
     cons.start("recv_many", tids, L, SHAPE, timeout=60)
-    assert prod.call("send_requests", cons.address, tids, L, SHAPE, timeout=60) == {"done": len(tids)}
+    assert prod.call("send_requests", cons.address, tids, L, SHAPE, req_timeout=60) == {"done": len(tids)}
     assert cons.result(timeout=120) == 0
 
 
@@ -47,8 +47,8 @@ def test_ipc_requests_between_processes():
         assert s["requests_received"] == 50 and s["pool"]["in_use"] == 0
         assert prod.call("stats")["sent_ipc"] == 50 * L
         # a request given up half-way, and one whose layers never all come: both sides end clean
-        prod.call("send_requests", cons.address, ["ia"], L, SHAPE, only=5, abort=True, timeout=10)
-        out = prod.call("send_requests", cons.address, ["it"], L, SHAPE, only=5, timeout=2)
+        prod.call("send_requests", cons.address, ["ia"], L, SHAPE, only=5, abort=True, req_timeout=10)
+        out = prod.call("send_requests", cons.address, ["it"], L, SHAPE, only=5, req_timeout=2)
         assert out == {"TransferTimeout": 1}
         cons.call("abort", "ia")
         cons.call("abort", "it")
@@ -97,7 +97,7 @@ def test_nccl_requests_and_tensors_interleaved(nccl_pair):
     tids = [f"m{i:02d}" for i in range(10)]
     cons.start("recv_many", tids + ["t0", "t1"], L, SHAPE, timeout=60)
     prod.call("send_many", cons.address, ["t0"], L, SHAPE, wait=False, seed_of=[10])
-    prod.call("send_requests", cons.address, tids, L, SHAPE, wait=False, timeout=60)
+    prod.call("send_requests", cons.address, tids, L, SHAPE, wait=False, req_timeout=60)
     prod.call("send_many", cons.address, ["t1"], L, SHAPE, wait=False, seed_of=[11])
     assert cons.result(timeout=120) == 0
     s = prod.call("stats")
@@ -112,26 +112,26 @@ def test_nccl_gave_up_requests_never_shift_data(nccl_pair):
     _roundtrip(prod, cons, ["warm"])
     comms = prod.call("stats")["nccl_comms"]
     # producer aborts after 5 layers: what the consumer posted is drained, the communicator stays in step
-    prod.call("send_requests", cons.address, ["pa"], L, SHAPE, only=5, abort=True, timeout=20)
+    prod.call("send_requests", cons.address, ["pa"], L, SHAPE, only=5, abort=True, req_timeout=20)
     _roundtrip(prod, cons, ["after-pa"])
     assert prod.call("stats")["drained_items"] >= L - 5
     assert prod.call("stats")["nccl_comms"] == comms  # no rebuild
     # consumer aborts mid-request
     cons.start("recv_many", ["ca"], 3, SHAPE, timeout=30)
-    prod.call("send_requests", cons.address, ["ca"], L, SHAPE, only=3, wait=False, timeout=20)
+    prod.call("send_requests", cons.address, ["ca"], L, SHAPE, only=3, wait=False, req_timeout=20)
     assert cons.result(timeout=60) == 0
     cons.call("abort", "ca")
     _roundtrip(prod, cons, ["after-ca"])
     # a refused offer (its keys are already waiting) posts nothing
     cons.start("recv_many", ["dup"], L, SHAPE, timeout=30)
-    _ = prod.call("send_requests", cons.address, ["dup"], L, SHAPE, timeout=20)
+    _ = prod.call("send_requests", cons.address, ["dup"], L, SHAPE, req_timeout=20)
     assert cons.result(timeout=60) == 0
-    prod.call("send_requests", cons.address, ["dup2"], L, SHAPE, timeout=20)
-    assert prod.call("send_requests", cons.address, ["dup2"], L, SHAPE, timeout=20) == {"DuplicateKey": 1}
+    prod.call("send_requests", cons.address, ["dup2"], L, SHAPE, req_timeout=20)
+    assert prod.call("send_requests", cons.address, ["dup2"], L, SHAPE, req_timeout=20) == {"DuplicateKey": 1}
     cons.call("abort", "dup2")
     _roundtrip(prod, cons, ["after-dup"])
     # layers that never come: both sides fail at the deadline, the communicator is rebuilt, then all is well
-    assert prod.call("send_requests", cons.address, ["to"], L, SHAPE, only=4, timeout=2) == {"TransferTimeout": 1}
+    assert prod.call("send_requests", cons.address, ["to"], L, SHAPE, only=4, req_timeout=2) == {"TransferTimeout": 1}
     _roundtrip(prod, cons, ["after-to"])
     cons.call("abort", "to")
     _settle(lambda: cons.call("stats")["pool"]["in_use"] == 0)
@@ -145,7 +145,7 @@ def test_nccl_request_killed_producer_fails_fast():
     prod = RemoteEngine(**dict(BASE, device="cuda:0", transport="nccl"))
     try:
         with Engine(**dict(BASE, device="cuda:1", transport="nccl")) as cons:
-            prod.call("send_requests", cons.address, ["k"], L, SHAPE, only=4, wait=False, timeout=30)
+            prod.call("send_requests", cons.address, ["k"], L, SHAPE, only=4, wait=False, req_timeout=30)
             cons.recv(TransferKey("k", _name(3)), timeout=30)
             prod.kill()
             t0 = time.monotonic()
@@ -169,13 +169,15 @@ def test_nccl_stream_ordered_send_does_not_block_caller():
     try:
         with Engine(**dict(BASE, device="cuda:0", transport="nccl")) as prod:
             data = [(_name(i), torch.empty(SHAPE, dtype=torch.bfloat16, device="cuda:0")) for i in range(L)]
+            src = [kv_layer(0, i, tuple(SHAPE), device=torch.device("cuda:0")) for i in range(L)]
+            torch.cuda.synchronize()
             prod.connect(cons.address, timeout=30)
             cons.start("recv_many", ["so"], L, SHAPE, timeout=60)
             req = prod.send_request(cons.address, "so", data)
             torch.cuda._sleep(200_000_000)  # the caller's stream is busy for ~0.1 s
             t0 = time.monotonic()
             for i, (n, t) in enumerate(data):
-                t.copy_(kv_layer(0, i, tuple(SHAPE), device=t.device))  # queued behind the sleep
+                t.copy_(src[i])  # queued behind the sleep
                 req.send(n, t)
             host = time.monotonic() - t0
             req.wait(30)

@@ -69,3 +69,4 @@ class _EngineBase:
     _completer: Any
     _copy_stream: Any
     _loop_comm: Any
+    _release_watcher: Any

@@ -21,7 +21,7 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_ConnectWaiter, _Peer,
+from .state import (_LOCAL_EVENTS, _ConnectWaiter, _Peer,
                     _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
                     parse_address)
 from .base import _EngineBase
@@ -104,6 +104,8 @@ class _Channel(_EngineBase):
             holder.ipc_out = None
 
     def _close_peer(self, peer: _Peer) -> None:
+        for h in peer.ipc_handles:
+            _LOCAL_EVENTS.pop(h, None)
         self._release_gpu_state(peer)
         self._peers.pop(peer.addr, None)
         self._peer_by_sock.pop(peer.sock, None)

@@ -358,6 +358,8 @@ class _ProgressLoop(_EngineBase):
             self._loop_comm = None
         if self._completer is not None:
             self._completer.close()
+        if self._release_watcher is not None:
+            self._release_watcher.close()
         _LOCAL_ARENAS.pop(self.eid, None)
         if self._pinned is not None:
             self._pinned.close()

@@ -22,7 +22,7 @@ from ..keys import TransferKey, validate_transfer_id
 from ..pool import BufferPool
 from ..request import Incoming, RequestHandle, RequestState, Watcher, wire_items
 from ..transport import tcp
-from .state import (_IPC_EVENTS, _LOCAL_ARENAS, _LocalArena, _Peer,
+from .state import (_IPC_EVENTS, _LOCAL_ARENAS, _LOCAL_EVENTS, _LocalArena, _Peer,
                     _Session, log)
 from .base import _EngineBase
 
@@ -132,7 +132,9 @@ class _RequestPath(_EngineBase):
                 ev = torch.cuda.Event(interprocess=True)
                 ev.record(torch.cuda.current_stream(self._device))  # an IPC handle needs a recorded event
                 peer.ipc_events.append(ev)
-                peer.ipc_handles.append(bytes(ev.ipc_handle()))
+                h = bytes(ev.ipc_handle())
+                peer.ipc_handles.append(h)
+                _LOCAL_EVENTS[h] = ev
         return peer.ipc_handles
 
     def _flush_requests(self, peer: _Peer) -> None:
@@ -552,7 +554,7 @@ class _RequestPath(_EngineBase):
             if inc is None or inc.x != "ipc" or not inc.admitted or not 0 <= i < len(inc.specs) or \
                     evi >= len(inc.evs) or inc.bufs[i] is None or inc.posted[i]:
                 return
-            ev = sess.ipc_events.get(inc.evs[evi])
+            ev = sess.ipc_events.get(inc.evs[evi]) or _LOCAL_EVENTS.get(inc.evs[evi])
             if ev is None:
                 try:
                     ev = torch.cuda.Event.from_ipc_handle(self._device, inc.evs[evi])

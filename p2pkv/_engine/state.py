@@ -199,6 +199,8 @@ class _ParkedPull:
 # Arenas of engines in this process, by engine id: CUDA IPC cannot open a handle
 # exported by its own process, so same-process peers read each other's arena directly.
 _LOCAL_ARENAS: dict[str, torch.Tensor] = {}
+# Interprocess events of engines in this process, by IPC handle: a process cannot open its own handle.
+_LOCAL_EVENTS: dict[bytes, Any] = {}
 
 
 # ----------------------------------------------------------------------------- engine
