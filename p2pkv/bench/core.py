@@ -82,6 +82,12 @@ class Suite:
         return fn
 
 
+def _request_steps(smoke: bool, sizes: list[int]) -> int:
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    tokens = 1 if smoke else (3 if ngpu else 2)
+    return tokens * (2 if ngpu >= 2 else 1) * 2 * 2  # x transports x (request, send) x (at once, layer-wise)
+
+
 def _nccl_steps(smoke: bool, sizes: list[int]) -> int:
     two = torch.cuda.is_available() and torch.cuda.device_count() > 1
     return len(sizes) + 1 + (len(sizes) if two else 0)
@@ -94,6 +100,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("pack", ".core:bench_pack", lambda smoke, sizes: 3 * len(_pack_tokens(smoke))),
     Suite("ipc", ".core:bench_ipc", lambda smoke, sizes: len([x for x in sizes if x >= 4 * KiB]), _no_gpu),
     Suite("nccl", ".core:bench_nccl", _nccl_steps, _no_nccl),
+    Suite("request", ".request:suite_request", _request_steps),
 )}
 
 
@@ -684,7 +691,9 @@ _COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
     ("p99 us", lambda r: r.get("p99_us")),
     ("op us", lambda r: r.get("per_op_us")),
     ("gpu us", lambda r: r.get("gpu_us")),
-    ("host us", lambda r: r.get("host_us")),
+    ("host us", lambda r: r.get("host_us", r.get("host_us_p50"))),
+    ("ms", lambda r: r.get("ms")),
+    ("last us", lambda r: r.get("last_layer_us")),
     ("seconds", lambda r: r.get("seconds")),
     ("ratio", lambda r: r.get("ratio", r.get("ratio_to_copy"))),
     ("speedup", lambda r: r.get("speedup_vs_index_select", r.get("speedup_vs_index_copy"))),
@@ -696,6 +705,8 @@ _NOTES = {
     "speedup": "speedup: p2pkv's kernel vs torch's index_select / index_copy_ (all layers vs one per layer)",
     "host us": "host us: time the host spent issuing the call (on a CPU: the whole call)",
     "+us": "+us: host or per-operation time p2pkv adds to its baseline",
+    "ms": "ms: a whole request, first send until the receiving process holds every layer (median)",
+    "last us": "last us: layer-wise, from the last layer becoming ready until the receiver holds it",
 }
 TABLE_WIDTH = 100
 

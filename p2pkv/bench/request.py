@@ -224,7 +224,7 @@ def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, 
     for tokens in tokens_list:
         if tokens in raw:
             rows.append(_row("request", f"raw NCCL batch_isend_irecv {devices[0]}->{devices[1]}",
-                             2 * layers_n * _prod(_layer_shape(tokens)), tokens=tokens,
+                             2 * layers_n * _prod(_layer_shape(tokens)), preset="llama3-8b", tokens=tokens,
                              ms=_ms(statistics.median(raw[tokens]))))
     biggest = max(tokens_list)
     req_bytes = 2 * layers_n * _prod(_layer_shape(biggest))
@@ -247,11 +247,12 @@ def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, 
                         total = statistics.median(r["total"] for r in res)
                         host = sorted(h for r in res for h in r["host"])
                         row = _row("request", f"p2pkv {path} {x} {devices[0]}->{devices[1]}"
-                                   + (f" layer-wise {gap}us" if gap else ""), nbytes, tokens=tokens,
+                                   + (f" layer-wise {gap}us" if gap else ""), nbytes, preset="llama3-8b", tokens=tokens,
                                    ms=_ms(total), host_us_p50=round(host[len(host) // 2] * 1e6, 1),
                                    last_layer_us=round(statistics.median(r["last_lat"] for r in res) * 1e6, 1))
                         if tokens in raw and not gap:
                             row["ratio"] = statistics.median(raw[tokens]) / total
+                            row["baseline"] = "raw NCCL batch_isend_irecv"
                         events = [e for r in res for e in r["events"]]
                         if events:
                             row["steps"] = _trace.breakdown(events, STEPS)
@@ -272,6 +273,24 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def _ms(s: float) -> float:
     return round(s * 1e3, 3)
+
+
+def suite_request(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The ``request`` suite of ``python -m p2pkv.bench``: every transport this machine has.
+
+    Two GPUs: NCCL and CUDA IPC across them; one GPU: CUDA IPC between two
+    processes; CPU: TCP. Both send paths (``send_request`` and per-tensor
+    ``send``), all at once and layer-wise (200 us apart).
+    """
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    transports = ["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu == 1 else ["tcp"]
+    if ngpu >= 2:
+        from ..transport.nccl import nccl_available
+
+        if not nccl_available():
+            transports = ["ipc"]
+    tokens = [128] if smoke else ([512, 2048, 10000] if ngpu else [512, 2048])
+    return bench_request(tokens, transports, reps=2 if smoke else 6, gaps_us=(200,), bar=bar)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ is the order NCCL requires.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import time
@@ -40,7 +41,19 @@ from ..errors import TransportError
 
 log = logging.getLogger("p2pkv")
 
-__all__ = ["nccl_available", "new_unique_id", "Comm", "nccl_version"]
+__all__ = ["nccl_available", "new_unique_id", "Comm", "CommState", "nccl_version"]
+
+
+class CommState(str, enum.Enum):
+    """Life of a :class:`Comm`: INIT -> READY, or FAILED; CLOSED after abort/destroy.
+
+    A ``str`` enum, so a state compares equal to its lower-case name.
+    """
+
+    INIT = "init"        # non-blocking init (or the split into the data communicator) in progress
+    READY = "ready"      # both ranks joined: operations may be posted
+    FAILED = "failed"    # init failed, missed its deadline, or an operation failed (see Comm.error)
+    CLOSED = "closed"    # aborted or destroyed locally
 
 
 def nccl_available() -> bool:
@@ -88,7 +101,7 @@ class Comm:
         self.peer = 0 if nranks == 1 else 1 - rank
         self.device = device
         self.deadline = deadline
-        self.state = "init"
+        self.state = CommState.INIT
         self.error: str | None = None
         self.stream = torch.cuda.Stream(device)
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # p2p never needs NVLink multicast
@@ -104,7 +117,7 @@ class Comm:
             uid_obj = nc.UniqueId.from_bytes(uid)
             self.comm = nc.Communicator.init(nranks, rank, uid_obj, config=nc.NCCLConfig(**cfg))
         except Exception as exc:
-            self.state = "failed"
+            self.state = CommState.FAILED
             self.error = f"NCCL init failed: {exc}"
             self.comm = None
             raise TransportError(self.error) from None
@@ -116,9 +129,9 @@ class Comm:
         self.poll()
 
     # ------------------------------------------------------------------ state
-    def poll(self) -> str:
-        """Advance initialisation; returns ``init``, ``ready``, ``failed`` or ``closed``."""
-        if self.state != "init":
+    def poll(self) -> CommState:
+        """Advance initialisation; returns the state (``init``, ``ready``, ``failed`` or ``closed``)."""
+        if self.state is not CommState.INIT:
             return self.state
         try:
             res = self.comm.get_async_error()
@@ -152,11 +165,11 @@ class Comm:
         self._data = comm
         self._raw = getattr(comm, "_comm", None)
         self._needs_settle = settle
-        self.state = "ready"
+        self.state = CommState.READY
 
     def _fail(self, msg: str) -> None:
         self.error = msg
-        self.state = "failed"
+        self.state = CommState.FAILED
         self.abort()
 
     def _settle(self, what: str, timeout: float = 10.0) -> None:
@@ -174,8 +187,8 @@ class Comm:
 
     # ------------------------------------------------------------------ data
     def _check_ready(self) -> None:
-        if self.state != "ready":
-            raise TransportError(f"NCCL communicator is {self.state}" + (f": {self.error}" if self.error else ""))
+        if self.state is not CommState.READY:
+            raise TransportError(f"NCCL communicator is {self.state.value}" + (f": {self.error}" if self.error else ""))
 
     def _op(self, fn: Any, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
         n = t.numel() * t.element_size()
@@ -223,8 +236,8 @@ class Comm:
         """Local, immediate and idempotent: in-flight operations are terminated."""
         comms = [c for c in (self.child, self.comm) if c is not None]
         self.child = self.comm = self._data = self._raw = None
-        if self.state not in ("failed",):
-            self.state = "closed"
+        if self.state is not CommState.FAILED:
+            self.state = CommState.CLOSED
         for comm in comms:
             try:
                 comm.abort()
@@ -235,7 +248,7 @@ class Comm:
         """Orderly teardown (collective for 2 ranks: both sides must call it); prefer abort on errors."""
         comms = [c for c in (self.child, self.comm) if c is not None]
         self.child = self.comm = self._data = self._raw = None
-        self.state = "closed"
+        self.state = CommState.CLOSED
         for comm in comms:
             try:
                 comm.destroy()
@@ -243,4 +256,4 @@ class Comm:
                 log.warning("NCCL destroy failed: %s", exc)
 
     def __repr__(self) -> str:
-        return f"<NCCL Comm rank {self.rank}/{self.nranks} {self.state} on {self.device}>"
+        return f"<NCCL Comm rank {self.rank}/{self.nranks} {self.state.value} on {self.device}>"
