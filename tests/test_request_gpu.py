@@ -111,8 +111,12 @@ def test_nccl_gave_up_requests_never_shift_data(nccl_pair):
     prod, cons = nccl_pair
     _roundtrip(prod, cons, ["warm"])
     comms = prod.call("stats")["nccl_comms"]
-    # producer aborts after 5 layers: what the consumer posted is drained, the communicator stays in step
-    prod.call("send_requests", cons.address, ["pa"], L, SHAPE, only=5, abort=True, req_timeout=20)
+    # producer aborts after 5 layers landed (so after the grant): what the consumer posted for the other
+    # 27 is drained, the communicator stays in step
+    cons.start("recv_many", ["pa"], 5, SHAPE, timeout=30)
+    prod.call("send_requests", cons.address, ["pa"], L, SHAPE, only=5, wait=False, req_timeout=20)
+    assert cons.result(timeout=60) == 0
+    prod.call("abort", "pa")
     _roundtrip(prod, cons, ["after-pa"])
     assert prod.call("stats")["drained_items"] >= L - 5
     assert prod.call("stats")["nccl_comms"] == comms  # no rebuild
@@ -172,6 +176,14 @@ def test_nccl_stream_ordered_send_does_not_block_caller():
             src = [kv_layer(0, i, tuple(SHAPE), device=torch.device("cuda:0")) for i in range(L)]
             torch.cuda.synchronize()
             prod.connect(cons.address, timeout=30)
+            # warm up: the communicator's first operation sets up NCCL's connections (one time, may block)
+            cons.start("recv_many", ["warm"], L, SHAPE, timeout=60)
+            warm = [(n, kv_layer(0, i, tuple(SHAPE), device=torch.device("cuda:0"))) for i, (n, _) in enumerate(data)]
+            wreq = prod.send_request(cons.address, "warm", warm)
+            for n, t in warm:
+                wreq.send(n, t)
+            wreq.wait(30)
+            assert cons.result(timeout=60) == 0
             cons.start("recv_many", ["so"], L, SHAPE, timeout=60)
             req = prod.send_request(cons.address, "so", data)
             torch.cuda._sleep(200_000_000)  # the caller's stream is busy for ~0.1 s
