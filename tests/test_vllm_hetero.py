@@ -1,0 +1,111 @@
+"""Heterogeneous TP sizes, block sizes and layouts between two processes (vLLM objects faked):
+each decode rank ends up with exactly its own heads, bit-exact."""
+
+import multiprocessing as mp
+import socket
+
+import pytest
+
+from p2pkv import new_transfer_id
+
+from . import vllm_hetero as H
+
+FAST = dict(timeout_s=10.0, peer_timeout_s=2.0, heartbeat_s=0.2, pool_bytes=32 * 2**20, load_timeout_s=20.0)
+
+
+def _free_port(span: int = 4) -> int:
+    """A base port with ``span`` free ports after it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        ok = True
+        for i in range(1, span):
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", base + i))
+                except OSError:
+                    ok = False
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _transfer(mode, pgeo, cgeo, ntok=70, pblocks=None, cblocks=None, num_computed=0):
+    tid = new_transfer_id()
+    pblocks = pblocks or list(range(3, 3 + -(-ntok // pgeo.block)))[::-1]
+    cblocks = cblocks or [40 - i for i in range(-(-ntok // cgeo.block))]
+    cport, pport = _free_port(), _free_port()
+    cons = H.make_instance("kv_consumer", cgeo, dict(FAST, mode=mode, port=cport))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=H.run_producer, args=(child, pgeo, dict(FAST, mode=mode, port=pport), "cmpl-p-1a2b", tid,
+                                                 ntok, pblocks, cport, cgeo.tp), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(60), "producer gave no params"
+        kind, params = parent.recv()
+        assert kind == "params" and params["remote_tp_size"] == pgeo.tp
+        assert params["p2pkv_fingerprint"]["block_size"] == pgeo.block
+        _, results = H.load(cons, "cmpl-d-9f8e", params, ntok, cblocks, num_computed)
+        for res in results:
+            assert not res.failed_recving
+        for rank in range(cgeo.tp):
+            H.check(cgeo, rank, cons[2][rank], cblocks, ntok, num_computed // cgeo.block)
+        assert parent.poll(30) and parent.recv()[0] == "sent"
+        parent.send("bye")
+        p.join(20)
+        assert p.exitcode == 0
+        return cons
+    finally:
+        for w in cons[1]:
+            w.shutdown()
+        if p.is_alive():
+            p.kill()
+
+
+CASES = [
+    # (mode, producer geometry, consumer geometry)
+    ("pull", H.Geo(tp=2), H.Geo(tp=1)),  # TP 2 -> 1: two producer ranks merged
+    ("push", H.Geo(tp=2), H.Geo(tp=1)),
+    ("push", H.Geo(tp=1), H.Geo(tp=2)),  # TP 1 -> 2: heads split
+    ("pull", H.Geo(tp=4, total_heads=8), H.Geo(tp=2, total_heads=8)),  # TP 4 -> 2
+    ("pull", H.Geo(tp=1, total_heads=2), H.Geo(tp=4, total_heads=2)),  # GQA: 2 heads over 4 ranks, replicated
+    ("pull", H.Geo(tp=2, mla=True, head=16), H.Geo(tp=1, mla=True, head=16)),  # MLA: any rank serves
+    ("push", H.Geo(tp=1, mla=True, head=16), H.Geo(tp=2, mla=True, head=16)),
+    ("push", H.Geo(block=16), H.Geo(block=32)),  # block sizes
+    ("pull", H.Geo(block=32), H.Geo(block=16)),
+    ("push", H.Geo(block=64), H.Geo(block=16)),
+    ("pull", H.Geo(layout="HND"), H.Geo(layout="NHD")),  # layouts
+    ("push", H.Geo(layout="NHD", block=16), H.Geo(layout="HND", block=32)),
+    ("pull", H.Geo(tp=2, block=16, layout="HND"), H.Geo(tp=1, block=32)),  # all at once
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode,pgeo,cgeo", CASES,
+                         ids=[f"{m}-tp{p.tp}to{c.tp}-b{p.block}to{c.block}-{p.layout}to{c.layout}"
+                              f"{'-mla' if p.mla else ''}-h{p.total_heads}" for m, p, c in CASES])
+def test_heterogeneous_transfer_is_bit_exact(mode, pgeo, cgeo):
+    _transfer(mode, pgeo, cgeo)
+
+
+@pytest.mark.timeout(120)
+def test_prefix_hit_with_different_block_sizes_keeps_local_blocks():
+    _transfer("push", H.Geo(block=16), H.Geo(block=32), ntok=100, num_computed=32)
+
+
+def test_layout_and_pieces_math():
+    from p2pkv.adapters.vllm._layout import heads_of, piece_name, pieces_for_consumer, pieces_from_producer
+
+    assert heads_of(1, 2, 8) == (4, 8) and heads_of(3, 4, 2) == (1, 2)
+    assert pieces_for_consumer(8, 4, 2, 1) == [(2, 4, 6), (3, 6, 8)]
+    assert pieces_for_consumer(4, 1, 2, 1) == [(0, 2, 4)]
+    assert pieces_for_consumer(1, 2, 4, 3) == [(1, 0, 1)]  # MLA: replicas spread over consumers
+    assert pieces_from_producer(2, 1, 4, 0) == [(0, 0, 1), (1, 0, 1), (2, 1, 2), (3, 1, 2)]
+    assert piece_name("L", 1, 2, 1, 2, 2, 4, 4) == "L|tp1/2"
+    assert piece_name("L", 0, 1, 1, 2, 2, 4, 4) == "L|tp0/1|h2-4>tp1/2"
+    from p2pkv import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be split"):
+        heads_of(0, 3, 8)
