@@ -13,7 +13,8 @@ Every p2pkv setting goes in ``kv_connector_extra_config``: the fields of
 decode engine as it is computed; ``pull``: the producer parks the KV and the
 decode engine fetches it when it has room), ``load_timeout_s``,
 ``loader_threads`` (loads run on this many worker threads fed by one queue,
-default 2) and ``fingerprint`` (overrides of this engine's compatibility
+default 2), ``decode_tp_size`` (a producer's default for the decode engines'
+TP size) and ``fingerprint`` (overrides of this engine's compatibility
 fingerprint fields).
 
 Transfers are named ONLY by ``kv_transfer_params["transfer_id"]``, which the
@@ -26,7 +27,8 @@ kv_transfer_params understood:
 * prefill (producer) request: ``transfer_id``, ``do_remote_decode: true``; for
   push mode the decode engine's ``remote_host`` / ``remote_port`` (its p2pkv base
   port); ``decode_tp_size`` when the decode engine's TP size differs from the
-  producer's. ``request_finished`` returns the params for the decode request:
+  producer's (or ``decode_tp_size`` in the producer's extra config).
+  ``request_finished`` returns the params for the decode request:
   ``transfer_id``, ``do_remote_prefill: true``, ``remote_host``, ``remote_port``
   (the producer's), ``remote_tp_size``, ``remote_block_size``,
   ``decode_tp_size``, ``mode`` and ``p2pkv_fingerprint`` (model, layers, dtype,
@@ -72,7 +74,7 @@ __all__ = ["P2pkvConnector", "P2pkvConnectorMetadata", "SaveSpec", "LoadSpec", "
            "block_view"]
 
 _ADAPTER_KEYS = {"mode", "load_timeout_s", "rank", "tp_size", "num_blocks", "loader_threads", "fingerprint",
-                 "kv_layout"}
+                 "kv_layout", "decode_tp_size"}
 _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_REPETITION")
 _SEEN_TIDS = 1 << 16  # transfer ids remembered to refuse reuse
 _WAIT_SLICE_S = 0.5  # push loads re-check the producer's liveness this often
@@ -297,6 +299,10 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.block_size = _block_size(vllm_config)
         self.tp_size = _tp_size(vllm_config, extra)
         self.num_blocks = getattr(kv_cache_config, "num_blocks", None) or extra.get("num_blocks")
+        # the decode engines' TP size this producer prepares for (a request's decode_tp_size overrides it)
+        self.decode_tp_size = int(extra.get("decode_tp_size", self.tp_size))
+        if self.decode_tp_size < 1:
+            raise ConfigError(f"kv_connector_extra_config.decode_tp_size must be >= 1, got {self.decode_tp_size}")
         self.fingerprint: Fingerprint = fingerprint_from_config(vllm_config, kv_cache_config, extra, self.tp_size,
                                                                 self.block_size)
         # scheduler side
@@ -454,7 +460,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         nblk = -(-self._prompt_len[rid] // self.block_size)
         ids = self._blocks.get(rid, [])[:nblk]
         try:
-            dst_tp = _int_param(p, "decode_tp_size", self.tp_size)
+            dst_tp = _int_param(p, "decode_tp_size", self.decode_tp_size)
         except ConfigError as exc:
             log.error("request %s: %s; its KV is not handed off", rid, exc)
             self._refused_saves.add(rid)
@@ -489,7 +495,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 return False, None
             cfg = self._engine_cfg
             host = cfg.advertise_host or (cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
-            dst_tp = p.get("decode_tp_size", self.tp_size)
+            dst_tp = p.get("decode_tp_size", self.decode_tp_size)
             return True, {"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False,
                           "remote_host": host, "remote_port": cfg.port, "remote_tp_size": self.tp_size,
                           "remote_block_size": self.block_size, "decode_tp_size": dst_tp,
