@@ -298,3 +298,20 @@ def test_fingerprint_mismatch_is_refused_with_both_values(caplog):
         assert "model: producer 'other/model-70b' vs consumer" in caplog.text
     finally:
         cons.close()
+
+
+def test_prometheus_metrics_through_vllms_hook():
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+    from p2pkv.adapters.vllm import P2pkvConnector
+
+    vc = _vllm_config("kv_consumer", dict(FAST, port=_free_port()), 16, "fail")
+    prom = P2pkvConnector.build_prom_metrics(vc, {Gauge: Gauge, Counter: Counter, Histogram: Histogram},
+                                             ["model_name", "engine"], {0: ["tiny", "0"]})
+    stats = P2pkvConnector.build_kv_connector_stats({"bytes_received": 4096, "transfers_loaded": 2,
+                                                     "load_failures": 1, "load_latency_s": [0.004, 0.02]})
+    prom.observe(stats.to_dict(), 0)
+    labels = {"model_name": "tiny", "engine": "0"}
+    assert REGISTRY.get_sample_value("vllm:p2pkv_bytes_received_total", labels) == 4096
+    assert REGISTRY.get_sample_value("vllm:p2pkv_load_failures_total", labels) == 1
+    assert REGISTRY.get_sample_value("vllm:p2pkv_load_seconds_count", labels) == 2

@@ -841,6 +841,14 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> P2pkvKVConnectorStats:
         return P2pkvKVConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        """Prometheus counters ``vllm:p2pkv_*`` and the ``vllm:p2pkv_load_seconds`` histogram on vLLM's /metrics."""
+        from ._prom import make_prom_metrics
+
+        return make_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         self._loaders.close()
         self._publisher.close()
