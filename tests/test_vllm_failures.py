@@ -253,3 +253,59 @@ def test_save_kv_layer_host_time_is_small():
         w.engine.publish = real_publish
     finally:
         w.shutdown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_kv_expired_at_the_producer_or_consumer_fails_loudly_not_stale(mode):
+    """A decode request that comes after the KV's ttl_s (producer's copy or received data evicted)
+    fails its load at once with TransferEvicted; it never gets stale or foreign KV."""
+    import multiprocessing as mp
+
+    extra = dict(FAST, ttl_s=1.0, load_timeout_s=20.0)
+    cons = H.make_instance("kv_consumer", H.Geo(), dict(extra, mode=mode, port=_free_port()))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(extra, mode=mode, port=_free_port()),
+                                                 "cmpl-x-p", new_transfer_id(), 40, [7, 8, 9], cons[1][0].engine.port
+                                                 if mode == "push" else 1, 1), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(60)
+        _, params = parent.recv()
+        assert parent.poll(30) and parent.recv()[0] == "sent"
+        time.sleep(2.5)  # past ttl_s: the copy waiting for this decode request is gone
+        t0 = time.monotonic()
+        _, results = H.load(cons, "cmpl-x-d", params, 40, [1, 2, 3])
+        assert results[0].failed_recving == {"cmpl-x-d"}
+        assert time.monotonic() - t0 < 10
+        assert not cons[2][0][H.LAYERS4[0]][:, 1:4].reshape(-1).view(torch.int16).any(), "blocks were written"
+        parent.send("bye")
+        p.join(20)
+    finally:
+        cons[1][0].shutdown()
+        if p.is_alive():
+            p.kill()
+
+
+def test_producer_preempted_before_its_hand_off_uses_the_reallocated_blocks():
+    """requires_kv_delivery is on for producers (vLLM recomputes a request preempted with a pending
+    hand-off); a resumed request's blocks replace the freed ones instead of being appended to them."""
+    sched, workers, _ = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
+    try:
+        assert sched.requires_kv_delivery is True
+        tid = new_transfer_id()
+        req = F.Request("cmpl-pre-1", list(range(64)), {"transfer_id": tid, "do_remote_decode": True})
+        sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2]), 0)
+        so = F.SchedulerOutput(num_scheduled_tokens={"cmpl-pre-1": 32})  # first chunk only
+        so.scheduled_new_reqs.append(F.NewRequestData("cmpl-pre-1", req.prompt_token_ids, ([1, 2],), 0))
+        assert sched.build_connector_meta(so).saves == []
+        # preempted (blocks 1, 2 freed), then resumed from scratch with new blocks, whole prompt in one step
+        cached = F.CachedRequestData(["cmpl-pre-1"], [([9, 10, 11, 12],)], [0])
+        cached.resumed_req_ids = {"cmpl-pre-1"}
+        meta = sched.build_connector_meta(F.SchedulerOutput(scheduled_cached_reqs=cached,
+                                                            num_scheduled_tokens={"cmpl-pre-1": 64}))
+        assert [s.block_ids for s in meta.saves] == [[9, 10, 11, 12]]
+    finally:
+        workers[0].shutdown()
