@@ -309,3 +309,15 @@ def test_producer_preempted_before_its_hand_off_uses_the_reallocated_blocks():
         assert [s.block_ids for s in meta.saves] == [[9, 10, 11, 12]]
     finally:
         workers[0].shutdown()
+
+
+def test_n_siblings_asked_in_the_same_step_load_once(consumer):
+    sched, _, _ = consumer()
+    params = _producer_params(new_transfer_id(), 1)
+    a, b = F.Request("0_cmpl-s-1", list(range(40)), params), F.Request("1_cmpl-s-1", list(range(40)), params)
+    assert sched.get_num_new_matched_tokens(a, 0) == (40, True)
+    assert sched.get_num_new_matched_tokens(b, 0) == (0, False)  # before a's blocks are even allocated
+    sched.update_state_after_alloc(a, F.KVCacheBlocks([1, 2, 3]), 40)
+    sched.update_state_after_alloc(b, F.KVCacheBlocks([4, 5, 6]), 0)
+    loads = sched.build_connector_meta(F.SchedulerOutput()).loads
+    assert [(ld.req_id, ld.refuse) for ld in loads] == [("0_cmpl-s-1", None)]

@@ -362,6 +362,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if count <= 0:
             return 0, False
         self._computed[rid] = num_computed_tokens
+        self._loading_tids[tid] = rid  # claimed now: a sibling asked next (same step) computes locally
         return count, True
 
     def _check_producer(self, p: dict[str, Any]) -> tuple[int, int, str | None]:
@@ -631,7 +632,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 raise ConfigError("the connector's engine is not running (register_kv_caches was not called)")
             nbytes = self._load_layers(spec, targets, nblk, time.monotonic() + self.load_timeout_s)
         except Exception as exc:  # a failed load must never hang or crash vLLM: report it
-            log.warning("KV load for request %s (transfer %s) failed: %s", spec.req_id, spec.transfer_id, exc)
+            (log.error if spec.refuse else log.warning)("KV load for request %s (transfer %s) failed: %s",
+                                                        spec.req_id, spec.transfer_id, exc)
             self._stats.add("load_failures")
             if eng is not None and not eng.closed:
                 try:
@@ -689,6 +691,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                             if remaining <= 0:
                                 raise TransferTimeout(f"load not done within {self.load_timeout_s:.3g}s", key=key)
                             datas.append(eng.pull(peers[r], key, timeout=remaining))
+                            if self._stream is not None:  # allocated on the engine's stream, read on ours
+                                datas[-1].record_stream(self._stream)
                         else:
                             datas.append(self._claim(stack, key, peers.get(r), deadline))
                     nbytes += sum(d.numel() * d.element_size() for d in datas)
