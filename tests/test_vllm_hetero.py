@@ -109,3 +109,15 @@ def test_layout_and_pieces_math():
 
     with pytest.raises(ConfigError, match="cannot be split"):
         heads_of(0, 3, 8)
+
+
+GPU_CASES = [("pull", 2, 1, 16, 16), ("push", 1, 2, 16, 16), ("push", 1, 1, 16, 32), ("pull", 1, 1, 32, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode,ptp,ctp,pblock,cblock", GPU_CASES)
+def test_heterogeneous_transfer_between_two_gpus(mode, ptp, ctp, pblock, cblock):
+    """The same conversions with the caches on cuda:0 (prefill) and cuda:1 (decode)."""
+    _transfer(mode, H.Geo(tp=ptp, block=pblock, device="cuda:0"), H.Geo(tp=ctp, block=cblock, device="cuda:1"))

@@ -34,6 +34,7 @@ class Geo:
     nb: int = 48
     model: str = "tiny-llama"
     dtype: Any = torch.bfloat16
+    device: str = "cpu"
 
 
 def make_instance(role: str, geo: Geo, extra: dict[str, Any]):
@@ -53,12 +54,13 @@ def make_instance(role: str, geo: Geo, extra: dict[str, Any]):
         w = P2pkvConnector(cfg, KVConnectorRole.WORKER, kcc)
         c = {}
         for name in LAYERS4:
+            kw = dict(dtype=geo.dtype, device=geo.device)
             if geo.mla:
-                c[name] = torch.zeros(geo.nb, geo.block, geo.head, dtype=geo.dtype)
+                c[name] = torch.zeros(geo.nb, geo.block, geo.head, **kw)
             elif geo.layout == "HND":
-                c[name] = torch.zeros(2, geo.nb, hi - lo, geo.block, geo.head, dtype=geo.dtype).transpose(2, 3)
+                c[name] = torch.zeros(2, geo.nb, hi - lo, geo.block, geo.head, **kw).transpose(2, 3)
             else:
-                c[name] = torch.zeros(2, geo.nb, geo.block, hi - lo, geo.head, dtype=geo.dtype)
+                c[name] = torch.zeros(2, geo.nb, geo.block, hi - lo, geo.head, **kw)
         w.register_kv_caches(c)
         workers.append(w)
         caches.append(c)
@@ -102,7 +104,7 @@ def check(geo: Geo, rank: int, caches: dict[str, torch.Tensor], block_ids: list[
                 got, want = caches[name][b, :t1 - t0], ref[t0:t1]
             else:
                 got, want = caches[name][:, b, :t1 - t0], ref[:, t0:t1, lo:hi]
-            assert same_bits(got, want), (name, rank, i, b)
+            assert same_bits(got.cpu(), want), (name, rank, i, b)
 
 
 def run_producer(conn, geo: Geo, extra: dict[str, Any], req_id: str, tid: str, ntok: int, block_ids: list[int],
