@@ -326,6 +326,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._lock = threading.Lock()
         self._sends: dict[str, _SendState] = {}
         self._save_plans: list[_SavePlan] = []
+        self._to_publish: list[tuple[_SendState, TransferKey, torch.Tensor]] = []
         self._finished_asked: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_recving: dict[str, list[int]] = {}
@@ -557,6 +558,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
         super().bind_connector_metadata(connector_metadata)
+        if self._save_plans or self._to_publish:
+            self._flush_publishes()  # wait_for_save was not called for the last step
         self._save_plans = []
         if not isinstance(connector_metadata, P2pkvConnectorMetadata) or not connector_metadata.saves:
             return
@@ -567,6 +570,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         first = next(iter(self._caches.values()))
         for spec in connector_metadata.saves:
             state = _SendState(spec.transfer_id)
+            state.pending = 1  # held until this step's publishes are done (or its flush, for push)
             with self._lock:
                 self._sends[spec.req_id] = state
             try:
@@ -576,6 +580,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
             except P2pkvError as exc:
                 log.error("request %s: KV hand-off of %s refused: %s", spec.req_id, spec.transfer_id, exc)
                 state.failed = True
+                state.pending = 0
                 self._stats.add("save_failures")
 
     def _pieces(self, spec: SaveSpec) -> list[tuple[str, int, int, bool, str | None]]:
@@ -770,30 +775,49 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 pass
 
     def _publish_later(self, st: _SendState, key: TransferKey, t: torch.Tensor) -> None:
-        """Publish on the publisher thread, after the forward stream has produced ``t``."""
+        """Queue ``t`` for publishing; :meth:`wait_for_save` hands the step's batch to the publisher thread.
+
+        Pull-mode data is fetched only after the request finished, so nothing is gained by waking a
+        thread per layer: the forward thread only appends here."""
+        self._to_publish.append((st, key, t))
+
+    def _flush_publishes(self) -> None:
+        """One job per step: wait for the forward stream once, then publish every queued piece."""
+        batch, self._to_publish = self._to_publish, []
+        states = {id(st): st for st, _, _ in batch}
+        for plan in self._save_plans:
+            states.setdefault(id(plan.state), plan.state)
+        if not states:
+            return
         ready = None
-        if t.device.type == "cuda":
+        dev = next((t.device for _, _, t in batch if t.device.type == "cuda"), None)
+        if dev is not None:
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(t.device))
-        with self._lock:
-            st.pending += 1
+            ready.record(torch.cuda.current_stream(dev))
 
         def job() -> None:
             try:
-                if not st.failed:
-                    if ready is not None:
-                        ready.synchronize()
-                    self._engine.publish(key, t)
-            except P2pkvError as exc:
-                self._save_failed(st, f"publishing {key} failed: {exc}")
+                if ready is not None:
+                    ready.synchronize()
+                for st, key, t in batch:
+                    if st.failed:
+                        continue
+                    try:
+                        self._engine.publish(key, t)
+                    except P2pkvError as exc:
+                        self._save_failed(st, f"publishing {key} failed: {exc}")
             finally:
                 with self._lock:
-                    st.pending -= 1
+                    for st in states.values():
+                        st.pending -= 1  # the step's hold, taken in bind_connector_metadata
 
         self._publisher.submit(job)
 
     def wait_for_save(self) -> None:
-        return  # hand-offs are asynchronous; request_finished delays freeing the blocks until get_finished
+        """Hand this step's pull-mode pieces to the publisher thread; never waits on the GPU. Push sends
+        are already queued; request_finished delays freeing the blocks until get_finished reports them."""
+        self._flush_publishes()
+        self._save_plans = []
 
     # ------------------------------------------------------------------ completion reporting
     def _drain(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], dict[str, list[int]]]:
