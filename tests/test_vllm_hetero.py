@@ -121,3 +121,41 @@ GPU_CASES = [("pull", 2, 1, 16, 16), ("push", 1, 2, 16, 16), ("push", 1, 1, 16, 
 def test_heterogeneous_transfer_between_two_gpus(mode, ptp, ctp, pblock, cblock):
     """The same conversions with the caches on cuda:0 (prefill) and cuda:1 (decode)."""
     _transfer(mode, H.Geo(tp=ptp, block=pblock, device="cuda:0"), H.Geo(tp=ctp, block=cblock, device="cuda:1"))
+
+
+def test_fingerprint_fields_unknown_on_one_side_are_not_mismatches():
+    from p2pkv.adapters.vllm._layout import Fingerprint, incompatibilities
+
+    a = Fingerprint("m", 32, "bfloat16", 8, 128, 16, "NHD", 2, False)
+    assert incompatibilities(a, Fingerprint("?", 0, "?", 0, 0, 32, "HND", 1, False)) == []
+    bad = incompatibilities(a, Fingerprint("m2", 32, "float16", 8, 64, 16, "NHD", 2, True))
+    assert bad == ["model: producer 'm' vs consumer 'm2'", "dtype: producer 'bfloat16' vs consumer 'float16'",
+                   "head_size: producer 128 vs consumer 64", "mla: producer False vs consumer True"]
+
+
+@pytest.mark.timeout(120)
+def test_dtype_mismatch_without_a_fingerprint_is_refused_by_the_worker():
+    import torch
+
+    cgeo = H.Geo(dtype=torch.float16)
+    cons = H.make_instance("kv_consumer", cgeo, dict(FAST, mode="pull", port=_free_port()))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    tid = new_transfer_id()
+    p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(FAST, mode="pull", port=_free_port()),
+                                                 "cmpl-dt-p", tid, 40, [7, 8, 9], 1, 1), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(60)
+        _, params = parent.recv()
+        params.pop("p2pkv_fingerprint")  # e.g. a proxy that drops unknown params
+        _, results = H.load(cons, "cmpl-dt-d", params, 40, [1, 2, 3])
+        assert results[0].failed_recving == {"cmpl-dt-d"}
+        assert not cons[2][0][H.LAYERS4[0]][:, 1:4].reshape(-1).view(torch.int16).any(), "blocks were written"
+        parent.recv()
+        parent.send("bye")
+        p.join(20)
+    finally:
+        cons[1][0].shutdown()
+        if p.is_alive():
+            p.kill()

@@ -169,7 +169,8 @@ def incompatibilities(producer: Fingerprint, consumer: Fingerprint) -> list[str]
     out = []
     for f in _MUST_MATCH:
         a, b = getattr(producer, f), getattr(consumer, f)
-        if a != b and not (f == "model" and ("?" in (a, b))) and not (f == "layers" and 0 in (a, b)):
+        unknown = f != "mla" and any(v in ("?", 0) for v in (a, b))  # a side that could not tell
+        if a != b and not unknown:
             out.append(f"{f}: producer {a!r} vs consumer {b!r}")
     return out
 

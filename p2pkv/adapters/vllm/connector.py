@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 
 from ...config import EngineConfig
-from ...errors import ConfigError, P2pkvError, PeerLost, TransferTimeout
+from ...errors import ConfigError, P2pkvError, PeerLost, ShapeMismatch, TransferTimeout
 from ...keys import TransferKey, validate_transfer_id
 from ._base import (HAVE_VLLM, KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
                     KVConnectorTransferResults)
@@ -700,6 +700,10 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                 datas[-1].record_stream(self._stream)
                         else:
                             datas.append(self._claim(stack, key, peers.get(r), deadline))
+                    for d in datas:
+                        if d.dtype != cache.dtype:
+                            raise ShapeMismatch(f"{spec.transfer_id}/{name}: the producer sent {d.dtype}, this "
+                                                f"engine's KV cache is {cache.dtype}")
                     nbytes += sum(d.numel() * d.element_size() for d in datas)
                     if not len(targets):
                         continue
