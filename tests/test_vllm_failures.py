@@ -331,3 +331,31 @@ def test_n_siblings_asked_in_the_same_step_load_once(consumer):
     sched.update_state_after_alloc(b, F.KVCacheBlocks([4, 5, 6]), 0)
     loads = sched.build_connector_meta(F.SchedulerOutput()).loads
     assert [(ld.req_id, ld.refuse) for ld in loads] == [("0_cmpl-s-1", None)]
+
+
+@pytest.mark.timeout(120)
+def test_producer_killed_after_prefill_fails_the_pull_at_once():
+    """The producer process dies after handing off (pull mode: its copy dies with it): the decode
+    side's load fails within seconds, not at load_timeout_s."""
+    import multiprocessing as mp
+
+    cons = H.make_instance("kv_consumer", H.Geo(), dict(FAST, mode="pull", port=_free_port(), load_timeout_s=60.0))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(FAST, mode="pull", port=_free_port()),
+                                                 "cmpl-k-p", new_transfer_id(), 40, [7, 8, 9], 1, 1), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(60)
+        _, params = parent.recv()
+        assert parent.poll(30) and parent.recv()[0] == "sent"
+        p.kill()
+        p.join(10)
+        t0 = time.monotonic()
+        _, results = H.load(cons, "cmpl-k-d", params, 40, [1, 2, 3])
+        assert results[0].failed_recving == {"cmpl-k-d"}
+        assert time.monotonic() - t0 < 10
+    finally:
+        cons[1][0].shutdown()
+        if p.is_alive():
+            p.kill()
