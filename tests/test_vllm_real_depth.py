@@ -315,3 +315,162 @@ def test_prometheus_metrics_through_vllms_hook():
     assert REGISTRY.get_sample_value("vllm:p2pkv_bytes_received_total", labels) == 4096
     assert REGISTRY.get_sample_value("vllm:p2pkv_load_failures_total", labels) == 1
     assert REGISTRY.get_sample_value("vllm:p2pkv_load_seconds_count", labels) == 2
+
+
+# ----------------------------------------------------------------------------- one process per TP rank
+def _kcc(tp, block):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+
+    spec = FullAttentionSpec(block_size=block, num_kv_heads=KV_HEADS // tp, head_size=HEAD, dtype=torch.bfloat16)
+    page = spec.page_size_bytes
+    return KVCacheConfig(num_blocks=NUM_BLOCKS,
+                         kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS, layers=[n], layer_stride=0,
+                                                         block_stride=page) for n in LAYERS],
+                         kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
+
+
+def rank_main(conn, role, tp, rank, block, mode, port):
+    """A vLLM worker process of one TP rank: its own connector, p2pkv engine and CPU caches."""
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+
+    extra = dict(FAST, port=port, mode=mode, tp_size=tp, rank=rank, load_timeout_s=20.0)
+    w = P2pkvConnector(_vllm_config(role, extra, block, "fail"), KVConnectorRole.WORKER, _kcc(tp, block))
+    lo, hi = heads_of(rank, tp, KV_HEADS)
+    caches = {n: torch.zeros(2, NUM_BLOCKS, block, hi - lo, HEAD, dtype=torch.bfloat16) for n in LAYERS}
+    w.register_kv_caches(caches)
+    conn.send("ready")
+    try:
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "bye":
+                return
+            if cmd == "save":
+                meta, blocks, ntok = args
+                for li, name in enumerate(LAYERS):  # this rank's forward pass writes its heads
+                    ref = _ref(li, ntok)
+                    for i, b in enumerate(blocks):
+                        t0, t1 = i * block, min((i + 1) * block, ntok)
+                        if t0 < ntok:
+                            caches[name][:, b, :t1 - t0] = ref[:, t0:t1, lo:hi]
+                w.bind_connector_metadata(meta)
+                for name in LAYERS:
+                    w.save_kv_layer(name, caches[name], None)
+                w.wait_for_save()
+                w.clear_connector_metadata()
+                conn.send("ok")
+            elif cmd == "load":
+                w.bind_connector_metadata(args[0])
+                w.start_load_kv(None)
+                w.clear_connector_metadata()
+                conn.send("ok")
+            elif cmd == "results":
+                r = w.get_transfer_results(set(args[0]))
+                conn.send((r.finished_sending, r.finished_recving, r.failed_recving))
+            elif cmd == "check":
+                blocks, ntok = args
+                for li, name in enumerate(LAYERS):
+                    ref = _ref(li, ntok)
+                    for i, b in enumerate(blocks):
+                        t0, t1 = i * block, min((i + 1) * block, ntok)
+                        if t0 < ntok and not same_bits(caches[name][:, b, :t1 - t0], ref[:, t0:t1, lo:hi]):
+                            conn.send(f"rank {rank} {name} block {i} differs")
+                            break
+                    else:
+                        continue
+                    break
+                else:
+                    conn.send("ok")
+    finally:
+        w.shutdown()
+
+
+class ProcSide:
+    """A vLLM instance whose TP ranks are worker processes; the real Scheduler runs here."""
+
+    def __init__(self, role, tp, block, mode):
+        import multiprocessing as mp
+
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.structured_output import StructuredOutputManager
+
+        self.tp, self.block, self.port = tp, block, _free_port(tp)
+        vc = _vllm_config(role, dict(FAST, port=self.port, mode=mode, tp_size=tp), block, "fail")
+        self.sched = Scheduler(vc, _kcc(tp, block), StructuredOutputManager(vc), block_size=block)
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        for r in range(tp):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=rank_main, args=(child, role, tp, r, block, mode, self.port), daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.conns.append(parent)
+        for c in self.conns:
+            assert c.poll(120), "a rank process did not start"
+            assert c.recv() == "ready"
+
+    def all(self, *cmd):
+        for c in self.conns:
+            c.send(cmd)
+        out = []
+        for c in self.conns:
+            assert c.poll(60), f"a rank did not answer {cmd[0]}"
+            out.append(c.recv())
+        return out
+
+    def wait(self, rid, which, finished=()):
+        deadline = time.monotonic() + 60
+        seen = [False] * self.tp
+        failed = set()
+        while not all(seen):
+            assert time.monotonic() < deadline, f"ranks never reported {which} of {rid}"
+            for i, (s, r, f) in enumerate(self.all("results", set(finished))):
+                got = s if which == "sending" else r
+                seen[i] = seen[i] or rid in got
+                failed |= f
+            time.sleep(0.02)
+        return failed
+
+    def close(self):
+        for c, p in zip(self.conns, self.procs):
+            try:
+                c.send(("bye",))
+            except OSError:
+                pass
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode,ptp,ctp", [("pull", 2, 1), ("push", 1, 2)])
+def test_real_schedulers_tp_ranks_in_their_own_processes(mode, ptp, ctp):
+    cons = ProcSide("kv_consumer", ctp, 16, mode)
+    prod = ProcSide("kv_producer", ptp, 16, mode)
+    try:
+        prompt = list(range(1, 71))
+        tid = new_transfer_id()
+        preq = _request(f"cmpl-pp-{tid[-6:]}", prompt, {"transfer_id": tid, "do_remote_decode": True,
+                                                        "remote_host": "127.0.0.1", "remote_port": cons.port,
+                                                        "decode_tp_size": ctp})
+        prod.sched.add_request(preq)
+        out = prod.sched.schedule()
+        pblocks = list(out.scheduled_new_reqs[0].block_ids[0])
+        assert prod.all("save", out.kv_connector_metadata, pblocks, len(prompt)) == ["ok"] * ptp
+        eco = prod.sched.update_from_output(out, _mro(out))
+        params = next(o for e in eco.values() for o in e.outputs if o.request_id == preq.request_id
+                      ).kv_transfer_params
+        prod.wait(preq.request_id, "sending", {preq.request_id})
+        dreq = _request(f"cmpl-dd-{tid[-6:]}", prompt, params, max_tokens=4)
+        cons.sched.add_request(dreq)
+        out = cons.sched.schedule()
+        meta = out.kv_connector_metadata
+        assert cons.all("load", meta) == ["ok"] * ctp
+        assert not cons.wait(dreq.request_id, "recving")
+        cons.sched.update_from_output(out, _mro(out, finished_recving={dreq.request_id}))
+        out2 = cons.sched.schedule()
+        assert dreq.request_id in [r.req_id for r in out2.scheduled_new_reqs] + list(
+            out2.scheduled_cached_reqs.req_ids)
+        assert cons.all("check", meta.loads[0].block_ids, len(prompt)) == ["ok"] * ctp
+    finally:
+        prod.close()
+        cons.close()
