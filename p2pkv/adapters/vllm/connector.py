@@ -559,7 +559,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self._save_plans or self._to_publish:
-            self._flush_publishes()  # wait_for_save was not called for the last step
+            self._pack_pull_plans()  # wait_for_save was not called for the last step
+            self._flush_publishes()
         self._save_plans = []
         if not isinstance(connector_metadata, P2pkvConnectorMetadata) or not connector_metadata.saves:
             return
@@ -740,7 +741,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ saves (forward thread)
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        """Pack this layer's blocks of each hand-off and queue them; never waits on the GPU."""
+        """Push mode: pack this layer's blocks of each hand-off and send them while the forward pass goes
+        on; never waits on the GPU. Pull mode packs every layer at once in :meth:`wait_for_save`."""
         plans = self._save_plans
         if not plans:
             return
@@ -753,7 +755,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         head_dim = None if self._geom is None or self._geom.head is None else 1 + self._geom.head
         for plan in plans:
             st = plan.state
-            if st.failed:
+            if st.failed or plan.spec.mode == "pull":
                 continue
             try:
                 packed = pack(cache, plan.ids)
@@ -817,11 +819,43 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
         self._publisher.submit(job)
 
+    def _pack_pull_plans(self) -> None:
+        """Pull mode: gather every layer's blocks of each hand-off in one launch (``pack_layers``), after
+        the forward pass has written them (stream order), and queue the pieces for the publisher."""
+        from ...kernels import pack, pack_layers
+
+        names = list(self._caches)
+        layers = [self._caches[n] for n in names]
+        head_dim = None if self._geom is None or self._geom.head is None else 1 + self._geom.head
+        for plan in self._save_plans:
+            st = plan.state
+            if st.failed or plan.spec.mode != "pull" or not layers:
+                continue
+            try:
+                try:
+                    per_layer = list(pack_layers(layers, plan.ids).unbind(0))
+                except P2pkvError:  # layers of different layouts: one launch each
+                    per_layer = [pack(t, plan.ids) for t in layers]
+                for name, packed in zip(names, per_layer):
+                    for suffix, lo, n, whole, _ in plan.pieces:
+                        t = packed if whole or head_dim is None else packed.narrow(head_dim, lo, n).contiguous()
+                        self._stats.add("bytes_sent", t.numel() * t.element_size())
+                        self._publish_later(st, TransferKey(st.transfer_id, name + suffix), t)
+            except P2pkvError as exc:
+                self._save_failed(st, f"packing {st.transfer_id} failed: {exc}")
+
     def wait_for_save(self) -> None:
-        """Hand this step's pull-mode pieces to the publisher thread; never waits on the GPU. Push sends
-        are already queued; request_finished delays freeing the blocks until get_finished reports them."""
+        """Pull mode: pack this step's hand-offs and give them to the publisher thread in one job; never
+        waits on the GPU. Push sends are already queued. request_finished delays freeing the blocks until
+        get_finished reports the hand-off done."""
+        self._pack_pull_plans()
         self._flush_publishes()
         self._save_plans = []
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Push mode sends layer by layer from ``save_kv_layer``, which full CUDA graphs would skip."""
+        return (extra_config or {}).get("mode", "push") == "push"
 
     # ------------------------------------------------------------------ completion reporting
     def _drain(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], dict[str, list[int]]]:
