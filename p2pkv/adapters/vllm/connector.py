@@ -344,6 +344,11 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return self.is_producer
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """A decode request with a remote prefill: the rest of its prompt, loaded asynchronously.
+
+        Answers 0 for a request whose remote prefill was already consumed (one transfer per
+        request) and for an ``n > 1`` sibling of the request that loads it.
+        """
         p = _params(request)
         rid = request.request_id
         if p is None:
@@ -387,6 +392,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return src_tp, src_block, None
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Consumer: schedule the request's one load (refused at once when its transfer id was already
+        loaded or the producer's fingerprint is incompatible). Producer: remember its blocks."""
         rid = request.request_id
         p = self._params.get(rid) or _params(request)
         if p is None:
@@ -425,6 +432,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._blocks[rid] = ids
 
     def build_connector_meta(self, scheduler_output: Any) -> P2pkvConnectorMetadata:
+        """This step's loads, aborts and (producer) hand-offs of prompts completed in this step."""
         meta = P2pkvConnectorMetadata(loads=self._pending_loads, aborts=self._pending_aborts)
         self._pending_loads, self._pending_aborts = [], []
         if not self.is_producer:
@@ -472,6 +480,8 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                    p.get("remote_port"), dst_tp))
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        """Producer: keep the blocks until the hand-off is done and return the decode request's params
+        (with the fingerprint). Consumer: abort the transfer when the request ended in an error or abort."""
         rid = request.request_id
         p = self._params.pop(rid, None)
         self._blocks.pop(rid, None)
@@ -521,6 +531,13 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Start this rank's engine (port ``port + rank``) and learn the caches' geometry.
+
+        Raises
+        ------
+        ConfigError
+            A cache has no dimension matching the number of blocks, or the engine config is invalid.
+        """
         from ...engine import Engine
 
         self._caches = {name: block_view(t, self.num_blocks) for name, t in kv_caches.items()}
@@ -611,6 +628,7 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return f"{host}:{port + rank}"
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Apply this step's aborts and queue its loads on the loader threads; returns at once."""
         meta = self._connector_metadata
         if not isinstance(meta, P2pkvConnectorMetadata) or self._engine is None:
             return
