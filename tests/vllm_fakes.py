@@ -96,3 +96,42 @@ def make_connectors(role: str, extra: dict[str, Any]):
 def expected_block(seed: int, layer: int, token_block: int) -> torch.Tensor:
     """What the prefill computed for one token block of one layer: [2, BLOCK, HEADS, HEAD]."""
     return kv_layer(seed * 1000 + token_block, layer, (2, BLOCK, HEADS, HEAD), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- richer configs (fingerprint, TP)
+@dataclass
+class AttnSpec:
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: Any = torch.bfloat16
+
+
+@dataclass
+class GroupSpec:
+    layer_names: list[str]
+    kv_cache_spec: AttnSpec
+
+
+@dataclass
+class FullKVCacheConfig:
+    num_blocks: int
+    kv_cache_groups: list[GroupSpec]
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    total_kv_heads: int
+    use_mla: bool = False
+
+    def get_total_num_kv_heads(self) -> int:
+        return self.total_kv_heads
+
+
+@dataclass
+class FullVllmConfig:
+    kv_transfer_config: KVTransferConfig
+    cache_config: CacheConfig
+    parallel_config: ParallelConfig
+    model_config: ModelConfig

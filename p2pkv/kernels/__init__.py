@@ -47,9 +47,13 @@ class BlockIds:
         Valid ids are ``0 <= id < num_blocks``.
     device:
         Where the kernels will read them (the cache's device).
+
+    The device copy is made on first use, from pinned memory without a host
+    sync, ordered on the stream current at that moment; use the object on that
+    stream (or after it).
     """
 
-    __slots__ = ("host", "device", "num_blocks", "_dev", "_dev_unpack", "_host_unpack")
+    __slots__ = ("host", "device", "num_blocks", "_dev", "_dev_unpack", "_host_unpack", "_pinned")
 
     def __init__(self, ids: Any, num_blocks: int, device: torch.device | str = "cpu"):
         d = torch.device(device)
@@ -83,13 +87,28 @@ class BlockIds:
         self._dev: torch.Tensor | None = None
         self._dev_unpack: torch.Tensor | None = None
         self._host_unpack: torch.Tensor | None = None
+        self._pinned: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return int(self.host.numel())
 
+    def _upload(self, h: torch.Tensor) -> torch.Tensor:
+        """Copy ids to the device without a host sync: from pinned memory, ordered on the current stream.
+
+        The pinned host tensor is kept with this object, so it outlives the copy."""
+        if self.device.type == "cpu":
+            return h
+        try:
+            pinned = h.pin_memory()
+        except RuntimeError:  # no pinned memory available: a synchronous copy is still correct
+            return h.to(self.device, non_blocking=False)
+        self._pinned.append(pinned)
+        with torch.cuda.device(self.device):
+            return pinned.to(self.device, non_blocking=True)
+
     def on_device(self) -> torch.Tensor:
         if self._dev is None:
-            self._dev = self.host.to(self.device, non_blocking=False) if self.device.type != "cpu" else self.host
+            self._dev = self._upload(self.host)
         return self._dev
 
     def for_unpack_host(self) -> torch.Tensor:
@@ -111,8 +130,7 @@ class BlockIds:
     def for_unpack_device(self) -> torch.Tensor:
         if self._dev_unpack is None:
             h = self.for_unpack_host()
-            self._dev_unpack = self.on_device() if h is self.host else (
-                h.to(self.device) if self.device.type != "cpu" else h)
+            self._dev_unpack = self.on_device() if h is self.host else self._upload(h)
         return self._dev_unpack
 
 
