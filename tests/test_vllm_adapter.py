@@ -62,7 +62,8 @@ def run_prefill(conn, req_id, tid, prompt_len, block_ids, mode, consumer_port, s
             break
         assert time.monotonic() < deadline, "sends never finished"
         time.sleep(0.01)
-    conn.send(("sent", worker.engine.stats()["sends_done"] if mode == "push" else 0))
+    st = worker.engine.stats()
+    conn.send(("sent", st.get("sends_done", 0) + st.get("requests_done", 0) if mode == "push" else 0))
     conn.recv()  # stay up until the consumer is done (pull mode serves from here)
     worker.shutdown()
 

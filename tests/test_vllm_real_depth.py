@@ -155,7 +155,7 @@ def _prefill(prod: Side, cons_tp: int, cons_port: int, prompt, mode):
     out = prod.sched.schedule()
     pblocks = list(out.scheduled_new_reqs[0].block_ids[0])
     ntok = len(prompt)
-    for r, (w, c) in enumerate(zip(prod.workers, prod.caches)):
+    for r, (w, c) in enumerate(zip(prod.workers, prod.caches, strict=True)):
         lo, hi = heads_of(r, prod.tp, KV_HEADS)
         for li, name in enumerate(LAYERS):  # the forward pass writes the prompt's KV
             ref = _ref(li, ntok)
@@ -169,7 +169,7 @@ def _prefill(prod: Side, cons_tp: int, cons_port: int, prompt, mode):
         w.wait_for_save()
         w.clear_connector_metadata()
     eco = prod.sched.update_from_output(out, _mro(out))
-    params = [o for e in eco.values() for o in e.outputs if o.request_id == preq.request_id][0].kv_transfer_params
+    params = next(o for e in eco.values() for o in e.outputs if o.request_id == preq.request_id).kv_transfer_params
     assert params["transfer_id"] == tid and params["remote_tp_size"] == prod.tp
     _wait(lambda: preq.request_id in prod.results({preq.request_id})[0], "producer hand-off")
     return params
@@ -431,7 +431,7 @@ class ProcSide:
         return failed
 
     def close(self):
-        for c, p in zip(self.conns, self.procs):
+        for c, p in zip(self.conns, self.procs, strict=True):
             try:
                 c.send(("bye",))
             except OSError:

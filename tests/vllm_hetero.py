@@ -121,7 +121,7 @@ def run_producer(conn, geo: Geo, extra: dict[str, Any], req_id: str, tid: str, n
         so.scheduled_new_reqs.append(F.NewRequestData(req_id, req.prompt_token_ids, (list(block_ids),), 0))
         meta = sched.build_connector_meta(so)
         assert len(meta.saves) == 1
-        for rank, (w, c) in enumerate(zip(workers, caches)):
+        for rank, (w, c) in enumerate(zip(workers, caches, strict=True)):
             fill(geo, rank, c, block_ids, ntok)
             w.bind_connector_metadata(meta)
             for name in LAYERS4:

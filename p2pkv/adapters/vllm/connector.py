@@ -251,11 +251,12 @@ class _Workers:
 
 
 class _SendState:
-    __slots__ = ("transfer_id", "handles", "pending", "failed")
+    __slots__ = ("transfer_id", "handles", "pending", "failed", "requests")
 
     def __init__(self, transfer_id: str) -> None:
         self.transfer_id = transfer_id
         self.handles: list[Any] = []
+        self.requests: dict[tuple[str, str], Any] = {}  # (peer, piece suffix) -> RequestHandle
         self.pending = 0  # publishes queued, not yet done
         self.failed = False
 
@@ -783,10 +784,37 @@ class P2pkvConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     self._stats.add("bytes_sent", t.numel() * t.element_size())
                     if peer is None:
                         self._publish_later(st, key, t)
+                        continue
+                    req = self._request_for(plan, peer, suffix, n, whole, head_dim)
+                    if req is not None and key.name in req.index:
+                        req.send(key.name, t)  # one offer per request; NCCL/IPC post on this thread
                     else:
                         st.handles.append(eng.send(peer, key, t))
             except P2pkvError as exc:
                 self._save_failed(st, f"saving {layer_name} of {st.transfer_id} failed: {exc}")
+
+    def _request_for(self, plan: _SavePlan, peer: str, suffix: str, n: int, whole: bool,
+                     head_dim: int | None) -> Any:
+        """The whole-request send of one hand-off piece to ``peer`` (made at its first layer): one offer
+        names every layer, the receiver reserves room once, each layer then moves as it is saved."""
+        st = plan.state
+        req = st.requests.get((peer, suffix))
+        if req is None and (peer, suffix) not in st.requests:
+            layout = []
+            for name, c in self._caches.items():
+                shape = [len(plan.ids), *c.shape[1:]]
+                if not whole and head_dim is not None:
+                    shape[head_dim] = n
+                layout.append((name + suffix, c.dtype, tuple(shape)))
+            try:
+                req = self._engine.send_request(peer, st.transfer_id, layout) if layout else None
+            except P2pkvError as exc:  # fall back to per-tensor sends
+                log.warning("whole-request send of %s to %s unavailable: %s", st.transfer_id, peer, exc)
+                req = None
+            st.requests[(peer, suffix)] = req
+            if req is not None:
+                st.handles.append(req)
+        return req
 
     def _save_failed(self, st: _SendState, why: str) -> None:
         log.warning("%s", why)
