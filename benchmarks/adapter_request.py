@@ -1,0 +1,153 @@
+"""One Llama-3-8B request through the vLLM adapter's worker side, producer and consumer in two processes.
+
+Pack from a paged cache (FlashAttention layout, random block ids) on the producer's device in
+``save_kv_layer`` (push mode: one whole-request send per hand-off), unpack into a paged cache on
+the consumer's device in the consumer connector's loader; timed from the first ``save_kv_layer``
+until the consumer connector reports the load finished (``get_finished``), median of ``--reps``.
+Only vLLM's own objects are stand-ins (tests/vllm_fakes.py); run from the repository root::
+
+    python benchmarks/adapter_request.py --tokens 512,2048,10000 --devices cuda:0,cuda:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+L, BLOCK, HEADS, HEAD = 32, 16, 8, 128
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _side(role: str, device: str, port: int, num_blocks: int, conn) -> None:
+    from tests import vllm_fakes as F
+
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+
+    extra = dict(port=port, mode="push", timeout_s=60.0, pool_bytes=2 * L * 2 * num_blocks * BLOCK * HEADS * HEAD * 2
+                 + 2**28, transport=os.environ.get("P2PKV_BENCH_TRANSPORT", "auto"))
+    cfg = F.VllmConfig(F.KVTransferConfig(role, extra))
+    sched = P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig(num_blocks=num_blocks))
+    worker = P2pkvConnector(cfg, KVConnectorRole.WORKER, F.KVCacheConfig(num_blocks=num_blocks))
+    caches = {name: torch.randn(2, num_blocks, BLOCK, HEADS, HEAD, device=device).to(torch.bfloat16)
+              for name in F.LAYERS}
+    worker.register_kv_caches(caches)
+    conn.send("ready")
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd is None:
+                return
+            req_id, tid, prompt_len, block_ids, params = cmd
+            req = F.Request(req_id, list(range(prompt_len)), params)
+            if role == "kv_producer":
+                sched.get_num_new_matched_tokens(req, 0)
+                sched.update_state_after_alloc(req, F.KVCacheBlocks(block_ids), 0)
+                so = F.SchedulerOutput(num_scheduled_tokens={req_id: prompt_len})
+                so.scheduled_new_reqs.append(F.NewRequestData(req_id, req.prompt_token_ids, (list(block_ids),), 0))
+                meta = sched.build_connector_meta(so)
+                worker.bind_connector_metadata(meta)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t0 = time.monotonic()
+                host = []
+                for name in F.LAYERS:
+                    t = time.monotonic()
+                    worker.save_kv_layer(name, caches[name], None)
+                    host.append(time.monotonic() - t)
+                worker.wait_for_save()
+                worker.clear_connector_metadata()
+                _, out = sched.request_finished(req, (list(block_ids),))
+                conn.send((t0, out, sorted(host)[len(host) // 2]))
+                end = time.monotonic() + 60
+                while time.monotonic() < end:
+                    sending, _ = worker.get_finished({req_id})
+                    if sending and req_id in sending:
+                        break
+                    time.sleep(0.001)
+            else:
+                n, _ = sched.get_num_new_matched_tokens(req, 0)
+                sched.update_state_after_alloc(req, F.KVCacheBlocks(block_ids), n)
+                meta = sched.build_connector_meta(F.SchedulerOutput())
+                worker.bind_connector_metadata(meta)
+                worker.start_load_kv(None)
+                worker.clear_connector_metadata()
+                end = time.monotonic() + 60
+                while time.monotonic() < end:
+                    _, recving = worker.get_finished(set())
+                    if recving and req_id in recving:
+                        break
+                    time.sleep(0.0002)
+                t1 = time.monotonic()
+                conn.send((t1, sorted(worker.get_block_ids_with_load_errors())))
+    finally:
+        worker.shutdown()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", default="512,2048,10000")
+    ap.add_argument("--devices", default="cuda:0,cuda:1")
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dp, dc = a.devices.split(",")
+    tokens = [int(t) for t in a.tokens.split(",")]
+    num_blocks = 2 * (-(-max(tokens) // BLOCK)) + 8
+    ctx = mp.get_context("spawn")
+    pp, cp = _port(), _port()
+    (p_conn, p_child), (c_conn, c_child) = ctx.Pipe(), ctx.Pipe()
+    procs = [ctx.Process(target=_side, args=("kv_producer", dp, pp, num_blocks, p_child), daemon=True),
+             ctx.Process(target=_side, args=("kv_consumer", dc, cp, num_blocks, c_child), daemon=True)]
+    for p in procs:
+        p.start()
+    assert p_conn.recv() == "ready" and c_conn.recv() == "ready"
+    rows = []
+    for tok in tokens:
+        nblk = -(-tok // BLOCK)
+        times, hosts = [], []
+        for r in range(a.reps + 2):
+            tid = f"xfer-adapter-{tok}-{r}"
+            ids = torch.randperm(num_blocks)[:nblk].tolist()
+            params = {"transfer_id": tid, "do_remote_decode": True, "remote_host": "127.0.0.1", "remote_port": cp}
+            p_conn.send((f"p-{tid}-ab12", tid, tok, ids, params))
+            t0, out, host = p_conn.recv()
+            c_ids = torch.randperm(num_blocks)[:nblk].tolist()
+            c_conn.send((f"d-{tid}-cd34", tid, tok, c_ids, out))
+            t1, errors = c_conn.recv()
+            assert not errors, errors
+            if r >= 2:
+                times.append(t1 - t0)
+                hosts.append(host)
+        row = {"what": f"vLLM adapter push {dp}->{dc}", "tokens": tok,
+               "bytes": 2 * L * 2 * nblk * BLOCK * HEADS * HEAD, "ms": round(statistics.median(times) * 1e3, 3),
+               "save_kv_layer_host_us_p50": round(statistics.median(hosts) * 1e6, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    p_conn.send(None)
+    c_conn.send(None)
+    for p in procs:
+        p.join(30)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
