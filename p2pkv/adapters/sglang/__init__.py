@@ -529,6 +529,10 @@ class P2pkvKVManager(BaseKVManager):  # type: ignore[misc]
         self.aux_buffers = self._buffers(aux_buffers, getattr(args, "aux_data_ptrs", None) or [],
                                          getattr(args, "aux_data_lens", None) or [], self.aux_item_lens, "aux")
         self.num_pages = [b.shape[0] for b in self.kv_buffers]
+        if len(set(self.num_pages)) > 1:
+            raise ConfigError(f"KV buffers hold different page counts {sorted(set(self.num_pages))}")
+        if not self.kv_buffers:
+            raise ConfigError("KVArgs has no KV buffers")
         # SGLang's decode loop reads these (CommonKVManager's surface).
         self.prefill_info_table: dict[str, PrefillInfo] = {}
         self.transfer_infos: dict[int, Any] = {}
@@ -536,8 +540,8 @@ class P2pkvKVManager(BaseKVManager):  # type: ignore[misc]
         self.is_dummy_cp_rank = False
         self.kv_cache_dtype_str = getattr(args, "kv_cache_dtype_str", None)
         cfg = config or EngineConfig.from_env()
-        if self.device.type == "cuda" and cfg.device == "cpu":
-            cfg = cfg.replace(device=str(self.device))
+        if self.device.type == "cuda" and cfg.device != str(self.device):
+            cfg = cfg.replace(device=str(self.device))  # sends go from, and land in, the KV pool's GPU
         self.engine = Engine(cfg)
         self._closed = False
         if self.mode == "prefill":
@@ -758,10 +762,13 @@ class _Transfer:
         except P2pkvError as e:
             log.debug("p2pkv: abort of %s: %s", self.tid, e)
 
+    def abort(self) -> None:  # overridden by sender and receiver
+        raise NotImplementedError
+
     def clear(self) -> None:
         """Drop this request's state; an unfinished transfer is aborted on both sides."""
         if self._state != KVPoll.Success and not self._aborted:
-            self._abort("local (clear)")
+            self.abort()
 
     def get_transfer_metric(self) -> KVTransferMetric:
         """Latency from the first chunk to success, and the bytes moved."""
@@ -1135,12 +1142,16 @@ class P2pkvKVReceiver(_Transfer, BaseKVReceiver):  # type: ignore[misc]
                     "prefix_len": self._prefix_len, "bytes_per_head": bph, "n_buffers": len(m.kv_buffers)}
             key = TransferKey(self.tid, f"meta/p{q}/d{m.attn_tp_rank}")
             handles.append(eng.send(str(ranks[q]["address"]), key, _json_tensor(meta)))
-        for h in handles:
-            h.wait(timeout=eng.config.timeout_s + 1.0)
-            if h.state != TransferState.DONE:
-                raise h.error or PeerLost(f"metadata to {h.peer} not delivered", key=h.key)
+        try:
+            for h in handles:
+                h.wait(timeout=eng.config.timeout_s + 1.0)
+        except P2pkvError:
+            # the prefill server may have restarted elsewhere: look it up again next time
+            m.prefill_info_table.pop(self.bootstrap_addr, None)
+            raise
         for q in sources:
-            self._receive_from(q, plan[q], want_aux=(q == aux_src and bool(m.aux_buffers)))
+            self._receive_from(q, str(ranks[q]["address"]), plan[q],
+                               want_aux=(q == aux_src and bool(m.aux_buffers)))
         self._set_state(KVPoll.Success)
 
     def _check_layout(self, p: dict[str, Any]) -> None:
@@ -1176,7 +1187,34 @@ class P2pkvKVReceiver(_Transfer, BaseKVReceiver):  # type: ignore[misc]
             pass
         raise TransferAborted("aborted on the decode side", key=self.tid)
 
-    def _receive_from(self, q: int, heads: tuple[int, int] | None, want_aux: bool) -> None:
+    def _await_header(self, key: TransferKey, peer: str, c: int, q: int) -> torch.Tensor:
+        """Wait for a chunk header, checking every ``peer_timeout_s`` that the prefill rank is alive.
+
+        The engine fails the wait at once if a prefill rank that already sent
+        data of this transfer is lost; before its first byte it does not know
+        the transfer, so the liveness probe (a handshake) covers that window.
+        """
+        m, eng = self.kv_mgr, self.kv_mgr.engine
+        deadline = time.monotonic() + m.settings.waiting_timeout_s
+        probe = max(0.2, eng.config.peer_timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferTimeout(f"chunk {c} from prefill rank {q} did not come within "
+                                      f"{m.settings.waiting_timeout_s:g}s", key=key, peer=peer)
+            try:
+                return eng.recv(key, timeout=min(left, probe))
+            except TransferTimeout:
+                pass
+            if self._aborted:
+                raise TransferAborted("aborted on the decode side", key=self.tid)
+            try:
+                eng.connect(peer, timeout=probe)
+            except P2pkvError as e:
+                raise PeerLost(f"prefill rank {q} stopped answering while chunk {c} was due: {e}", key=key,
+                               peer=peer) from None
+
+    def _receive_from(self, q: int, peer: str, heads: tuple[int, int] | None, want_aux: bool) -> None:
         m, eng = self.kv_mgr, self.kv_mgr.engine
         assert self._kv_pages is not None and heads is not None
         pages = self._kv_pages
@@ -1186,11 +1224,7 @@ class P2pkvKVReceiver(_Transfer, BaseKVReceiver):  # type: ignore[misc]
         expect_off, c = 0, 0
         while True:
             key = TransferKey(self.tid, f"p{q}/d{r}/c{c}")
-            try:
-                hdr = eng.recv(key, timeout=m.settings.waiting_timeout_s)
-            except TransferTimeout:
-                raise TransferTimeout(f"chunk {c} from prefill rank {q} did not come within "
-                                      f"{m.settings.waiting_timeout_s:g}s", key=key) from None
+            hdr = self._await_header(key, peer, c, q)
             off, n, last = (int(x) for x in hdr.tolist())
             if off != expect_off or n < 0 or off + n > len(pages):
                 raise ProtocolError(f"chunk {c}: pages [{off}, {off + n}) but expected offset {expect_off} "
