@@ -48,12 +48,15 @@ def free_port() -> int:
 class Pool:
     """A paged KV pool in raw memory plus SGLang's KVArgs describing it."""
 
-    def __init__(self, kv_args_cls: Any, *, seed: int | None, heads: int, total_heads: int, rank: int = 0):
+    def __init__(self, kv_args_cls: Any, *, seed: int | None, heads: int, total_heads: int, rank: int = 0,
+                 device: str = "cpu"):
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         nbytes = NUM_PAGES * PAGE * heads * HEAD_BYTES
         self.kv = [torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8) if g is not None
                    else torch.zeros(nbytes, dtype=torch.uint8) for _ in range(2 * LAYERS)]
         self.aux = [torch.zeros(AUX_SLOTS * AUX_ITEM, dtype=torch.uint8) for _ in range(2)]
+        self.kv = [t.to(device) for t in self.kv]
+        self.aux = [t.to(device) for t in self.aux]
         a = kv_args_cls()
         a.engine_rank = rank
         a.kv_data_ptrs = [t.data_ptr() for t in self.kv]
@@ -66,7 +69,7 @@ class Pool:
         a.page_size = PAGE
         a.kv_head_num = heads
         a.total_kv_head_num = total_heads
-        a.gpu_id = 0
+        a.gpu_id = torch.device(device).index or 0
         a.system_dp_rank = 0
         a.kv_cache_dtype_str = "bfloat16"
         self.args = a
@@ -399,6 +402,8 @@ def test_bootstrap_server_down_fails_within_deadline():
 
 # ----------------------------------------------------------------------------- in-process: TP, deadlines, units
 def _mgr(pool: Pool, mode: str, bport: int, tp: int = 1, **settings: Any) -> sg.P2pkvKVManager:
+    if pool.kv[0].is_cuda:
+        settings.setdefault("buffer_device", "cuda")
     s = dict(TIMEOUTS, **settings)
     return sg.P2pkvKVManager(pool.args, mode, server_args(bport, tp), False, config=EngineConfig(**ENGINE),
                              settings=sg.SglangSettings(**s))
@@ -604,3 +609,43 @@ def test_import_needs_no_sglang_and_starts_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     _ = threading  # (threads are checked in the child)
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), (2, 1)])
+def test_cuda_pools_on_two_gpus(p_tp, d_tp):
+    """The same flow with the KV pools on two GPUs: raw device pointers wrapped through
+    __cuda_array_interface__, the engines on the pools' GPUs (CUDA IPC between them)."""
+    total = 2
+    ppages, dpages = req_pages(5, 21)
+    bport = free_port()
+    mgrs: list[sg.P2pkvKVManager] = []
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        try:
+            ph, dh = total // p_tp, total // d_tp
+            ppools = [Pool(sg.KVArgs, seed=200 + q, heads=ph, total_heads=total, rank=q, device="cuda:0")
+                      for q in range(p_tp)]
+            dpools = [Pool(sg.KVArgs, seed=None, heads=dh, total_heads=total, rank=r, device="cuda:1")
+                      for r in range(d_tp)]
+            pm = [_mgr(pp, "prefill", bport, p_tp) for pp in ppools]
+            dm = [_mgr(dp, "decode", bport, d_tp) for dp in dpools]
+            mgrs = pm + dm
+            assert all(str(m.engine.device) == d for m, d in zip(pm + dm, ["cuda:0"] * p_tp + ["cuda:1"] * d_tp))
+            senders = [sg.P2pkvKVSender(m, f"127.0.0.1:{bport}", 43) for m in pm]
+            receivers = [(sg.P2pkvKVReceiver(m, f"127.0.0.1:{bport}", 43), dpages, 2) for m in dm]
+            _drive(senders, receivers, ppages)
+            torch.cuda.synchronize(0)
+            torch.cuda.synchronize(1)
+            for i in range(2 * LAYERS):
+                heads = {}
+                for q, pp in enumerate(ppools):
+                    for k in range(ph):
+                        heads[sg.head_start(q, p_tp, total) + k] = pp.pages(i)[ppages][:, :, k].cpu()
+                for r, dp in enumerate(dpools):
+                    for k in range(dh):
+                        got = dp.pages(i)[dpages][:, :, k].cpu()
+                        assert torch.equal(got, heads[sg.head_start(r, d_tp, total) + k]), (i, r, k)
+        finally:
+            for m in mgrs:
+                m.close()

@@ -731,7 +731,11 @@ class _Transfer:
     def _start(self, target: Any, name: str) -> None:
         def run() -> None:
             try:
-                target()
+                if self.kv_mgr.device.type == "cuda":
+                    with torch.cuda.device(self.kv_mgr.device):  # kernels and streams on the pool's GPU
+                        target()
+                else:
+                    target()
             except BaseException as e:  # every worker failure becomes KVPoll.Failed
                 if self._aborted and not isinstance(e, P2pkvError):
                     e = TransferAborted(f"aborted: {e}", key=self.tid)
