@@ -82,8 +82,8 @@ class Pool:
         return self.aux[j].view(AUX_SLOTS, AUX_ITEM)[slot]
 
 
-def server_args(bport: int, tp: int = 1) -> Any:
-    return types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=bport, tp_size=tp, dp_size=1,
+def server_args(bport: int, tp: int = 1, dp: int = 1) -> Any:
+    return types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=bport, tp_size=tp, dp_size=dp,
                                  enable_dp_attention=False, pp_size=1)
 
 
@@ -466,6 +466,47 @@ def test_different_tp_sizes_slice_heads(p_tp, d_tp):
                         assert torch.equal(dp.pages(i)[dpages][:, :, k], heads[h]), (i, r, k)
             for dp in dpools:
                 assert all(bool((dp.aux_row(j, 2) == 40 + j).all()) for j in range(2))
+        finally:
+            for m in mgrs:
+                m.close()
+
+
+@pytest.mark.timeout(60)
+def test_prefill_dp_rank_picks_the_dp_worker():
+    """Plain DP on the prefill side: the decode's init(prefill_dp_rank) selects the worker."""
+    ppages, dpages = req_pages(4, 12)
+    bport = free_port()
+    mgrs: list[sg.P2pkvKVManager] = []
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        try:
+            workers = []
+            for d in range(2):
+                pool = Pool(sg.KVArgs, seed=300 + d, heads=2, total_heads=2)
+                pool.args.system_dp_rank = d
+                m = sg.P2pkvKVManager(pool.args, "prefill", server_args(bport, 1, 2), False,
+                                      config=EngineConfig(**ENGINE), settings=sg.SglangSettings(**TIMEOUTS))
+                mgrs.append(m)
+                workers.append((pool, m))
+            dpool = Pool(sg.KVArgs, seed=None, heads=2, total_heads=2)
+            dm = _mgr(dpool, "decode", bport)
+            mgrs.append(dm)
+            assert dm.try_ensure_parallel_info(f"127.0.0.1:{bport}")
+            assert dm.prefill_info_table[f"127.0.0.1:{bport}"].dp_size == 2
+            s = sg.P2pkvKVSender(workers[1][1], f"127.0.0.1:{bport}", 44)
+            r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 44)
+            stats: dict[str, float] = {}
+            r.init(1)
+            poll_until(r, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            r.send_metadata(np.asarray(dpages), 0, None)
+            poll_until(s, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            s.init(len(ppages), 0)
+            for chunk in chunks_of(ppages):
+                s.send(np.asarray(chunk), None)
+            assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, {KVPoll.Transferring}, 20, stats) == KVPoll.Success
+            assert poll_until(r, {KVPoll.Success, KVPoll.Failed}, {KVPoll.WaitingForInput, KVPoll.Transferring}, 20,
+                              stats) == KVPoll.Success, failure(r)
+            src = workers[1][0]
+            assert all(torch.equal(dpool.pages(i)[dpages], src.pages(i)[ppages]) for i in range(2 * LAYERS))
         finally:
             for m in mgrs:
                 m.close()

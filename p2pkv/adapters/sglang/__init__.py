@@ -510,10 +510,12 @@ class P2pkvKVManager(BaseKVManager):  # type: ignore[misc]
         dp = int(_server_attr(server_args, "dp_size", 1))
         attn_dp = dp if _server_attr(server_args, "enable_dp_attention", False) else 1
         self.attn_tp_size = max(1, tp // attn_dp)
-        self.dp_size = attn_dp
         rank = int(getattr(args, "engine_rank", 0) or 0)
         self.attn_tp_rank = rank % self.attn_tp_size
-        self.dp_rank = int(getattr(args, "system_dp_rank", None) or (rank // self.attn_tp_size if attn_dp > 1 else 0))
+        if attn_dp > 1:  # DP attention: the DP groups share one TP world
+            self.dp_size, self.dp_rank = attn_dp, rank // self.attn_tp_size
+        else:  # plain DP: one worker per group, each numbered by SGLang's system_dp_rank
+            self.dp_size, self.dp_rank = max(1, dp), int(getattr(args, "system_dp_rank", 0) or 0)
         if self.is_mla:
             self.kv_head_num = self.total_kv_head_num = 1
         else:
