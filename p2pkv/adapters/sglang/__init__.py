@@ -87,22 +87,17 @@ import os
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Mapping, Sequence
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from ...config import EngineConfig
-from ...engine import Engine
-from ...errors import (ConfigError, InvalidKey, P2pkvError, PeerLost, ProtocolError, ShapeMismatch,
-                       TransferAborted, TransferTimeout)
-from ...handles import SendHandle, TransferState
-from ...keys import TransferKey
+from ... import (ConfigError, Engine, EngineConfig, InvalidKey, P2pkvError, PeerLost, ProtocolError, SendHandle,
+                 ShapeMismatch, TransferAborted, TransferKey, TransferState, TransferTimeout)
 from ...kernels import BlockIds, pack, unpack
 
 log = logging.getLogger("p2pkv.sglang")
@@ -924,7 +919,7 @@ class P2pkvKVSender(_Transfer, BaseKVSender):  # type: ignore[misc]
                 self._fail(P2pkvError(f"chunk {self._chunk} could not be sent: {e}"))
 
     def _send_chunk(self, idx: np.ndarray) -> None:
-        m, eng = self.kv_mgr, self.kv_mgr.engine
+        m = self.kv_mgr
         assert self._metas is not None and self._num_pages is not None
         if self._last_sent:
             if len(idx):
