@@ -13,6 +13,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multi_gpu: needs two or more CUDA GPUs")
     config.addinivalue_line("markers", "slow: long-running (soak); run with --runslow")
     config.addinivalue_line("markers", "vllm: needs the real vllm package")
+    config.addinivalue_line("markers", "sglang: needs the real sglang package")
 
 
 def pytest_addoption(parser):

@@ -1,0 +1,144 @@
+"""p2pkv's SGLang backend against the real sglang 0.5.23 package (skipped without it).
+
+CI installs sglang in its own venv (see .ci/run). Every flow of tests/test_sglang.py
+runs here again with SGLang's real ``KVArgs``/``KVPoll`` and base classes, the
+backend's classes taken from SGLang's own ``get_kv_class`` after
+:func:`p2pkv.adapters.sglang.install`, in two spawned processes.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+pytest.importorskip("sglang")
+
+from p2pkv.adapters import sglang as sg  # noqa: E402
+
+from . import test_sglang as flows  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_backend_subclasses_sglangs_real_base_classes():
+    from sglang.srt.disaggregation.base import conn
+
+    assert sg.HAVE_SGLANG
+    assert sg.KVPoll is conn.KVPoll and sg.KVArgs is conn.KVArgs
+    assert issubclass(sg.P2pkvKVManager, conn.BaseKVManager)
+    assert issubclass(sg.P2pkvKVSender, conn.BaseKVSender)
+    assert issubclass(sg.P2pkvKVReceiver, conn.BaseKVReceiver)
+    assert issubclass(sg.P2pkvBootstrapServer, conn.BaseKVBootstrapServer)
+    for cls in (sg.P2pkvKVManager, sg.P2pkvKVSender, sg.P2pkvKVReceiver, sg.P2pkvBootstrapServer):
+        assert not getattr(cls, "__abstractmethods__", None), (cls, cls.__abstractmethods__)
+
+
+def test_install_registers_and_uninstall_restores():
+    from sglang.srt.arg_groups import choices
+    from sglang.srt.disaggregation import utils
+    from sglang.srt.managers import disagg_service  # imported BEFORE install: its binding must be patched too
+
+    sg.uninstall()
+    original = utils.get_kv_class
+    try:
+        sg.install()
+        sg.install()  # idempotent
+        tb = utils.TransferBackend("p2pkv")
+        assert tb is utils.TransferBackend.P2PKV and tb in list(utils.TransferBackend)
+        K = utils.KVClassType
+        for get in (utils.get_kv_class, disagg_service.get_kv_class):
+            assert get(tb, K.MANAGER) is sg.P2pkvKVManager
+            assert get(tb, K.SENDER) is sg.P2pkvKVSender
+            assert get(tb, K.RECEIVER) is sg.P2pkvKVReceiver
+            assert get(tb, K.BOOTSTRAP_SERVER) is sg.P2pkvBootstrapServer
+            assert get(tb, K.KVARGS) is sg.KVArgs
+            # other backends are untouched
+            from sglang.srt.disaggregation.fake import FakeKVSender
+
+            assert get(utils.TransferBackend.FAKE, K.SENDER) is FakeKVSender
+        assert "p2pkv" in choices.DISAGG_TRANSFER_BACKEND_CHOICES
+        # SGLang's rust-server path asks whether the backend brings its own bootstrap server: it does
+        assert disagg_service.rust_server_serves_kv_bootstrap("p2pkv") is False
+    finally:
+        sg.uninstall()
+    assert utils.get_kv_class is original and disagg_service.get_kv_class is original
+    assert "p2pkv" not in choices.DISAGG_TRANSFER_BACKEND_CHOICES
+    with pytest.raises(ValueError, match="p2pkv"):
+        utils.TransferBackend("p2pkv")
+    sg.install()  # leave it installed for the flows below (they install in their own processes too)
+
+
+@pytest.mark.timeout(300)
+def test_launcher_exposes_the_backend_on_sglangs_cli():
+    out = subprocess.run([sys.executable, "-m", "p2pkv.adapters.sglang.launch", "--help"], capture_output=True,
+                         text=True, timeout=280, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if "--disaggregation-transfer-backend {" in ln)
+    assert "p2pkv" in line, line
+
+
+@pytest.mark.timeout(300)
+def test_install_at_top_level_reaches_spawned_children(tmp_path):
+    """SGLang spawns its schedulers: a top-level install() runs again in each (documented usage)."""
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp
+        from p2pkv.adapters.sglang import install
+        install()
+
+        def child(q):
+            from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+            q.put(get_kv_class(TransferBackend("p2pkv"), KVClassType.SENDER).__name__)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            p = ctx.Process(target=child, args=(q,))
+            p.start()
+            print(q.get(timeout=250))
+            p.join(30)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=290, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "P2pkvKVSender"
+
+
+def test_bootstrap_server_through_get_kv_class():
+    from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+
+    sg.install()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = get_kv_class(TransferBackend("p2pkv"), KVClassType.BOOTSTRAP_SERVER)(host="127.0.0.1", port=port)
+    try:
+        assert server.address == f"127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(180)
+def test_real_chunked_prefill_three_chunks_bit_exact_random_pages():
+    flows.run_ok(real=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_real_abort_frees_both_sides(side):
+    flows.run_abort(True, side)
+
+
+@pytest.mark.timeout(180)
+def test_real_prefill_killed_midway_fails_decode_fast():
+    flows.run_kill(True)
+
+
+@pytest.mark.timeout(180)
+def test_real_bootstrap_server_down_fails_within_deadline():
+    flows.run_bootstrap_down(True)
