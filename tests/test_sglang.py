@@ -297,12 +297,14 @@ class Flow:
         self.bport = free_port()
         self.procs: list[Any] = []
         if with_prefill:
-            self.prefill = ctx.Process(target=prefill_proc, args=(real, self.bport, rooms, scenario, self.qp, self.ev, self.go),
+            self.prefill = ctx.Process(target=prefill_proc,
+                                       args=(real, self.bport, rooms, scenario, self.qp, self.ev, self.go),
                                        daemon=True)
             self.prefill.start()
             self.procs.append(self.prefill)
             q_get(self.qp, "ready", 90)
-        self.decode = ctx.Process(target=decode_proc, args=(real, self.bport, rooms, scenario, self.qd, self.ev, self.go),
+        self.decode = ctx.Process(target=decode_proc,
+                                  args=(real, self.bport, rooms, scenario, self.qd, self.ev, self.go),
                                   daemon=True)
         self.decode.start()
         self.procs.append(self.decode)
@@ -673,7 +675,8 @@ def test_cuda_pools_on_two_gpus(p_tp, d_tp):
             pm = [_mgr(pp, "prefill", bport, p_tp) for pp in ppools]
             dm = [_mgr(dp, "decode", bport, d_tp) for dp in dpools]
             mgrs = pm + dm
-            assert all(str(m.engine.device) == d for m, d in zip(pm + dm, ["cuda:0"] * p_tp + ["cuda:1"] * d_tp, strict=True))
+            devs = ["cuda:0"] * p_tp + ["cuda:1"] * d_tp
+            assert all(str(m.engine.device) == d for m, d in zip(pm + dm, devs, strict=True))
             senders = [sg.P2pkvKVSender(m, f"127.0.0.1:{bport}", 43) for m in pm]
             receivers = [(sg.P2pkvKVReceiver(m, f"127.0.0.1:{bport}", 43), dpages, 2) for m in dm]
             _drive(senders, receivers, ppages)
