@@ -121,7 +121,7 @@ def poll_until(obj: Any, done: set[int], allowed: set[int], deadline_s: float, s
 def failure(obj: Any) -> str:
     try:
         obj.failure_exception()
-    except Exception as e:  # noqa: BLE001 - report what SGLang would log
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return "no exception"
 
@@ -276,7 +276,7 @@ def q_get(q: Any, kind: str, timeout: float = 30.0) -> Any:
     while time.monotonic() < end:
         try:
             k, v = q.get(timeout=max(0.01, end - time.monotonic()))
-        except Exception:  # noqa: BLE001 - queue.Empty
+        except Exception:
             break
         if k == "error":
             raise AssertionError(f"a scheduler process failed:\n{v}")
