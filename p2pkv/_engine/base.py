@@ -48,6 +48,7 @@ class _EngineBase:
     _wake_w: int
     _wake_sent: bool
     _mem_dirty: bool
+    _want_mem: bool
     _next_expire: float
     _next_tick: float
     # peers we dial, sessions of peers that dial us

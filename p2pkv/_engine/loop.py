@@ -53,6 +53,7 @@ class _ProgressLoop(_EngineBase):
                 self._pump_monitor(peer)
         if self._mem_dirty:
             self._mem_dirty = False
+            self._want_mem = False  # whatever still waits sets it again
             self._grant_credit()
             self._admit()
             for peer in list(self._peers.values()):
@@ -212,6 +213,8 @@ class _ProgressLoop(_EngineBase):
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._want_mem:
+            self._mem_dirty = True  # retry what waits for memory, also if a wake-up was missed
         cfg = self._cfg
         if self._cuda:
             self._tick_gpu(now)

@@ -70,6 +70,7 @@ class _PushPath(_EngineBase):
             if x == "ipc" and item.stage is None and self._pool.offset_of(item.payload) is None:
                 item.stage = self._pool.try_alloc(item.nbytes)
                 if item.stage is None:
+                    self._want_mem = True
                     return  # our own pool is full: retried when memory comes back
             if item.footprint > peer.credit:
                 if not peer.creq_pending:
@@ -396,6 +397,7 @@ class _PushPath(_EngineBase):
             need, want = sess.creq  # type: ignore[misc]
             g = min(available, window - sess.outstanding, max(want, need, window // 4))
             if g < need:
+                self._want_mem = True
                 break  # FIFO: later requesters wait behind this one
             sess.outstanding += g
             available -= g

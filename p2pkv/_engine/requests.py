@@ -421,6 +421,7 @@ class _RequestPath(_EngineBase):
                 return True
         need = sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
         if sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
+            self._want_mem = True
             return False
         bufs = []
         for s in inc.specs:
@@ -428,6 +429,7 @@ class _RequestPath(_EngineBase):
             if b is None:
                 for b2 in bufs:
                     b2.release()
+                self._want_mem = True
                 return False
             bufs.append(b)
         inc.bufs = bufs
