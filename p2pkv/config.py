@@ -83,6 +83,11 @@ class EngineConfig:
     nccl_init_timeout_s, nccl_min_ctas, nccl_max_ctas, nccl_buffsize:
         NCCL communicator settings (``ncclConfig_t`` fields / ``NCCL_BUFFSIZE``);
         0 leaves NCCL's default.
+    eager_requests:
+        Let a whole request (:meth:`~p2pkv.Engine.send_request`) over NCCL or TCP
+        move before its grant when the receiver has already granted this
+        engine enough credit (pool room reserved for it): the offer/grant round
+        trip then leaves the critical path. ``False`` always waits for the grant.
     """
 
     host: str = "127.0.0.1"
@@ -103,6 +108,7 @@ class EngineConfig:
     nccl_min_ctas: int = 0
     nccl_max_ctas: int = 0
     nccl_buffsize: int = 0
+    eager_requests: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -142,6 +148,8 @@ class EngineConfig:
             raise ConfigError("auth_token must be a non-empty str or None")
         if self.transport not in _TRANSPORTS:
             raise ConfigError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if not isinstance(self.eager_requests, bool):
+            raise ConfigError(f"eager_requests must be True or False, got {self.eager_requests!r}")
         for name in ("nccl_min_ctas", "nccl_max_ctas"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -215,6 +223,12 @@ def _coerce(name: str, value: Any, typ: str) -> Any:
             return parse_size(value, name) if name.endswith("bytes") or name == "nccl_buffsize" else int(value)
         if typ.startswith("float"):
             return float(value)
+        if typ.startswith("bool"):
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
         if "None" in typ and value.lower() in ("", "none", "null"):
             return None
     except ValueError as exc:

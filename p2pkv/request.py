@@ -260,7 +260,8 @@ class Incoming:
     """The consumer's side of one granted (or waiting) request from one session."""
 
     __slots__ = ("sess", "seq", "transfer_id", "specs", "x", "deadline", "bufs", "landed", "events", "failed",
-                 "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm")
+                 "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm", "eager",
+                 "refusal")
 
     def __init__(self, sess: Any, seq: int, transfer_id: str, specs: list[ItemSpec], x: str, deadline: float,
                  evs: list[bytes] | None):
@@ -283,6 +284,8 @@ class Incoming:
         self.posted = [False] * len(specs)  # a GPU landing is pending for the item (owned by the watcher)
         self.quarantine = False            # failed IPC request: unposted buffers wait for the producer's ofin
         self.comm: Any = None
+        self.eager = False                 # paid from credit: must be admitted, its data already moves
+        self.refusal: Any = None           # an eager offer refused: drained in its turn, then answered
 
     @property
     def admitted(self) -> bool:

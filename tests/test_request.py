@@ -252,3 +252,53 @@ def _settle(cond, timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < end, "state did not settle"
         time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_eager_requests_move_before_the_grant_and_refusals_never_shift(pair):
+    a, b = pair
+    d0 = layers(20, 8)
+    r0 = a.send_request(b.address, "e0", d0)  # no credit yet: waits for its grant, asks for credit
+    for n, t in d0:
+        r0.send(n, t)
+    r0.wait(5)
+    for i in range(1, 4):
+        d = layers(20 + i, 8)
+        r = a.send_request(b.address, f"e{i}", d)
+        for n, t in d:
+            r.send(n, t)
+        r.wait(5)
+        check_all(b, f"e{i}", d)
+    assert a.stats().get("requests_eager", 0) >= 2
+    # an eager offer the receiver refuses (its keys already wait there): its frames are dropped, the next
+    # request is intact
+    dup = layers(30, 8)
+    r = a.send_request(b.address, "e0", dup)
+    for n, t in dup:
+        try:
+            r.send(n, t)
+        except DuplicateKey:  # the refusal came back already: later sends say why at once
+            break
+    with pytest.raises(DuplicateKey):
+        r.wait(5)
+    d = layers(31, 8)
+    r = a.send_request(b.address, "e9", d)
+    for n, t in d:
+        r.send(n, t)
+    r.wait(5)
+    check_all(b, "e9", d)
+    check_all(b, "e0", d0)
+    assert b.stats()["pool"]["in_use"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_eager_can_be_turned_off():
+    with Engine(**dict(FAST, eager_requests=False)) as a, Engine(**FAST) as b:
+        for i in range(3):
+            d = layers(40 + i, 4)
+            r = a.send_request(b.address, f"ne{i}", d)
+            for n, t in d:
+                r.send(n, t)
+            r.wait(5)
+            check_all(b, f"ne{i}", d)
+        assert a.stats().get("requests_eager", 0) == 0

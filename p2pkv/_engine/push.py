@@ -287,9 +287,9 @@ class _PushPath(_EngineBase):
             return
         self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
 
-    def _drain_nccl(self, sess: _Session, n: Any) -> None:
-        """Receive and discard ``n`` bytes the sender already posted on the session's push communicator."""
-        comm = sess.nccl.get("push")
+    def _drain_nccl(self, sess: _Session, n: Any, direction: str = "push") -> None:
+        """Receive and discard ``n`` bytes the sender already posted on one of the session's communicators."""
+        comm = sess.nccl.get(direction)
         if comm is None or comm.state != "ready":
             return  # no communicator: the sender cannot have posted anything
         if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self._cfg.max_message_bytes:
@@ -305,7 +305,7 @@ class _PushPath(_EngineBase):
             except P2pkvError as exc:
                 log.warning("draining a refused NCCL tensor from %s failed: %s", sess, exc)
         # size unknown (or no memory for it): end the communicator on both sides instead of shifting data
-        self._end_session_comm(sess, "push", TransportError("refused an NCCL tensor that could not be drained"))
+        self._end_session_comm(sess, direction, TransportError("refused an NCCL tensor that could not be drained"))
 
     def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
                seq: int, nack, x: str) -> None:

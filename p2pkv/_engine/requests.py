@@ -101,12 +101,32 @@ class _RequestPath(_EngineBase):
             req.x = x
             req.seq = peer.next_seq()
             peer.reqs[req.seq] = req
+            need = sum(BufferPool.footprint(s.nbytes) for s in req.specs)
+            eager = False
             with peer.post_lock:
+                # Eager: the receiver already reserved room for us (credit), and nothing offered before
+                # is still waiting to be posted, so the data may move at once, before any grant: the
+                # offer/grant round trip leaves the critical path. (IPC needs the grant's offsets.)
+                if x in ("nccl", "tcp") and self._cfg.eager_requests and peer.credit >= need \
+                        and not peer.req_order:
+                    eager = True
+                    peer.credit -= need
+                    req.granted = True
                 peer.req_order.append(req)
+            if eager:
+                extra["eager"] = True
+                req._set(RequestState.GRANTED)
+                self._stats.add("requests_eager")
+            elif x in ("nccl", "tcp") and self._cfg.eager_requests and not peer.creq_pending:
+                # ask for credit now, so that the next request can move without waiting for a grant
+                peer.sock.send(encode("creq", need=need, want=need))
+                peer.creq_pending = True
             peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
                                   x=x, to=max(0.0, req.deadline - time.monotonic()), **extra))
             peer.last_tx = time.monotonic()
             _trace.mark("req.offer", req.transfer_id)
+            if eager:
+                self._flush_requests(peer)
 
     def _peer_out_arena(self, peer: _Peer) -> Any:
         """The receiver's arena, mapped here for writing (CUDA IPC requests)."""
@@ -232,7 +252,7 @@ class _RequestPath(_EngineBase):
         self._stats.add("drained_items")
 
     def _fail_request(self, req: RequestHandle, state: RequestState, err: P2pkvError, *,
-                      from_peer: bool = False) -> None:
+                      from_peer: bool = False, drain: bool = False) -> None:
         """Finish a request with an error (I/O thread), keeping the transport in step with the receiver.
 
         ``from_peer``: the receiver failed it (its ``oerr``). Otherwise we give up and
@@ -253,7 +273,7 @@ class _RequestPath(_EngineBase):
         if from_peer:
             req.acked = True
             peer.reqs.pop(req.seq, None)
-            if req.x == "nccl" and was_granted and not isinstance(err, TransferAborted):
+            if req.x == "nccl" and was_granted and not isinstance(err, TransferAborted) and not drain:
                 # the receiver ended its communicator: ours must end too, or posted sends never finish
                 self._end_req_comm(peer, err)
             elif req.x == "ipc" and was_granted:
@@ -327,7 +347,7 @@ class _RequestPath(_EngineBase):
                 self._flush_requests(peer)
             else:
                 state = RequestState.ABORTED if isinstance(err, TransferAborted) else RequestState.FAILED
-                self._fail_request(req, state, err, from_peer=True)
+                self._fail_request(req, state, err, from_peer=True, drain=msg.get("drain") is True)
 
     def _tick_requests(self, peer: _Peer, now: float) -> None:
         for req in [r for r in peer.req_waiting if r.deadline < now]:
@@ -350,9 +370,15 @@ class _RequestPath(_EngineBase):
     def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
 
+        eager = msg.get("eager") is True
+
         def refuse(exc: P2pkvError) -> None:
             self._stats.add("offers_refused")
-            self._reply(sess.ident, "oerr", seq=seq, code=exc.code, msg=exc.message[:500])
+            drain = {}
+            if eager:  # its data already moves: take it in and throw it away, never shift it
+                drain = {"drain": True}
+                self._drain_refused(sess, msg)
+            self._reply(sess.ident, "oerr", seq=seq, code=exc.code, msg=exc.message[:500], **drain)
 
         try:
             tid = validate_transfer_id(msg["tid"])
@@ -372,24 +398,39 @@ class _RequestPath(_EngineBase):
             refuse(ProtocolError(f"offer seq {seq} is already in use"))
             return
         keys = [TransferKey(tid, s.name) for s in specs]
-        err = self._inbox.error_for(keys[0])
-        if isinstance(err, TransferAborted):
-            refuse(err)
-            return
-        for k in keys:
-            if k in self._incoming_keys or self._inbox.has(k):
-                refuse(DuplicateKey("data for this key is already waiting or on its way", key=k))
-                return
-        need = sum(BufferPool.footprint(s.nbytes) for s in specs)
-        limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
-        if need > limit:
-            refuse(PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
-                                 f"{self._cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)"))
-            return
         to = msg["to"]
         to = min(float(to), self._cfg.timeout_s * 4) if to == to and to >= 0 else 0.0
         # a little after the producer's own deadline, so its error (which knows why) wins
         inc = Incoming(sess, seq, tid, specs, x, time.monotonic() + to + 0.25, evs)
+        need = sum(BufferPool.footprint(s.nbytes) for s in specs)
+        limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
+        err = self._inbox.error_for(keys[0])
+        refusal: P2pkvError | None = err if isinstance(err, TransferAborted) else None
+        for k in keys if refusal is None else ():
+            if k in self._incoming_keys or self._inbox.has(k):
+                refusal = DuplicateKey("data for this key is already waiting or on its way", key=k)
+                break
+        if refusal is None and need > limit:
+            refusal = PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
+                                    f"{self._cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)")
+        if eager and refusal is None:
+            if need > sess.outstanding:
+                self._stats.add("credit_violations")
+                refusal = ProtocolError(f"eager offer of {need} bytes exceeds the {sess.outstanding} bytes of credit")
+            else:
+                sess.outstanding -= need  # the room reserved as credit now belongs to this request
+        if refusal is not None:
+            if not eager:
+                refuse(refusal)
+                return
+            # its data already moves: refused in its turn, after the offers before it, so that the
+            # receives that take its data in (and throw it away) are posted in the sender's order
+            inc.refusal = refusal
+            inc.failed = True
+            sess.offers.append(inc)
+            self._admit()
+            return
+        inc.eager = eager
         sess.offers.append(inc)
         self._incoming[(sess.ident, seq)] = inc
         self._incoming_keys.update(keys)
@@ -402,6 +443,11 @@ class _RequestPath(_EngineBase):
         for sess in list(self._sessions.values()):
             while sess.offers:
                 inc = sess.offers[0]
+                if inc.refusal is not None:
+                    if not self._refuse_in_turn(sess, inc):
+                        break  # the communicator is still joining
+                    sess.offers.popleft()
+                    continue
                 if inc.failed:
                     sess.offers.popleft()
                     continue
@@ -420,12 +466,19 @@ class _RequestPath(_EngineBase):
                 self._fail_incoming(inc, TransportError("no NCCL communicator for requests"))
                 return True
         need = sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
-        if sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
+        if not inc.eager and sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
             self._want_mem = True
             return False
         bufs = []
         for s in inc.specs:
-            b = self._pool.try_alloc(s.nbytes)
+            try:  # an eager request's room was reserved as credit: only fragmentation can refuse it
+                b = self._pool.try_alloc(s.nbytes, overflow=inc.eager)
+            except PoolExhausted as exc:
+                b = None
+                for b2 in bufs:
+                    b2.release()
+                self._refuse_admitted_eager(sess, inc, exc)
+                return True
             if b is None:
                 for b2 in bufs:
                     b2.release()
@@ -434,6 +487,7 @@ class _RequestPath(_EngineBase):
             bufs.append(b)
         inc.bufs = bufs
         inc.comm = comm
+        inc.eager = False  # admitted: from here on it is an ordinary granted request
         sess.reserved += need
         sess.admitted[inc.seq] = inc
         offs = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
@@ -451,6 +505,44 @@ class _RequestPath(_EngineBase):
             except P2pkvError as exc:
                 self._end_session_comm(sess, "req", exc)
         return True
+
+    def _drain_refused(self, sess: _Session, msg: dict[str, Any]) -> None:
+        """An eager offer we refuse: its NCCL sends are posted already; receive them into scratch."""
+        if msg.get("x") != "nccl":
+            return  # TCP frames of an unknown offer are drained as they come
+        items = msg.get("items")
+        for it in items if isinstance(items, list) else []:
+            n = it[3] if isinstance(it, list) and len(it) == 4 else None
+            if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self._cfg.max_message_bytes:
+                self._drain_nccl(sess, n, "req")
+            else:  # sizes we cannot trust: end the communicator on both sides instead
+                self._end_session_comm(sess, "req", ProtocolError("refused an eager offer that cannot be drained"))
+                return
+
+    def _refuse_in_turn(self, sess: _Session, inc: Incoming) -> bool:
+        """Refuse an eager offer at its turn: receive its tensors into scratch, tell the producer to drain."""
+        if inc.x == "nccl":
+            comm = sess.nccl.get("req")
+            if comm is not None and comm.poll() == "init":
+                return False
+            for s in inc.specs:
+                self._drain_nccl(sess, s.nbytes, "req")
+        err = inc.refusal
+        assert err is not None
+        self._stats.add("offers_refused")
+        self._reply(sess.ident, "oerr", seq=inc.seq, code=err.code, msg=err.message[:500], drain=True)
+        return True
+
+    def _refuse_admitted_eager(self, sess: _Session, inc: Incoming, exc: P2pkvError) -> None:
+        """An eager request that found no memory at all (a real out-of-memory): drain and refuse it."""
+        self._forget_incoming(inc)
+        with inc.lock:
+            inc.failed = True
+        if inc.x == "nccl":
+            for s in inc.specs:
+                self._drain_nccl(sess, s.nbytes, "req")
+        self._inbox.fail_transfer(inc.transfer_id, lambda: exc.__class__(exc.message, key=inc.transfer_id))
+        self._reply(sess.ident, "oerr", seq=inc.seq, code=exc.code, msg=exc.message[:500], drain=True)
 
     def _session_watcher(self, sess: _Session) -> Watcher:
         if sess.watcher is None:

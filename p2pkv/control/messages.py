@@ -31,13 +31,14 @@ perr   seq, code, msg                            pull failed
 pong   -                                         liveness answer
 err    code, msg, seq?                           a request was refused
 nok    dir                                       NCCL communicator being joined
-offer  seq, tid, items, x, to, evs?              a whole request: [name, dtype, shape, nbytes] per tensor
+offer  seq, tid, items, x, to, evs?, eager?      a whole request: [name, dtype, shape, nbytes] per tensor
+                                                 (eager: paid from credit, its data already moves)
 oabort seq, msg, code?, end?                     the producer gave up on an offer (end: its communicator ended)
 ofin   seq                                       the producer's writes of a failed IPC offer are over
 odata  seq, idx, n                               one tensor of a granted offer (payload frame follows, tcp)
 opost  seq, idx, ev                              one tensor of an IPC offer is written once event ``ev`` completes
 ogrant seq, offs?                                room reserved for the offer (offs: where, for IPC)
-oerr   seq, code, msg                            the offer failed (refused, timed out, aborted)
+oerr   seq, code, msg, drain?                    the offer failed (drain: its receives were posted anyway)
 odone  seq                                       every tensor of the offer landed
 ====== ========================================= ==================================
 """
@@ -88,13 +89,13 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "pong": {},
     "err": {"code": (_STR, True), "msg": (_STR, True), "seq": ((int, type(None)), False)},
     "offer": {"seq": (_INT, True), "tid": (_STR, True), "items": (_LIST, True), "x": (_STR, True),
-              "to": (_NUM, True), "evs": (_LIST, False)},
+              "to": (_NUM, True), "evs": (_LIST, False), "eager": ((bool,), False)},
     "oabort": {"seq": (_INT, True), "msg": (_STR, True), "end": ((bool,), False), "code": (_STR, False)},
     "ofin": {"seq": (_INT, True)},
     "odata": {"seq": (_INT, True), "idx": (_INT, True), "n": (_INT, True)},
     "opost": {"seq": (_INT, True), "idx": (_INT, True), "ev": (_INT, True)},
     "ogrant": {"seq": (_INT, True), "offs": (_LIST, False)},
-    "oerr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
+    "oerr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True), "drain": ((bool,), False)},
     "odone": {"seq": (_INT, True)},
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl",
