@@ -247,8 +247,8 @@ class RequestHandle:
             if state.finished:
                 self._error = error
                 self.t_done = time.monotonic()
+                self.pending.clear()
         if state.finished:
-            self.pending.clear()
             self._event.set()
         return True
 
