@@ -41,7 +41,7 @@ from ._engine.loop import _ProgressLoop
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
 from .config import EngineConfig
 from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, TransferTimeout)
 from .handles import SendHandle
@@ -106,15 +106,28 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._router.setsockopt(zmq.SNDHWM, 0)
-            self._router.setsockopt(zmq.RCVHWM, 0)
+            self._zap = None
+            self._setup_router_security()
+            # Finite queues per connection: a peer that floods requests is pushed back by TCP
+            # (RCVHWM) and one that never reads its replies loses them (SNDHWM; SNDTIMEO=0 so
+            # the I/O thread never blocks on a full queue). ZMQ heartbeats notice a dead
+            # connection even when we never dialed that peer ourselves.
+            self._router.setsockopt(zmq.SNDHWM, _ROUTER_SNDHWM)
+            self._router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
+            self._router.setsockopt(zmq.SNDTIMEO, 0)
             self._router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
+            self._router.setsockopt(zmq.HANDSHAKE_IVL, int(1000 * min(config.effective_peer_timeout_s, 5.0)))
+            self._set_keepalive(self._router)
             if ":" in config.host:
                 self._router.setsockopt(zmq.IPV6, 1)
             try:
                 self._router.bind(_zmq_endpoint(config.host, config.port or "*"))
             except zmq.ZMQError as exc:
                 raise P2pkvError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+            self._rmon = self._router.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.port = int(endpoint.rsplit(":", 1)[1])
             adv = config.advertise_host or ("127.0.0.1" if config.host in ("0.0.0.0", "*") else
@@ -141,6 +154,11 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            self._poller.register(self._zap, zmq.POLLIN)
+        self._poller.register(self._rmon, zmq.POLLIN)
+        self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
+        self._conns_pending = 0  # of which the ZMTP handshake is not finished
         self._next_expire = 0.0
         self._next_tick = 0.0
         self._wake_sent = False

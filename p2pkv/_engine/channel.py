@@ -4,6 +4,7 @@ transport choice, liveness), one ROUTER for peers that dial us; message dispatch
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import time
@@ -15,13 +16,13 @@ import zmq
 
 from .. import _trace
 from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from ..errors import (AuthError, P2pkvError, PeerLost, TransferAborted,
+from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, TransferAborted,
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_ConnectWaiter, _Peer,
+from .state import (_DEALER_RCVHWM, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter, _Peer,
                     _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
                     parse_address)
 from .base import _EngineBase
@@ -35,18 +36,40 @@ class _Channel(_EngineBase):
         if peer is not None:
             return peer
         host, port = parse_address(addr)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if ":" in host:
-            sock.setsockopt(zmq.IPV6, 1)
-        mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(_zmq_endpoint(host, port))
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:  # EMFILE: out of file descriptors
+            raise TransportError(f"cannot open a socket to {addr}: {exc}", peer=addr) from None
+        mon = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # SNDHWM stays unbounded: what we queue to a peer is bounded by its credit and our
+            # callers' deadlines, and a full queue would block the I/O thread.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, _DEALER_RCVHWM)
+            sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
+            sock.setsockopt(zmq.RECONNECT_IVL, 50)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._set_keepalive(sock)
+            self._set_client_security(sock)
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                          | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            sock.connect(_zmq_endpoint(host, port))
+        except zmq.ZMQError as exc:
+            if mon is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                mon.close(0)
+            sock.close(0)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                raise TransportError(f"cannot open a connection to {addr}: {exc}", peer=addr) from None
+            raise InvalidAddress(f"cannot connect to {addr!r:.100}: {exc}") from None
         peer = _Peer(addr, sock, mon)
         self._peers[addr] = peer
         self._peer_by_sock[sock] = peer
@@ -61,6 +84,75 @@ class _Channel(_EngineBase):
         peer.last_tx = time.monotonic()
         self._stats.add("connections")
         return peer
+
+    def _set_keepalive(self, sock: zmq.Socket) -> None:
+        """ZMQ heartbeats and TCP keepalive: a dead or killed peer's connection closes within
+        ``peer_timeout_s`` on both sides, also where we never dialed it ourselves."""
+        cfg = self._cfg
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(1000 * cfg.effective_heartbeat_s)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(1000 * cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(1000 * cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(cfg.effective_heartbeat_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+
+    def _setup_router_security(self) -> None:
+        """With ``auth_token``: the ROUTER is a ZMQ PLAIN server checked by our own ZAP handler
+        (polled on the I/O thread), so a peer without the token is refused in the ZMTP
+        handshake, before any of its message frames is read or buffered."""
+        if self._cfg.auth_token is None:
+            return
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind(_ZAP_ENDPOINT)
+        self._router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
+        self._router.setsockopt(zmq.PLAIN_SERVER, 1)
+
+    def _set_client_security(self, sock: zmq.Socket) -> None:
+        if self._cfg.auth_token is not None:
+            sock.setsockopt(zmq.PLAIN_USERNAME, _PLAIN_USER)
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self._cfg.auth_token.encode())
+
+    def _pump_zap(self) -> None:
+        """Answer ZAP requests (RFC 27): accept a PLAIN handshake only with our token."""
+        tok = self._cfg.auth_token.encode() if self._cfg.auth_token is not None else None
+        for _ in range(256):
+            try:
+                frames = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            req_id = frames[1] if len(frames) > 1 else b""
+            ok = (tok is not None and len(frames) >= 8 and frames[0] == b"1.0" and frames[5] == b"PLAIN"
+                  and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
+            if not ok:
+                self._stats.add("auth_failures")
+            self._zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
+                                      b"OK" if ok else b"wrong or missing auth_token", b"", b""])
+
+    def _pump_router_monitor(self) -> None:
+        """Connections into our ROUTER: count them, and the handshakes refused."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        for _ in range(1024):
+            try:
+                evt = recv_monitor_message(self._rmon, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            e = evt["event"]
+            if e == zmq.EVENT_ACCEPTED:
+                self._conns += 1
+                self._conns_pending += 1
+            elif e == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._conns_pending = max(0, self._conns_pending - 1)
+            elif e in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._conns_pending = max(0, self._conns_pending - 1)
+                self._stats.add("handshakes_refused")
+                if self._cfg.auth_token is not None and e != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self._stats.add("auth_failures")  # no or another mechanism (ZAP counts the rest)
+            elif e == zmq.EVENT_DISCONNECTED:
+                self._conns = max(0, self._conns - 1)
 
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
@@ -157,6 +249,8 @@ class _Channel(_EngineBase):
             except P2pkvError as exc:
                 self._stats.add("protocol_errors")
                 log.warning("bad reply from %s: %s", peer.addr, exc)
+            except Exception:  # a bug or a hostile reply must not stop the engine
+                self._internal_error(f"a reply from {peer.addr}")
             finally:
                 if peer.addr in self._peers:
                     _drain(sock)
@@ -267,6 +361,12 @@ class _Channel(_EngineBase):
                 return
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
+                return
+            if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._lose_peer(peer, lambda: AuthError(
+                    "the peer refused our handshake: wrong or missing auth_token (both engines must use the "
+                    "same auth_token, or none)", peer=peer.addr))
                 return
 
     def _pump_router(self) -> None:

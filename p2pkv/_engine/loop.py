@@ -37,45 +37,66 @@ class _ProgressLoop(_EngineBase):
                     if exc.errno == errno.EINTR:
                         continue
                     raise
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                # Cleared after emptying the pipe and before draining: a command queued
-                # from here on either is drained below or writes a fresh wake-up byte.
-                self._wake_sent = False
-                if self._cmds:
-                    if self._drain_commands():
+                try:
+                    if self._step(events):
                         return
-                    self._flush_acks()
-                if self._router in events:
-                    self._pump_router()
-                for sock in list(events):
-                    peer = self._peer_by_sock.get(sock)
-                    if peer is not None:
-                        self._pump_peer(peer)
-                        continue
-                    peer = self._peer_by_mon.get(sock)
-                    if peer is not None:
-                        self._pump_monitor(peer)
-                if self._mem_dirty:
-                    self._mem_dirty = False
-                    self._grant_credit()
-                    self._admit()
-                    for peer in list(self._peers.values()):
-                        if peer.queue and peer.ready:  # sends waiting for a staging buffer
-                            self._pump_sends(peer)
-                now = time.monotonic()
-                if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
-                    self._next_tick = now + 0.01
-                    self._tick()
-        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
+                except Exception:  # a bug or a hostile message must never stop the engine
+                    self._internal_error("the I/O loop")
+        except Exception:  # pragma: no cover - the poller itself failed: fail loudly, never hang callers
             log.exception("p2pkv I/O thread crashed; failing all pending transfers")
             self._closed = True
         finally:
             self._fail_everything(lambda: EngineClosed(f"engine {self.address} closed"))
+
+    def _internal_error(self, where: str) -> None:
+        """Count (and log, at most once a second) an unexpected exception caught on the I/O thread."""
+        self._stats.add("internal_errors")
+        now = time.monotonic()
+        if now - getattr(self, "_last_internal_log", 0.0) >= 1.0:
+            self._last_internal_log = now
+            log.exception("p2pkv internal error in %s (the engine keeps running)", where)
+
+    def _step(self, events: dict) -> bool:
+        """One pass of the loop over the polled ``events``; True when the engine stops."""
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        # Cleared after emptying the pipe and before draining: a command queued
+        # from here on either is drained below or writes a fresh wake-up byte.
+        self._wake_sent = False
+        if self._cmds:
+            if self._drain_commands():
+                return True
+            self._flush_acks()
+        if self._router in events:
+            self._pump_router()
+        if self._zap is not None and self._zap in events:
+            self._pump_zap()
+        if self._rmon in events:
+            self._pump_router_monitor()
+        for sock in list(events):
+            peer = self._peer_by_sock.get(sock)
+            if peer is not None:
+                self._pump_peer(peer)
+                continue
+            peer = self._peer_by_mon.get(sock)
+            if peer is not None:
+                self._pump_monitor(peer)
+        if self._mem_dirty:
+            self._mem_dirty = False
+            self._grant_credit()
+            self._admit()
+            for peer in list(self._peers.values()):
+                if peer.queue and peer.ready:  # sends waiting for a staging buffer
+                    self._pump_sends(peer)
+        now = time.monotonic()
+        if now >= self._next_tick:  # timers scan whole queues: at most every 10 ms
+            self._next_tick = now + 0.01
+            self._tick()
+        return False
 
     def _drain_commands(self) -> bool:
         while self._cmds:
@@ -116,12 +137,50 @@ class _ProgressLoop(_EngineBase):
                     self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
                 elif op == "odone":
                     self._request_done(cmd[1])
-            except P2pkvError as exc:  # pragma: no cover - defensive
+            except P2pkvError as exc:
                 log.warning("command %s failed: %s", op, exc)
-            except Exception:  # a bug in one command must not stop the engine
-                self._stats.add("internal_errors")
-                log.exception("command %s failed", op)
+                self._fail_command(cmd, lambda exc=exc: exc)
+            except Exception as exc:  # a bug in one command must not stop the engine
+                self._internal_error(f"command {op}")
+                err = f"internal error: {type(exc).__name__}: {exc}"[:300]
+                self._fail_command(cmd, lambda err=err: P2pkvError(err))
         return False
+
+    def _fail_command(self, cmd: tuple, make_error) -> None:
+        """Fail the caller's work item carried by ``cmd`` (so no handle or wait stays pending)."""
+        try:
+            op = cmd[0]
+            if op == "send":
+                item = cmd[2]
+                for peer in self._peers.values():
+                    if item in peer.queue:
+                        peer.queue.remove(item)
+                    if peer.inflight.get(item.seq) is item:
+                        del peer.inflight[item.seq]
+                self._finish_send(item, TransferState.FAILED, make_error())
+            elif op == "pull":
+                item = cmd[2]
+                for peer in self._peers.values():
+                    if peer.pulls.get(item.seq) is item:
+                        del peer.pulls[item.seq]
+                    if item in peer.pull_waiting:
+                        peer.pull_waiting.remove(item)
+                item.finish(error=make_error())
+            elif op == "connect":
+                w = cmd[2]
+                for peer in self._peers.values():
+                    if w in peer.connect_waiters:
+                        peer.connect_waiters.remove(w)
+                w.error = make_error()
+                w.event.set()
+            elif op == "offer":
+                req = cmd[2]
+                for peer in self._peers.values():
+                    if req in peer.req_waiting:
+                        peer.req_waiting.remove(req)
+                req._set(RequestState.FAILED, make_error())
+        except Exception:  # pragma: no cover - never let cleanup stop the loop
+            self._internal_error("failing a command")
 
     def _post_gpu(self, callback, ok: bool) -> None:
         """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
@@ -375,6 +434,13 @@ class _ProgressLoop(_EngineBase):
         if self._pinned is not None:
             self._pinned.close()
         try:
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._rmon.close(0)
+            if self._zap is not None:
+                self._zap.close(0)
             self._router.close(0)
             self._ctx.destroy(linger=0)
         finally:

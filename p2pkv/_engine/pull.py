@@ -12,7 +12,7 @@ import zmq
 
 from .. import _tensors as T
 from ..control.messages import encode
-from ..errors import (P2pkvError, PeerLost, ProtocolError, ShapeMismatch, TransportError)
+from ..errors import (P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransportError)
 from ..keys import TransferKey
 from ..mailbox import Slot
 from ..transport import tcp
@@ -71,9 +71,17 @@ class _PullPath(_EngineBase):
             n = msg["n"]
             if key != pull.key or n != T.nbytes_of(dtype, shape):
                 raise ProtocolError(f"pulled data does not match the request (key {key}, {n} bytes)")
-            dst = pull.out if pull.out is not None else torch.empty(shape, dtype=dtype, device=self._device)
+            if n > self._cfg.max_message_bytes:  # checked before anything is allocated
+                raise ProtocolError(f"pulled data of {n} bytes exceeds max_message_bytes="
+                                    f"{self._cfg.max_message_bytes}")
             if pull.out is not None:
-                T.check_out(dst, self._device, dtype, shape)
+                T.check_out(pull.out, self._device, dtype, shape)
+                dst = pull.out
+            else:
+                try:
+                    dst = torch.empty(shape, dtype=dtype, device=self._device)
+                except RuntimeError as exc:  # out of memory
+                    raise PoolExhausted(f"cannot allocate {n} bytes for pulled data: {exc}"[:300]) from None
             if x == "tcp":
                 if not peer.sock.getsockopt(zmq.RCVMORE):
                     raise ProtocolError("pulled data lacks its payload frame")
@@ -88,9 +96,13 @@ class _PullPath(_EngineBase):
                 self._pull_nccl(peer, pull, dst, n)
             else:
                 raise ProtocolError(f"unknown transport {x!r:.20} in pulled data")
-        except P2pkvError as exc:
+        except Exception as exc:
             if x == "ipc":
                 peer.sock.send(encode("pdone", seq=msg["seq"]))
+            if not isinstance(exc, P2pkvError):
+                self._internal_error("pulled data")
+                exc = ProtocolError(f"pulled data could not be received: {type(exc).__name__}: {exc}"[:300],
+                                    key=pull.key, peer=peer.addr)
             pull.finish(error=exc)
 
     def _pull_ipc(self, peer: _Peer, pull: _PullItem, msg: dict[str, Any], dst: torch.Tensor, n: int) -> None:

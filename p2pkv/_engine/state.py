@@ -24,6 +24,12 @@ log = logging.getLogger("p2pkv")
 _ADDR = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9_.\-]+)):(\d{1,5})$")
 _TICK_S = 0.02
 _IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (a ring)
+_ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are dropped
+_ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
+_DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_ZAP_DOMAIN = b"p2pkv"
+_PLAIN_USER = b"p2pkv"
 
 class _LocalArena:
     """An engine's arena in this process, viewed like an :class:`IpcMapping` (no IPC needed)."""

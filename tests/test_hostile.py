@@ -1,0 +1,157 @@
+"""Hostile and broken peers (issue 12): each adversary is a raw ZMQ socket or a real process on
+127.0.0.1, bounded in count and time; the engine refuses what it must and keeps serving honest peers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from p2pkv import (Engine, InvalidKey, InvalidTensor, P2pkvError, ProtocolError, TransferKey,
+                   TransferState)
+from p2pkv.control.messages import decode, encode
+
+from .conftest import FAST
+from .test_wire_robustness import Raw, data_hdr, still_serves
+
+K = TransferKey
+
+
+class FakeEngine:
+    """A raw ROUTER that answers an engine's handshake as a (hostile) peer engine would."""
+
+    def __init__(self, eid: str = "fake-eid") -> None:
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.ROUTER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        port = self.s.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"127.0.0.1:{port}"
+        self.eid = eid
+
+    def recv(self, timeout: float = 5.0) -> tuple[bytes, dict, list[bytes]]:
+        assert self.s.poll(int(timeout * 1000)), "the engine sent nothing"
+        frames = self.s.recv_multipart()
+        return frames[0], decode(frames[1]), frames[2:]
+
+    def handshake(self, timeout: float = 5.0) -> bytes:
+        ident, msg, _ = self.recv(timeout)
+        assert msg["t"] == "hello", msg
+        self.s.send_multipart([ident, encode("hok", eid=self.eid, align=256, window=2**30, maxmsg=2**31,
+                                             pool=2**30, caps={})])
+        return ident
+
+    def expect(self, mtype: str, timeout: float = 5.0) -> tuple[bytes, dict, list[bytes]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ident, msg, rest = self.recv(max(0.01, deadline - time.monotonic()))
+            if msg["t"] == mtype:
+                return ident, msg, rest
+
+    def close(self) -> None:
+        self.s.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def eng():
+    with Engine(**dict(FAST, max_message_bytes=1 << 20)) as e, Engine(**FAST) as peer:
+        yield e, peer
+
+
+# ----------------------------------------------------------------------------- High 3: one bad call
+def test_lone_surrogate_key_is_refused_at_validation(eng):
+    e, peer = eng
+    for tid, name in (("x\ud800", "0"), ("t", "layer\udfff")):
+        with pytest.raises(InvalidKey, match="UTF-8"):
+            K(tid, name)
+        with pytest.raises(InvalidKey):
+            K.from_wire([tid, name])
+    still_serves(e, peer, "surrogate")
+
+
+def test_meta_tensor_is_refused_at_the_api(eng):
+    e, peer = eng
+    meta = torch.empty(16, device="meta")
+    with pytest.raises(InvalidTensor, match="meta"):
+        peer.send(e.address, K("meta", "0"), meta)
+    with pytest.raises(InvalidTensor, match="meta"):
+        e.publish(K("meta", "0"), meta)
+    with pytest.raises(InvalidTensor, match="meta"):
+        e.recv(K("meta", "0"), out=meta, timeout=0.1)
+    assert e.stats().get("internal_errors", 0) == peer.stats().get("internal_errors", 0) == 0
+    still_serves(e, peer, "meta")
+
+
+@pytest.mark.timeout(30)
+def test_pull_reply_whose_shape_exceeds_max_message_is_refused_before_allocating(eng):
+    e, peer = eng
+    fake = FakeEngine()
+    try:
+        def serve() -> None:
+            fake.handshake()
+            ident, msg, _ = fake.expect("pull")
+            fake.s.send_multipart([ident, encode("pdata", seq=msg["seq"], key=msg["key"], dt="uint8",
+                                                 sh=[2**31, 2**31], n=2**62, x="tcp"), b"\0" * 16])
+
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolError, match="max_message_bytes"):
+            e.pull(fake.address, K("huge", "0"), timeout=4)
+        assert time.monotonic() - t0 < 3
+        th.join(5)
+    finally:
+        fake.close()
+    assert not e.closed and e.stats().get("internal_errors", 0) == 0
+    still_serves(e, peer, "hugepull")
+
+
+def test_an_exception_in_the_io_loop_does_not_close_the_engine(eng):
+    e, peer = eng
+    orig, calls = e._tick, []
+
+    def broken_tick() -> None:
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected bug")
+        orig()
+
+    e._tick = broken_tick  # the next timer pass raises once
+    deadline = time.monotonic() + 3
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert calls and not e.closed
+    assert e.stats()["internal_errors"] == 1
+    still_serves(e, peer, "tickbug")
+
+
+def test_a_failing_command_fails_its_handle_at_once(eng):
+    e, peer = eng
+
+    def broken_cmd_send(addr, item):
+        raise RuntimeError("injected bug")
+
+    peer._cmd_send = broken_cmd_send
+    h = peer.send(e.address, K("cmdbug", "0"), torch.ones(4))
+    with pytest.raises(P2pkvError, match="internal error"):
+        h.wait(2)
+    assert h.state is TransferState.FAILED and peer.stats()["internal_errors"] == 1
+    del peer._cmd_send
+    still_serves(e, peer, "cmdbug")
+
+
+def test_recv_into_grad_or_inference_tensor_is_refused_before_consuming(eng):
+    e, peer = eng
+    t = torch.arange(8, dtype=torch.float32)
+    peer.send(e.address, K("outchk", "0"), t).wait(5)
+    with pytest.raises(InvalidTensor, match="grad"):
+        e.recv(K("outchk", "0"), out=torch.zeros(8, requires_grad=True), timeout=2)
+    with torch.inference_mode():
+        inf = torch.zeros(8)
+    with pytest.raises(InvalidTensor, match="inference"):
+        e.recv(K("outchk", "0"), out=inf, timeout=2)
+    out = torch.zeros(8)
+    assert torch.equal(e.recv(K("outchk", "0"), out=out, timeout=2), t)  # the data was not consumed
