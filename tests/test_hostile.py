@@ -155,3 +155,31 @@ def test_recv_into_grad_or_inference_tensor_is_refused_before_consuming(eng):
         e.recv(K("outchk", "0"), out=inf, timeout=2)
     out = torch.zeros(8)
     assert torch.equal(e.recv(K("outchk", "0"), out=out, timeout=2), t)  # the data was not consumed
+
+
+# ----------------------------------------------------------------------------- High 2: credit enforced
+@pytest.mark.timeout(60)
+def test_data_beyond_granted_credit_is_refused_and_repeat_offenders_dropped():
+    with Engine(**dict(FAST, pool_bytes=16 * 2**20)) as e, Engine(**FAST) as peer:
+        raw = Raw(e.address)
+        try:
+            raw.hello()
+            chunk = b"\1" * (4 * 2**20)
+            for i in range(40):  # 160 MiB pushed at a 16 MiB pool, never asking for credit
+                raw.send(data_hdr(seq=i + 1, key=["flood", str(i)], dt="uint8", sh=[len(chunk)], n=len(chunk)),
+                         chunk)
+            replies = []
+            deadline = time.monotonic() + 10
+            while len(replies) < 40 and time.monotonic() < deadline:
+                if raw.s.poll(500):
+                    replies.append(decode(raw.s.recv_multipart()[0]))
+            assert not any(r["t"] in ("ack", "acks") for r in replies), replies[:3]
+            nacks = [r for r in replies if r["t"] == "nack"]
+            assert nacks and all(r["code"] == "protocol" and "credit" in r["msg"] for r in nacks)
+            assert any(r["t"] == "err" and "session dropped" in r["msg"] for r in replies)
+            st = e.stats()
+            assert st["credit_violations"] >= 8 and st["sessions_lost"] >= 1
+            assert st["pool"]["overflow_allocs"] == 0 and st["pool"]["in_use"] == 0 and st["inbox"]["held"] == 0
+        finally:
+            raw.close()
+        still_serves(e, peer, "credit")

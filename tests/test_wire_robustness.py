@@ -37,6 +37,13 @@ class Raw:
         frames = self.s.recv_multipart()
         return decode(frames[0])
 
+    def credit(self, n: int = 1 << 16) -> int:
+        """Ask for ``n`` bytes of credit, as an honest sender does before pushing data."""
+        self.send(encode("creq", need=n, want=n))
+        rep = self.reply()
+        assert rep["t"] == "grant", rep
+        return rep["n"]
+
     def hello(self, tok=None) -> dict:
         fields = dict(eid="raw", host="h", pid=1, dev="cpu", caps={})
         if tok is not None:
@@ -118,6 +125,7 @@ def test_bad_data_messages_are_nacked(eng, hdr, payload, code):
     raw = Raw(e.address)
     try:
         raw.hello()
+        raw.credit()
         raw.send(hdr, payload)
         rep = raw.reply()
         assert rep["t"] in ("nack", "err") and rep["code"] == code and rep["seq"] == 1, rep
@@ -212,6 +220,7 @@ def test_out_of_order_and_replayed_messages(eng):
         raw.send(encode("creq", need=2**60, want=2**60))  # can never be granted
         raw.send(encode("ping"))
         assert raw.reply()["t"] == "pong"
+        raw.credit()
         # replay of another peer's seq numbers: acks cannot be forged toward us
         raw.send(data_hdr(seq=1), b"\0" * 16)
         assert raw.reply()["t"] == "ack"

@@ -20,7 +20,7 @@ from ..handles import TransferState
 from ..keys import TransferKey
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
-from .state import (_Peer,
+from .state import (_MAX_CREDIT_VIOLATIONS, _Peer,
                     _SendItem, _Session, log)
 from .base import _EngineBase
 
@@ -265,9 +265,20 @@ class _PushPath(_EngineBase):
             return
         fp = BufferPool.footprint(n)
         if fp > sess.outstanding:
+            # Credit is enforced, not only counted: data beyond what we granted is refused (never
+            # allocated outside the pool), and a peer that keeps doing it loses its session.
             self._stats.add("credit_violations")
-        sess.outstanding -= min(fp, sess.outstanding)
+            sess.violations += 1
+            nack(ProtocolError(f"data of {fp} pool bytes beyond the credit granted to this peer "
+                               f"({sess.outstanding} bytes left): ask for credit (creq) first"))
+            if sess.violations >= _MAX_CREDIT_VIOLATIONS:
+                self._reply(ident, "err", code="protocol",
+                            msg=f"{sess.violations} credit violations: session dropped")
+                self._lose_session(sess, "credit violations")
+            return
+        sess.outstanding -= fp
         try:
+            # within granted credit the room exists; overflow only covers pool fragmentation
             buf = self._pool.try_alloc(n, overflow=True)
         except PoolExhausted as exc:
             nack(exc)

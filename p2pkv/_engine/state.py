@@ -27,6 +27,7 @@ _IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (
 _ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are dropped
 _ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
 _DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
+_MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN = b"p2pkv"
 _PLAIN_USER = b"p2pkv"
@@ -180,6 +181,7 @@ class _Session:
         self.caps = caps
         self.last_rx = time.monotonic()
         self.outstanding = 0
+        self.violations = 0                         # data messages refused for lack of credit
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
