@@ -183,3 +183,67 @@ def test_data_beyond_granted_credit_is_refused_and_repeat_offenders_dropped():
         finally:
             raw.close()
         still_serves(e, peer, "credit")
+
+
+# ----------------------------------------------------------------------------- High 1: memory before auth
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(120)
+def test_unauthenticated_multipart_flood_does_not_grow_memory():
+    from p2pkv.testing import RemoteEngine
+
+    with RemoteEngine(**dict(FAST, auth_token="s3cret", pool_bytes=8 * 2**20)) as r:
+        time.sleep(0.5)
+        base = _rss_mib(r.proc.pid)
+        ctx = zmq.Context()
+        socks = []
+        try:
+            frame = b"\7" * 2**20
+            for plain in (None, "wrong"):  # no credentials; a wrong token
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 0)
+                if plain is not None:
+                    s.setsockopt(zmq.PLAIN_USERNAME, b"p2pkv")
+                    s.setsockopt(zmq.PLAIN_PASSWORD, plain.encode())
+                s.connect(f"tcp://{r.address}")
+                socks.append(s)
+                for _ in range(300):  # 300 MiB in one never-ending message
+                    s.send(frame, zmq.SNDMORE | zmq.NOBLOCK)
+                for i in range(20000):  # and small requests whose answers are never read
+                    s.send(encode("ping"), zmq.NOBLOCK)
+            time.sleep(2.5)
+            grown = _rss_mib(r.proc.pid) - base
+            st = r.call("stats")
+        finally:
+            for s in socks:
+                s.close(0)
+            ctx.term()
+        assert grown < 100, f"engine RSS grew {grown:.0f} MiB under an unauthenticated flood"
+        assert st["auth_failures"] >= 2 and st["sessions"] == 0
+        assert r.call("stats")["pool"]["in_use"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_error_replies_to_peers_without_session_are_rate_limited(eng):
+    e, peer = eng
+    raw = Raw(e.address)
+    try:
+        for i in range(3000):
+            raw.send(encode("pdone", seq=i))  # requests before hello, each would earn an error reply
+        time.sleep(1.0)
+        got = 0
+        while raw.s.poll(200):
+            raw.s.recv_multipart()
+            got += 1
+        assert 0 < got <= 200 + 200, got  # a burst of 200, then ~100/s
+        assert e.stats()["replies_suppressed"] >= 2000
+    finally:
+        raw.close()
+    still_serves(e, peer, "ratelimit")

@@ -130,6 +130,18 @@ class _Channel(_EngineBase):
             self._zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
                                       b"OK" if ok else b"wrong or missing auth_token", b"", b""])
 
+    def _sessionless_reply_ok(self) -> bool:
+        """A token bucket for error replies to peers without a session (100/s, bursts of 200):
+        a flood of requests before hello cannot make us queue replies without bound."""
+        now = time.monotonic()
+        last, tokens = getattr(self, "_noses_bucket", (now, 200.0))
+        tokens = min(200.0, tokens + (now - last) * 100.0)
+        ok = tokens >= 1.0
+        self._noses_bucket = (now, tokens - 1.0 if ok else tokens)
+        if not ok:
+            self._stats.add("replies_suppressed")
+        return ok
+
     def _pump_router_monitor(self) -> None:
         """Connections into our ROUTER: count them, and the handshakes refused."""
         from zmq.utils.monitor import recv_monitor_message
@@ -390,7 +402,14 @@ class _Channel(_EngineBase):
                 log.exception("internal error handling a request")
                 self._reply(ident, "err", code="error", msg=f"internal error: {type(exc).__name__}")
             finally:
-                _drain(r)
+                extra = _drain(r)
+                if extra > 1:  # no request carries more than one frame after its header
+                    self._stats.add("protocol_errors")
+                    sess = self._sessions.get(ident)
+                    if sess is not None:
+                        self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
+                                    "session dropped")
+                        self._lose_session(sess, "multipart flood")
         self._flush_acks()
 
     def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
@@ -433,7 +452,7 @@ class _Channel(_EngineBase):
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
         if sess is None:
-            if t not in ("bye", "pong"):
+            if t not in ("bye", "pong") and self._sessionless_reply_ok():
                 self._reply(ident, "err", code="no_session", msg="no session: send hello first",
                             seq=_valid_seq(msg.get("seq")))
             return

@@ -226,8 +226,13 @@ def _seq_of(hdr: bytes) -> int | None:
         return None
 
 
-def _drain(sock: zmq.Socket) -> None:
-    """Discard the rest of a multipart message (keeps framing safe after an error)."""
+def _drain(sock: zmq.Socket) -> int:
+    """Discard the rest of a multipart message (keeps framing safe after an error); return how
+    many frames were left. ZMQ hands over a message only once all of it arrived, so these are
+    never waited for."""
+    n = 0
     while sock.getsockopt(zmq.RCVMORE):
         sock.recv(copy=False)
+        n += 1
+    return n
 
