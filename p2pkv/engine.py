@@ -53,6 +53,8 @@ from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
 
+_MAX_TIMEOUT_S = 1e6  # about 11.6 days: longer waits are a bug (and overflow the OS's timers)
+
 class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _ProgressLoop, _EngineBase):
     """A p2pkv endpoint: pushes, receives, publishes and pulls KV tensors.
 
@@ -396,9 +398,10 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._check_open()
         parse_address(peer)
         to = self._timeout(timeout)
-        w = _ConnectWaiter()
+        w = _ConnectWaiter(to)
         self._submit(("connect", peer, w))
-        if not w.event.wait(to):
+        if not w.event.wait(to + 0.5):
+            self._submit(("cancel_connect", peer, w))
             raise TransferTimeout(f"no handshake with {peer} within {to:.3g}s", peer=peer)
         if w.error is not None:
             raise w.error
@@ -512,8 +515,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
     def _timeout(self, timeout: float | None) -> float:
         if timeout is None:
             return self._cfg.timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
-            raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= _MAX_TIMEOUT_S:
+            raise ConfigError(f"timeout must be a finite number of seconds in 0..{_MAX_TIMEOUT_S:g}, got {timeout!r}")
         return float(timeout)
 
     def _out_check(self, out: torch.Tensor | None):

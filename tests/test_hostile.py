@@ -247,3 +247,129 @@ def test_error_replies_to_peers_without_session_are_rate_limited(eng):
     finally:
         raw.close()
     still_serves(e, peer, "ratelimit")
+
+
+# ----------------------------------------------------------------------------- Medium 5, 7: dead addresses
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_pull_is_never_sent_when_the_publisher_comes_back():
+    from p2pkv import TransferTimeout
+
+    (port,) = _free_ports(1)
+    with Engine(**dict(FAST, peer_timeout_s=3.0, heartbeat_s=0.5)) as e:
+        with pytest.raises(TransferTimeout):
+            e.pull(f"127.0.0.1:{port}", K("late", "0"), timeout=0.3)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(f"tcp://127.0.0.1:{port}")  # the publisher comes back while our connection still retries
+        try:
+            seen = []
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                if s.poll(100):
+                    frames = s.recv_multipart()
+                    msg = decode(frames[1])
+                    seen.append(msg["t"])
+                    if msg["t"] == "hello":
+                        s.send_multipart([frames[0], encode("hok", eid="pub", align=256, window=2**20,
+                                                            maxmsg=2**20, pool=2**20, caps={})])
+            assert "pull" not in seen, seen
+        finally:
+            s.close(0)
+            ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_timed_out_pulls_and_connects_to_dead_addresses_release_their_fds():
+    from p2pkv import TransferTimeout
+
+    with Engine(**FAST) as e:
+        still = Engine(**FAST)
+        still.close()
+        time.sleep(0.2)
+        base = _fds()
+        ports = _free_ports(60)
+        errors: list[BaseException] = []
+
+        def attempt(i: int, port: int) -> None:
+            try:
+                if i % 2:
+                    e.pull(f"127.0.0.1:{port}", K("dead", str(i)), timeout=0.3)
+                else:
+                    e.connect(f"127.0.0.1:{port}", timeout=0.3)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        ths = [threading.Thread(target=attempt, args=(i, p)) for i, p in enumerate(ports)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(10)
+        assert len(errors) == 60 and all(isinstance(x, TransferTimeout) for x in errors), errors[:3]
+        deadline = time.monotonic() + FAST["peer_timeout_s"] + 5
+        while (_fds() > base or e.stats()["peers"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert e.stats()["peers"] == 0 and _fds() <= base, (e.stats()["peers"], _fds(), base)
+
+
+@pytest.mark.timeout(30)
+def test_an_address_zmq_cannot_connect_fails_at_once(eng):
+    from p2pkv import InvalidAddress
+
+    e, peer = eng
+    t0 = time.monotonic()
+    h = peer.send("-x:5000", K("badaddr", "0"), torch.ones(4))
+    with pytest.raises(InvalidAddress):
+        h.wait(2)
+    with pytest.raises(InvalidAddress):
+        peer.pull("-x:5000", K("badaddr", "0"), timeout=5)
+    with pytest.raises(InvalidAddress):
+        peer.connect("-x:5000", timeout=5)
+    assert time.monotonic() - t0 < 2
+    still_serves(e, peer, "badaddr")
+
+
+def test_timeouts_must_be_finite_and_bounded(eng):
+    from p2pkv import ConfigError
+
+    e, peer = eng
+    with pytest.raises(ConfigError):
+        peer.pull(e.address, K("to", "0"), timeout=1e308)
+    with pytest.raises(ConfigError):
+        peer.connect(e.address, timeout=float("inf"))
+    with pytest.raises(ConfigError):
+        e.recv(K("to", "0"), timeout=float("nan"))
+
+
+def test_a_pull_with_a_nan_deadline_is_refused(eng):
+    e, peer = eng
+    raw = Raw(e.address)
+    try:
+        raw.hello()
+        for to in (float("nan"), float("inf"), -1.0):
+            raw.send(encode("pull", seq=7, key=["nan", "0"], to=to, x="tcp"))
+            rep = raw.reply()
+            assert rep["t"] == "perr" and rep["code"] == "protocol", rep
+    finally:
+        raw.close()
+    assert e.stats()["outbox"]["held"] == 0
+    still_serves(e, peer, "nanpull")

@@ -115,7 +115,14 @@ class _ProgressLoop(_EngineBase):
                 elif op == "cancel_pull":
                     peer = self._peers.get(cmd[1])
                     if peer is not None:
-                        peer.pulls.pop(cmd[2].seq, None)
+                        if peer.pulls.get(cmd[2].seq) is cmd[2]:
+                            del peer.pulls[cmd[2].seq]
+                        if cmd[2] in peer.pull_waiting:  # never sent later
+                            peer.pull_waiting.remove(cmd[2])
+                elif op == "cancel_connect":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None and cmd[2] in peer.connect_waiters:
+                        peer.connect_waiters.remove(cmd[2])
                 elif op == "connect":
                     self._cmd_connect(cmd[1], cmd[2])
                 elif op == "published":
@@ -255,10 +262,6 @@ class _ProgressLoop(_EngineBase):
                 self._pump_sends(peer)
             if peer.req_waiting and peer.ready:
                 self._pump_offers(peer)
-            for pull in [p for p in peer.pull_waiting if p.deadline < now]:
-                peer.pull_waiting.remove(pull)
-                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
-                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
         if any(sess.offers for sess in self._sessions.values()):
             self._admit()
         for sess in list(self._sessions.values()):
@@ -314,6 +317,17 @@ class _ProgressLoop(_EngineBase):
                     "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
             if peer.req_waiting or peer.reqs:
                 self._tick_requests(peer, now)
+            for pull in [p for p in peer.pull_waiting if p.deadline < now or p.event.is_set()]:
+                peer.pull_waiting.remove(pull)  # on every engine (CPU too): never sent after its deadline
+                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
+                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
+            if peer.connect_waiters:
+                for w in [w for w in peer.connect_waiters if w.deadline < now or w.event.is_set()]:
+                    peer.connect_waiters.remove(w)
+                    if not w.event.is_set():
+                        w.error = TransferTimeout(f"no handshake with {peer.addr} before the deadline",
+                                                  peer=peer.addr)
+                        w.event.set()
             for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.deadline + 0.25 < now]:
                 del peer.pulls[seq]
                 pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,

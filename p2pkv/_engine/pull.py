@@ -12,7 +12,8 @@ import zmq
 
 from .. import _tensors as T
 from ..control.messages import encode
-from ..errors import (P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransportError)
+from ..errors import (P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransferTimeout,
+                      TransportError)
 from ..keys import TransferKey
 from ..mailbox import Slot
 from ..transport import tcp
@@ -39,6 +40,10 @@ class _PullPath(_EngineBase):
         return peer.xport
 
     def _send_pull(self, peer: _Peer, item: _PullItem) -> None:
+        if item.event.is_set() or item.deadline <= time.monotonic():
+            item.finish(error=TransferTimeout("pull could not start before its deadline", key=item.key,
+                                              peer=peer.addr))
+            return  # timed out or cancelled while waiting: never sent later
         x = self._pull_transport(peer, item)
         if x == "nccl" and peer.eid == self.eid:
             x = "ipc" if self._ipc_handle is not None else "tcp"  # a pull from ourselves needs no NCCL
@@ -188,8 +193,12 @@ class _PullPath(_EngineBase):
             self._reply(sess.ident, "perr", seq=seq, code="transport",
                         msg=f"transport {x!r:.20} is not available on this engine")
             return
-        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(float(msg["to"]), self._cfg.timeout_s * 4), dt, sh,
-                         x)
+        to = float(msg["to"])
+        if not 0.0 <= to < float("inf"):  # NaN, negative or infinite: would never expire
+            self._reply(sess.ident, "perr", seq=seq, code="protocol", msg=f"pull timeout must be finite and >= 0, "
+                        f"got {to!r}")
+            return
+        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(to, self._cfg.timeout_s * 4), dt, sh, x)
         if not self._try_serve(pp):
             self._parked.append(pp)
 

@@ -116,11 +116,12 @@ class _PullItem:
 
 
 class _ConnectWaiter:
-    __slots__ = ("event", "error")
+    __slots__ = ("event", "error", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 3600.0) -> None:
         self.event = threading.Event()
         self.error: P2pkvError | None = None
+        self.deadline = time.monotonic() + timeout
 
 
 class _Peer:
