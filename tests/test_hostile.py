@@ -214,10 +214,13 @@ def test_unauthenticated_multipart_flood_does_not_grow_memory():
                     s.setsockopt(zmq.PLAIN_PASSWORD, plain.encode())
                 s.connect(f"tcp://{r.address}")
                 socks.append(s)
-                for _ in range(300):  # 300 MiB in one never-ending message
-                    s.send(frame, zmq.SNDMORE | zmq.NOBLOCK)
-                for i in range(20000):  # and small requests whose answers are never read
-                    s.send(encode("ping"), zmq.NOBLOCK)
+                try:
+                    for _ in range(300):  # 300 MiB in one never-ending message
+                        s.send(frame, zmq.SNDMORE | zmq.NOBLOCK)
+                    for i in range(20000):  # and small requests whose answers are never read
+                        s.send(encode("ping"), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the engine refused the handshake: our socket has nowhere left to send
             time.sleep(2.5)
             grown = _rss_mib(r.proc.pid) - base
             st = r.call("stats")
@@ -373,3 +376,63 @@ def test_a_pull_with_a_nan_deadline_is_refused(eng):
         raw.close()
     assert e.stats()["outbox"]["held"] == 0
     still_serves(e, peer, "nanpull")
+
+
+# ----------------------------------------------------------------------------- Medium 6: credit starvation
+@pytest.mark.timeout(30)
+def test_a_credit_request_that_can_never_be_met_fails_at_once(eng):
+    e, peer = eng
+    raw = Raw(e.address)
+    try:
+        raw.hello()
+        raw.send(encode("creq", need=2**40, want=2**40))
+        rep = raw.reply()
+        assert rep["t"] == "err" and rep["code"] == "pool_exhausted", rep
+        t0 = time.monotonic()
+        still_serves(e, peer, "hugecreq")  # not stuck behind the impossible request
+        assert time.monotonic() - t0 < 2
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_sessions_sitting_on_full_windows_give_credit_back():
+    with Engine(**dict(FAST, pool_bytes=8 * 2**20)) as e, Engine(**FAST) as peer:
+        raws = [Raw(e.address) for _ in range(2)]
+        try:
+            for raw in raws:  # two sessions each take a full window (half the pool) and never use it
+                raw.hello()
+                assert raw.credit(4 * 2**20) == 4 * 2**20
+            stop = threading.Event()
+
+            def keepalive() -> None:  # they stay alive, never send data, never answer crev
+                while not stop.wait(0.1):
+                    for raw in raws:
+                        raw.send(encode("ping"))
+
+            th = threading.Thread(target=keepalive, daemon=True)
+            th.start()
+            try:
+                t = torch.arange(2**18, dtype=torch.float32)  # 1 MiB
+                peer.send(e.address, K("starve", "0"), t).wait(5)
+                assert torch.equal(e.recv(K("starve", "0"), timeout=5), t)
+            finally:
+                stop.set()
+                th.join(2)
+            assert e.stats()["credit_revoked"] >= 1
+        finally:
+            for raw in raws:
+                raw.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_honest_sender_returns_credit_when_asked(pair):
+    a, b = pair
+    with Engine(**FAST) as c:
+        t = torch.ones(2**18)
+        a.send(b.address, K("crev", "a"), t).wait(5)  # a now holds a window of b's pool
+        b.recv(K("crev", "a"))
+        h = c.send(b.address, K("crev", "c"), t)
+        h.wait(5)
+        assert torch.equal(b.recv(K("crev", "c")), t)
+        assert b.stats().get("credit_violations", 0) == 0

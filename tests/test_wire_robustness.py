@@ -217,7 +217,9 @@ def test_out_of_order_and_replayed_messages(eng):
         raw.hello()
         raw.send(encode("pdone", seq=99))            # never pulled
         raw.send(encode("cret", n=2**40))             # returns credit it never had
-        raw.send(encode("creq", need=2**60, want=2**60))  # can never be granted
+        raw.send(encode("creq", need=2**60, want=2**60))  # can never be granted: refused at once
+        rep = raw.reply()
+        assert rep["t"] == "err" and rep["code"] == "pool_exhausted", rep
         raw.send(encode("ping"))
         assert raw.reply()["t"] == "pong"
         raw.credit()

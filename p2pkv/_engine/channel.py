@@ -46,6 +46,9 @@ class _Channel(_EngineBase):
             # SNDHWM stays unbounded: what we queue to a peer is bounded by its credit and our
             # callers' deadlines, and a full queue would block the I/O thread.
             sock.setsockopt(zmq.SNDHWM, 0)
+            # never block the I/O thread: a DEALER whose handshake was refused has no pipe left and
+            # a blocking send would wait forever (zmq.Again is raised instead; the monitor reports why)
+            sock.setsockopt(zmq.SNDTIMEO, 0)
             sock.setsockopt(zmq.RCVHWM, _DEALER_RCVHWM)
             sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
             sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
@@ -80,7 +83,10 @@ class _Channel(_EngineBase):
                  "caps": self._caps()}
         if self._cfg.auth_token is not None:
             hello["tok"] = self._cfg.auth_token
-        sock.send(encode("hello", **hello))
+        try:
+            sock.send(encode("hello", **hello))
+        except zmq.Again:  # refused already (the monitor's handshake event fails the peer)
+            pass
         peer.last_tx = time.monotonic()
         self._stats.add("connections")
         return peer
@@ -321,6 +327,11 @@ class _Channel(_EngineBase):
             peer.credit += msg["n"]
             peer.creq_pending = False
             self._pump_sends(peer)
+        elif t == "crev":  # the receiver wants idle credit back for other senders
+            r = min(msg["n"], peer.credit)
+            peer.credit -= r
+            peer.sock.send(encode("cret", n=r))
+            peer.last_tx = time.monotonic()
         elif t == "pdata":
             self._on_pdata(peer, msg)
         elif t == "perr":
@@ -462,11 +473,19 @@ class _Channel(_EngineBase):
         elif t == "data":
             self._on_data(sess, msg)
         elif t == "creq":
-            sess.creq = (msg["need"], msg["want"])
+            need = msg["need"]
+            limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
+            if need > limit:  # can never be met: refused at once instead of blocking other senders
+                sess.creq = None
+                self._reply(ident, "err", code="pool_exhausted",
+                            msg=f"credit request of {need} bytes exceeds the credit window ({limit} bytes)")
+                return
+            sess.creq = (need, msg["want"])
             sess.creq_t = time.monotonic()
             self._grant_credit()
         elif t == "cret":
             sess.outstanding -= min(msg["n"], sess.outstanding)
+            sess.revoking = 0.0
             self._grant_credit()
         elif t == "pull":
             self._on_pull(sess, msg)

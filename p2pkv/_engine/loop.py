@@ -334,6 +334,8 @@ class _ProgressLoop(_EngineBase):
                                                   peer=peer.addr))
         if self._incoming:
             self._tick_incoming(now)
+        if any(s.creq is not None for s in self._sessions.values()):
+            self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:

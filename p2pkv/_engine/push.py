@@ -277,6 +277,7 @@ class _PushPath(_EngineBase):
                 self._lose_session(sess, "credit violations")
             return
         sess.outstanding -= fp
+        sess.last_use = time.monotonic()
         try:
             # within granted credit the room exists; overflow only covers pool fragmentation
             buf = self._pool.try_alloc(n, overflow=True)
@@ -403,13 +404,36 @@ class _PushPath(_EngineBase):
             return
         available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
         window = self._cfg.effective_credit_bytes
+        now = time.monotonic()
         for sess in waiting:
             need, want = sess.creq  # type: ignore[misc]
             g = min(available, window - sess.outstanding, max(want, need, window // 4))
             if g < need:
-                break  # FIFO: later requesters wait behind this one
+                if now - sess.creq_t > self._cfg.effective_peer_timeout_s:
+                    break  # waited long enough: later requesters wait behind it (no starvation of big ones)
+                continue  # others that fit are served meanwhile
             sess.outstanding += g
             available -= g
             sess.creq = None
+            sess.last_use = now
             self._reply(sess.ident, "grant", n=g)
+
+    def _revoke_idle_credit(self, now: float) -> None:
+        """While some sender waits for credit, ask sessions that hold credit unused for a while
+        to give it back (``crev``, answered by ``cret``); one that ignores the request loses
+        that credit after ``peer_timeout_s`` (data sent on it later is then refused)."""
+        cfg = self._cfg
+        idle = 4 * cfg.effective_heartbeat_s
+        for sess in list(self._sessions.values()):
+            if sess.outstanding <= 0 or sess.creq is not None:
+                continue
+            if sess.revoking:
+                if now - sess.revoking > cfg.effective_peer_timeout_s:
+                    self._stats.add("credit_revoked")
+                    sess.outstanding = 0
+                    sess.revoking = 0.0
+                    self._mem_dirty = True  # grant the freed room
+            elif now - sess.last_use > idle:
+                sess.revoking = now
+                self._reply(sess.ident, "crev", n=sess.outstanding)
 

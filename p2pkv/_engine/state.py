@@ -183,6 +183,8 @@ class _Session:
         self.last_rx = time.monotonic()
         self.outstanding = 0
         self.violations = 0                         # data messages refused for lack of credit
+        self.last_use = self.last_rx                # last grant or data: credit idle since then
+        self.revoking = 0.0                         # when we asked for idle credit back (crev), or 0
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
