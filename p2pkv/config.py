@@ -75,7 +75,14 @@ class EngineConfig:
     max_message_bytes:
         Largest tensor accepted in one message; larger frames are refused.
     auth_token:
-        Optional shared secret; peers that do not present it are refused.
+        Optional shared secret; peers that do not present it are refused in the
+        ZMQ handshake (ZMQ PLAIN mechanism: the token travels in clear text, so
+        use it on trusted networks only). Never shown by ``repr``.
+    max_pending_connections:
+        The most TCP connections into this engine opened within the handshake
+        interval (``min(peer_timeout_s, 5)``: those not yet authenticated are among
+        them); newer ones beyond it are shut down at once. Bounds the descriptors
+        an unauthenticated flood of idle connections can take.
     transport:
         ``"auto"`` (CUDA IPC on one host, NCCL across, TCP for CPU tensors),
         or force ``"tcp"``, ``"ipc"`` or ``"nccl"``.
@@ -96,7 +103,8 @@ class EngineConfig:
     credit_bytes: int = 0
     pinned_bytes: int = 0
     max_message_bytes: int = 2**31
-    auth_token: str | None = None
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    max_pending_connections: int = 256
     transport: str = "auto"
     nccl_init_timeout_s: float = 30.0
     nccl_min_ctas: int = 0
@@ -141,6 +149,9 @@ class EngineConfig:
             raise ConfigError("auth_token must be a non-empty str or None")
         if self.transport not in _TRANSPORTS:
             raise ConfigError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if isinstance(self.max_pending_connections, bool) or not isinstance(self.max_pending_connections, int) \
+                or self.max_pending_connections < 1:
+            raise ConfigError(f"max_pending_connections must be an int >= 1, got {self.max_pending_connections!r}")
         for name in ("nccl_min_ctas", "nccl_max_ctas"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -159,6 +159,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._zap is not None:
             self._poller.register(self._zap, zmq.POLLIN)
         self._poller.register(self._rmon, zmq.POLLIN)
+        self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
         self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
         self._conns_pending = 0  # of which the ZMTP handshake is not finished
         self._next_expire = 0.0

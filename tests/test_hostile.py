@@ -436,3 +436,51 @@ def test_an_honest_sender_returns_credit_when_asked(pair):
         h.wait(5)
         assert torch.equal(b.recv(K("crev", "c")), t)
         assert b.stats().get("credit_violations", 0) == 0
+
+
+# ----------------------------------------------------------------------------- Medium 8: idle connections
+_IDLE_CHILD = r"""
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+from p2pkv import Engine, TransferKey as K
+e = Engine(timeout_s=20.0, peer_timeout_s=3.0, heartbeat_s=0.2, pool_bytes=8 * 2**20, max_pending_connections=64)
+print(e.address, flush=True)
+t = e.recv(K("idle", "in"), timeout=20)
+e.send(sys.argv[1], K("idle", "out"), t * 2).wait(20)  # and it can still dial out
+print("OK", e.stats().get("connections_shed", 0), flush=True)
+e.close()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_honest_pushes_work_with_hundreds_of_idle_connections_open():
+    import socket
+    import subprocess
+    import sys
+
+    with Engine(**dict(FAST, timeout_s=20.0, peer_timeout_s=3.0)) as mine:
+        child = subprocess.Popen([sys.executable, "-c", _IDLE_CHILD, mine.address], stdout=subprocess.PIPE,
+                                 text=True)
+        idle: list[socket.socket] = []
+        try:
+            address = child.stdout.readline().strip()
+            assert address, "the child engine did not start"
+            host, port = address.rsplit(":", 1)
+            for _ in range(300):  # idle TCP connections that never say anything
+                try:
+                    idle.append(socket.create_connection((host, int(port)), timeout=2))
+                except OSError:
+                    break
+            time.sleep(0.5)
+            t = torch.arange(1024, dtype=torch.float32)
+            mine.send(address, K("idle", "in"), t).wait(15)
+            assert torch.equal(mine.recv(K("idle", "out"), timeout=15), t * 2)
+            line = child.stdout.readline().split()
+            assert line and line[0] == "OK" and int(line[1]) > 0, line
+            assert child.wait(10) == 0
+        finally:
+            for s in idle:
+                s.close()
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hmac
 import os
+import socket as _socket
 import time
 import uuid
 from typing import Any
@@ -59,8 +60,7 @@ class _Channel(_EngineBase):
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                          | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+                                          | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(_zmq_endpoint(host, port))
         except zmq.ZMQError as exc:
             if mon is not None:
@@ -161,6 +161,7 @@ class _Channel(_EngineBase):
             if e == zmq.EVENT_ACCEPTED:
                 self._conns += 1
                 self._conns_pending += 1
+                self._on_accepted(evt["value"])
             elif e == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._conns_pending = max(0, self._conns_pending - 1)
             elif e in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
@@ -171,6 +172,31 @@ class _Channel(_EngineBase):
                     self._stats.add("auth_failures")  # no or another mechanism (ZAP counts the rest)
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
+                self._conn_fds.pop(evt["value"], None)
+
+    def _on_accepted(self, fd: int) -> None:
+        """Shut down a new connection when too many were opened within the handshake interval
+        (an idle-connection flood must not take every file descriptor of the process)."""
+        now = time.monotonic()
+        window = min(self._cfg.effective_peer_timeout_s, 5.0)
+        fds = self._conn_fds
+        if len(fds) > 64:
+            for f in [f for f, t in fds.items() if now - t > window]:
+                del fds[f]  # older ones finished (or failed) their handshake by now
+        fds[fd] = now
+        if len(fds) <= self._cfg.max_pending_connections:
+            return
+        del fds[fd]
+        try:  # shutdown (not close: the fd is ZMQ's) makes ZMQ drop the connection at once
+            dup = _socket.socket(fileno=os.dup(fd))
+            try:
+                if dup.getsockname()[1] == self.port:  # still our accepted connection, not a reused fd
+                    dup.shutdown(_socket.SHUT_RDWR)
+                    self._stats.add("connections_shed")
+            finally:
+                dup.close()
+        except OSError:
+            pass
 
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
@@ -385,8 +411,8 @@ class _Channel(_EngineBase):
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
                 return
-            if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                # (a connection closed mid-handshake, NO_DETAIL, is only retried: the peer may be busy)
                 self._lose_peer(peer, lambda: AuthError(
                     "the peer refused our handshake: wrong or missing auth_token (both engines must use the "
                     "same auth_token, or none)", peer=peer.addr))
