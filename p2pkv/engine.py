@@ -159,6 +159,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._zap is not None:
             self._poller.register(self._zap, zmq.POLLIN)
         self._poller.register(self._rmon, zmq.POLLIN)
+        self._probe_due: list[float] = []  # when to probe sessions for closed connections
         self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
         self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
         self._conns_pending = 0  # of which the ZMTP handshake is not finished

@@ -96,7 +96,7 @@ class Mailbox:
         self._aborted = _Tombs()
         self._evicted = _Tombs()
         self._lost = _Tombs()
-        self._tid_src: dict[str, tuple[object, float]] = {}
+        self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
         self.bytes_held = 0
         self.evictions = 0
 
@@ -119,7 +119,7 @@ class Mailbox:
             self.bytes_held += buf.size
             self._evicted.pop(key)
             if src is not None:
-                self._tid_src[tid] = (src, time.monotonic())
+                self._tid_src.setdefault(tid, {})[src] = time.monotonic()
                 self._lost.pop(tid)
             w = self._waiting.get(key)
             if w is not None:
@@ -224,7 +224,7 @@ class Mailbox:
     def expect(self, tid: str, src: object) -> None:
         """Note that ``src`` is sending transfer ``tid`` (so losing it fails the waits at once)."""
         with self._lock:
-            self._tid_src[tid] = (src, time.monotonic())
+            self._tid_src.setdefault(tid, {})[src] = time.monotonic()
             self._lost.pop(tid)
 
     def fail_transfer(self, tid: str, make_error: Callable[[], P2pkvError]) -> None:
@@ -237,15 +237,26 @@ class Mailbox:
             self._tid_src.pop(tid, None)
             self._wake_tid_locked(tid)
 
-    def source_lost(self, src: object, make_error: Callable[[], P2pkvError]) -> list[str]:
-        """Fail waits for missing keys of every transfer that ``src`` was sending."""
+    def source_lost(self, src: object, make_error: Callable[[], P2pkvError], clean: bool = False) -> list[str]:
+        """Fail waits for missing keys of every transfer that ``src`` was sending.
+
+        Every sender of a transfer is tracked: a sender that was lost (killed, silent)
+        fails the transfer's waits at once; one that closed cleanly (``clean``) does so
+        only if it was the transfer's last sender, so another producer's keys still come.
+        Returns the transfer ids whose waits failed.
+        """
         with self._lock:
-            tids = [tid for tid, (s, _) in self._tid_src.items() if s == src]
-            for tid in tids:
+            failed = []
+            for tid in [t for t, srcs in self._tid_src.items() if src in srcs]:
+                srcs = self._tid_src[tid]
+                del srcs[src]
+                if clean and srcs:
+                    continue
                 self._lost.put(tid, self.tomb_s, make_error)
                 del self._tid_src[tid]
                 self._wake_tid_locked(tid)
-        return tids
+                failed.append(tid)
+        return failed
 
     def expire(self, now: float | None = None) -> list[Buffer]:
         """Evict data older than the TTL; return the buffers to release."""
@@ -260,7 +271,8 @@ class Mailbox:
                 k = slot.key
                 self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
                     f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
-            for tid in [t for t, (_, ts) in self._tid_src.items() if ts < cutoff and t not in self._by_tid]:
+            for tid in [t for t, srcs in self._tid_src.items()
+                        if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]
             for tombs in (self._aborted, self._evicted, self._lost):
                 tombs.expire(now)

@@ -484,3 +484,73 @@ def test_honest_pushes_work_with_hundreds_of_idle_connections_open():
             if child.poll() is None:
                 child.kill()
                 child.wait(5)
+
+
+# ----------------------------------------------------------------------------- Medium 9, 10: identities, senders
+def _recv_or_error(e: Engine, key: TransferKey, timeout: float):
+    try:
+        return e.recv(key, timeout=timeout)
+    except P2pkvError as exc:
+        return exc
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_claiming_another_engines_id_cannot_drop_its_session():
+    with Engine(**FAST) as e, Engine(**FAST) as victim:
+        victim.send(e.address, K("claim", "0"), torch.ones(4)).wait(5)
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(_recv_or_error(e, K("claim", "1"), 8)))
+        waiter.start()  # e waits for the victim's next layer
+        fake = FakeEngine(eid=victim.eid)  # answers our hello with the victim's engine id...
+        try:
+            th = threading.Thread(target=fake.handshake, daemon=True)
+            th.start()
+            e.connect(fake.address, timeout=5)
+            th.join(5)
+        finally:
+            fake.close()  # ...and disconnects
+        time.sleep(0.5)
+        victim.send(e.address, K("claim", "1"), torch.ones(4)).wait(5)
+        waiter.join(10)
+        assert got and isinstance(got[0], torch.Tensor), got  # the wait was not failed PeerLost
+        assert e.stats().get("sessions_lost", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_one_producer_closing_cleanly_does_not_fail_another_producers_keys():
+    with Engine(**FAST) as c, Engine(**FAST) as b:
+        a = Engine(**FAST)
+        try:
+            b.send(c.address, K("two", "b0"), torch.ones(4)).wait(5)
+            a.send(c.address, K("two", "a0"), torch.ones(4)).wait(5)  # a is the last sender of "two"
+        except BaseException:
+            a.close()
+            raise
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(_recv_or_error(c, K("two", "b1"), 8)))
+        waiter.start()  # c waits for b's next key while a closes
+        time.sleep(0.1)
+        a.close()  # cleanly: it says bye
+        time.sleep(0.5)
+        b.send(c.address, K("two", "b1"), torch.full((4,), 2.0)).wait(5)
+        waiter.join(10)
+        assert got and isinstance(got[0], torch.Tensor) and torch.equal(got[0], torch.full((4,), 2.0)), got
+        assert torch.equal(c.recv(K("two", "a0"), timeout=5), torch.ones(4))
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_sender_fails_the_receivers_waits_fast():
+    from p2pkv import PeerLost
+    from p2pkv.testing import RemoteEngine
+
+    slow = dict(FAST, timeout_s=20.0, peer_timeout_s=8.0, heartbeat_s=0.5)
+    with Engine(**slow) as c:
+        prod = RemoteEngine(**slow)
+        try:
+            prod.call("send_many", c.address, ["killed"], 1, [4, 4], "float32")  # layer 0; c never dials it
+        finally:
+            prod.kill()
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost):
+            c.recv(K("killed", "model.layers.1.self_attn"), timeout=15)
+        assert time.monotonic() - t0 < 3, "the killed sender was noticed only by its silence"

@@ -173,6 +173,22 @@ class _Channel(_EngineBase):
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
                 self._conn_fds.pop(evt["value"], None)
+                # Which session was it? ZMQ does not say: probe them all shortly (a routed send
+                # to a closed connection fails), so a killed sender is noticed at once.
+                if self._sessions and not self._probe_due:
+                    self._probe_due = [time.monotonic() + 0.02, time.monotonic() + 0.25]
+
+    def _probe_sessions(self, now: float) -> None:
+        """Drop the sessions whose connection is gone (found by a harmless routed ``pong``)."""
+        if not self._probe_due or now < self._probe_due[0]:
+            return
+        self._probe_due.pop(0)
+        for sess in list(self._sessions.values()):
+            try:
+                self._router.send_multipart([sess.ident, encode("pong")])
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._lose_session(sess, "its connection closed")
 
     def _on_accepted(self, fd: int) -> None:
         """Shut down a new connection when too many were opened within the handshake interval
@@ -263,9 +279,10 @@ class _Channel(_EngineBase):
         if peer.ready:
             self._stats.add("peers_lost")
             log.info("peer %s lost: %s (%d transfers failed)", peer.addr, make_error(), n)
-            # The same engine's connection into our ROUTER is dead too.
-            for sess in [s for s in self._sessions.values() if s.eid == peer.eid]:
-                self._lose_session(sess, "peer lost")
+            # Sessions are not dropped by the engine id the peer claimed (anyone can claim any id):
+            # a session ends on its own connection's close, silence or bye.
+            if self._sessions and not self._probe_due:
+                self._probe_due = [time.monotonic() + 0.02, time.monotonic() + 0.25]
 
     def _cmd_connect(self, addr: str, w: _ConnectWaiter) -> None:
         peer = self._get_peer(addr)
@@ -553,7 +570,8 @@ class _Channel(_EngineBase):
             self._lent.pop(k)[0].release()
         sess.nccl_backlog.clear()
         eid = sess.eid
-        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"))
+        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"),
+                                       clean=reason == "peer closed its engine")
         if reason != "peer said hello again":
             self._stats.add("sessions_lost")
         log.info("session %s ended (%s); %d transfer(s) affected", sess, reason, len(tids))

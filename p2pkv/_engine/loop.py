@@ -334,6 +334,8 @@ class _ProgressLoop(_EngineBase):
                                                   peer=peer.addr))
         if self._incoming:
             self._tick_incoming(now)
+        if self._probe_due:
+            self._probe_sessions(now)
         if any(s.creq is not None for s in self._sessions.values()):
             self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:

@@ -62,15 +62,22 @@ def _zmq_endpoint(host: str, port: int | str) -> str:
 
 
 def _host_id() -> str:
+    """An id equal for engines on one host, without revealing the machine id (which
+    machine-id(5) says must stay confidential): an application-specific keyed hash of it."""
+    import hashlib
+    import hmac
+
+    ident = f"host:{_socket.gethostname()}"
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             with open(path) as f:
                 mid = f.read().strip()
             if mid:
-                return f"{mid}:{_socket.gethostname()}"
+                ident = f"{mid}:{_socket.gethostname()}"
+                break
         except OSError:
             pass
-    return f"host:{_socket.gethostname()}"
+    return "h-" + hmac.new(ident.encode(), b"p2pkv host id v1", hashlib.sha256).hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------- work items
