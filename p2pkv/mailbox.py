@@ -27,6 +27,8 @@ from .pool import Buffer
 __all__ = ["Mailbox", "Slot"]
 
 MAX_TOMBSTONES = 100_000
+MAX_PEER_TOMBSTONES = 10_000  # abort records one peer can make here
+MAX_ABORTING_PEERS = 64  # peers whose abort records are kept (least recently aborting dropped first)
 
 
 class Slot:
@@ -49,13 +51,14 @@ class Slot:
 class _Tombs:
     """Bounded, expiring map of name -> exception factory."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = 0) -> None:
         self._d: OrderedDict[object, tuple[float, Callable[[], P2pkvError]]] = OrderedDict()
+        self.cap = cap or MAX_TOMBSTONES
 
     def put(self, name: object, ttl: float, make: Callable[[], P2pkvError]) -> None:
         self._d[name] = (time.monotonic() + ttl, make)
         self._d.move_to_end(name)
-        while len(self._d) > MAX_TOMBSTONES:
+        while len(self._d) > self.cap:
             self._d.popitem(last=False)
 
     def get(self, name: object) -> P2pkvError | None:
@@ -93,7 +96,9 @@ class Mailbox:
         self._slots: dict[TransferKey, Slot] = {}
         self._by_tid: dict[str, set[TransferKey]] = {}
         self._waiting: dict[TransferKey, list] = {}  # key -> [Condition, waiter count]
-        self._aborted = _Tombs()
+        self._aborted = _Tombs()  # aborted here (by our own caller)
+        # aborted by a peer: a budget per peer, so no peer's aborts can evict our or another's records
+        self._aborted_by: OrderedDict[object, _Tombs] = OrderedDict()
         self._evicted = _Tombs()
         self._lost = _Tombs()
         self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
@@ -107,7 +112,7 @@ class Mailbox:
         to the sender (the buffer is then NOT taken: the caller releases it)."""
         with self._lock:
             tid = key.transfer_id
-            err = self._aborted.get(tid)
+            err = self._aborted_locked(tid)
             if err is not None:
                 return err
             if key in self._slots:
@@ -154,7 +159,7 @@ class Mailbox:
             return self._error_locked(key)
 
     def _error_locked(self, key: TransferKey) -> P2pkvError | None:
-        return (self._aborted.get(key.transfer_id) or self._evicted.get(key)
+        return (self._aborted_locked(key.transfer_id) or self._evicted.get(key)
                 or self._lost.get(key.transfer_id))
 
     def claim(self, key: TransferKey, timeout: float, check: Callable[[Slot], None] | None = None,
@@ -199,10 +204,32 @@ class Mailbox:
             if tid is None or key.transfer_id == tid:
                 w[0].notify_all()
 
-    def abort(self, tid: str, reason: str = "transfer aborted") -> list[Buffer]:
-        """Drop every key of ``tid``; return their buffers for the caller to release."""
+    def _aborted_locked(self, tid: str) -> P2pkvError | None:
+        err = self._aborted.get(tid)
+        if err is None and self._aborted_by:
+            for tombs in self._aborted_by.values():
+                err = tombs.get(tid)
+                if err is not None:
+                    break
+        return err
+
+    def abort(self, tid: str, reason: str = "transfer aborted", src: object = None) -> list[Buffer]:
+        """Drop every key of ``tid``; return their buffers for the caller to release.
+
+        ``src`` names the peer that asked (None: our own caller); each peer's abort records
+        have their own budget (:data:`MAX_PEER_TOMBSTONES`, :data:`MAX_ABORTING_PEERS` peers).
+        """
         with self._lock:
-            self._aborted.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
+            if src is None:
+                tombs = self._aborted
+            else:
+                tombs = self._aborted_by.get(src)
+                if tombs is None:
+                    tombs = self._aborted_by[src] = _Tombs(MAX_PEER_TOMBSTONES)
+                    while len(self._aborted_by) > MAX_ABORTING_PEERS:
+                        self._aborted_by.popitem(last=False)
+                self._aborted_by.move_to_end(src)
+            tombs.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             bufs = [self._drop_tid_locked(tid)]
             self._wake_tid_locked(tid)
         return bufs[0]
@@ -274,8 +301,10 @@ class Mailbox:
             for tid in [t for t, srcs in self._tid_src.items()
                         if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]
-            for tombs in (self._aborted, self._evicted, self._lost):
+            for tombs in (self._aborted, self._evicted, self._lost, *self._aborted_by.values()):
                 tombs.expire(now)
+            for src in [s for s, t in self._aborted_by.items() if not len(t)]:
+                del self._aborted_by[src]
         return out
 
     def fail_all(self, make_error: Callable[[], P2pkvError]) -> list[Buffer]:

@@ -554,3 +554,49 @@ def test_a_killed_sender_fails_the_receivers_waits_fast():
         with pytest.raises(PeerLost):
             c.recv(K("killed", "model.layers.1.self_attn"), timeout=15)
         assert time.monotonic() - t0 < 3, "the killed sender was noticed only by its silence"
+
+
+# ----------------------------------------------------------------------------- Low: aborts
+@pytest.mark.timeout(120)
+def test_aborts_of_random_ids_cannot_evict_a_real_abort_record(eng):
+    from p2pkv.mailbox import MAX_PEER_TOMBSTONES
+
+    e, peer = eng
+    e.abort("real")  # our own caller aborted this transfer
+    raw = Raw(e.address)
+    try:
+        raw.hello()
+        for i in range(MAX_PEER_TOMBSTONES + 2000):  # a peer floods aborts of random ids
+            raw.send(encode("abort", tid=f"rnd-{i}"))
+        raw.send(encode("ping"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # (its pong comes after every abort was handled)
+            if raw.s.poll(500) and decode(raw.s.recv_multipart()[0])["t"] == "pong":
+                break
+    finally:
+        raw.close()
+    h = peer.send(e.address, K("real", "late"), torch.ones(4))  # late data for the real abort
+    from p2pkv import TransferAborted
+
+    with pytest.raises(TransferAborted):
+        h.wait(5)
+    still_serves(e, peer, "tombs")
+
+
+@pytest.mark.timeout(30)
+def test_abort_tells_only_the_peers_that_carried_the_transfer():
+    with Engine(**FAST) as a, Engine(**FAST) as b, Engine(**FAST) as bystander:
+        a.send(b.address, K("mine", "0"), torch.ones(4)).wait(5)
+        bystander.send(a.address, K("other", "0"), torch.ones(4)).wait(5)  # a session, unrelated to "mine"
+        raw = Raw(a.address)  # and a raw session that carried nothing
+        try:
+            raw.hello()
+            a.abort("mine")
+            time.sleep(0.3)
+            with pytest.raises(Exception):
+                b.recv(K("mine", "0"), timeout=3)  # b carried it: told, its data dropped
+            assert not raw.s.poll(300), "an unrelated session was told of the abort"
+        finally:
+            raw.close()
+        assert bystander.stats()["inbox"].get("aborted_tids", 0) == 0
+        assert bystander.stats()["outbox"].get("aborted_tids", 0) == 0

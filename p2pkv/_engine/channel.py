@@ -79,17 +79,20 @@ class _Channel(_EngineBase):
         self._peer_by_mon[mon] = peer
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(mon, zmq.POLLIN)
-        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
-                 "caps": self._caps()}
-        if self._cfg.auth_token is not None:
-            hello["tok"] = self._cfg.auth_token
         try:
-            sock.send(encode("hello", **hello))
+            sock.send(encode("hello", **self._hello()))
         except zmq.Again:  # refused already (the monitor's handshake event fails the peer)
             pass
         peer.last_tx = time.monotonic()
         self._stats.add("connections")
         return peer
+
+    def _hello(self) -> dict[str, Any]:
+        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
+                 "caps": self._caps()}
+        if self._cfg.auth_token is not None:
+            hello["tok"] = self._cfg.auth_token
+        return hello
 
     def _set_keepalive(self, sock: zmq.Socket) -> None:
         """ZMQ heartbeats and TCP keepalive: a dead or killed peer's connection closes within
@@ -206,9 +209,13 @@ class _Channel(_EngineBase):
         try:  # shutdown (not close: the fd is ZMQ's) makes ZMQ drop the connection at once
             dup = _socket.socket(fileno=os.dup(fd))
             try:
-                if dup.getsockname()[1] == self.port:  # still our accepted connection, not a reused fd
-                    dup.shutdown(_socket.SHUT_RDWR)
-                    self._stats.add("connections_shed")
+                if dup.getsockname()[1] != self.port:
+                    return  # the fd was closed and reused meanwhile: not ours to judge
+                info = dup.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+                if len(info) >= 136 and int.from_bytes(info[128:136], "little") >= 64:
+                    return  # it sent a whole ZMTP greeting: a peer in its handshake, not an idle socket
+                dup.shutdown(_socket.SHUT_RDWR)
+                self._stats.add("connections_shed")
             finally:
                 dup.close()
         except OSError:
@@ -382,7 +389,8 @@ class _Channel(_EngineBase):
             if pull is not None:
                 pull.finish(error=error_from_code(msg["code"], msg["msg"], key=pull.key, peer=peer.addr))
         elif t == "abort":
-            self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
+            tid = validate_transfer_id(msg["tid"])
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {peer.addr}", src=peer.addr)
         elif t == "nok":
             pass  # the peer is joining the communicator; readiness shows in poll()
         elif t in ("ogrant", "oerr", "odone"):
@@ -428,6 +436,16 @@ class _Channel(_EngineBase):
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
                 return
+            if evt["event"] == zmq.EVENT_CONNECTED:
+                peer.connects += 1
+                if peer.connects > 1 and not peer.ready:
+                    # a reconnect before the handshake finished (the listener shed or lost our first
+                    # connection): our hello may have gone with it, so say it again
+                    try:
+                        peer.sock.send(encode("hello", **self._hello()))
+                        peer.last_tx = time.monotonic()
+                    except zmq.Again:
+                        pass
             if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 # (a connection closed mid-handshake, NO_DETAIL, is only retried: the peer may be busy)
                 self._lose_peer(peer, lambda: AuthError(
@@ -534,7 +552,7 @@ class _Channel(_EngineBase):
             self._on_pull(sess, msg)
         elif t == "abort":
             tid = validate_transfer_id(msg["tid"])
-            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident)
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident, src=ident)
         elif t == "bye":
             self._lose_session(sess, "peer closed its engine")
         elif t == "pdone":

@@ -204,9 +204,13 @@ class _ProgressLoop(_EngineBase):
         else:
             self._completer.add(event, lambda ok: buf.release(), time.monotonic() + 3600)
 
-    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None) -> None:
-        for buf in self._inbox.abort(tid, reason) + self._outbox.abort(tid, reason):
+    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None,
+                  src: object = None) -> None:
+        for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
+        if broadcast:  # decided before the work is failed below: who carried this transfer
+            tell_peers = [p for p in self._peers.values() if p.ready and self._peer_carries(p, tid)]
+            tell_sessions = [s for s in self._sessions.values() if s.ident != skip and self._session_carries(s, tid)]
         for inc in [i for i in self._incoming.values() if i.transfer_id == tid and not i.failed]:
             if not inc.admitted:
                 try:
@@ -238,13 +242,32 @@ class _ProgressLoop(_EngineBase):
             else:
                 keep.append(pp)
         self._parked = keep
-        if broadcast:
-            for peer in self._peers.values():
-                if peer.ready:
+        if broadcast:  # only the peers and sessions that carried this transfer id
+            for peer in tell_peers:
+                if self._peers.get(peer.addr) is peer:
                     peer.sock.send(encode("abort", tid=tid))
-            for sess in self._sessions.values():
-                if sess.ident != skip:
+            for sess in tell_sessions:
+                if self._sessions.get(sess.ident) is sess:
                     self._reply(sess.ident, "abort", tid=tid)
+
+    @staticmethod
+    def _note_tid(holder: Any, tid: str) -> None:
+        """Remember that ``holder`` (a peer or session) carried transfer ``tid`` (bounded)."""
+        tids = holder.tids
+        tids[tid] = None
+        tids.move_to_end(tid)
+        if len(tids) > 4096:
+            tids.popitem(last=False)
+
+    def _peer_carries(self, peer: _Peer, tid: str) -> bool:
+        return (tid in peer.tids or any(i.key.transfer_id == tid for i in peer.queue)
+                or any(i.key.transfer_id == tid for i in peer.inflight.values())
+                or any(p.key.transfer_id == tid for p in list(peer.pulls.values()) + peer.pull_waiting)
+                or any(r.transfer_id == tid for r in list(peer.req_waiting) + list(peer.reqs.values())))
+
+    def _session_carries(self, sess: Any, tid: str) -> bool:
+        return (tid in sess.tids or any(pp.sess is sess and pp.key.transfer_id == tid for pp in self._parked)
+                or any(i.sess is sess and i.transfer_id == tid for i in self._incoming.values()))
 
     def _tick_gpu(self, now: float) -> None:
         for peer in list(self._peers.values()):

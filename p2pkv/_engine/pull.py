@@ -27,6 +27,7 @@ class _PullPath(_EngineBase):
 
     def _cmd_pull(self, addr: str, item: _PullItem) -> None:
         peer = self._get_peer(addr)
+        self._note_tid(peer, item.key.transfer_id)
         if not peer.ready:
             peer.pull_waiting.append(item)
             return
@@ -187,6 +188,7 @@ class _PullPath(_EngineBase):
         except P2pkvError as exc:
             self._reply(sess.ident, "perr", seq=seq, code=exc.code, msg=str(exc)[:500])
             return
+        self._note_tid(sess, key.transfer_id)
         x = msg["x"]
         if x not in ("tcp", "ipc", "nccl") or (x == "ipc" and self._ipc_handle is None) \
                 or (x == "nccl" and not self._nccl_ok):

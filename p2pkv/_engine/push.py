@@ -34,6 +34,7 @@ class _PushPath(_EngineBase):
             self._finish_send(item, TransferState.ABORTED, TransferAborted("transfer aborted", key=item.key))
             return
         peer = self._get_peer(addr)
+        self._note_tid(peer, item.key.transfer_id)
         if peer.ready and not self._fits_peer(peer, item):
             return
         peer.queue.append(item)
@@ -246,6 +247,7 @@ class _PushPath(_EngineBase):
             nack(exc)
             return
         _trace.mark("rx.hdr", key)
+        self._note_tid(sess, key.transfer_id)
         n = msg["n"]
         if n != T.nbytes_of(dtype, shape):
             nack(ProtocolError(f"n={n} does not match dtype {msg['dt']} and shape {shape}"))

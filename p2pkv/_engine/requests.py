@@ -62,6 +62,7 @@ class _RequestPath(_EngineBase):
             req._set(RequestState.ABORTED, TransferAborted("transfer aborted", key=req.transfer_id))
             return
         peer = self._get_peer(addr)
+        self._note_tid(peer, req.transfer_id)  # abort() tells only the peers that carried the transfer
         req._p = peer
         peer.req_waiting.append(req)
         self._pump_offers(peer)
@@ -346,6 +347,7 @@ class _RequestPath(_EngineBase):
                 self._fail_request(req, RequestState.FAILED, err)
 
     def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
+        self._note_tid(sess, msg["tid"])  # abort() tells only the sessions that carried the transfer
         seq = msg["seq"]
 
         def refuse(exc: P2pkvError) -> None:

@@ -7,7 +7,7 @@ import re
 import socket as _socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import torch
@@ -140,8 +140,10 @@ class _Peer:
         self.sock = sock
         self.mon = mon
         self.ready = False
+        self.connects = 0                       # TCP connections made (ZMQ reconnects on its own)
         self.eid = ""
         self.caps: dict[str, Any] = {}
+        self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids we sent or pulled (bounded)
         self.queue: deque[_SendItem] = deque()
         self.inflight: dict[int, _SendItem] = {}
         self.pulls: dict[int, _PullItem] = {}
@@ -189,6 +191,7 @@ class _Session:
         self.caps = caps
         self.last_rx = time.monotonic()
         self.outstanding = 0
+        self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids it sent or pulled (bounded)
         self.violations = 0                         # data messages refused for lack of credit
         self.last_use = self.last_rx                # last grant or data: credit idle since then
         self.revoking = 0.0                         # when we asked for idle credit back (crev), or 0
