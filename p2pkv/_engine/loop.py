@@ -209,7 +209,9 @@ class _ProgressLoop(_EngineBase):
         for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
         if broadcast:  # decided before the work is failed below: who carried this transfer
-            tell_peers = [p for p in self._peers.values() if p.ready and self._peer_carries(p, tid)]
+            # every peer we dialed (we chose them; a consumer may wait for keys not sent yet),
+            # but of the peers that dialed us only those whose session carried the transfer
+            tell_peers = [p for p in self._peers.values() if p.ready]
             tell_sessions = [s for s in self._sessions.values() if s.ident != skip and self._session_carries(s, tid)]
         for inc in [i for i in self._incoming.values() if i.transfer_id == tid and not i.failed]:
             if not inc.admitted:
@@ -242,7 +244,7 @@ class _ProgressLoop(_EngineBase):
             else:
                 keep.append(pp)
         self._parked = keep
-        if broadcast:  # only the peers and sessions that carried this transfer id
+        if broadcast:
             for peer in tell_peers:
                 if self._peers.get(peer.addr) is peer:
                     peer.sock.send(encode("abort", tid=tid))
@@ -258,12 +260,6 @@ class _ProgressLoop(_EngineBase):
         tids.move_to_end(tid)
         if len(tids) > 4096:
             tids.popitem(last=False)
-
-    def _peer_carries(self, peer: _Peer, tid: str) -> bool:
-        return (tid in peer.tids or any(i.key.transfer_id == tid for i in peer.queue)
-                or any(i.key.transfer_id == tid for i in peer.inflight.values())
-                or any(p.key.transfer_id == tid for p in list(peer.pulls.values()) + peer.pull_waiting)
-                or any(r.transfer_id == tid for r in list(peer.req_waiting) + list(peer.reqs.values())))
 
     def _session_carries(self, sess: Any, tid: str) -> bool:
         return (tid in sess.tids or any(pp.sess is sess and pp.key.transfer_id == tid for pp in self._parked)

@@ -27,7 +27,6 @@ class _PullPath(_EngineBase):
 
     def _cmd_pull(self, addr: str, item: _PullItem) -> None:
         peer = self._get_peer(addr)
-        self._note_tid(peer, item.key.transfer_id)
         if not peer.ready:
             peer.pull_waiting.append(item)
             return

@@ -34,7 +34,6 @@ class _PushPath(_EngineBase):
             self._finish_send(item, TransferState.ABORTED, TransferAborted("transfer aborted", key=item.key))
             return
         peer = self._get_peer(addr)
-        self._note_tid(peer, item.key.transfer_id)
         if peer.ready and not self._fits_peer(peer, item):
             return
         peer.queue.append(item)

@@ -62,7 +62,6 @@ class _RequestPath(_EngineBase):
             req._set(RequestState.ABORTED, TransferAborted("transfer aborted", key=req.transfer_id))
             return
         peer = self._get_peer(addr)
-        self._note_tid(peer, req.transfer_id)  # abort() tells only the peers that carried the transfer
         req._p = peer
         peer.req_waiting.append(req)
         self._pump_offers(peer)

@@ -143,7 +143,6 @@ class _Peer:
         self.connects = 0                       # TCP connections made (ZMQ reconnects on its own)
         self.eid = ""
         self.caps: dict[str, Any] = {}
-        self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids we sent or pulled (bounded)
         self.queue: deque[_SendItem] = deque()
         self.inflight: dict[int, _SendItem] = {}
         self.pulls: dict[int, _PullItem] = {}
