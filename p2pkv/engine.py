@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -52,6 +53,20 @@ from .request import RequestHandle, parse_layout
 from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # open engines of this process
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits engines whose I/O thread and sockets it does not have: close them
+    (without touching the parent's sockets) so that every call raises EngineClosed at once."""
+    for eng in list(_LIVE):
+        eng._closed = True
+        eng._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _MAX_TIMEOUT_S = 1e6  # about 11.6 days: longer waits are a bug (and overflow the OS's timers)
 
@@ -172,6 +187,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             _LOCAL_ARENAS[self.eid] = self._pool.arena
             self._completer = Completer(self._post_gpu, name=f"p2pkv-cuda-{self.port}")
         self._closed = False
+        self._forked = False
+        _LIVE.add(self)
         self._thread = threading.Thread(target=self._run, name=f"p2pkv-io-{self.port}", daemon=True)
         self._thread.start()
 
@@ -443,6 +460,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._closed:
             return
         self._closed = True
+        _LIVE.discard(self)
         th = self._thread
         if th is not None and th.is_alive():
             self._submit(("stop",), force=True)
@@ -507,6 +525,9 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
 
     def _check_open(self) -> None:
         if self._closed:
+            if getattr(self, "_forked", False):
+                raise EngineClosed(f"engine {self.address} belongs to the parent process (this one was forked): "
+                                   "create a new Engine in the child")
             raise EngineClosed(f"engine {self.address} is closed")
 
     @staticmethod

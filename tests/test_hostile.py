@@ -600,3 +600,33 @@ def test_abort_tells_only_the_peers_that_carried_the_transfer():
             raw.close()
         assert bystander.stats()["inbox"].get("aborted_tids", 0) == 0
         assert bystander.stats()["outbox"].get("aborted_tids", 0) == 0
+
+
+# ----------------------------------------------------------------------------- Low: fork
+@pytest.mark.timeout(30)
+def test_a_forked_child_cannot_use_the_parents_engine(eng):
+    import os
+
+    e, peer = eng
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: every call is refused at once
+        code = 1
+        try:
+            t0 = time.monotonic()
+            try:
+                peer.send(e.address, K("fork", "0"), torch.ones(4))
+            except Exception as exc:  # noqa: BLE001
+                if type(exc).__name__ == "EngineClosed" and "fork" in str(exc) and time.monotonic() - t0 < 1:
+                    code = 0
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    try:
+        got = os.read(r, 1)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got == b"\0", "the child's send was not refused at once with EngineClosed"
+    still_serves(e, peer, "fork")  # the parent's engines are untouched
