@@ -630,3 +630,50 @@ def test_a_forked_child_cannot_use_the_parents_engine(eng):
         os.waitpid(pid, 0)
     assert got == b"\0", "the child's send was not refused at once with EngineClosed"
     still_serves(e, peer, "fork")  # the parent's engines are untouched
+
+
+# ----------------------------------------------------------------------------- CURVE (strong mode)
+@pytest.mark.timeout(60)
+def test_curve_authenticates_both_ends_and_refuses_strangers():
+    from p2pkv import AuthError, TransferTimeout
+
+    pub, sec = (k.decode() for k in zmq.curve_keypair())
+    other_pub, other_sec = (k.decode() for k in zmq.curve_keypair())
+    cluster = dict(FAST, curve_secret_key=sec)
+    with Engine(**cluster) as a, Engine(**cluster) as b, \
+            Engine(**dict(FAST, curve_secret_key=other_sec)) as stranger, \
+            Engine(**dict(FAST, curve_secret_key=other_sec, curve_server_key=pub)) as wrong_client:
+        t = torch.arange(64, dtype=torch.float32)
+        a.send(b.address, K("curve", "0"), t).wait(5)
+        assert torch.equal(b.recv(K("curve", "0"), timeout=5), t)
+        b.publish(K("curve", "pub"), t)
+        assert torch.equal(a.pull(b.address, K("curve", "pub"), timeout=5), t)
+        # pins another server key: b cannot read its hello and closes the handshake (no reason is
+        # given, so the stranger retries until its deadline, learning nothing)
+        with pytest.raises(TransferTimeout):
+            stranger.send(b.address, K("curve", "1"), t, timeout=1.0).wait(5)
+        with pytest.raises(AuthError):  # right server key, but its client key is not allowed
+            wrong_client.send(b.address, K("curve", "2"), t).wait(5)
+        with pytest.raises(TransferTimeout):  # and an engine of the cluster never talks to a stranger's server
+            a.connect(stranger.address, timeout=1.0)
+        raw = Raw(b.address)  # no CURVE at all: nothing is read
+        try:
+            raw.send(encode("hello", eid="raw", host="h", pid=1, dev="cpu", caps={}))
+            assert not raw.s.poll(300)
+        finally:
+            raw.close()
+        assert b.stats()["auth_failures"] >= 2
+        assert "curve_secret_key" not in repr(a.config) and sec not in repr(a.config)
+        assert a.config.to_dict()["curve_secret_key"] == "***"
+
+
+def test_curve_settings_are_validated():
+    from p2pkv import ConfigError, EngineConfig
+
+    pub, sec = (k.decode() for k in zmq.curve_keypair())
+    with pytest.raises(ConfigError):
+        EngineConfig(curve_secret_key="not a key")
+    with pytest.raises(ConfigError):
+        EngineConfig(curve_allowed_keys=(pub,))  # without a secret key of our own
+    c = EngineConfig.from_dict({"curve_secret_key": sec, "curve_allowed_keys": f"{pub}, {pub}"})
+    assert c.curve_allowed_keys == (pub, pub) and c.curve_public_key == pub

@@ -110,21 +110,35 @@ class _Channel(_EngineBase):
         """With ``auth_token``: the ROUTER is a ZMQ PLAIN server checked by our own ZAP handler
         (polled on the I/O thread), so a peer without the token is refused in the ZMTP
         handshake, before any of its message frames is read or buffered."""
-        if self._cfg.auth_token is None:
+        cfg = self._cfg
+        if cfg.auth_token is None and cfg.curve_secret_key is None:
             return
         self._zap = self._ctx.socket(zmq.REP)
         self._zap.setsockopt(zmq.LINGER, 0)
         self._zap.bind(_ZAP_ENDPOINT)
         self._router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
-        self._router.setsockopt(zmq.PLAIN_SERVER, 1)
+        if cfg.curve_secret_key is not None:  # strong mode: CurveZMQ, both ends authenticated, encrypted
+            from zmq.utils import z85
+
+            self._curve_allowed = {z85.decode(k) for k in (cfg.curve_allowed_keys or (cfg.curve_public_key,))}
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
+        else:
+            self._router.setsockopt(zmq.PLAIN_SERVER, 1)
 
     def _set_client_security(self, sock: zmq.Socket) -> None:
-        if self._cfg.auth_token is not None:
+        cfg = self._cfg
+        if cfg.curve_secret_key is not None:  # the server's key is pinned: a fake engine cannot answer
+            sock.setsockopt(zmq.CURVE_SERVERKEY, (cfg.curve_server_key or cfg.curve_public_key).encode())
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, cfg.curve_public_key.encode())
+            sock.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
+        elif cfg.auth_token is not None:
             sock.setsockopt(zmq.PLAIN_USERNAME, _PLAIN_USER)
             sock.setsockopt(zmq.PLAIN_PASSWORD, self._cfg.auth_token.encode())
 
     def _pump_zap(self) -> None:
-        """Answer ZAP requests (RFC 27): accept a PLAIN handshake only with our token."""
+        """Answer ZAP requests (RFC 27): accept a PLAIN handshake only with our token, a CURVE
+        one only from an allowed client key."""
         tok = self._cfg.auth_token.encode() if self._cfg.auth_token is not None else None
         for _ in range(256):
             try:
@@ -132,8 +146,12 @@ class _Channel(_EngineBase):
             except zmq.Again:
                 return
             req_id = frames[1] if len(frames) > 1 else b""
-            ok = (tok is not None and len(frames) >= 8 and frames[0] == b"1.0" and frames[5] == b"PLAIN"
-                  and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
+            if self._cfg.curve_secret_key is not None:
+                ok = (len(frames) >= 7 and frames[0] == b"1.0" and frames[5] == b"CURVE"
+                      and frames[6] in self._curve_allowed)
+            else:
+                ok = (tok is not None and len(frames) >= 8 and frames[0] == b"1.0" and frames[5] == b"PLAIN"
+                      and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
             if not ok:
                 self._stats.add("auth_failures")
             self._zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
@@ -171,7 +189,8 @@ class _Channel(_EngineBase):
                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 self._conns_pending = max(0, self._conns_pending - 1)
                 self._stats.add("handshakes_refused")
-                if self._cfg.auth_token is not None and e != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if (self._cfg.auth_token is not None or self._cfg.curve_secret_key is not None) \
+                        and e != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self._stats.add("auth_failures")  # no or another mechanism (ZAP counts the rest)
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
@@ -449,8 +468,8 @@ class _Channel(_EngineBase):
             if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 # (a connection closed mid-handshake, NO_DETAIL, is only retried: the peer may be busy)
                 self._lose_peer(peer, lambda: AuthError(
-                    "the peer refused our handshake: wrong or missing auth_token (both engines must use the "
-                    "same auth_token, or none)", peer=peer.addr))
+                    "the peer refused our handshake: wrong or missing auth_token or CURVE key (both engines "
+                    "must use the same security mode and credentials)", peer=peer.addr))
                 return
 
     def _pump_router(self) -> None:
