@@ -677,3 +677,38 @@ def test_curve_settings_are_validated():
         EngineConfig(curve_allowed_keys=(pub,))  # without a secret key of our own
     c = EngineConfig.from_dict({"curve_secret_key": sec, "curve_allowed_keys": f"{pub}, {pub}"})
     assert c.curve_allowed_keys == (pub, pub) and c.curve_public_key == pub
+
+
+_EMFILE_CHILD = r"""
+import os, resource, time, torch
+from p2pkv import Engine, TransferKey as K
+e = Engine(timeout_s=5.0, peer_timeout_s=1.5, heartbeat_s=0.2, pool_bytes=8 * 2**20)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+hog = []
+try:
+    while True:
+        hog.append(open("/dev/null"))
+except OSError:
+    pass
+t0 = time.monotonic()
+h = e.send("127.0.0.1:9", K("fd", "0"), torch.ones(4))
+try:
+    h.wait(8)
+    print("NOERR")
+except Exception as exc:
+    print(type(exc).__name__, round(time.monotonic() - t0, 2))
+for f in hog:
+    f.close()
+e.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_running_out_of_fds_fails_a_send_at_once():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _EMFILE_CHILD], capture_output=True, text=True, timeout=50)
+    words = out.stdout.split()
+    assert words and words[0] == "TransportError" and float(words[1]) < 1.0, (out.stdout, out.stderr[-2000:])
