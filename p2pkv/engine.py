@@ -42,7 +42,7 @@ from ._engine.loop import _ProgressLoop
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
 from .config import EngineConfig
 from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, TransferTimeout)
 from .handles import SendHandle
@@ -63,6 +63,7 @@ def _after_fork_in_child() -> None:
     for eng in list(_LIVE):
         eng._closed = True
         eng._forked = True
+    _forget_local_arenas()
 
 
 if hasattr(os, "register_at_fork"):

@@ -712,3 +712,30 @@ def test_running_out_of_fds_fails_a_send_at_once():
     out = subprocess.run([sys.executable, "-c", _EMFILE_CHILD], capture_output=True, text=True, timeout=50)
     words = out.stdout.split()
     assert words and words[0] == "TransportError" and float(words[1]) < 1.0, (out.stdout, out.stderr[-2000:])
+
+
+def test_a_peer_claiming_a_local_engines_id_gets_no_local_arena_or_loopback(eng):
+    # The GPU paths read a same-process engine's arena directly and treat a peer with our own id
+    # as a loopback; both now need a proof only this process can compute, not just the claimed id.
+    from p2pkv._engine.state import _LOCAL_ARENAS, _local_arena, _local_proof
+
+    e, peer = eng
+    _LOCAL_ARENAS["victim-eid"] = torch.zeros(16, dtype=torch.uint8)
+    try:
+        assert _local_arena("victim-eid", {}) is None
+        assert _local_arena("victim-eid", {"local": "0" * 32}) is None
+        assert _local_arena("victim-eid", {"local": _local_proof("victim-eid")}) is not None
+    finally:
+        del _LOCAL_ARENAS["victim-eid"]
+    fake = FakeEngine(eid=e.eid)  # a remote peer claiming to be e itself
+    try:
+        th = threading.Thread(target=fake.handshake, daemon=True)
+        th.start()
+        e.connect(fake.address, timeout=5)
+        th.join(5)
+        p = e._peers[fake.address]
+        assert p.eid == e.eid and not e._is_self(p)
+    finally:
+        fake.close()
+    e.connect(e.address, timeout=5)  # e dialing itself is recognised
+    assert e._is_self(e._peers[e.address])

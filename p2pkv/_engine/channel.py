@@ -23,7 +23,7 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter, _Peer,
+from .state import (_DEALER_RCVHWM, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter, _Peer, _local_proof,
                     _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
                     parse_address)
 from .base import _EngineBase
@@ -86,6 +86,13 @@ class _Channel(_EngineBase):
         peer.last_tx = time.monotonic()
         self._stats.add("connections")
         return peer
+
+    def _is_self(self, peer: _Peer) -> bool:
+        """True when ``peer`` is this very engine (it dialed itself): its id alone is a claim anyone
+        can make, so the caps must also carry the proof only this process can compute."""
+        proof = peer.caps.get("local") if isinstance(peer.caps, dict) else None
+        return (peer.eid == self.eid and isinstance(proof, str)
+                and hmac.compare_digest(proof, _local_proof(self.eid)))
 
     def _hello(self) -> dict[str, Any]:
         hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
@@ -242,7 +249,7 @@ class _Channel(_EngineBase):
 
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
-                                "dev": str(self._device), "pid": os.getpid()}
+                                "dev": str(self._device), "pid": os.getpid(), "local": _local_proof(self.eid)}
         if self._ipc_handle is not None:
             caps["transports"].append("ipc")
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}

@@ -17,7 +17,7 @@ from ..errors import (P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeM
 from ..keys import TransferKey
 from ..mailbox import Slot
 from ..transport import tcp
-from .state import (_LOCAL_ARENAS, _ParkedPull, _Peer,
+from .state import (_ParkedPull, _Peer, _local_arena,
                     _PullItem, _Session, log)
 from .base import _EngineBase
 
@@ -45,7 +45,7 @@ class _PullPath(_EngineBase):
                                               peer=peer.addr))
             return  # timed out or cancelled while waiting: never sent later
         x = self._pull_transport(peer, item)
-        if x == "nccl" and peer.eid == self.eid:
+        if x == "nccl" and self._is_self(peer):
             x = "ipc" if self._ipc_handle is not None else "tcp"  # a pull from ourselves needs no NCCL
         if x == "nccl":
             comm = self._peer_comm(peer, "pull")
@@ -155,7 +155,7 @@ class _PullPath(_EngineBase):
         if not isinstance(desc, dict) or not isinstance(desc.get("off"), int) or isinstance(desc.get("off"), bool):
             raise ProtocolError("IPC descriptor must be {'off': int}")
         off = desc["off"]
-        local = _LOCAL_ARENAS.get(eid)
+        local = _local_arena(eid, caps)
         if local is not None:
             if off < 0 or off + n > local.numel():
                 raise ProtocolError(f"IPC range [{off}, {off + n}) outside the peer's arena")

@@ -57,7 +57,7 @@ class _PushPath(_EngineBase):
         while peer.queue:
             item = peer.queue[0]
             x = self._item_transport(peer, item)
-            loop_nccl = x == "nccl" and peer.eid == self.eid
+            loop_nccl = x == "nccl" and self._is_self(peer)
             comm = None
             if x == "nccl":
                 comm = self._loopback_comm() if loop_nccl else self._peer_comm(peer, "push")

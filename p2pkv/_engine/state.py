@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket as _socket
 import threading
@@ -219,6 +220,33 @@ class _ParkedPull:
 # Arenas of engines in this process, by engine id: CUDA IPC cannot open a handle
 # exported by its own process, so same-process peers read each other's arena directly.
 _LOCAL_ARENAS: dict[str, torch.Tensor] = {}
+# A per-process secret: an engine proves it lives in this process by an HMAC of its id under it
+# (sent in its caps as "local"), so a remote peer claiming a local engine's id cannot make us
+# read or write that engine's arena directly.
+_PROCESS_KEY = [os.urandom(32)]
+
+
+def _local_proof(eid: str) -> str:
+    import hashlib
+    import hmac
+
+    return hmac.new(_PROCESS_KEY[0], eid.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _local_arena(eid: str, caps: Any) -> torch.Tensor | None:
+    """The arena of engine ``eid`` if it really is an engine of this process (its caps prove it)."""
+    import hmac
+
+    arena = _LOCAL_ARENAS.get(eid)
+    if arena is None or not isinstance(caps, dict) or not isinstance(caps.get("local"), str):
+        return None
+    return arena if hmac.compare_digest(caps["local"], _local_proof(eid)) else None
+
+
+def _forget_local_arenas() -> None:
+    """After fork: the parent's engines are not ours, and the child gets its own secret."""
+    _LOCAL_ARENAS.clear()
+    _PROCESS_KEY[0] = os.urandom(32)
 
 
 # ----------------------------------------------------------------------------- engine
