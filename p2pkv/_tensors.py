@@ -53,6 +53,8 @@ def check_tensor(t: Any, what: str = "tensor") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     dtype_name(t.dtype)
+    if t.device.type == "meta":
+        raise InvalidTensor(f"{what} is a meta tensor (it has no data)")
     if t.layout != torch.strided:
         raise InvalidTensor(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() > MAX_DIMS:
@@ -99,7 +101,12 @@ def check_shape(shape: Any) -> tuple[int, ...]:
 def check_out(out: Any, device: torch.device, dtype: torch.dtype | None = None,
               shape: Sequence[int] | None = None) -> torch.Tensor:
     """Validate an ``out=`` tensor against the engine device and, once known, the data."""
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        raise InvalidTensor("out requires grad: p2pkv writes into it in place, which autograd forbids; "
+                            "pass out.detach() or a tensor without requires_grad")
     out = check_tensor(out, "out")
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise InvalidTensor("out is an inference tensor and cannot be written outside torch.inference_mode()")
     if out.device != device:
         raise InvalidTensor(f"out is on {out.device} but this engine receives on {device}")
     if dtype is not None and out.dtype != dtype:

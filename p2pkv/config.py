@@ -76,7 +76,24 @@ class EngineConfig:
     max_message_bytes:
         Largest tensor accepted in one message; larger frames are refused.
     auth_token:
-        Optional shared secret; peers that do not present it are refused.
+        Optional shared secret; peers that do not present it are refused in the
+        ZMQ handshake (ZMQ PLAIN mechanism: the token travels in clear text, so
+        use it on trusted networks only). Never shown by ``repr``.
+    curve_secret_key:
+        This engine's ZMQ CURVE secret key (Z85, 40 characters; make a pair with
+        ``zmq.curve_keypair()``). Turns on the strong mode: every connection is
+        authenticated at both ends and encrypted (CurveZMQ). Never shown by ``repr``.
+    curve_server_key:
+        The CURVE public key of the engines this one dials (default: this
+        engine's own public key, i.e. one key pair shared by the cluster).
+    curve_allowed_keys:
+        CURVE public keys of the clients allowed to connect (a list, or a
+        comma-separated str); default: this engine's own public key.
+    max_pending_connections:
+        The most TCP connections into this engine opened within the handshake
+        interval (``min(peer_timeout_s, 5)``: those not yet authenticated are among
+        them); newer ones beyond it are shut down at once. Bounds the descriptors
+        an unauthenticated flood of idle connections can take.
     transport:
         ``"auto"`` (CUDA IPC on one host, NCCL across, TCP for CPU tensors),
         or force ``"tcp"``, ``"ipc"`` or ``"nccl"``.
@@ -102,7 +119,11 @@ class EngineConfig:
     credit_bytes: int = 0
     pinned_bytes: int = 0
     max_message_bytes: int = 2**31
-    auth_token: str | None = None
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    max_pending_connections: int = 256
+    curve_secret_key: str | None = dataclasses.field(default=None, repr=False)
+    curve_server_key: str | None = None
+    curve_allowed_keys: tuple[str, ...] | None = None
     transport: str = "auto"
     nccl_init_timeout_s: float = 30.0
     nccl_min_ctas: int = 0
@@ -150,10 +171,55 @@ class EngineConfig:
             raise ConfigError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
         if not isinstance(self.eager_requests, bool):
             raise ConfigError(f"eager_requests must be True or False, got {self.eager_requests!r}")
+        if isinstance(self.max_pending_connections, bool) or not isinstance(self.max_pending_connections, int) \
+                or self.max_pending_connections < 1:
+            raise ConfigError(f"max_pending_connections must be an int >= 1, got {self.max_pending_connections!r}")
+        self._check_curve(set_)
         for name in ("nccl_min_ctas", "nccl_max_ctas"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+
+    def _check_curve(self, set_: Any) -> None:
+        def key(v: Any, name: str) -> str:
+            if not isinstance(v, str) or len(v) != 40:
+                raise ConfigError(f"{name} must be a Z85-encoded CURVE key of 40 characters")
+            try:
+                from zmq.utils import z85
+
+                if len(z85.decode(v)) != 32:
+                    raise ValueError
+            except Exception:
+                raise ConfigError(f"{name} is not a valid Z85-encoded CURVE key") from None
+            return v
+
+        if self.curve_secret_key is None:
+            if self.curve_server_key is not None or self.curve_allowed_keys is not None:
+                raise ConfigError("curve_server_key / curve_allowed_keys need curve_secret_key")
+            return
+        import zmq
+
+        if not zmq.has("curve"):
+            raise ConfigError("curve_secret_key is set but this libzmq has no CURVE support")
+        key(self.curve_secret_key, "curve_secret_key")
+        if self.curve_server_key is not None:
+            key(self.curve_server_key, "curve_server_key")
+        allowed = self.curve_allowed_keys
+        if isinstance(allowed, str):
+            allowed = [k.strip() for k in allowed.split(",") if k.strip()]
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)) or not allowed:
+                raise ConfigError("curve_allowed_keys must be a non-empty list of public keys")
+            set_("curve_allowed_keys", tuple(key(k, "curve_allowed_keys entry") for k in allowed))
+
+    @property
+    def curve_public_key(self) -> str | None:
+        """This engine's CURVE public key (derived from ``curve_secret_key``), or None."""
+        if self.curve_secret_key is None:
+            return None
+        import zmq
+
+        return zmq.curve_public(self.curve_secret_key.encode()).decode()
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -210,8 +276,9 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d.get("auth_token"):
-            d["auth_token"] = "***"
+        for secret in ("auth_token", "curve_secret_key"):
+            if d.get(secret):
+                d[secret] = "***"
         return d
 
 

@@ -42,7 +42,7 @@ from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
 from .config import EngineConfig
 from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, TransferTimeout)
 from .handles import SendHandle
@@ -53,6 +53,23 @@ from .request import RequestHandle, Watcher, parse_layout
 from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # open engines of this process
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits engines whose I/O thread and sockets it does not have: close them
+    (without touching the parent's sockets) so that every call raises EngineClosed at once."""
+    for eng in list(_LIVE):
+        eng._closed = True
+        eng._forked = True
+    _forget_local_arenas()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_MAX_TIMEOUT_S = 1e6  # about 11.6 days: longer waits are a bug (and overflow the OS's timers)
 
 class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _ProgressLoop, _EngineBase):
     """A p2pkv endpoint: pushes, receives, publishes and pulls KV tensors.
@@ -108,15 +125,28 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._router.setsockopt(zmq.SNDHWM, 0)
-            self._router.setsockopt(zmq.RCVHWM, 0)
+            self._zap = None
+            self._setup_router_security()
+            # Finite queues per connection: a peer that floods requests is pushed back by TCP
+            # (RCVHWM) and one that never reads its replies loses them (SNDHWM; SNDTIMEO=0 so
+            # the I/O thread never blocks on a full queue). ZMQ heartbeats notice a dead
+            # connection even when we never dialed that peer ourselves.
+            self._router.setsockopt(zmq.SNDHWM, _ROUTER_SNDHWM)
+            self._router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
+            self._router.setsockopt(zmq.SNDTIMEO, 0)
             self._router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
+            self._router.setsockopt(zmq.HANDSHAKE_IVL, int(1000 * min(config.effective_peer_timeout_s, 5.0)))
+            self._set_keepalive(self._router)
             if ":" in config.host:
                 self._router.setsockopt(zmq.IPV6, 1)
             try:
                 self._router.bind(_zmq_endpoint(config.host, config.port or "*"))
             except zmq.ZMQError as exc:
                 raise P2pkvError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+            self._rmon = self._router.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.port = int(endpoint.rsplit(":", 1)[1])
             adv = config.advertise_host or ("127.0.0.1" if config.host in ("0.0.0.0", "*") else
@@ -144,6 +174,13 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            self._poller.register(self._zap, zmq.POLLIN)
+        self._poller.register(self._rmon, zmq.POLLIN)
+        self._probe_due: list[float] = []  # when to probe sessions for closed connections
+        self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
+        self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
+        self._conns_pending = 0  # of which the ZMTP handshake is not finished
         self._next_expire = 0.0
         self._next_tick = 0.0
         self._wake_sent = False
@@ -155,6 +192,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._completer = Completer(lambda cb, ok: (lambda m: m and m(cb, ok))(post()),
                                         name=f"p2pkv-cuda-{self.port}")
         self._closed = False
+        self._forked = False
+        _LIVE.add(self)
         self._thread = threading.Thread(target=io_main, args=(weakref.ref(self),), name=f"p2pkv-io-{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -384,9 +423,10 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._check_open()
         parse_address(peer)
         to = self._timeout(timeout)
-        w = _ConnectWaiter()
+        w = _ConnectWaiter(to)
         self._submit(("connect", peer, w))
-        if not w.event.wait(to):
+        if not w.event.wait(to + 0.5):
+            self._submit(("cancel_connect", peer, w))
             raise TransferTimeout(f"no handshake with {peer} within {to:.3g}s", peer=peer)
         if w.error is not None:
             raise w.error
@@ -426,6 +466,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._closed:
             return
         self._closed = True
+        _LIVE.discard(self)
         th = self._thread
         if th is threading.current_thread():  # collected on the I/O thread (an engine never closed)
             self._say_goodbye()
@@ -493,6 +534,9 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
 
     def _check_open(self) -> None:
         if self._closed:
+            if getattr(self, "_forked", False):
+                raise EngineClosed(f"engine {self.address} belongs to the parent process (this one was forked): "
+                                   "create a new Engine in the child")
             raise EngineClosed(f"engine {self.address} is closed")
 
     @staticmethod
@@ -503,8 +547,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
     def _timeout(self, timeout: float | None) -> float:
         if timeout is None:
             return self._cfg.timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
-            raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= _MAX_TIMEOUT_S:
+            raise ConfigError(f"timeout must be a finite number of seconds in 0..{_MAX_TIMEOUT_S:g}, got {timeout!r}")
         return float(timeout)
 
     def _out_check(self, out: torch.Tensor | None):

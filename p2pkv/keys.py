@@ -33,6 +33,10 @@ def _check_part(value: Any, what: str, limit: int) -> str:
     m = _CONTROL.search(value)
     if m:
         raise InvalidKey(f"{what} contains control character {m.group()!r} at index {m.start()}: {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: the wire (msgpack) cannot carry them
+        raise InvalidKey(f"{what} is not UTF-8 encodable ({exc.reason} at index {exc.start}): {value!r:.80}") from None
     return value
 
 
@@ -53,8 +57,8 @@ class TransferKey:
     Raises
     ------
     InvalidKey
-        If either part is not a non-empty ``str`` within its length limit, or
-        contains control characters.
+        If either part is not a non-empty ``str`` within its length limit,
+        contains control characters, or is not UTF-8 encodable (lone surrogates).
     """
 
     transfer_id: str

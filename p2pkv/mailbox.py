@@ -27,6 +27,8 @@ from .pool import Buffer
 __all__ = ["Mailbox", "Slot"]
 
 MAX_TOMBSTONES = 100_000
+MAX_PEER_TOMBSTONES = 10_000  # abort records one peer can make here
+MAX_ABORTING_PEERS = 64  # peers whose abort records are kept (least recently aborting dropped first)
 
 
 class Slot:
@@ -49,13 +51,14 @@ class Slot:
 class _Tombs:
     """Bounded, expiring map of name -> exception factory."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = 0) -> None:
         self._d: OrderedDict[object, tuple[float, Callable[[], P2pkvError]]] = OrderedDict()
+        self.cap = cap or MAX_TOMBSTONES
 
     def put(self, name: object, ttl: float, make: Callable[[], P2pkvError]) -> None:
         self._d[name] = (time.monotonic() + ttl, make)
         self._d.move_to_end(name)
-        while len(self._d) > MAX_TOMBSTONES:
+        while len(self._d) > self.cap:
             self._d.popitem(last=False)
 
     def get(self, name: object) -> P2pkvError | None:
@@ -93,10 +96,12 @@ class Mailbox:
         self._slots: dict[TransferKey, Slot] = {}
         self._by_tid: dict[str, set[TransferKey]] = {}
         self._waiting: dict[TransferKey, list] = {}  # key -> [Condition, waiter count]
-        self._aborted = _Tombs()
+        self._aborted = _Tombs()  # aborted here (by our own caller)
+        # aborted by a peer: a budget per peer, so no peer's aborts can evict our or another's records
+        self._aborted_by: OrderedDict[object, _Tombs] = OrderedDict()
         self._evicted = _Tombs()
         self._lost = _Tombs()
-        self._tid_src: dict[str, tuple[object, float]] = {}
+        self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
         self.bytes_held = 0
         self.evictions = 0
 
@@ -107,7 +112,7 @@ class Mailbox:
         to the sender (the buffer is then NOT taken: the caller releases it)."""
         with self._lock:
             tid = key.transfer_id
-            err = self._aborted.get(tid)
+            err = self._aborted_locked(tid)
             if err is not None:
                 return err
             if key in self._slots:
@@ -119,7 +124,7 @@ class Mailbox:
             self.bytes_held += buf.size
             self._evicted.pop(key)
             if src is not None:
-                self._tid_src[tid] = (src, time.monotonic())
+                self._tid_src.setdefault(tid, {})[src] = time.monotonic()
                 self._lost.pop(tid)
             w = self._waiting.get(key)
             if w is not None:
@@ -154,7 +159,7 @@ class Mailbox:
             return self._error_locked(key)
 
     def _error_locked(self, key: TransferKey) -> P2pkvError | None:
-        return (self._aborted.get(key.transfer_id) or self._evicted.get(key)
+        return (self._aborted_locked(key.transfer_id) or self._evicted.get(key)
                 or self._lost.get(key.transfer_id))
 
     def claim(self, key: TransferKey, timeout: float, check: Callable[[Slot], None] | None = None,
@@ -199,10 +204,32 @@ class Mailbox:
             if tid is None or key.transfer_id == tid:
                 w[0].notify_all()
 
-    def abort(self, tid: str, reason: str = "transfer aborted") -> list[Buffer]:
-        """Drop every key of ``tid``; return their buffers for the caller to release."""
+    def _aborted_locked(self, tid: str) -> P2pkvError | None:
+        err = self._aborted.get(tid)
+        if err is None and self._aborted_by:
+            for tombs in self._aborted_by.values():
+                err = tombs.get(tid)
+                if err is not None:
+                    break
+        return err
+
+    def abort(self, tid: str, reason: str = "transfer aborted", src: object = None) -> list[Buffer]:
+        """Drop every key of ``tid``; return their buffers for the caller to release.
+
+        ``src`` names the peer that asked (None: our own caller); each peer's abort records
+        have their own budget (:data:`MAX_PEER_TOMBSTONES`, :data:`MAX_ABORTING_PEERS` peers).
+        """
         with self._lock:
-            self._aborted.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
+            if src is None:
+                tombs = self._aborted
+            else:
+                tombs = self._aborted_by.get(src)
+                if tombs is None:
+                    tombs = self._aborted_by[src] = _Tombs(MAX_PEER_TOMBSTONES)
+                    while len(self._aborted_by) > MAX_ABORTING_PEERS:
+                        self._aborted_by.popitem(last=False)
+                self._aborted_by.move_to_end(src)
+            tombs.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             bufs = [self._drop_tid_locked(tid)]
             self._wake_tid_locked(tid)
         return bufs[0]
@@ -224,7 +251,7 @@ class Mailbox:
     def expect(self, tid: str, src: object) -> None:
         """Note that ``src`` is sending transfer ``tid`` (so losing it fails the waits at once)."""
         with self._lock:
-            self._tid_src[tid] = (src, time.monotonic())
+            self._tid_src.setdefault(tid, {})[src] = time.monotonic()
             self._lost.pop(tid)
 
     def fail_transfer(self, tid: str, make_error: Callable[[], P2pkvError]) -> None:
@@ -237,15 +264,26 @@ class Mailbox:
             self._tid_src.pop(tid, None)
             self._wake_tid_locked(tid)
 
-    def source_lost(self, src: object, make_error: Callable[[], P2pkvError]) -> list[str]:
-        """Fail waits for missing keys of every transfer that ``src`` was sending."""
+    def source_lost(self, src: object, make_error: Callable[[], P2pkvError], clean: bool = False) -> list[str]:
+        """Fail waits for missing keys of every transfer that ``src`` was sending.
+
+        Every sender of a transfer is tracked: a sender that was lost (killed, silent)
+        fails the transfer's waits at once; one that closed cleanly (``clean``) does so
+        only if it was the transfer's last sender, so another producer's keys still come.
+        Returns the transfer ids whose waits failed.
+        """
         with self._lock:
-            tids = [tid for tid, (s, _) in self._tid_src.items() if s == src]
-            for tid in tids:
+            failed = []
+            for tid in [t for t, srcs in self._tid_src.items() if src in srcs]:
+                srcs = self._tid_src[tid]
+                del srcs[src]
+                if clean and srcs:
+                    continue
                 self._lost.put(tid, self.tomb_s, make_error)
                 del self._tid_src[tid]
                 self._wake_tid_locked(tid)
-        return tids
+                failed.append(tid)
+        return failed
 
     def expire(self, now: float | None = None) -> list[Buffer]:
         """Evict data older than the TTL; return the buffers to release."""
@@ -260,10 +298,13 @@ class Mailbox:
                 k = slot.key
                 self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
                     f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
-            for tid in [t for t, (_, ts) in self._tid_src.items() if ts < cutoff and t not in self._by_tid]:
+            for tid in [t for t, srcs in self._tid_src.items()
+                        if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]
-            for tombs in (self._aborted, self._evicted, self._lost):
+            for tombs in (self._aborted, self._evicted, self._lost, *self._aborted_by.values()):
                 tombs.expire(now)
+            for src in [s for s, t in self._aborted_by.items() if not len(t)]:
+                del self._aborted_by[src]
         return out
 
     def fail_all(self, make_error: Callable[[], P2pkvError]) -> list[Buffer]:

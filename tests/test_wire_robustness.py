@@ -20,10 +20,13 @@ V = PROTOCOL_VERSION
 class Raw:
     """A hand-driven DEALER talking to an engine's ROUTER."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, plain: str | None = None):
         self.ctx = zmq.Context()
         self.s = self.ctx.socket(zmq.DEALER)
         self.s.setsockopt(zmq.LINGER, 0)
+        if plain is not None:  # the engine's auth_token travels as a ZMQ PLAIN password
+            self.s.setsockopt(zmq.PLAIN_USERNAME, b"p2pkv")
+            self.s.setsockopt(zmq.PLAIN_PASSWORD, plain.encode())
         self.s.connect(f"tcp://{address}")
 
     def send(self, *frames: bytes) -> None:
@@ -33,6 +36,13 @@ class Raw:
         assert self.s.poll(int(timeout * 1000)), "no reply"
         frames = self.s.recv_multipart()
         return decode(frames[0])
+
+    def credit(self, n: int = 1 << 16) -> int:
+        """Ask for ``n`` bytes of credit, as an honest sender does before pushing data."""
+        self.send(encode("creq", need=n, want=n))
+        rep = self.reply()
+        assert rep["t"] == "grant", rep
+        return rep["n"]
 
     def hello(self, tok=None) -> dict:
         fields = dict(eid="raw", host="h", pid=1, dev="cpu", caps={})
@@ -115,6 +125,7 @@ def test_bad_data_messages_are_nacked(eng, hdr, payload, code):
     raw = Raw(e.address)
     try:
         raw.hello()
+        raw.credit()
         raw.send(hdr, payload)
         rep = raw.reply()
         assert rep["t"] in ("nack", "err") and rep["code"] == code and rep["seq"] == 1, rep
@@ -151,19 +162,20 @@ def test_requests_before_hello_are_refused(eng):
 
 
 def test_wrong_auth_token_gets_nothing():
+    # With auth_token the ROUTER is a ZMQ PLAIN server: a peer without the token is refused in the
+    # handshake, so its hello, pull or abort is never even read (no reply at all).
     with Engine(**dict(FAST, auth_token="right")) as e, Engine(**dict(FAST, auth_token="right")) as peer:
         e.publish(TransferKey("secret", "0"), torch.ones(4))
-        raw = Raw(e.address)
-        try:
-            for tok in (None, "wrong", "righ", "right" + "x"):
-                rep = raw.hello(tok)
-                assert rep["t"] == "err" and rep["code"] == "auth"
-            raw.send(encode("pull", seq=1, key=["secret", "0"], to=1.0, x="tcp"))
-            assert raw.reply()["code"] == "no_session"
-            raw.send(encode("abort", tid="secret"))
-            assert raw.reply()["code"] == "no_session"
-        finally:
-            raw.close()
+        for tok in (None, "wrong", "righ", "right" + "x"):
+            raw = Raw(e.address, plain=tok)
+            try:
+                raw.send(encode("hello", eid="raw", host="h", pid=1, dev="cpu", caps={}, tok=tok or "x"))
+                raw.send(encode("pull", seq=1, key=["secret", "0"], to=1.0, x="tcp"))
+                raw.send(encode("abort", tid="secret"))
+                assert not raw.s.poll(300), "an unauthenticated peer got an answer"
+            finally:
+                raw.close()
+        assert e.stats()["auth_failures"] >= 4
         assert e.stats()["outbox"]["held"] == 1  # nothing was pulled or aborted
         assert torch.equal(peer.pull(e.address, TransferKey("secret", "0"), timeout=5), torch.ones(4))
 
@@ -205,9 +217,12 @@ def test_out_of_order_and_replayed_messages(eng):
         raw.hello()
         raw.send(encode("pdone", seq=99))            # never pulled
         raw.send(encode("cret", n=2**40))             # returns credit it never had
-        raw.send(encode("creq", need=2**60, want=2**60))  # can never be granted
+        raw.send(encode("creq", need=2**60, want=2**60))  # can never be granted: refused at once
+        rep = raw.reply()
+        assert rep["t"] == "err" and rep["code"] == "pool_exhausted", rep
         raw.send(encode("ping"))
         assert raw.reply()["t"] == "pong"
+        raw.credit()
         # replay of another peer's seq numbers: acks cannot be forged toward us
         raw.send(data_hdr(seq=1), b"\0" * 16)
         assert raw.reply()["t"] == "ack"

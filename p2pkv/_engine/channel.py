@@ -4,8 +4,10 @@ transport choice, liveness), one ROUTER for peers that dial us; message dispatch
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
+import socket as _socket
 import time
 import uuid
 from typing import Any
@@ -15,13 +17,14 @@ import zmq
 
 from .. import _trace
 from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from ..errors import (AuthError, P2pkvError, PeerLost, TransferAborted,
+from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, TransferAborted,
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_LOCAL_EVENTS, _ConnectWaiter, _Peer,
+from .state import (_DEALER_RCVHWM, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter,
+                    _Peer, _local_proof,
                     _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
                     parse_address)
 from .base import _EngineBase
@@ -35,36 +38,219 @@ class _Channel(_EngineBase):
         if peer is not None:
             return peer
         host, port = parse_address(addr)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if ":" in host:
-            sock.setsockopt(zmq.IPV6, 1)
-        mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(_zmq_endpoint(host, port))
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:  # EMFILE: out of file descriptors
+            raise TransportError(f"cannot open a socket to {addr}: {exc}", peer=addr) from None
+        mon = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # SNDHWM stays unbounded: what we queue to a peer is bounded by its credit and our
+            # callers' deadlines, and a full queue would block the I/O thread.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            # never block the I/O thread: a DEALER whose handshake was refused has no pipe left and
+            # a blocking send would wait forever (zmq.Again is raised instead; the monitor reports why)
+            sock.setsockopt(zmq.SNDTIMEO, 0)
+            sock.setsockopt(zmq.RCVHWM, _DEALER_RCVHWM)
+            sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
+            sock.setsockopt(zmq.RECONNECT_IVL, 50)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._set_keepalive(sock)
+            self._set_client_security(sock)
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                          | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            sock.connect(_zmq_endpoint(host, port))
+        except zmq.ZMQError as exc:
+            if mon is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                mon.close(0)
+            sock.close(0)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                raise TransportError(f"cannot open a connection to {addr}: {exc}", peer=addr) from None
+            raise InvalidAddress(f"cannot connect to {addr!r:.100}: {exc}") from None
         peer = _Peer(addr, sock, mon)
         self._peers[addr] = peer
         self._peer_by_sock[sock] = peer
         self._peer_by_mon[mon] = peer
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(mon, zmq.POLLIN)
-        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
-                 "caps": self._caps()}
-        if self._cfg.auth_token is not None:
-            hello["tok"] = self._cfg.auth_token
-        sock.send(encode("hello", **hello))
+        try:
+            sock.send(encode("hello", **self._hello()))
+        except zmq.Again:  # refused already (the monitor's handshake event fails the peer)
+            pass
         peer.last_tx = time.monotonic()
         self._stats.add("connections")
         return peer
 
+    def _is_self(self, peer: _Peer) -> bool:
+        """True when ``peer`` is this very engine (it dialed itself): its id alone is a claim anyone
+        can make, so the caps must also carry the proof only this process can compute."""
+        proof = peer.caps.get("local") if isinstance(peer.caps, dict) else None
+        return (peer.eid == self.eid and isinstance(proof, str)
+                and hmac.compare_digest(proof, _local_proof(self.eid)))
+
+    def _hello(self) -> dict[str, Any]:
+        hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
+                 "caps": self._caps()}
+        if self._cfg.auth_token is not None:
+            hello["tok"] = self._cfg.auth_token
+        return hello
+
+    def _set_keepalive(self, sock: zmq.Socket) -> None:
+        """ZMQ heartbeats and TCP keepalive: a dead or killed peer's connection closes within
+        ``peer_timeout_s`` on both sides, also where we never dialed it ourselves."""
+        cfg = self._cfg
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(1000 * cfg.effective_heartbeat_s)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(1000 * cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(1000 * cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(cfg.effective_peer_timeout_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(cfg.effective_heartbeat_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+
+    def _setup_router_security(self) -> None:
+        """With ``auth_token``: the ROUTER is a ZMQ PLAIN server checked by our own ZAP handler
+        (polled on the I/O thread), so a peer without the token is refused in the ZMTP
+        handshake, before any of its message frames is read or buffered."""
+        cfg = self._cfg
+        if cfg.auth_token is None and cfg.curve_secret_key is None:
+            return
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind(_ZAP_ENDPOINT)
+        self._router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
+        if cfg.curve_secret_key is not None:  # strong mode: CurveZMQ, both ends authenticated, encrypted
+            from zmq.utils import z85
+
+            self._curve_allowed = {z85.decode(k) for k in (cfg.curve_allowed_keys or (cfg.curve_public_key,))}
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
+        else:
+            self._router.setsockopt(zmq.PLAIN_SERVER, 1)
+
+    def _set_client_security(self, sock: zmq.Socket) -> None:
+        cfg = self._cfg
+        if cfg.curve_secret_key is not None:  # the server's key is pinned: a fake engine cannot answer
+            sock.setsockopt(zmq.CURVE_SERVERKEY, (cfg.curve_server_key or cfg.curve_public_key).encode())
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, cfg.curve_public_key.encode())
+            sock.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
+        elif cfg.auth_token is not None:
+            sock.setsockopt(zmq.PLAIN_USERNAME, _PLAIN_USER)
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self._cfg.auth_token.encode())
+
+    def _pump_zap(self) -> None:
+        """Answer ZAP requests (RFC 27): accept a PLAIN handshake only with our token, a CURVE
+        one only from an allowed client key."""
+        tok = self._cfg.auth_token.encode() if self._cfg.auth_token is not None else None
+        for _ in range(256):
+            try:
+                frames = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            req_id = frames[1] if len(frames) > 1 else b""
+            if self._cfg.curve_secret_key is not None:
+                ok = (len(frames) >= 7 and frames[0] == b"1.0" and frames[5] == b"CURVE"
+                      and frames[6] in self._curve_allowed)
+            else:
+                ok = (tok is not None and len(frames) >= 8 and frames[0] == b"1.0" and frames[5] == b"PLAIN"
+                      and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
+            if not ok:
+                self._stats.add("auth_failures")
+            self._zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
+                                      b"OK" if ok else b"wrong or missing auth_token", b"", b""])
+
+    def _sessionless_reply_ok(self) -> bool:
+        """A token bucket for error replies to peers without a session (100/s, bursts of 200):
+        a flood of requests before hello cannot make us queue replies without bound."""
+        now = time.monotonic()
+        last, tokens = getattr(self, "_noses_bucket", (now, 200.0))
+        tokens = min(200.0, tokens + (now - last) * 100.0)
+        ok = tokens >= 1.0
+        self._noses_bucket = (now, tokens - 1.0 if ok else tokens)
+        if not ok:
+            self._stats.add("replies_suppressed")
+        return ok
+
+    def _pump_router_monitor(self) -> None:
+        """Connections into our ROUTER: count them, and the handshakes refused."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        for _ in range(1024):
+            try:
+                evt = recv_monitor_message(self._rmon, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            e = evt["event"]
+            if e == zmq.EVENT_ACCEPTED:
+                self._conns += 1
+                self._conns_pending += 1
+                self._on_accepted(evt["value"])
+            elif e == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._conns_pending = max(0, self._conns_pending - 1)
+            elif e in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._conns_pending = max(0, self._conns_pending - 1)
+                self._stats.add("handshakes_refused")
+                if (self._cfg.auth_token is not None or self._cfg.curve_secret_key is not None) \
+                        and e != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self._stats.add("auth_failures")  # no or another mechanism (ZAP counts the rest)
+            elif e == zmq.EVENT_DISCONNECTED:
+                self._conns = max(0, self._conns - 1)
+                self._conn_fds.pop(evt["value"], None)
+                # Which session was it? ZMQ does not say: probe them all shortly (a routed send
+                # to a closed connection fails), so a killed sender is noticed at once.
+                if self._sessions and not self._probe_due:
+                    self._probe_due = [time.monotonic() + 0.02, time.monotonic() + 0.25]
+
+    def _probe_sessions(self, now: float) -> None:
+        """Drop the sessions whose connection is gone (found by a harmless routed ``pong``)."""
+        if not self._probe_due or now < self._probe_due[0]:
+            return
+        self._probe_due.pop(0)
+        for sess in list(self._sessions.values()):
+            try:
+                self._router.send_multipart([sess.ident, encode("pong")])
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._lose_session(sess, "its connection closed")
+
+    def _on_accepted(self, fd: int) -> None:
+        """Shut down a new connection when too many were opened within the handshake interval
+        (an idle-connection flood must not take every file descriptor of the process)."""
+        now = time.monotonic()
+        window = min(self._cfg.effective_peer_timeout_s, 5.0)
+        fds = self._conn_fds
+        if len(fds) > 64:
+            for f in [f for f, t in fds.items() if now - t > window]:
+                del fds[f]  # older ones finished (or failed) their handshake by now
+        fds[fd] = now
+        if len(fds) <= self._cfg.max_pending_connections:
+            return
+        del fds[fd]
+        try:  # shutdown (not close: the fd is ZMQ's) makes ZMQ drop the connection at once
+            dup = _socket.socket(fileno=os.dup(fd))
+            try:
+                if dup.getsockname()[1] != self.port:
+                    return  # the fd was closed and reused meanwhile: not ours to judge
+                info = dup.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+                if len(info) >= 136 and int.from_bytes(info[128:136], "little") >= 64:
+                    return  # it sent a whole ZMTP greeting: a peer in its handshake, not an idle socket
+                dup.shutdown(_socket.SHUT_RDWR)
+                self._stats.add("connections_shed")
+            finally:
+                dup.close()
+        except OSError:
+            pass
+
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
-                                "dev": str(self._device), "pid": os.getpid()}
+                                "dev": str(self._device), "pid": os.getpid(), "local": _local_proof(self.eid)}
         if self._ipc_handle is not None:
             caps["transports"].append("ipc")
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
@@ -129,9 +315,10 @@ class _Channel(_EngineBase):
         if peer.ready:
             self._stats.add("peers_lost")
             log.info("peer %s lost: %s (%d transfers failed)", peer.addr, make_error(), n)
-            # The same engine's connection into our ROUTER is dead too.
-            for sess in [s for s in self._sessions.values() if s.eid == peer.eid]:
-                self._lose_session(sess, "peer lost")
+            # Sessions are not dropped by the engine id the peer claimed (anyone can claim any id):
+            # a session ends on its own connection's close, silence or bye.
+            if self._sessions and not self._probe_due:
+                self._probe_due = [time.monotonic() + 0.02, time.monotonic() + 0.25]
 
     def _cmd_connect(self, addr: str, w: _ConnectWaiter) -> None:
         peer = self._get_peer(addr)
@@ -159,6 +346,8 @@ class _Channel(_EngineBase):
             except P2pkvError as exc:
                 self._stats.add("protocol_errors")
                 log.warning("bad reply from %s: %s", peer.addr, exc)
+            except Exception:  # a bug or a hostile reply must not stop the engine
+                self._internal_error(f"a reply from {peer.addr}")
             finally:
                 if peer.addr in self._peers:
                     _drain(sock)
@@ -217,6 +406,11 @@ class _Channel(_EngineBase):
             peer.credit += msg["n"]
             peer.creq_pending = False
             self._pump_sends(peer)
+        elif t == "crev":  # the receiver wants idle credit back for other senders
+            r = min(msg["n"], peer.credit)
+            peer.credit -= r
+            peer.sock.send(encode("cret", n=r))
+            peer.last_tx = time.monotonic()
         elif t == "pdata":
             self._on_pdata(peer, msg)
         elif t == "perr":
@@ -224,7 +418,8 @@ class _Channel(_EngineBase):
             if pull is not None:
                 pull.finish(error=error_from_code(msg["code"], msg["msg"], key=pull.key, peer=peer.addr))
         elif t == "abort":
-            self._do_abort(msg["tid"], broadcast=False, reason=f"transfer aborted by peer {peer.addr}")
+            tid = validate_transfer_id(msg["tid"])
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {peer.addr}", src=peer.addr)
         elif t == "nok":
             pass  # the peer is joining the communicator; readiness shows in poll()
         elif t in ("ogrant", "oerr", "odone"):
@@ -270,6 +465,22 @@ class _Channel(_EngineBase):
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
                 return
+            if evt["event"] == zmq.EVENT_CONNECTED:
+                peer.connects += 1
+                if peer.connects > 1 and not peer.ready:
+                    # a reconnect before the handshake finished (the listener shed or lost our first
+                    # connection): our hello may have gone with it, so say it again
+                    try:
+                        peer.sock.send(encode("hello", **self._hello()))
+                        peer.last_tx = time.monotonic()
+                    except zmq.Again:
+                        pass
+            if evt["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                # (a connection closed mid-handshake, NO_DETAIL, is only retried: the peer may be busy)
+                self._lose_peer(peer, lambda: AuthError(
+                    "the peer refused our handshake: wrong or missing auth_token or CURVE key (both engines "
+                    "must use the same security mode and credentials)", peer=peer.addr))
+                return
 
     def _pump_router(self) -> None:
         r = self._router
@@ -292,7 +503,14 @@ class _Channel(_EngineBase):
                 log.exception("internal error handling a request")
                 self._reply(ident, "err", code="error", msg=f"internal error: {type(exc).__name__}")
             finally:
-                _drain(r)
+                extra = _drain(r)
+                if extra > 1:  # no request carries more than one frame after its header
+                    self._stats.add("protocol_errors")
+                    sess = self._sessions.get(ident)
+                    if sess is not None:
+                        self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
+                                    "session dropped")
+                        self._lose_session(sess, "multipart flood")
         self._flush_acks()
 
     def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
@@ -335,7 +553,7 @@ class _Channel(_EngineBase):
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
         if sess is None:
-            if t not in ("bye", "pong"):
+            if t not in ("bye", "pong") and self._sessionless_reply_ok():
                 self._reply(ident, "err", code="no_session", msg="no session: send hello first",
                             seq=_valid_seq(msg.get("seq")))
             return
@@ -345,17 +563,25 @@ class _Channel(_EngineBase):
         elif t == "data":
             self._on_data(sess, msg)
         elif t == "creq":
-            sess.creq = (msg["need"], msg["want"])
+            need = msg["need"]
+            limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
+            if need > limit:  # can never be met: refused at once instead of blocking other senders
+                sess.creq = None
+                self._reply(ident, "err", code="pool_exhausted",
+                            msg=f"credit request of {need} bytes exceeds the credit window ({limit} bytes)")
+                return
+            sess.creq = (need, msg["want"])
             sess.creq_t = time.monotonic()
             self._grant_credit()
         elif t == "cret":
             sess.outstanding -= min(msg["n"], sess.outstanding)
+            sess.revoking = 0.0
             self._grant_credit()
         elif t == "pull":
             self._on_pull(sess, msg)
         elif t == "abort":
             tid = validate_transfer_id(msg["tid"])
-            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident)
+            self._do_abort(tid, broadcast=False, reason=f"transfer aborted by peer {sess}", skip=ident, src=ident)
         elif t == "bye":
             self._lose_session(sess, "peer closed its engine")
         elif t == "pdone":
@@ -391,7 +617,8 @@ class _Channel(_EngineBase):
             self._lent.pop(k)[0].release()
         sess.nccl_backlog.clear()
         eid = sess.eid
-        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"))
+        tids = self._inbox.source_lost(sess.ident, lambda: PeerLost(f"sending peer {eid} lost: {reason}"),
+                                       clean=reason == "peer closed its engine")
         if reason != "peer said hello again":
             self._stats.add("sessions_lost")
         log.info("session %s ended (%s); %d transfer(s) affected", sess, reason, len(tids))

@@ -61,7 +61,7 @@ class _CommManager(_EngineBase):
         if state == "failed":
             self._loop_comm = None
             for peer in self._peers.values():
-                if peer.eid == self.eid:
+                if self._is_self(peer):
                     self._fail_nccl(peer, "push", TransportError(comm.error or "NCCL loopback failed"))
         return None
 

@@ -26,8 +26,17 @@ from .base import _EngineBase
 class _ProgressLoop(_EngineBase):
     """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
 
-    def _loop_once(self, events: dict[Any, int]) -> bool:
-        """One turn of the progress loop (I/O thread) after a poll; True when the engine stops."""
+
+    def _internal_error(self, where: str) -> None:
+        """Count (and log, at most once a second) an unexpected exception caught on the I/O thread."""
+        self._stats.add("internal_errors")
+        now = time.monotonic()
+        if now - getattr(self, "_last_internal_log", 0.0) >= 1.0:
+            self._last_internal_log = now
+            log.exception("p2pkv internal error in %s (the engine keeps running)", where)
+
+    def _step(self, events: dict) -> bool:
+        """One pass of the loop over the polled ``events``; True when the engine stops."""
         if self._wake_r in events:
             try:
                 while os.read(self._wake_r, 4096):
@@ -43,6 +52,10 @@ class _ProgressLoop(_EngineBase):
             self._flush_acks()
         if self._router in events:
             self._pump_router()
+        if self._zap is not None and self._zap in events:
+            self._pump_zap()
+        if self._rmon in events:
+            self._pump_router_monitor()
         for sock in list(events):
             peer = self._peer_by_sock.get(sock)
             if peer is not None:
@@ -82,7 +95,14 @@ class _ProgressLoop(_EngineBase):
                 elif op == "cancel_pull":
                     peer = self._peers.get(cmd[1])
                     if peer is not None:
-                        peer.pulls.pop(cmd[2].seq, None)
+                        if peer.pulls.get(cmd[2].seq) is cmd[2]:
+                            del peer.pulls[cmd[2].seq]
+                        if cmd[2] in peer.pull_waiting:  # never sent later
+                            peer.pull_waiting.remove(cmd[2])
+                elif op == "cancel_connect":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None and cmd[2] in peer.connect_waiters:
+                        peer.connect_waiters.remove(cmd[2])
                 elif op == "connect":
                     self._cmd_connect(cmd[1], cmd[2])
                 elif op == "published":
@@ -104,12 +124,50 @@ class _ProgressLoop(_EngineBase):
                     self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
                 elif op == "odone":
                     self._request_done(cmd[1])
-            except P2pkvError as exc:  # pragma: no cover - defensive
+            except P2pkvError as exc:
                 log.warning("command %s failed: %s", op, exc)
-            except Exception:  # a bug in one command must not stop the engine
-                self._stats.add("internal_errors")
-                log.exception("command %s failed", op)
+                self._fail_command(cmd, lambda exc=exc: exc)
+            except Exception as exc:  # a bug in one command must not stop the engine
+                self._internal_error(f"command {op}")
+                err = f"internal error: {type(exc).__name__}: {exc}"[:300]
+                self._fail_command(cmd, lambda err=err: P2pkvError(err))
         return False
+
+    def _fail_command(self, cmd: tuple, make_error) -> None:
+        """Fail the caller's work item carried by ``cmd`` (so no handle or wait stays pending)."""
+        try:
+            op = cmd[0]
+            if op == "send":
+                item = cmd[2]
+                for peer in self._peers.values():
+                    if item in peer.queue:
+                        peer.queue.remove(item)
+                    if peer.inflight.get(item.seq) is item:
+                        del peer.inflight[item.seq]
+                self._finish_send(item, TransferState.FAILED, make_error())
+            elif op == "pull":
+                item = cmd[2]
+                for peer in self._peers.values():
+                    if peer.pulls.get(item.seq) is item:
+                        del peer.pulls[item.seq]
+                    if item in peer.pull_waiting:
+                        peer.pull_waiting.remove(item)
+                item.finish(error=make_error())
+            elif op == "connect":
+                w = cmd[2]
+                for peer in self._peers.values():
+                    if w in peer.connect_waiters:
+                        peer.connect_waiters.remove(w)
+                w.error = make_error()
+                w.event.set()
+            elif op == "offer":
+                req = cmd[2]
+                for peer in self._peers.values():
+                    if req in peer.req_waiting:
+                        peer.req_waiting.remove(req)
+                req._set(RequestState.FAILED, make_error())
+        except Exception:  # pragma: no cover - never let cleanup stop the loop
+            self._internal_error("failing a command")
 
     def _post_gpu(self, callback, ok: bool) -> None:
         """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
@@ -126,9 +184,15 @@ class _ProgressLoop(_EngineBase):
         else:
             self._completer.add(event, lambda ok: buf.release(), time.monotonic() + 3600)
 
-    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None) -> None:
-        for buf in self._inbox.abort(tid, reason) + self._outbox.abort(tid, reason):
+    def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None,
+                  src: object = None) -> None:
+        for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
+        if broadcast:  # decided before the work is failed below: who carried this transfer
+            # every peer we dialed (we chose them; a consumer may wait for keys not sent yet),
+            # but of the peers that dialed us only those whose session carried the transfer
+            tell_peers = [p for p in self._peers.values() if p.ready]
+            tell_sessions = [s for s in self._sessions.values() if s.ident != skip and self._session_carries(s, tid)]
         for inc in [i for i in self._incoming.values() if i.transfer_id == tid and not i.failed]:
             if not inc.admitted:
                 try:
@@ -161,12 +225,25 @@ class _ProgressLoop(_EngineBase):
                 keep.append(pp)
         self._parked = keep
         if broadcast:
-            for peer in self._peers.values():
-                if peer.ready:
+            for peer in tell_peers:
+                if self._peers.get(peer.addr) is peer:
                     peer.sock.send(encode("abort", tid=tid))
-            for sess in self._sessions.values():
-                if sess.ident != skip:
+            for sess in tell_sessions:
+                if self._sessions.get(sess.ident) is sess:
                     self._reply(sess.ident, "abort", tid=tid)
+
+    @staticmethod
+    def _note_tid(holder: Any, tid: str) -> None:
+        """Remember that ``holder`` (a peer or session) carried transfer ``tid`` (bounded)."""
+        tids = holder.tids
+        tids[tid] = None
+        tids.move_to_end(tid)
+        if len(tids) > 4096:
+            tids.popitem(last=False)
+
+    def _session_carries(self, sess: Any, tid: str) -> bool:
+        return (tid in sess.tids or any(pp.sess is sess and pp.key.transfer_id == tid for pp in self._parked)
+                or any(i.sess is sess and i.transfer_id == tid for i in self._incoming.values()))
 
     def _tick_gpu(self, now: float) -> None:
         for peer in list(self._peers.values()):
@@ -184,10 +261,6 @@ class _ProgressLoop(_EngineBase):
                 self._pump_sends(peer)
             if peer.req_waiting and peer.ready:
                 self._pump_offers(peer)
-            for pull in [p for p in peer.pull_waiting if p.deadline < now]:
-                peer.pull_waiting.remove(pull)
-                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
-                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
         if any(sess.offers for sess in self._sessions.values()):
             self._admit()
         for sess in list(self._sessions.values()):
@@ -245,12 +318,27 @@ class _ProgressLoop(_EngineBase):
                     "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
             if peer.req_waiting or peer.reqs:
                 self._tick_requests(peer, now)
+            for pull in [p for p in peer.pull_waiting if p.deadline < now or p.event.is_set()]:
+                peer.pull_waiting.remove(pull)  # on every engine (CPU too): never sent after its deadline
+                pull.finish(error=TransferTimeout("pull could not start before its deadline (no connection or "
+                                                  "NCCL communicator)", key=pull.key, peer=peer.addr))
+            if peer.connect_waiters:
+                for w in [w for w in peer.connect_waiters if w.deadline < now or w.event.is_set()]:
+                    peer.connect_waiters.remove(w)
+                    if not w.event.is_set():
+                        w.error = TransferTimeout(f"no handshake with {peer.addr} before the deadline",
+                                                  peer=peer.addr)
+                        w.event.set()
             for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.deadline + 0.25 < now]:
                 del peer.pulls[seq]
                 pull.finish(error=TransferTimeout(f"pull got no data within {pull.timeout:.3g}s", key=pull.key,
                                                   peer=peer.addr))
         if self._incoming:
             self._tick_incoming(now)
+        if self._probe_due:
+            self._probe_sessions(now)
+        if any(s.creq is not None for s in self._sessions.values()):
+            self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:
@@ -367,6 +455,13 @@ class _ProgressLoop(_EngineBase):
         if self._pinned is not None:
             self._pinned.close()
         try:
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._rmon.close(0)
+            if self._zap is not None:
+                self._zap.close(0)
             self._router.close(0)
             self._ctx.destroy(linger=0)
         finally:
@@ -403,11 +498,10 @@ def io_main(wref: Any) -> None:
         if eng is None:
             return
         try:
-            stop = eng._loop_once(events)
-        except Exception:  # pragma: no cover - a bug: fail loudly, never hang callers
-            log.exception("p2pkv I/O thread crashed; failing all pending transfers")
-            eng._closed = True
-            stop = True
+            stop = eng._step(events)
+        except Exception:  # a bug or a hostile message must never stop the engine
+            eng._internal_error("the I/O loop")
+            stop = False
         if stop:
             eng._fail_everything(lambda eng=eng: EngineClosed(f"engine {eng.address} closed"))
             return

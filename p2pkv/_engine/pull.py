@@ -12,11 +12,12 @@ import zmq
 
 from .. import _tensors as T
 from ..control.messages import encode
-from ..errors import (P2pkvError, PeerLost, ProtocolError, ShapeMismatch, TransportError)
+from ..errors import (P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch, TransferTimeout,
+                      TransportError)
 from ..keys import TransferKey
 from ..mailbox import Slot
 from ..transport import tcp
-from .state import (_LOCAL_ARENAS, _ParkedPull, _Peer,
+from .state import (_ParkedPull, _Peer, _local_arena,
                     _PullItem, _Session, log)
 from .base import _EngineBase
 
@@ -39,8 +40,12 @@ class _PullPath(_EngineBase):
         return peer.xport
 
     def _send_pull(self, peer: _Peer, item: _PullItem) -> None:
+        if item.event.is_set() or item.deadline <= time.monotonic():
+            item.finish(error=TransferTimeout("pull could not start before its deadline", key=item.key,
+                                              peer=peer.addr))
+            return  # timed out or cancelled while waiting: never sent later
         x = self._pull_transport(peer, item)
-        if x == "nccl" and peer.eid == self.eid:
+        if x == "nccl" and self._is_self(peer):
             x = "ipc" if self._ipc_handle is not None else "tcp"  # a pull from ourselves needs no NCCL
         if x == "nccl":
             comm = self._peer_comm(peer, "pull")
@@ -71,9 +76,17 @@ class _PullPath(_EngineBase):
             n = msg["n"]
             if key != pull.key or n != T.nbytes_of(dtype, shape):
                 raise ProtocolError(f"pulled data does not match the request (key {key}, {n} bytes)")
-            dst = pull.out if pull.out is not None else torch.empty(shape, dtype=dtype, device=self._device)
+            if n > self._cfg.max_message_bytes:  # checked before anything is allocated
+                raise ProtocolError(f"pulled data of {n} bytes exceeds max_message_bytes="
+                                    f"{self._cfg.max_message_bytes}")
             if pull.out is not None:
-                T.check_out(dst, self._device, dtype, shape)
+                T.check_out(pull.out, self._device, dtype, shape)
+                dst = pull.out
+            else:
+                try:
+                    dst = torch.empty(shape, dtype=dtype, device=self._device)
+                except RuntimeError as exc:  # out of memory
+                    raise PoolExhausted(f"cannot allocate {n} bytes for pulled data: {exc}"[:300]) from None
             if x == "tcp":
                 if not peer.sock.getsockopt(zmq.RCVMORE):
                     raise ProtocolError("pulled data lacks its payload frame")
@@ -88,9 +101,13 @@ class _PullPath(_EngineBase):
                 self._pull_nccl(peer, pull, dst, n)
             else:
                 raise ProtocolError(f"unknown transport {x!r:.20} in pulled data")
-        except P2pkvError as exc:
+        except Exception as exc:
             if x == "ipc":
                 peer.sock.send(encode("pdone", seq=msg["seq"]))
+            if not isinstance(exc, P2pkvError):
+                self._internal_error("pulled data")
+                exc = ProtocolError(f"pulled data could not be received: {type(exc).__name__}: {exc}"[:300],
+                                    key=pull.key, peer=peer.addr)
             pull.finish(error=exc)
 
     def _pull_ipc(self, peer: _Peer, pull: _PullItem, msg: dict[str, Any], dst: torch.Tensor, n: int) -> None:
@@ -138,7 +155,7 @@ class _PullPath(_EngineBase):
         if not isinstance(desc, dict) or not isinstance(desc.get("off"), int) or isinstance(desc.get("off"), bool):
             raise ProtocolError("IPC descriptor must be {'off': int}")
         off = desc["off"]
-        local = _LOCAL_ARENAS.get(eid)
+        local = _local_arena(eid, caps)
         if local is not None:
             if off < 0 or off + n > local.numel():
                 raise ProtocolError(f"IPC range [{off}, {off + n}) outside the peer's arena")
@@ -170,14 +187,19 @@ class _PullPath(_EngineBase):
         except P2pkvError as exc:
             self._reply(sess.ident, "perr", seq=seq, code=exc.code, msg=str(exc)[:500])
             return
+        self._note_tid(sess, key.transfer_id)
         x = msg["x"]
         if x not in ("tcp", "ipc", "nccl") or (x == "ipc" and self._ipc_handle is None) \
                 or (x == "nccl" and not self._nccl_ok):
             self._reply(sess.ident, "perr", seq=seq, code="transport",
                         msg=f"transport {x!r:.20} is not available on this engine")
             return
-        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(float(msg["to"]), self._cfg.timeout_s * 4), dt, sh,
-                         x)
+        to = float(msg["to"])
+        if not 0.0 <= to < float("inf"):  # NaN, negative or infinite: would never expire
+            self._reply(sess.ident, "perr", seq=seq, code="protocol", msg=f"pull timeout must be finite and >= 0, "
+                        f"got {to!r}")
+            return
+        pp = _ParkedPull(sess, seq, key, time.monotonic() + min(to, self._cfg.timeout_s * 4), dt, sh, x)
         if not self._try_serve(pp):
             self._parked.append(pp)
 

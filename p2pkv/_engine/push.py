@@ -20,7 +20,7 @@ from ..handles import TransferState
 from ..keys import TransferKey
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
-from .state import (_Peer,
+from .state import (_MAX_CREDIT_VIOLATIONS, _Peer,
                     _SendItem, _Session, log)
 from .base import _EngineBase
 
@@ -57,7 +57,7 @@ class _PushPath(_EngineBase):
         while peer.queue:
             item = peer.queue[0]
             x = self._item_transport(peer, item)
-            loop_nccl = x == "nccl" and peer.eid == self.eid
+            loop_nccl = x == "nccl" and self._is_self(peer)
             comm = None
             if x == "nccl":
                 comm = self._loopback_comm() if loop_nccl else self._peer_comm(peer, "push")
@@ -247,6 +247,7 @@ class _PushPath(_EngineBase):
             nack(exc)
             return
         _trace.mark("rx.hdr", key)
+        self._note_tid(sess, key.transfer_id)
         n = msg["n"]
         if n != T.nbytes_of(dtype, shape):
             nack(ProtocolError(f"n={n} does not match dtype {msg['dt']} and shape {shape}"))
@@ -266,9 +267,21 @@ class _PushPath(_EngineBase):
             return
         fp = BufferPool.footprint(n)
         if fp > sess.outstanding:
+            # Credit is enforced, not only counted: data beyond what we granted is refused (never
+            # allocated outside the pool), and a peer that keeps doing it loses its session.
             self._stats.add("credit_violations")
-        sess.outstanding -= min(fp, sess.outstanding)
+            sess.violations += 1
+            nack(ProtocolError(f"data of {fp} pool bytes beyond the credit granted to this peer "
+                               f"({sess.outstanding} bytes left): ask for credit (creq) first"))
+            if sess.violations >= _MAX_CREDIT_VIOLATIONS:
+                self._reply(ident, "err", code="protocol",
+                            msg=f"{sess.violations} credit violations: session dropped")
+                self._lose_session(sess, "credit violations")
+            return
+        sess.outstanding -= fp
+        sess.last_use = time.monotonic()
         try:
+            # within granted credit the room exists; overflow only covers pool fragmentation
             buf = self._pool.try_alloc(n, overflow=True)
         except PoolExhausted as exc:
             nack(exc)
@@ -393,14 +406,37 @@ class _PushPath(_EngineBase):
             return
         available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
         window = self._cfg.effective_credit_bytes
+        now = time.monotonic()
         for sess in waiting:
             need, want = sess.creq  # type: ignore[misc]
             g = min(available, window - sess.outstanding, max(want, need, window // 4))
             if g < need:
                 self._want_mem = True
-                break  # FIFO: later requesters wait behind this one
+                if now - sess.creq_t > self._cfg.effective_peer_timeout_s:
+                    break  # waited long enough: later requesters wait behind it (no starvation of big ones)
+                continue  # others that fit are served meanwhile
             sess.outstanding += g
             available -= g
             sess.creq = None
+            sess.last_use = now
             self._reply(sess.ident, "grant", n=g)
+
+    def _revoke_idle_credit(self, now: float) -> None:
+        """While some sender waits for credit, ask sessions that hold credit unused for a while
+        to give it back (``crev``, answered by ``cret``); one that ignores the request loses
+        that credit after ``peer_timeout_s`` (data sent on it later is then refused)."""
+        cfg = self._cfg
+        idle = 4 * cfg.effective_heartbeat_s
+        for sess in list(self._sessions.values()):
+            if sess.outstanding <= 0 or sess.creq is not None:
+                continue
+            if sess.revoking:
+                if now - sess.revoking > cfg.effective_peer_timeout_s:
+                    self._stats.add("credit_revoked")
+                    sess.outstanding = 0
+                    sess.revoking = 0.0
+                    self._mem_dirty = True  # grant the freed room
+            elif now - sess.last_use > idle:
+                sess.revoking = now
+                self._reply(sess.ident, "crev", n=sess.outstanding)
 

@@ -22,7 +22,7 @@ from ..keys import TransferKey, validate_transfer_id
 from ..pool import BufferPool
 from ..request import Incoming, RequestHandle, RequestState, Watcher, wire_items
 from ..transport import tcp
-from .state import (_IPC_EVENTS, _LOCAL_ARENAS, _LOCAL_EVENTS, _LocalArena, _Peer,
+from .state import (_IPC_EVENTS, _LOCAL_EVENTS, _LocalArena, _Peer, _local_arena,
                     _Session, log)
 from .base import _EngineBase
 
@@ -69,7 +69,7 @@ class _RequestPath(_EngineBase):
     def _request_transport(self, peer: _Peer) -> str:
         if not self._cuda or peer.xport not in ("ipc", "nccl"):
             return "tcp"
-        if peer.xport == "nccl" and peer.eid == self.eid:
+        if peer.xport == "nccl" and self._is_self(peer):
             return "ipc"  # to ourselves: a copy inside our own arena
         return peer.xport
 
@@ -131,7 +131,7 @@ class _RequestPath(_EngineBase):
     def _peer_out_arena(self, peer: _Peer) -> Any:
         """The receiver's arena, mapped here for writing (CUDA IPC requests)."""
         if peer.ipc_out is None:
-            local = _LOCAL_ARENAS.get(peer.eid)
+            local = _local_arena(peer.eid, peer.caps)  # only an engine that proves it is in this process
             if local is not None:
                 peer.ipc_out = _LocalArena(local)
             else:
@@ -368,6 +368,7 @@ class _RequestPath(_EngineBase):
                 self._fail_request(req, RequestState.FAILED, err)
 
     def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
+        self._note_tid(sess, msg["tid"])  # abort() tells only the sessions that carried the transfer
         seq = msg["seq"]
 
         eager = msg.get("eager") is True

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket as _socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import torch
@@ -24,6 +25,13 @@ log = logging.getLogger("p2pkv")
 _ADDR = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9_.\-]+)):(\d{1,5})$")
 _TICK_S = 0.02
 _IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (a ring)
+_ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are dropped
+_ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
+_DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
+_MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_ZAP_DOMAIN = b"p2pkv"
+_PLAIN_USER = b"p2pkv"
 
 class _LocalArena:
     """An engine's arena in this process, viewed like an :class:`IpcMapping` (no IPC needed)."""
@@ -55,15 +63,22 @@ def _zmq_endpoint(host: str, port: int | str) -> str:
 
 
 def _host_id() -> str:
+    """An id equal for engines on one host, without revealing the machine id (which
+    machine-id(5) says must stay confidential): an application-specific keyed hash of it."""
+    import hashlib
+    import hmac
+
+    ident = f"host:{_socket.gethostname()}"
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             with open(path) as f:
                 mid = f.read().strip()
             if mid:
-                return f"{mid}:{_socket.gethostname()}"
+                ident = f"{mid}:{_socket.gethostname()}"
+                break
         except OSError:
             pass
-    return f"host:{_socket.gethostname()}"
+    return "h-" + hmac.new(ident.encode(), b"p2pkv host id v1", hashlib.sha256).hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------- work items
@@ -109,11 +124,12 @@ class _PullItem:
 
 
 class _ConnectWaiter:
-    __slots__ = ("event", "error")
+    __slots__ = ("event", "error", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 3600.0) -> None:
         self.event = threading.Event()
         self.error: P2pkvError | None = None
+        self.deadline = time.monotonic() + timeout
 
 
 class _Peer:
@@ -125,6 +141,7 @@ class _Peer:
         self.sock = sock
         self.mon = mon
         self.ready = False
+        self.connects = 0                       # TCP connections made (ZMQ reconnects on its own)
         self.eid = ""
         self.caps: dict[str, Any] = {}
         self.queue: deque[_SendItem] = deque()
@@ -174,6 +191,10 @@ class _Session:
         self.caps = caps
         self.last_rx = time.monotonic()
         self.outstanding = 0
+        self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids it sent or pulled (bounded)
+        self.violations = 0                         # data messages refused for lack of credit
+        self.last_use = self.last_rx                # last grant or data: credit idle since then
+        self.revoking = 0.0                         # when we asked for idle credit back (crev), or 0
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
@@ -201,6 +222,33 @@ class _ParkedPull:
 _LOCAL_ARENAS: dict[str, torch.Tensor] = {}
 # Interprocess events of engines in this process, by IPC handle: a process cannot open its own handle.
 _LOCAL_EVENTS: dict[bytes, Any] = {}
+# A per-process secret: an engine proves it lives in this process by an HMAC of its id under it
+# (sent in its caps as "local"), so a remote peer claiming a local engine's id cannot make us
+# read or write that engine's arena directly.
+_PROCESS_KEY = [os.urandom(32)]
+
+
+def _local_proof(eid: str) -> str:
+    import hashlib
+    import hmac
+
+    return hmac.new(_PROCESS_KEY[0], eid.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _local_arena(eid: str, caps: Any) -> torch.Tensor | None:
+    """The arena of engine ``eid`` if it really is an engine of this process (its caps prove it)."""
+    import hmac
+
+    arena = _LOCAL_ARENAS.get(eid)
+    if arena is None or not isinstance(caps, dict) or not isinstance(caps.get("local"), str):
+        return None
+    return arena if hmac.compare_digest(caps["local"], _local_proof(eid)) else None
+
+
+def _forget_local_arenas() -> None:
+    """After fork: the parent's engines are not ours, and the child gets its own secret."""
+    _LOCAL_ARENAS.clear()
+    _PROCESS_KEY[0] = os.urandom(32)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -220,8 +268,13 @@ def _seq_of(hdr: bytes) -> int | None:
         return None
 
 
-def _drain(sock: zmq.Socket) -> None:
-    """Discard the rest of a multipart message (keeps framing safe after an error)."""
+def _drain(sock: zmq.Socket) -> int:
+    """Discard the rest of a multipart message (keeps framing safe after an error); return how
+    many frames were left. ZMQ hands over a message only once all of it arrived, so these are
+    never waited for."""
+    n = 0
     while sock.getsockopt(zmq.RCVMORE):
         sock.recv(copy=False)
+        n += 1
+    return n
 

@@ -26,6 +26,7 @@ ack    seq                                       data stored
 acks   seqs                                      several data stored (coalesced acks)
 nack   seq, code, msg                            data refused (typed error code)
 grant  n                                         credit granted
+crev   n                                         give back up to n bytes of unused credit (answered by cret)
 pdata  seq, key, dt, sh, n, x, ipc?              pulled tensor (payload follows for x=tcp)
 perr   seq, code, msg                            pull failed
 pong   -                                         liveness answer
@@ -83,6 +84,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "acks": {"seqs": (_LIST, True)},
     "nack": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "grant": {"n": (_INT, True)},
+    "crev": {"n": (_INT, True)},
     "pdata": {"seq": (_INT, True), "key": (_LIST, True), "dt": (_STR, True), "sh": (_LIST, True),
               "n": (_INT, True), "x": (_STR, True), "ipc": (_MAP, False)},
     "perr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
@@ -100,7 +102,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl",
                            "offer", "oabort", "ofin", "odata", "opost"})
-REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "pdata", "perr", "pong", "err", "abort", "nok",
+REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "crev", "pdata", "perr", "pong", "err", "abort", "nok",
                          "ogrant", "oerr", "odone"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool", "idx", "ev")
