@@ -612,7 +612,8 @@ def _positive(kind: type) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point (``python -m p2pkv.proxy`` / ``p2pkv-proxy``)."""
     d = ProxyLimits()
-    ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the proxy on every interface)")
@@ -621,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", action="append", default=[], help="URL,P2PKV_HOST:PORT (repeatable; static)")
     ap.add_argument("--instance-ttl", type=_positive(float), default=10.0,
                     help="drop registered instances silent this long (s, default 10)")
-    ap.add_argument("--register-token", default=os.environ.get(TOKEN_ENV) or None,
+    ap.add_argument("--register-token", default=None,
                     help=f"shared secret for POST /register (default ${TOKEN_ENV}; prefer the variable, a flag "
                          "is visible in ps)")
     ap.add_argument("--allow-unauthenticated-register", action="store_true",
@@ -644,6 +645,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="connections to one instance")
     ap.add_argument("--max-instances", type=_positive(int), default=256, help="registered instances per role")
     a = ap.parse_args(argv)
+    if a.register_token is None:  # read here, not as the default: --help must never print the secret
+        a.register_token = os.environ.get(TOKEN_ENV) or None
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print("p2pkv-proxy: error: the proxy needs aiohttp: pip install 'p2pkv[proxy]'", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= a.port <= 65535:
         ap.error(f"--port must be in 0..65535, got {a.port}")
@@ -673,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
                 url, p2 = _parse_instance(spec)
                 if a.port and is_own_url(normalize_url(url), (a.host, a.port)):
                     raise ConfigError(f"--{role} {url} is this proxy's own address")
+                if role == "decode" and p2 is None:
+                    log.warning("--decode %s has no p2pkv address (URL,P2PKV_HOST:PORT): push-mode requests "
+                                "cannot reach it, only pull mode works", url)
                 reg.register(role, url, p2, static=True)
         app = make_app(reg, register_token=a.register_token,
                        allow_unauthenticated_register=a.allow_unauthenticated_register, limits=limits)
