@@ -69,6 +69,7 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+_OFFER_WAIT_S = 0.002  # how long send_request lets the I/O thread send the offer
 _MAX_TIMEOUT_S = 1e6  # about 11.6 days: longer waits are a bug (and overflow the OS's timers)
 
 class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _ProgressLoop, _EngineBase):
@@ -283,6 +284,10 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
         self._stats.add("requests")
         self._submit(("offer", peer, req))
+        # Give the I/O thread the GIL until the offer is out (at most 2 ms): a caller that goes on
+        # running Python would otherwise hold it off for up to a switch interval (5 ms), and an eager
+        # request is GRANTED when this returns, so every send() posts on this thread at once.
+        req.offered.wait(_OFFER_WAIT_S)
         return req
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

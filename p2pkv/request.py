@@ -142,7 +142,7 @@ class RequestHandle:
 
     __slots__ = ("transfer_id", "peer", "specs", "index", "nbytes", "deadline", "timeout", "_engine", "_state",
                  "_error", "_event", "lock", "pending", "next_post", "posted_events", "seq", "x", "offs", "t_start",
-                 "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "__weakref__")
+                 "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "offered", "__weakref__")
 
     def __init__(self, engine: Any, peer: str, transfer_id: str, specs: list[ItemSpec], timeout: float):
         self._engine = engine
@@ -158,6 +158,7 @@ class RequestHandle:
         self._state = RequestState.OFFERED
         self._error: P2pkvError | None = None
         self._event = threading.Event()
+        self.offered = threading.Event()  # set once the offer went out (or could not)
         self.lock = threading.Lock()
         self.pending: dict[int, tuple[torch.Tensor, Any]] = {}  # index -> (tensor, ready event)
         self.sent: set[int] = set()   # indices handed over by the caller
@@ -250,6 +251,7 @@ class RequestHandle:
                 self.pending.clear()
         if state.finished:
             self._event.set()
+            self.offered.set()
         return True
 
     def key(self, i: int) -> TransferKey:

@@ -125,6 +125,7 @@ class _RequestPath(_EngineBase):
                                   x=x, to=max(0.0, req.deadline - time.monotonic()), **extra))
             peer.last_tx = time.monotonic()
             _trace.mark("req.offer", req.transfer_id)
+            req.offered.set()
             if eager:
                 self._flush_requests(peer)
 
