@@ -431,6 +431,9 @@ class _Channel(_EngineBase):
                 self._lose_peer(peer, lambda: AuthError(err_msg, peer=peer.addr))
             elif code == "no_session":
                 self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
+            elif code == "pool_exhausted" and msg.get("seq") is None:
+                peer.creq_pending = False  # our credit request can never be met: ask again when it can
+                log.warning("peer %s refused a credit request: %s", peer.addr, msg["msg"])
             elif code == "transport" and msg.get("seq") is None:
                 exc = TransportError(msg["msg"], peer=peer.addr)
                 only = msg.get("dir")

@@ -117,8 +117,10 @@ class _RequestPath(_EngineBase):
                 extra["eager"] = True
                 req._set(RequestState.GRANTED)
                 self._stats.add("requests_eager")
-            elif x in ("nccl", "tcp") and self._cfg.eager_requests and not peer.creq_pending:
-                # ask for credit now, so that the next request can move without waiting for a grant
+            if x in ("nccl", "tcp") and self._cfg.eager_requests and peer.credit < need \
+                    and not peer.creq_pending and need <= min(peer.window, peer.pool):
+                # ask for credit now, so that the next request (likely of the same size) can move
+                # without waiting for a grant; the receiver grants it once it has the room
                 peer.sock.send(encode("creq", need=need, want=need))
                 peer.creq_pending = True
             peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
