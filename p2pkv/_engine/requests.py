@@ -117,10 +117,11 @@ class _RequestPath(_EngineBase):
                 extra["eager"] = True
                 req._set(RequestState.GRANTED)
                 self._stats.add("requests_eager")
-            if x in ("nccl", "tcp") and self._cfg.eager_requests and peer.credit < need \
-                    and not peer.creq_pending and need <= min(peer.window, peer.pool):
-                # ask for credit now, so that the next request (likely of the same size) can move
-                # without waiting for a grant; the receiver grants it once it has the room
+            elif x in ("nccl", "tcp") and self._cfg.eager_requests and not peer.creq_pending \
+                    and need <= min(peer.window, peer.pool):
+                # ask for credit now, so that the next request can move without waiting for a grant.
+                # (Asking again right after every eager request kept a credit request pending at the
+                # receiver, which then woke its I/O thread for every freed buffer: not done.)
                 peer.sock.send(encode("creq", need=need, want=need))
                 peer.creq_pending = True
             peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
