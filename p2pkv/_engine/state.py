@@ -166,7 +166,9 @@ class _Peer:
         self.req_waiting: deque[RequestHandle] = deque()
         self.reqs: dict[int, RequestHandle] = {}
         self.req_order: deque[RequestHandle] = deque()
-        self.post_lock = threading.Lock()      # posting is done by callers' threads and the I/O thread
+        # posting is done by callers' threads and the I/O thread; re-entered when a failure while
+        # posting fails the request, which flushes again
+        self.post_lock = threading.RLock()
         self.ipc_out: Any = None                # the peer's arena, mapped for writing (IPC requests)
         self.ipc_events: list[Any] = []         # interprocess events signalling our writes to the peer
         self.ipc_handles: list[bytes] = []
