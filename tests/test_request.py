@@ -302,3 +302,107 @@ def test_eager_can_be_turned_off():
             r.wait(5)
             check_all(b, f"ne{i}", d)
         assert a.stats().get("requests_eager", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_refused_eager_requests_do_not_leak_credit(pair):
+    """Found by an attack: every refused eager request used to keep its size as credit at the receiver."""
+    a, b = pair
+    t = torch.randn(1 << 18)  # 1 MiB
+
+    def one(tid):
+        r = a.send_request(b.address, tid, [("l0", t)], timeout=2)
+        try:
+            r.send("l0", t)
+            r.wait(3)
+            return "ok"
+        except Exception as exc:
+            return type(exc).__name__
+
+    assert one("DUP") == "ok" and one("W1") == "ok"
+    outcomes = {one("DUP") for _ in range(40)}  # DUP/l0 still waits unclaimed at b
+    assert outcomes == {"DuplicateKey"}
+    sess = next(iter(b._sessions.values()))
+    peer = a._peers[b.address]
+    assert sess.outstanding == peer.credit  # both sides agree on what is left
+    assert [one(f"N{k}") for k in range(5)] == ["ok"] * 5
+    check_all(b, "N4", [("l0", t)])
+
+
+class _LyingReceiver:
+    """A ROUTER that speaks p2pkv's handshake and then answers offers as ``how`` says."""
+
+    def __init__(self, hok: dict, how: str):
+        import threading
+
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = f"127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.hok, self.how, self.stop = hok, how, False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop:
+            if not self.sock.poll(50):
+                continue
+            frames = self.sock.recv_multipart()
+            ident, m = frames[0], decode(frames[1])
+
+            def reply(t, ident=ident, **kw):
+                self.sock.send_multipart([ident, encode(t, **kw)])
+
+            if m["t"] == "hello":
+                reply("hok", **self.hok)
+            elif m["t"] == "ping":
+                reply("pong")
+            elif m["t"] == "offer" and self.how == "early_done":
+                reply("odone", seq=m["seq"])
+            elif m["t"] == "offer" and self.how == "grant_silent":
+                reply("ogrant", seq=m["seq"])
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _hok_of(eng: Engine) -> dict:
+    r = Raw(eng.address)
+    try:
+        hok = r.hello()
+    finally:
+        r.close()
+    for k in ("v", "t"):
+        hok.pop(k)
+    hok["eid"] = "lying-receiver"
+    return hok
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["early_done", "grant_silent"])
+def test_a_lying_or_silent_receiver_cannot_fake_success_or_pile_up_requests(pair, how):
+    a, b = pair
+    fake = _LyingReceiver(_hok_of(b), how)
+    try:
+        results = set()
+        for k in range(20):
+            ts = [torch.randn(1 << 16), torch.randn(1 << 16)]
+            r = a.send_request(fake.address, f"L{k}", [("x", ts[0]), ("y", ts[1])], timeout=1.0)
+            try:
+                r.send("x", ts[0])
+                r.send("y", ts[1])
+                r.wait(4)
+                results.add("ok")
+            except Exception as exc:
+                results.add(type(exc).__name__)
+        assert "ok" not in results  # nothing ever reached it: never reported done
+        _settle(lambda: not a._peers[fake.address].reqs and not a._peers[fake.address].req_order, 10)
+        assert a.stats().get("internal_errors", 0) == 0
+        still_serves(b, a, how)
+    finally:
+        fake.close()

@@ -301,6 +301,10 @@ class _RequestPath(_EngineBase):
         if self._peers.get(peer.addr) is peer and (force or req.seq in peer.reqs):
             peer.sock.send(encode("oabort", seq=req.seq, msg=err.message[:300], code=err.code, end=end))
             peer.last_tx = time.monotonic()
+            if req.x != "nccl":
+                # only NCCL waits for the receiver's confirmation (to drain in step); TCP and IPC are
+                # finished here, so a receiver that never answers cannot make them pile up
+                peer.reqs.pop(req.seq, None)
 
     def _end_req_comm(self, peer: _Peer, err: P2pkvError) -> None:
         """Abort our request communicator with ``peer`` (local, immediate) and fail what it carried."""
@@ -338,6 +342,12 @@ class _RequestPath(_EngineBase):
             req._set(RequestState.GRANTED)
             self._flush_requests(peer)
         elif t == "odone":
+            if not req.done() and req.next_post < len(req.specs):
+                # the receiver cannot hold tensors we never moved: a broken or lying peer
+                self._fail_request(req, RequestState.FAILED, ProtocolError(
+                    "the receiver reported the request done before every tensor was sent", key=req.transfer_id,
+                    peer=peer.addr), from_peer=True, drain=req.x != "nccl")
+                return
             peer.reqs.pop(req.seq, None)
             req.keep = []
             if req._set(RequestState.DONE):
@@ -370,7 +380,18 @@ class _RequestPath(_EngineBase):
                 self._end_req_comm(peer, err)
             else:
                 self._fail_request(req, RequestState.FAILED, err)
-
+        grace = self._cfg.effective_peer_timeout_s
+        stale = [r for r in peer.reqs.values() if r.done() and r.deadline + grace < now]
+        for r in [r for r in stale if r.x != "nccl"]:
+            peer.reqs.pop(r.seq, None)
+        stale = [r for r in stale if r.x == "nccl"]
+        if stale:
+            # given up, and the receiver never confirmed it will discard what it posted: the only
+            # safe way to keep NCCL in step is to end the communicator (this also frees the entries)
+            self._end_req_comm(peer, TransferTimeout("the receiver never confirmed an abandoned request",
+                                                     peer=peer.addr))
+            for r in stale:
+                peer.reqs.pop(r.seq, None)
     def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
         self._note_tid(sess, msg["tid"])  # abort() tells only the sessions that carried the transfer
         seq = msg["seq"]
@@ -424,6 +445,10 @@ class _RequestPath(_EngineBase):
                 refusal = ProtocolError(f"eager offer of {need} bytes exceeds the {sess.outstanding} bytes of credit")
             else:
                 sess.outstanding -= need  # the room reserved as credit now belongs to this request
+        if refusal is not None and eager:
+            # the producer paid this request out of its credit: the refusal spends it here too, or the
+            # two sides' credit would drift apart until the producer could never send again
+            sess.outstanding -= min(need, sess.outstanding)
         if refusal is not None:
             if not eager:
                 refuse(refusal)
