@@ -38,6 +38,7 @@ from . import _trace
 from ._engine.base import _EngineBase
 from ._engine.channel import _Channel
 from ._engine.comms import _CommManager
+from ._engine.fastplane import FastPlane
 from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
@@ -49,6 +50,7 @@ from .handles import SendHandle
 from .keys import TransferKey, validate_transfer_id
 from .mailbox import Mailbox, Slot
 from .pool import Buffer, BufferPool
+from .recv_request import RecvRequest, validate_names
 from .request import RequestHandle, Watcher, parse_layout
 from .stats import Stats
 
@@ -106,10 +108,15 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._cuda = self._device.type == "cuda"
         self._arena_owner = None
         arena = None
+        self._shm_loc: dict[str, Any] | None = None
+        self._shm_fd = -1
         if self._cuda:
             from .transport.cuda import alloc_arena
 
             arena, self._arena_owner = alloc_arena(BufferPool.footprint(config.pool_bytes), self._device)
+        elif config.transport == "shm":
+            arena = self._shared_arena(BufferPool.footprint(config.pool_bytes))
+        self._shm_arena = arena if self._shm_loc is not None else None
         self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free, arena=arena)
         self._pinned = (BufferPool(config.pinned_bytes, "cpu", pin_memory=True, prefault=False)
                         if self._cuda and config.pinned_bytes else None)
@@ -178,6 +185,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._zap is not None:
             self._poller.register(self._zap, zmq.POLLIN)
         self._poller.register(self._rmon, zmq.POLLIN)
+        self._fast = FastPlane(self)
         self._probe_due: list[float] = []  # when to probe sessions for closed connections
         self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
         self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
@@ -283,12 +291,55 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
         req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
         self._stats.add("requests")
+        if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
+            self._stats.add("requests_fast")
+            return req
         self._submit(("offer", peer, req))
         # Give the I/O thread the GIL until the offer is out (at most 2 ms): a caller that goes on
         # running Python would otherwise hold it off for up to a switch interval (5 ms), and an eager
         # request is GRANTED when this returns, so every send() posts on this thread at once.
         req.offered.wait(_OFFER_WAIT_S)
         return req
+
+    def recv_request(self, transfer_id: str, *, names: list[str] | None = None,
+                     outs: Any = None, timeout: float | None = None) -> RecvRequest:
+        """Take a whole request: one call, whatever its number of tensors; returns at once.
+
+        The handle's :meth:`~RecvRequest.wait` blocks until every tensor landed;
+        :meth:`~RecvRequest.wait_layer` makes a CUDA stream wait for one tensor (for a
+        same-host producer with no host wake-up at all); :meth:`~RecvRequest.tensor` gives
+        a tensor (a zero-copy view of the pool until :meth:`~RecvRequest.release`). It may be
+        called before or after the data arrives. The request's layout comes from the
+        producer's :meth:`send_request`; ``names`` picks some of its tensors, or names the
+        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}`` or a list in the
+        layout's order) receives copies instead (one batched launch on CUDA), checked against
+        the layout when it is known. ``timeout`` (default ``timeout_s``) bounds the whole wait.
+
+        Raises
+        ------
+        InvalidKey
+            A bad transfer id or names.
+        InvalidTensor, EngineClosed
+            A bad ``outs`` tensor, or a closed engine.
+        """
+        self._check_open()
+        nm = validate_names(transfer_id, names)
+        to = self._timeout(timeout)
+        out_map: dict[str, torch.Tensor] | None = None
+        if outs is not None:
+            if isinstance(outs, dict):
+                out_map = dict(outs)
+            elif isinstance(outs, (list, tuple)) and nm is not None and len(outs) == len(nm):
+                out_map = dict(zip(nm, outs, strict=True))
+            else:
+                raise InvalidTensor("outs must be a {name: tensor} dict (or a list as long as names)",
+                                    key=transfer_id)
+            for name, t in out_map.items():
+                if not isinstance(name, str):
+                    raise InvalidKey(f"outs keys must be tensor names, got {name!r:.40}", key=transfer_id)
+                T.check_out(t, self._device)
+        self._stats.add("recv_requests")
+        return RecvRequest(self, transfer_id, nm, out_map, to)
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wait for the tensor pushed under ``key`` and return it (or fill ``out``).
@@ -311,7 +362,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if out is not None:
             T.check_out(out, self._device)
         t0 = time.monotonic()
-        slot = self._inbox.claim(key, self._timeout(timeout), self._out_check(out), self._closed_error)
+        to = self._timeout(timeout)
+        slot = self._claim_landed(key, to, self._out_check(out))
         _trace.mark("recv.woke", key)
         try:
             src = slot.tensor()
@@ -331,7 +383,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         (for CUDA, once the work queued on the current stream by then has finished)."""
         self._check_open()
         self._check_key(key)
-        slot = self._inbox.claim(key, self._timeout(timeout), None, self._closed_error)
+        slot = self._claim_landed(key, self._timeout(timeout), None)
         try:
             self._stats.add("recvs")
             yield slot.tensor()
@@ -496,6 +548,52 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
+    def _claim_landed(self, key: TransferKey, timeout: float, check: Any) -> Any:
+        """Claim ``key`` from the inbox and wait until its data has landed (same-host producers
+        announce a tensor before its bytes arrive)."""
+        deadline = time.monotonic() + timeout
+        poll = self._fast.poll if self._fast.rx else None
+        slot = self._inbox.claim(key, timeout, check, self._closed_error, poll=poll)
+        if slot.ready is None:
+            return slot
+        try:
+            last = time.monotonic()
+            while not slot.ready():
+                now = time.monotonic()
+                if now > deadline:
+                    raise TransferTimeout(f"the data did not land within {timeout:.3g}s", key=key)
+                if self._closed:
+                    raise EngineClosed(f"engine {self.address} closed while waiting", key=key)
+                if now - last > self._cfg.spin_s:
+                    time.sleep(5e-5)
+        except BaseException:
+            slot.buf.release()
+            raise
+        return slot
+
+    def _rx_take_record(self, tid: str, names: list[str] | None) -> Any:
+        return self._fast.take_record(tid, names)
+
+    def _fast_poll(self) -> None:
+        self._fast.poll()
+
+    def _shared_arena(self, nbytes: int) -> torch.Tensor:
+        """A CPU pool arena in a memory file that same-host peers can map (``transport="shm"``)."""
+        import mmap
+
+        from .transport.shm import create_memfd
+
+        try:
+            fd, tok = create_memfd("p2pkv-arena", nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        except OSError as exc:
+            raise ConfigError(f"transport='shm': cannot make a shared-memory pool of {nbytes} bytes: {exc}") from None
+        self._shm_fd = fd
+        self._shm_loc = {"pid": os.getpid(), "fd": fd, "tok": tok, "size": nbytes}
+        arena = torch.frombuffer(mm, dtype=torch.uint8)
+        arena.zero_()  # touch every page now, as the private pool does
+        return arena
+
     def _resolve_device(self, dev: str) -> torch.device:
         if dev == "cpu":
             return torch.device("cpu")
@@ -516,6 +614,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._loop_comm = None
         self._lent = {}
         self._retry_parked = False
+        if self._cuda and cfg.transport == "shm":
+            raise ConfigError("transport='shm' is for CPU engines; CUDA engines on one host use 'ipc' (or 'auto')")
         if not self._cuda:
             if cfg.transport in ("ipc", "nccl"):
                 raise ConfigError(f"transport={cfg.transport!r} needs a CUDA device; this engine is on {self._device}")

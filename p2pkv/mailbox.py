@@ -34,15 +34,19 @@ MAX_ABORTING_PEERS = 64  # peers whose abort records are kept (least recently ab
 class Slot:
     """One delivered tensor waiting to be claimed."""
 
-    __slots__ = ("key", "buf", "dtype", "shape", "src", "t")
+    __slots__ = ("key", "buf", "dtype", "shape", "src", "t", "ready")
 
-    def __init__(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...], src: object):
+    def __init__(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...], src: object,
+                 ready: Callable[[], bool] | None = None):
         self.key = key
         self.buf = buf
         self.dtype = dtype
         self.shape = shape
         self.src = src
         self.t = time.monotonic()
+        # None: the bytes are in the buffer. Else the data is still landing (a same-host producer
+        # writes it straight into the buffer) and this says when it has.
+        self.ready = ready
 
     def tensor(self) -> torch.Tensor:
         return self.buf.view(self.dtype, self.shape)
@@ -107,7 +111,7 @@ class Mailbox:
 
     # ---------------------------------------------------------------- producer side
     def deliver(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
-                src: object = None) -> P2pkvError | None:
+                src: object = None, ready: Callable[[], bool] | None = None) -> P2pkvError | None:
         """Store a tensor. Returns ``None`` on success, else the error to report
         to the sender (the buffer is then NOT taken: the caller releases it)."""
         with self._lock:
@@ -119,7 +123,7 @@ class Mailbox:
                 from .errors import DuplicateKey
 
                 return DuplicateKey("data for this key is already waiting unclaimed", key=key)
-            self._slots[key] = Slot(key, buf, dtype, shape, src)
+            self._slots[key] = Slot(key, buf, dtype, shape, src, ready)
             self._by_tid.setdefault(tid, set()).add(key)
             self.bytes_held += buf.size
             self._evicted.pop(key)
@@ -163,8 +167,12 @@ class Mailbox:
                 or self._lost.get(key.transfer_id))
 
     def claim(self, key: TransferKey, timeout: float, check: Callable[[Slot], None] | None = None,
-              closed: Callable[[], P2pkvError | None] | None = None) -> Slot:
+              closed: Callable[[], P2pkvError | None] | None = None,
+              poll: Callable[[], None] | None = None) -> Slot:
         """Wait up to ``timeout`` seconds for ``key`` and take it.
+
+        ``poll`` (called without the lock, about every millisecond while waiting) lets the
+        caller make progress itself, e.g. read a shared-memory ring that delivers here.
 
         Raises
         ------
@@ -191,7 +199,15 @@ class Mailbox:
                         if w is None:
                             w = self._waiting[key] = [threading.Condition(self._lock), 0]
                         w[1] += 1
-                    w[0].wait(min(remaining, 0.25))
+                    if poll is not None:
+                        self._lock.release()
+                        try:
+                            poll()
+                        finally:
+                            self._lock.acquire()
+                        if key in self._slots:
+                            continue
+                    w[0].wait(min(remaining, 0.25 if poll is None else 0.001))
             finally:
                 if w is not None:
                     w[1] -= 1

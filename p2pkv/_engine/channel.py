@@ -256,6 +256,9 @@ class _Channel(_EngineBase):
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
         if self._nccl_ok:
             caps["transports"].append("nccl")
+        if self._shm_loc is not None:
+            caps["transports"].append("shm")
+            caps["shm"] = self._shm_loc
         return caps
 
     def _choose_transport(self, caps: dict[str, Any]) -> str:
@@ -290,6 +293,7 @@ class _Channel(_EngineBase):
             holder.ipc_out = None
 
     def _close_peer(self, peer: _Peer) -> None:
+        self._fast.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
         for h in peer.ipc_handles:
             _LOCAL_EVENTS.pop(h, None)
         self._release_gpu_state(peer)
@@ -374,6 +378,8 @@ class _Channel(_EngineBase):
                 for item in [i for i in peer.queue if i.ready is not None]:
                     peer.queue.remove(item)
                     self._finish_send(item, TransferState.FAILED, TransportError(str(err), peer=peer.addr))
+            if "fast" in msg:
+                self._fast.accept(peer, msg["fast"])
             for w in peer.connect_waiters:
                 w.event.set()
             peer.connect_waiters.clear()
@@ -424,6 +430,8 @@ class _Channel(_EngineBase):
             pass  # the peer is joining the communicator; readiness shows in poll()
         elif t in ("ogrant", "oerr", "odone"):
             self._on_request_reply(peer, t, msg)
+        elif t == "ferr":
+            self._fast.on_ferr(peer, msg)
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -551,9 +559,11 @@ class _Channel(_EngineBase):
                 return
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
-            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            sess = self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            fast = self._fast.offer(sess)
             self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
-                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
+                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps(),
+                        **({"fast": fast} if fast is not None else {}))
             return
         if sess is None:
             if t not in ("bye", "pong") and self._sessionless_reply_ok():
@@ -597,11 +607,14 @@ class _Channel(_EngineBase):
             self._on_offer(sess, msg)
         elif t in ("odata", "opost", "oabort", "ofin"):
             self._on_offer_msg(sess, t, msg)
+        elif t == "fast":
+            self._fast.on_fast_msg(sess, msg)
 
     def _lose_session(self, sess: _Session, reason: str) -> None:
         if self._sessions.get(sess.ident) is not sess:
             return
         del self._sessions[sess.ident]
+        self._fast.session_lost(sess, reason)
         self._parked = [pp for pp in self._parked if pp.sess is not sess]
         self._release_gpu_state(sess)  # aborted communicators end their posted receives
         lost = PeerLost(f"sending peer {sess.eid} lost: {reason}")

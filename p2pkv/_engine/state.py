@@ -174,6 +174,8 @@ class _Peer:
         self.ipc_handles: list[bytes] = []
         self.ipc_next = 0
         self.copy_stream: Any = None
+        self.fast: Any = None                   # FastTx: the same-host fast path (p2pkv._engine.fastpath)
+        self.shm_map: Any = None                # the peer's shared-memory arena, mapped (CPU fast path)
 
     def next_seq(self) -> int:
         self.seq += 1

@@ -41,6 +41,9 @@ opost  seq, idx, ev                              one tensor of an IPC offer is w
 ogrant seq, offs?                                room reserved for the offer (offs: where, for IPC)
 oerr   seq, code, msg, drain?                    the offer failed (drain: its receives were posted anyway)
 odone  seq                                       every tensor of the offer landed
+fast   ok, msg                                   the producer took (or refused) the same-host fast path
+                                                 offered in ``hok``'s ``fast`` field (lease, channel, doorbell)
+ferr   seq, code, msg                            a fast-path request (header seq) was refused
 ====== ========================================= ==================================
 """
 
@@ -79,7 +82,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "nccl": {"uid": ((bytes,), True), "dir": (_STR, True)},
     "nok": {"dir": (_STR, True)},
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
-            "pool": (_INT, True), "caps": (_MAP, True)},
+            "pool": (_INT, True), "caps": (_MAP, True), "fast": (_MAP, False)},
+    "fast": {"ok": ((bool,), True), "msg": (_STR, True)},
+    "ferr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "ack": {"seq": (_INT, True)},
     "acks": {"seqs": (_LIST, True)},
     "nack": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
@@ -101,9 +106,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "odone": {"seq": (_INT, True)},
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl",
-                           "offer", "oabort", "ofin", "odata", "opost"})
+                           "offer", "oabort", "ofin", "odata", "opost", "fast"})
 REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "crev", "pdata", "perr", "pong", "err", "abort", "nok",
-                         "ogrant", "oerr", "odone"})
+                         "ogrant", "oerr", "odone", "ferr"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool", "idx", "ev")
 

@@ -1,0 +1,588 @@
+"""The same-host fast path of whole requests: no message, no I/O thread, no grant on the way.
+
+Between two engines of one host (CUDA IPC, or CPU engines with ``transport="shm"``) the
+consumer gives the producer, once per session:
+
+* a **lease**: a range of its pool that only this producer writes into, and
+* a **channel** (:class:`~p2pkv.transport.shm.ShmChannel`): shared memory holding a header
+  ring, a free ring and completion flags.
+
+A request then costs the producer, on its own thread: picking room inside its lease (and
+flag slots), one header record in the ring, and per tensor (or per batch of tensors) one
+copy straight into the consumer's pool followed by a flag written behind it by the same
+stream (``cuStreamWriteValue64``; a CPU store for CPU engines). The consumer learns of the
+request by reading the ring and of each tensor's landing by reading its flag: no thread
+hop, no host message, and its stream can wait for a flag (``cuStreamWaitValue64``) instead
+of its host. When the consumer is done with a tensor it hands the range and flag back
+through the free ring.
+
+The first probe on one H200 (``benchmarks/probe_primitives.py``, ``probe_shm.py``) is why:
+a ZMQ message between two processes took 0.4-0.6 ms, GPU work in both processes around a
+transfer cost a context switch, and a flag written by the producer's GPU into shared host
+memory was seen by the consumer's CPU as soon as the copy ended.
+
+Trust: a same-host peer that maps our pool could write anywhere in it, whatever the
+protocol says (CUDA IPC shares the whole allocation); what the consumer checks here keeps
+an honest-but-buggy or replaying producer inside its lease and stops one request's data
+from being taken for another's.
+
+This module holds the two sides as objects with explicit interfaces: :class:`FastTx`
+(producer, one per peer) with a mover (:class:`CudaMover` or :class:`HostMover`), and
+:class:`FastRx` (consumer, one per session).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+
+from .. import _tensors as T
+from ..errors import P2pkvError, PeerLost, ProtocolError, TransferTimeout, TransportError
+from ..keys import TransferKey, validate_transfer_id
+from ..pool import ALIGN, BufferPool, _Extents
+from ..request import MAX_ITEMS, ItemSpec, RequestState
+from ..transport.shm import NFLAGS, ShmChannel
+
+if TYPE_CHECKING:
+    from ..request import RequestHandle
+
+log = logging.getLogger("p2pkv")
+
+__all__ = ["FastTx", "FastRx", "FastIncoming", "LeaseBuffer", "CudaMover", "HostMover", "flag_value",
+           "MIN_LEASE"]
+
+FLAG_SHIFT = 16          # flag value of item i of request seq: (seq << 16) | (i + 1); never 0
+MIN_LEASE = 16 << 20     # a lease smaller than this is not worth a channel
+_HEADER_FIELDS = ("s", "t", "i", "f", "d")
+
+
+def flag_value(seq: int, i: int) -> int:
+    return (seq << FLAG_SHIFT) | (i + 1)
+
+
+def _fence() -> None:
+    """A full memory barrier on this CPU (a lock's acquire/release): orders a copy before a flag."""
+    with _FENCE:
+        pass
+
+
+_FENCE = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- ranges
+class RangeSet:
+    """Free ranges of ``[0, size)`` that can be taken at a given offset (the consumer's mirror of a lease)."""
+
+    def __init__(self, size: int):
+        self._starts = [0] if size else []
+        self._ends = [size] if size else []
+
+    def take_at(self, start: int, size: int) -> bool:
+        """Take ``[start, start + size)`` if it lies inside one free range."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or size <= 0 or start + size > self._ends[i]:
+            return False
+        s, e = self._starts[i], self._ends[i]
+        del self._starts[i], self._ends[i]
+        if start + size < e:
+            self._starts.insert(i, start + size)
+            self._ends.insert(i, e)
+        if s < start:
+            self._starts.insert(i, s)
+            self._ends.insert(i, start)
+        return True
+
+    def give(self, start: int, size: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        end = start + size
+        if i > 0 and self._ends[i - 1] == start:  # merge with the range before
+            i -= 1
+            start = self._starts[i]
+            del self._starts[i], self._ends[i]
+        if i < len(self._starts) and self._starts[i] == end:  # and the one after
+            end = self._ends[i]
+            del self._starts[i], self._ends[i]
+        self._starts.insert(i, start)
+        self._ends.insert(i, end)
+
+    def free_bytes(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
+
+
+# ----------------------------------------------------------------------------- producer
+class CudaMover:
+    """Moves bytes from this process's CUDA tensors into a same-host consumer's mapped arena."""
+
+    def __init__(self, device: torch.device, arena_base: int, chan: ShmChannel):
+        from ..kernels.batch import copier_for
+        from ..transport import cudadrv
+
+        cudadrv.use_device(device)
+        self.device = device
+        self.base = arena_base
+        self.chan = chan
+        chan.register_cuda()
+        self.stream = torch.cuda.Stream(device)
+        self.copier = copier_for(device)
+        self._memop = cudadrv.available()
+        self._drv = cudadrv
+
+    def move(self, items: list[tuple[torch.Tensor, int, int, int, int]], ready: Any) -> Any:
+        """Copy ``(src, dst_offset, nbytes, flag_slot, flag_value)`` items; flags follow their copies.
+
+        Runs on the caller's thread and never waits for the GPU: the copies are ordered after
+        ``ready`` (the caller's stream when it handed the tensors over). Returns an event
+        that completes when every copy and flag is done.
+        """
+        import cupy
+
+        s = self.stream
+        if ready is not None:
+            s.wait_event(ready)
+        if len(items) == 1:
+            src, off, n, slot, value = items[0]
+            if n:
+                cupy.cuda.runtime.memcpyAsync(self.base + off, src.data_ptr(), n,
+                                              cupy.cuda.runtime.memcpyDefault, s.cuda_stream)
+            if self._memop:
+                self._drv.write_value64(s, self.chan.flag_dev_addr(slot), value)
+            else:
+                self.copier.signal(self.chan.flag_dev_addr(slot), value, s)
+        else:
+            segs = [(src.data_ptr(), self.base + off, n) for src, off, n, _, _ in items if n]
+            flags = [(self.chan.flag_dev_addr(slot), value) for _, _, _, slot, value in items]
+            self.copier.copy(segs, s, flags=flags)
+        ev = torch.cuda.Event()
+        ev.record(s)
+        return ev
+
+    def close(self) -> None:
+        try:
+            self.stream.synchronize()  # nothing of ours may still write the consumer's memory or the flags
+        except Exception as exc:  # pragma: no cover - a broken context
+            log.warning("synchronizing an IPC copy stream failed: %s", exc)
+
+
+class HostMover:
+    """CPU engines: copies into a same-host consumer's arena, a shared memory file mapped here."""
+
+    def __init__(self, arena: torch.Tensor, chan: ShmChannel):
+        self.arena = arena
+        self.chan = chan
+
+    def move(self, items: list[tuple[torch.Tensor, int, int, int, int]], ready: Any) -> Any:
+        flags = self.chan.flags
+        for src, off, n, slot, value in items:
+            if n:
+                self.arena[off:off + n].copy_(T.as_bytes(src))
+            _fence()  # the bytes before the flag, also on weakly ordered CPUs
+            flags[slot] = value
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class FastTx:
+    """The producer's side of the fast path to one peer (thread-safe: callers and the I/O thread)."""
+
+    def __init__(self, peer_addr: str, chan: ShmChannel, lease_off: int, lease_size: int, mover: Any,
+                 doorbell: Callable[[], None], on_done: Callable[[Any, Callable[[], None]], None]):
+        self.peer_addr = peer_addr
+        self.chan = chan
+        self.lease_off = lease_off
+        self.lease_size = lease_size
+        self.mover = mover
+        self._doorbell = doorbell
+        self._on_done = on_done          # (event, callback): run callback once the event completed
+        self.lock = threading.Lock()
+        self._space = _Extents(lease_size)
+        self._flags = _Extents(NFLAGS)
+        self._seq = 0
+        self.reqs: dict[int, RequestHandle] = {}
+        self.closed = False
+        self.sent_requests = 0
+
+    def fits(self, specs: list[ItemSpec]) -> bool:
+        return sum(BufferPool.footprint(s.nbytes) for s in specs) <= self.lease_size and len(specs) <= NFLAGS
+
+    def _reclaim(self) -> None:
+        for off, size, f0, nf in self.chan.take_frees().tolist():
+            rel = off - self.lease_off
+            if 0 <= rel and rel + size <= self.lease_size and size > 0:
+                self._space.give(rel, size)
+            if nf and 0 <= f0 and f0 + nf <= NFLAGS:
+                self._flags.give(f0, nf)
+
+    def start(self, req: RequestHandle) -> bool:
+        """Place ``req`` in the lease and announce it; False when it does not fit now (the caller
+        then takes the ordinary path). Runs on the caller's thread."""
+        sizes = [BufferPool.footprint(s.nbytes) for s in req.specs]
+        total = sum(sizes)
+        with self.lock:
+            if self.closed:
+                return False
+            self._reclaim()
+            start = self._space.take(total) if total <= self.lease_size else None
+            if start is None:
+                return False
+            f0 = self._flags.take(len(req.specs))
+            if f0 is None:
+                self._space.give(start, total)
+                return False
+            offs = []
+            off = self.lease_off + start
+            for sz in sizes:
+                offs.append(off)
+                off += sz
+            self._seq += 1
+            seq = self._seq
+            rec = msgpack.packb({"s": seq, "t": req.transfer_id,
+                                 "i": [[s.name, T.dtype_name(s.dtype), list(s.shape), s.nbytes, o]
+                                       for s, o in zip(req.specs, offs, strict=True)],
+                                 "f": f0, "d": max(0.0, req.deadline - time.monotonic())}, use_bin_type=True)
+            # room and flags first, header after: the consumer may act on it at once
+            req.seq = seq
+            req.offs = offs
+            req.flag0 = f0
+            req.x = "fast"
+            req._fast = self
+            req.granted = True
+            if not self.chan.put_record(rec):
+                self._space.give(start, total)
+                self._flags.give(f0, len(req.specs))
+                req._fast = None
+                req.x = ""
+                req.granted = False
+                return False
+            self.reqs[seq] = req
+            self.sent_requests += 1
+        req._set(RequestState.GRANTED)
+        self._doorbell()
+        return True
+
+    def send(self, req: RequestHandle, idxs: list[int], tensors: list[torch.Tensor], ready: Any) -> None:
+        """Move items ``idxs`` of a started request (the caller's thread; never blocks on the GPU)."""
+        items = [(t, req.offs[i], req.specs[i].nbytes, req.flag0 + i, flag_value(req.seq, i))
+                 for i, t in zip(idxs, tensors, strict=True)]
+        with self.lock:
+            if self.closed:
+                raise PeerLost("the fast path to the peer was closed", key=req.transfer_id, peer=self.peer_addr)
+        ev = self.mover.move(items, ready)
+        complete = False
+        with req.lock:
+            req.keep.extend(tensors)
+            req.last_event = ev
+            req.next_post += len(idxs)
+            complete = req.next_post >= len(req.specs)
+        if complete:
+            if ev is None:
+                self.finish(req)
+            else:
+                self._on_done(ev, lambda: self.finish(req))
+
+    def finish(self, req: RequestHandle) -> None:
+        with self.lock:
+            self.reqs.pop(req.seq, None)
+        req.keep = []
+        if req._set(RequestState.DONE):
+            eng = req._engine
+            eng._stats.add("requests_done")
+            eng._stats.observe("request", time.monotonic() - req.t_start)
+
+    def fail(self, seq: int, err: P2pkvError) -> None:
+        with self.lock:
+            req = self.reqs.pop(seq, None)
+        if req is not None and req._set(RequestState.FAILED, err):
+            req._engine._stats.add("requests_failed")
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            late = [r for r in self.reqs.values() if r.deadline < now and r.next_post < len(r.specs)]
+        for r in late:
+            self.fail(r.seq, TransferTimeout("request did not complete within its deadline (not every tensor was "
+                                             "handed over)", key=r.transfer_id, peer=self.peer_addr))
+
+    def close(self, err: P2pkvError) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            reqs, self.reqs = list(self.reqs.values()), {}
+        self.mover.close()
+        for r in reqs:
+            if r._set(RequestState.FAILED, err.__class__(err.message, key=r.transfer_id, peer=self.peer_addr)):
+                r._engine._stats.add("requests_failed")
+        self.chan.close()
+
+
+# ----------------------------------------------------------------------------- consumer
+class LeaseBuffer:
+    """A tensor's range of a producer's lease, held by the consumer until released (a pool-buffer look-alike)."""
+
+    __slots__ = ("_rx", "offset", "size", "nbytes", "_data", "_released", "slot", "overflow", "__weakref__")
+
+    def __init__(self, rx: FastRx, offset: int, size: int, nbytes: int, data: torch.Tensor, slot: int):
+        self._rx = rx
+        self.offset = offset
+        self.size = size
+        self.nbytes = nbytes
+        self._data = data
+        self.slot = slot
+        self._released = False
+        self.overflow = False
+
+    @property
+    def data(self) -> torch.Tensor:
+        if self._released:
+            raise P2pkvError("buffer used after release")
+        return self._data
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        raw = self.data
+        if raw.numel() == 0:
+            return torch.empty(tuple(shape), dtype=dtype, device=raw.device)
+        return raw.view(dtype).view(tuple(shape))
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._data = torch.empty(0, dtype=torch.uint8)
+        self._rx.give_back(self.offset, self.size, self.slot)
+
+    def __repr__(self) -> str:
+        return f"<LeaseBuffer {self.nbytes}B offset={self.offset} {'released' if self._released else 'held'}>"
+
+
+class FastIncoming:
+    """One request announced through a channel: its tensors, where they land, and their flags."""
+
+    __slots__ = ("rx", "seq", "transfer_id", "specs", "offs", "flag0", "deadline", "keys", "error", "bufs",
+                 "t_arrived", "__weakref__")
+
+    def __init__(self, rx: FastRx, seq: int, tid: str, specs: list[ItemSpec], offs: list[int], flag0: int,
+                 deadline: float):
+        self.rx = rx
+        self.seq = seq
+        self.transfer_id = tid
+        self.specs = specs
+        self.offs = offs
+        self.flag0 = flag0
+        self.deadline = deadline
+        self.keys = [TransferKey(tid, s.name) for s in specs]
+        self.error: P2pkvError | None = None
+        self.bufs: list[LeaseBuffer] = []
+        self.t_arrived = time.monotonic()
+
+    def landed(self, i: int) -> bool:
+        flags = self.rx.chan.flags
+        if flags is None:  # the channel closed
+            return False
+        if int(flags[self.flag0 + i]) == flag_value(self.seq, i):
+            _fence()  # reads of the tensor come after the flag's, also on weakly ordered CPUs
+            return True
+        return False
+
+    def all_landed(self) -> bool:
+        return all(self.landed(i) for i in range(len(self.specs)))
+
+    def ready_fn(self, i: int) -> Callable[[], bool]:
+        """For a mailbox slot: True once tensor ``i`` landed; raises the request's error once it cannot."""
+
+        def ready() -> bool:
+            if self.landed(i):
+                return True
+            err = self.failed()
+            if err is None and time.monotonic() > self.deadline:
+                err = self.error = TransferTimeout("the producer's deadline passed before the tensor landed",
+                                                   key=self.keys[i])
+            if err is not None:
+                raise err
+            return False
+
+        return ready
+
+    def failed(self) -> P2pkvError | None:
+        if self.error is None and self.rx.lost is not None:
+            return self.rx.lost
+        return self.error
+
+    def __repr__(self) -> str:
+        return f"<FastIncoming {self.transfer_id} seq={self.seq} {len(self.specs)} items>"
+
+
+class FastRx:
+    """The consumer's side of the fast path from one session (thread-safe)."""
+
+    def __init__(self, sess_ident: bytes, sess_eid: str, chan: ShmChannel, lease: Any, arena: torch.Tensor,
+                 max_message_bytes: int, max_deadline_s: float):
+        self.ident = sess_ident
+        self.eid = sess_eid
+        self.chan = chan
+        self.lease = lease               # the pool Buffer that holds the lease
+        self.lease_off = lease.offset
+        self.lease_size = lease.size
+        self.arena = arena
+        self._maxmsg = max_message_bytes
+        self._max_deadline_s = max_deadline_s
+        self.lock = threading.Lock()
+        self._space = RangeSet(self.lease_size)
+        self._flags = RangeSet(NFLAGS)
+        self.lost: P2pkvError | None = None
+        self.accepted = False            # the producer opened the channel
+        self.closed = False
+        self.waits: list[tuple[int, int, float, FastIncoming]] = []  # stream waits to release on failure
+        self.held = 0                    # lease bytes held by delivered tensors
+        self.requests_in = 0
+
+    def drain(self) -> tuple[list[FastIncoming], list[tuple[int, P2pkvError]]]:
+        """Read new header records: ``(requests, refusals)`` where a refusal is ``(seq, error)``."""
+        if self.closed or not self.accepted:
+            return [], []
+        with self.lock:
+            if self.closed:
+                return [], []
+            try:
+                recs = self.chan.take_records()
+            except ProtocolError as exc:
+                self.lost = exc
+                return [], [(-1, exc)]
+            out, bad = [], []
+            for rec in recs:
+                try:
+                    out.append(self._parse(rec))
+                except P2pkvError as exc:
+                    bad.append((self._seq_of(rec), exc))
+            return out, bad
+
+    @staticmethod
+    def _seq_of(rec: bytes) -> int:
+        try:
+            m = msgpack.unpackb(rec, raw=False, max_array_len=16, max_map_len=8, max_str_len=64, max_bin_len=0)
+            s = m.get("s") if isinstance(m, dict) else None
+            return s if isinstance(s, int) and not isinstance(s, bool) and s >= 0 else -1
+        except Exception:
+            return -1
+
+    def _parse(self, rec: bytes) -> FastIncoming:
+        """Decode and check one header (under the lock); take its ranges and flags."""
+        try:
+            m = msgpack.unpackb(rec, raw=False, strict_map_key=True, max_array_len=MAX_ITEMS + 8, max_map_len=8,
+                                max_str_len=8192, max_bin_len=0)
+        except Exception as exc:
+            raise ProtocolError(f"fast-path header is not valid msgpack: {type(exc).__name__}") from None
+        if not isinstance(m, dict) or set(m) != set(_HEADER_FIELDS):
+            raise ProtocolError("fast-path header must be a map with fields s, t, i, f, d")
+        seq, tid, items, f0, dl = m["s"], m["t"], m["i"], m["f"], m["d"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**47:
+            raise ProtocolError("fast-path header has a bad sequence number")
+        tid = validate_transfer_id(tid)
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS:
+            raise ProtocolError(f"a fast-path request holds 1..{MAX_ITEMS} tensors")
+        if not isinstance(f0, int) or isinstance(f0, bool) or not 0 <= f0 <= NFLAGS - len(items):
+            raise ProtocolError("fast-path header names flags outside the channel")
+        if not isinstance(dl, (int, float)) or isinstance(dl, bool) or not dl >= 0:
+            raise ProtocolError("fast-path header has a bad deadline")
+        specs: list[ItemSpec] = []
+        offs: list[int] = []
+        seen: set[str] = set()
+        for it in items:
+            if not isinstance(it, list) or len(it) != 5:
+                raise ProtocolError("fast-path items are [name, dtype, shape, nbytes, offset]")
+            name, dt, sh, n, off = it
+            if not isinstance(name, str) or name in seen:
+                raise ProtocolError(f"fast-path item name {name!r:.60} is not a unique str")
+            seen.add(name)
+            TransferKey(tid, name)  # validates the name
+            spec = ItemSpec(name, T.dtype_from_name(dt), T.check_shape(sh))
+            if isinstance(n, bool) or n != spec.nbytes or spec.nbytes > self._maxmsg:
+                raise ProtocolError(f"fast-path item {name!r:.60}: bad size")
+            if isinstance(off, bool) or not isinstance(off, int) or off % ALIGN:
+                raise ProtocolError(f"fast-path item {name!r:.60}: bad offset")
+            specs.append(spec)
+            offs.append(off)
+        # every range inside the lease and free, every flag free: else nothing is taken
+        taken: list[tuple[int, int]] = []
+        ok = True
+        for spec, off in zip(specs, offs, strict=True):
+            size = BufferPool.footprint(spec.nbytes)
+            rel = off - self.lease_off
+            if rel < 0 or rel + size > self.lease_size or not self._space.take_at(rel, size):
+                ok = False
+                break
+            taken.append((rel, size))
+        if ok and not self._flags.take_at(f0, len(specs)):
+            ok = False
+        if not ok:
+            for rel, size in taken:
+                self._space.give(rel, size)
+            raise ProtocolError("fast-path header names room outside the producer's lease or already in use")
+        inc = FastIncoming(self, seq, tid, specs, offs, f0,
+                           time.monotonic() + min(float(dl), self._max_deadline_s) + 0.25)
+        for i, (spec, off) in enumerate(zip(specs, offs, strict=True)):
+            size = BufferPool.footprint(spec.nbytes)
+            inc.bufs.append(LeaseBuffer(self, off, size, spec.nbytes, self.arena[off:off + spec.nbytes], f0 + i))
+            self.held += size
+        self.requests_in += 1
+        return inc
+
+    def give_back(self, offset: int, size: int, slot: int) -> None:
+        """A tensor's range and flag are free again (any thread)."""
+        with self.lock:
+            if self.closed:
+                self.held -= size  # the lease goes back to the pool once nothing in it is held
+                return
+            self._space.give(offset - self.lease_off, size)
+            self._flags.give(slot, 1)
+            self.held -= size
+            if not self.chan.put_free(offset, size, slot, 1):  # cannot happen: the ring holds every flag
+                log.warning("fast-path free ring full; a lease range is lost until the session ends")
+
+    def add_wait(self, slot: int, value: int, deadline: float, inc: FastIncoming) -> None:
+        with self.lock:
+            self.waits.append((slot, value, deadline, inc))
+
+    def release_waits(self, now: float, force: bool = False) -> int:
+        """Write the flags that streams wait for whose request failed or whose deadline passed (so no
+        stream waits forever); forget waits whose flag was written. Returns how many were released."""
+        n = 0
+        with self.lock:
+            keep = []
+            flags = self.chan.flags
+            for w in self.waits:
+                slot, value, deadline, inc = w
+                if flags is None:
+                    continue
+                if int(flags[slot]) == value:
+                    continue
+                if force or now > deadline or inc.failed() is not None:
+                    if inc.error is None:
+                        inc.error = TransferTimeout("the request's tensors did not land within its deadline",
+                                                    key=inc.transfer_id) if now > deadline else inc.failed()
+                    flags[slot] = value
+                    n += 1
+                    continue
+                keep.append(w)
+            self.waits = keep
+        return n
+
+    def close(self) -> None:
+        """End the session's channel (the I/O thread); stream waits are released first."""
+        self.release_waits(time.monotonic(), force=True)
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.chan.close()
