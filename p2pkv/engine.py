@@ -510,6 +510,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         s = self._stats.snapshot()
         s["pool"] = self._pool.stats()
         s["inbox"] = self._inbox.stats()
+        s["fast"] = self._fast.stats()
         s["outbox"] = self._outbox.stats()
         s["peers"] = len(self._peers)
         s["sessions"] = len(self._sessions)
@@ -570,6 +571,12 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             slot.buf.release()
             raise
         return slot
+
+    def _fast_ready(self, peer: str) -> Any:
+        """The fast path to ``peer`` once the handshake set it up (None otherwise)."""
+        p = self._peers.get(peer)
+        tx = p.fast if p is not None and p.ready else None
+        return tx if tx is not None and not tx.closed else None
 
     def _rx_take_record(self, tid: str, names: list[str] | None) -> Any:
         return self._fast.take_record(tid, names)

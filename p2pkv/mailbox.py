@@ -162,6 +162,11 @@ class Mailbox:
         with self._lock:
             return self._error_locked(key)
 
+    def tid_error(self, tid: str) -> P2pkvError | None:
+        """Why no more data of transfer ``tid`` can come, if it cannot (aborted, or its source lost)."""
+        with self._lock:
+            return self._aborted_locked(tid) or self._lost.get(tid)
+
     def _error_locked(self, key: TransferKey) -> P2pkvError | None:
         return (self._aborted_locked(key.transfer_id) or self._evicted.get(key)
                 or self._lost.get(key.transfer_id))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _tensors as T
+from . import _trace
 from .errors import (InvalidKey, InvalidTensor, P2pkvError, ShapeMismatch, TransferAborted,
                      TransferTimeout)
 from .keys import TransferKey, validate_transfer_id
@@ -226,7 +227,8 @@ class RecvRequest:
         if self._error is not None:
             raise self._error
         eng = self._eng
-        spin_s = eng._cfg.spin_s
+        # a CPU producer copies with the CPU: spinning here would take a core from it
+        spin_s = eng._cfg.spin_s if eng._cuda else min(eng._cfg.spin_s, 2e-4)
         last = time.monotonic()
         n = 0
         self._progress()
@@ -298,6 +300,7 @@ class RecvRequest:
                 except InvalidTensor as exc:
                     self._fail(ShapeMismatch(f"outs[{name!r}]: {exc.message}", key=self.transfer_id))
                     return True
+        _trace.mark("rx.header", self.transfer_id)
         if isinstance(rec, FastIncoming):
             self._fast = rec
             self._fast_idx = {s.name: i for i, s in enumerate(rec.specs) if s.name in self._specs}
@@ -345,6 +348,8 @@ class RecvRequest:
             err = self._fast.failed()
             if err is not None:
                 return err
+        if not self._order:
+            return eng._inbox.tid_error(self.transfer_id)
         for name in self._order:
             err = eng._inbox.error_for(TransferKey(self.transfer_id, name))
             if err is not None and (name not in self._slots or isinstance(err, TransferAborted)):

@@ -134,6 +134,23 @@ class FastPlane:
                 s.recv(64)
         except (BlockingIOError, OSError):
             pass
+        for peer in list(self._eng._peers.values()):  # a consumer may have rung: verdicts to read
+            if peer.fast is not None and peer.fast.reqs:
+                peer.fast.check_all()
+
+    def _ringer(self, addr: str) -> Any:
+        if self._bell_out is None:
+            self._bell_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._bell_out.setblocking(False)
+        out = self._bell_out
+
+        def ring() -> None:
+            try:
+                out.sendto(b"r", addr)
+            except OSError:
+                pass  # full or gone: the other side's own polling still finds the work
+
+        return ring
 
     def on_fast_msg(self, sess: _Session, msg: dict[str, Any]) -> None:
         """The producer's answer to our offer (I/O thread)."""
@@ -141,6 +158,9 @@ class FastPlane:
         if rx is None:
             return
         if msg.get("ok") is True:
+            bell = msg.get("bell")
+            if isinstance(bell, str) and bell.startswith("p2pkv-bell-") and len(bell) <= 100:
+                rx.ring_producer = self._ringer("\0" + bell)
             rx.accepted = True
             return
         log.info("%s did not take the fast path: %s", sess, str(msg.get("msg", ""))[:200])
@@ -165,6 +185,8 @@ class FastPlane:
                     self._deliver(rx, inc)
                 for seq, err in bad:
                     self._refuse(rx, seq, err)
+                if incs:
+                    rx.ring_producer()  # its verdicts are in
         finally:
             self._poll_lock.release()
 
@@ -183,10 +205,12 @@ class FastPlane:
                 inbox.take_nowait(key)
             for b in inc.bufs:
                 b.release()
+            rx.verdict(inc, err)
             self._refuse(rx, inc.seq, err)
             return
         eng._stats.add("requests_received_fast")
         self._add_record(inc.transfer_id, inc)
+        rx.verdict(inc, None)
 
     def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
         eng = self._eng
@@ -295,18 +319,14 @@ class FastPlane:
             chan.close()
             self._answer(peer, False, f"{type(exc).__name__}: {exc}"[:300])
             return
-        if self._bell_out is None:
-            self._bell_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._bell_out.setblocking(False)
-        out, addr = self._bell_out, "\0" + bell
-
-        def ring() -> None:
-            try:
-                out.sendto(b"r", addr)
-            except OSError:
-                pass  # full or gone: the consumer's own polling still reads the ring
-
-        tx = FastTx(peer.addr, chan, off, size, mover, ring, self._on_done)
+        try:
+            self._ensure_bell()
+        except OSError as exc:
+            chan.close()
+            mover.close()
+            self._answer(peer, False, f"no doorbell: {exc}")
+            return
+        tx = FastTx(peer.addr, chan, off, size, mover, self._ringer("\0" + bell), self._on_done)
         old = peer.fast
         peer.fast = tx
         if old is not None:
@@ -334,7 +354,7 @@ class FastPlane:
         if not ok:
             log.info("fast path to %s not used: %s", peer.addr, why)
         try:
-            peer.sock.send(encode("fast", ok=ok, msg=why[:300]))
+            peer.sock.send(encode("fast", ok=ok, msg=why[:300], **({"bell": self._bell_name} if ok else {})))
             peer.last_tx = time.monotonic()
         except Exception:  # the peer is going away: its loss is handled elsewhere
             pass
@@ -360,6 +380,17 @@ class FastPlane:
         if tx is not None:
             tx.fail(msg["seq"], error_from_code(msg["code"], msg["msg"], peer=peer.addr))
 
+    def abort_tid(self, tid: str, reason: str) -> None:
+        for peer in list(self._eng._peers.values()):
+            if peer.fast is not None:
+                peer.fast.abort_tid(tid, reason)
+
+    def stats(self) -> dict[str, int]:
+        rxs = self._rx_list
+        return {"leases": len(rxs), "lease_bytes": sum(rx.lease_size for rx in rxs),
+                "held": sum(rx.held for rx in rxs),
+                "quarantined_bytes": sum(rx.lease_size for _, rx in self._quarantine)}
+
     def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:
         tx = peer.fast
         if tx is not None:
@@ -369,6 +400,7 @@ class FastPlane:
     def tick_tx(self, now: float) -> None:
         for peer in list(self._eng._peers.values()):
             if peer.fast is not None and peer.fast.reqs:
+                peer.fast.check_all()  # also if a doorbell ring was lost
                 peer.fast.tick(now)
 
     def close(self) -> None:
@@ -378,6 +410,9 @@ class FastPlane:
         for rx in list(self.rx.values()):
             rx.lost = PeerLost("engine closed")
             rx.close()
+            rx.lease.release()  # the pool itself goes now
+        for _, rx in self._quarantine:
+            rx.lease.release()
         self.rx.clear()
         self._rx_list = []
         self._quarantine = []

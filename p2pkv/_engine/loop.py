@@ -195,6 +195,7 @@ class _ProgressLoop(_EngineBase):
     def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None,
                   src: object = None) -> None:
         self._fast.forget(tid)
+        self._fast.abort_tid(tid, reason)
         for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
         if broadcast:  # decided before the work is failed below: who carried this transfer

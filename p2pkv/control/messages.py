@@ -83,7 +83,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "nok": {"dir": (_STR, True)},
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
             "pool": (_INT, True), "caps": (_MAP, True), "fast": (_MAP, False)},
-    "fast": {"ok": ((bool,), True), "msg": (_STR, True)},
+    "fast": {"ok": ((bool,), True), "msg": (_STR, True), "bell": (_STR, False)},
     "ferr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "ack": {"seq": (_INT, True)},
     "acks": {"seqs": (_LIST, True)},
