@@ -137,7 +137,7 @@ class EngineConfig:
     nccl_max_ctas: int = 0
     nccl_buffsize: int = 0
     eager_requests: bool = True
-    spin_s: float = 0.005
+    spin_s: float = 0.02
 
     def __post_init__(self) -> None:
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731

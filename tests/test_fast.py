@@ -33,12 +33,20 @@ def settle(cond, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def warm_up(prod: Engine, cons: Engine) -> None:
+    """The first request to a same-host peer asks for the fast path and goes the ordinary way itself."""
+    prod.connect(cons.address, timeout=10)
+    data = [("w", torch.zeros(4))]
+    send_all(prod, cons.address, "warm-up", data).wait(10)
+    cons.recv_request("warm-up").wait(10).release()
+    settle(lambda: prod._fast_ready(cons.address) is not None and cons.stats()["fast"]["leases"] == 1)
+
+
 @pytest.fixture
 def shm_pair():
     prod, cons = Engine(**CFG), Engine(**CFG)
     try:
-        prod.connect(cons.address, timeout=10)
-        settle(lambda: prod._fast_ready(cons.address) is not None and cons.stats()["fast"]["leases"] == 1)
+        warm_up(prod, cons)
         yield prod, cons
     finally:
         prod.close()
@@ -205,8 +213,7 @@ def test_duplicate_keys_refused_whole(shm_pair):
 def test_unclaimed_data_evicted_after_ttl():
     cfg = dict(CFG, ttl_s=1.0)
     with Engine(**cfg) as prod, Engine(**cfg) as cons:
-        prod.connect(cons.address)
-        settle(lambda: prod._fast_ready(cons.address) is not None)
+        warm_up(prod, cons)
         send_all(prod, cons.address, "ttl", layers(2)).wait(5)
         assert held(cons) > 0
         settle(lambda: held(cons) == 0, timeout=10)
@@ -273,6 +280,7 @@ def test_killed_producer_fails_the_wait_and_frees():
         h = cons.recv_request("k0", timeout=20)
         prod.start("send_requests", cons.address, ["k0"], L, list(SHAPE), only=3, req_timeout=15)
         settle(lambda: h._progress() or h.state is not RecvState.WAITING, timeout=20)
+        assert h._fast is None  # the first request to a peer goes the ordinary way: killed mid-way all the same
         prod.kill()
         t0 = time.monotonic()
         with pytest.raises(PeerLost):
@@ -336,6 +344,5 @@ def test_shm_transport_refused_on_cuda_and_bad_spin():
 
 def test_no_shared_memory_left_behind():
     with Engine(**CFG) as a, Engine(**CFG) as b:
-        a.connect(b.address)
-        settle(lambda: a._fast_ready(b.address) is not None)
+        warm_up(a, b)
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("p2pkv")]

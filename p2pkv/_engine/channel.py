@@ -378,8 +378,7 @@ class _Channel(_EngineBase):
                 for item in [i for i in peer.queue if i.ready is not None]:
                     peer.queue.remove(item)
                     self._finish_send(item, TransferState.FAILED, TransportError(str(err), peer=peer.addr))
-            if "fast" in msg:
-                self._fast.accept(peer, msg["fast"])
+
             for w in peer.connect_waiters:
                 w.event.set()
             peer.connect_waiters.clear()
@@ -432,6 +431,8 @@ class _Channel(_EngineBase):
             self._on_request_reply(peer, t, msg)
         elif t == "ferr":
             self._fast.on_ferr(peer, msg)
+        elif t == "fo":
+            self._fast.accept(peer, msg)
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -559,11 +560,9 @@ class _Channel(_EngineBase):
                 return
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
-            sess = self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
-            fast = self._fast.offer(sess)
+            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
             self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
-                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps(),
-                        **({"fast": fast} if fast is not None else {}))
+                        maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
         if sess is None:
             if t not in ("bye", "pong") and self._sessionless_reply_ok():
@@ -609,6 +608,12 @@ class _Channel(_EngineBase):
             self._on_offer_msg(sess, t, msg)
         elif t == "fast":
             self._fast.on_fast_msg(sess, msg)
+        elif t == "fq":
+            offer = self._fast.offer(sess)
+            if offer is None:
+                self._reply(ident, "fo", no="no fast path into this engine for that peer")
+            else:
+                self._reply(ident, "fo", **offer)
 
     def _lose_session(self, sess: _Session, reason: str) -> None:
         if self._sessions.get(sess.ident) is not sess:

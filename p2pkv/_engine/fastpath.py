@@ -514,6 +514,7 @@ class FastRx:
         self.lost: P2pkvError | None = None
         self.accepted = False            # the producer opened the channel
         self.ring_producer: Callable[[], None] = lambda: None  # the producer's doorbell
+        self.offer: dict[str, Any] = {}  # what the producer was offered (sent again if it asks again)
         self.closed = False
         self.waits: list[tuple[int, int, float, FastIncoming]] = []  # stream waits to release on failure
         self.held = 0                    # lease bytes held by delivered tensors

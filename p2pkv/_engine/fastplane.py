@@ -87,6 +87,9 @@ class FastPlane:
         eng = self._eng
         if not self.can_offer(sess.caps) or eng._closed:
             return None
+        have = self.rx.get(sess.ident)
+        if have is not None:  # asked again: the same offer while it is not taken, never a second lease
+            return None if have.accepted else have.offer
         size = min(eng._cfg.effective_credit_bytes, eng._pool.capacity // 2)
         if size < MIN_LEASE and eng._pool.capacity >= 2 * MIN_LEASE:
             size = MIN_LEASE
@@ -113,7 +116,8 @@ class FastPlane:
         if old is not None:
             self._end_rx(old, PeerLost("peer said hello again"))
         eng._stats.add("fast_leases")
-        return {"chan": chan.locator(), "lease": [lease.offset, lease.size], "bell": self._bell_name}
+        rx.offer = {"chan": chan.locator(), "lease": [lease.offset, lease.size], "bell": self._bell_name}
+        return rx.offer
 
     def _ensure_bell(self) -> None:
         if self._bell is None:
@@ -290,8 +294,11 @@ class FastPlane:
 
     # ------------------------------------------------------------------ producer side
     def accept(self, peer: _Peer, info: Any) -> None:
-        """The consumer offered a lease and channel at the handshake (I/O thread)."""
+        """The consumer's answer to our ``fq``: a lease and a channel, or why not (I/O thread)."""
         eng = self._eng
+        if isinstance(info, dict) and "no" in info:
+            log.info("fast path to %s not offered: %s", peer.addr, str(info["no"])[:200])
+            return
         try:
             if not isinstance(info, dict) or not isinstance(info.get("lease"), list) or len(info["lease"]) != 2:
                 raise ProtocolError("malformed fast-path offer")
@@ -366,9 +373,14 @@ class FastPlane:
         w.add(event, callback)
 
     def start(self, peer_addr: str, req: RequestHandle) -> bool:
-        """Try to send ``req`` by the fast path (the caller's thread)."""
+        """Try to send ``req`` by the fast path (the caller's thread). The first request to a same-host
+        peer asks for the path (lease and channel) and goes the ordinary way itself."""
         peer = self._eng._peers.get(peer_addr)
         tx = peer.fast if peer is not None and peer.ready else None
+        if tx is None and peer is not None and peer.ready and not peer.fast_asked and self.can_offer(peer.caps) \
+                and (not self._eng._cuda or peer.xport == "ipc"):
+            peer.fast_asked = True
+            self._eng._submit(("fast_ask", peer_addr))
         if tx is None or tx.closed or not tx.fits(req.specs):
             return False
         if isinstance(self._eng._inbox.error_for(req.key(0)), TransferAborted):

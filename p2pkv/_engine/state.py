@@ -175,6 +175,7 @@ class _Peer:
         self.ipc_next = 0
         self.copy_stream: Any = None
         self.fast: Any = None                   # FastTx: the same-host fast path (p2pkv._engine.fastpath)
+        self.fast_asked = False                 # we asked the peer for it (fq) once
         self.shm_map: Any = None                # the peer's shared-memory arena, mapped (CPU fast path)
 
     def next_seq(self) -> int:

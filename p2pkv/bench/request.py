@@ -161,8 +161,12 @@ class _Pair:
         self.address = self.conn.recv()
         self.eng = Engine(**prod_cfg)
         self.eng.connect(self.address, timeout=60)
-        deadline = time.monotonic() + 5  # the fast path is set up right after the handshake
-        while time.monotonic() < deadline and self.eng._fast_ready(self.address) is None:
+        # the first request to a same-host peer asks for the fast path (and goes the ordinary way)
+        t = torch.zeros(64, device=self.eng.device)
+        _one_request(self, "warm-up", [t], ["w"], 0.0, "request")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.eng._fast_ready(self.address) is None \
+                and self.eng._fast.can_offer(self.eng._peers[self.address].caps):
             time.sleep(0.01)
 
     def close(self) -> None:

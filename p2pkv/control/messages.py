@@ -41,8 +41,10 @@ opost  seq, idx, ev                              one tensor of an IPC offer is w
 ogrant seq, offs?                                room reserved for the offer (offs: where, for IPC)
 oerr   seq, code, msg, drain?                    the offer failed (drain: its receives were posted anyway)
 odone  seq                                       every tensor of the offer landed
-fast   ok, msg                                   the producer took (or refused) the same-host fast path
-                                                 offered in ``hok``'s ``fast`` field (lease, channel, doorbell)
+fq     -                                         a same-host producer asks for the fast path (at its first request)
+fo     chan?, lease?, bell?, no?                 the fast path offered: channel locator, lease [offset, size],
+                                                 doorbell; or ``no``: why not
+fast   ok, msg, bell?                            the producer took (or refused) the fast path offered
 ferr   seq, code, msg                            a fast-path request (header seq) was refused
 ====== ========================================= ==================================
 """
@@ -82,7 +84,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "nccl": {"uid": ((bytes,), True), "dir": (_STR, True)},
     "nok": {"dir": (_STR, True)},
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
-            "pool": (_INT, True), "caps": (_MAP, True), "fast": (_MAP, False)},
+            "pool": (_INT, True), "caps": (_MAP, True)},
+    "fq": {},
+    "fo": {"chan": (_MAP, False), "lease": (_LIST, False), "bell": (_STR, False), "no": (_STR, False)},
     "fast": {"ok": ((bool,), True), "msg": (_STR, True), "bell": (_STR, False)},
     "ferr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "ack": {"seq": (_INT, True)},
@@ -106,9 +110,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "odone": {"seq": (_INT, True)},
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl",
-                           "offer", "oabort", "ofin", "odata", "opost", "fast"})
+                           "offer", "oabort", "ofin", "odata", "opost", "fast", "fq"})
 REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "crev", "pdata", "perr", "pong", "err", "abort", "nok",
-                         "ogrant", "oerr", "odone", "ferr"})
+                         "ogrant", "oerr", "odone", "ferr", "fo"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool", "idx", "ev")
 
