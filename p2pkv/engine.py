@@ -51,7 +51,7 @@ from .keys import TransferKey, validate_transfer_id
 from .mailbox import Mailbox, Slot
 from .pool import Buffer, BufferPool
 from .recv_request import RecvRequest, validate_names
-from .request import RequestHandle, Watcher, parse_layout
+from .request import RequestHandle, RequestLayout, Watcher, parse_layout
 from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
@@ -290,6 +290,12 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         parse_address(peer)
         specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
         req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
+        if isinstance(layout, RequestLayout):
+            if layout.fast is None:
+                from ._engine.fastpath import FastLayout
+
+                layout.fast = FastLayout(specs)
+            req.layout = layout.fast
         self._stats.add("requests")
         if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
             self._stats.add("requests_fast")
@@ -550,15 +556,37 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
                 pass
 
     def _claim_landed(self, key: TransferKey, timeout: float, check: Any) -> Any:
-        """Claim ``key`` from the inbox and wait until its data has landed (same-host producers
-        announce a tensor before its bytes arrive)."""
+        """Take ``key``'s data once it has landed: from the inbox, or from a same-host request's record
+        (a same-host producer announces a tensor before its bytes arrive)."""
+        fast = self._fast
+        if not fast.rx:
+            return self._inbox.claim(key, timeout, check, self._closed_error)
         deadline = time.monotonic() + timeout
-        poll = self._fast.poll if self._fast.rx else None
-        slot = self._inbox.claim(key, timeout, check, self._closed_error, poll=poll)
+        last = time.monotonic()
+        while True:
+            fast.poll()
+            slot = fast.claim_key(key)
+            if slot is None:
+                slot = self._inbox.take_nowait(key, check)
+            elif check is not None:
+                try:
+                    check(slot)
+                except BaseException:
+                    slot.buf.release()  # the tensor goes back (its record stays whole for others only in part)
+                    raise
+            if slot is not None:
+                break
+            err = self._inbox.error_for(key) or self._closed_error()
+            if err is not None:
+                raise err
+            now = time.monotonic()
+            if now > deadline:
+                raise TransferTimeout(f"no data arrived within {timeout:.3g}s", key=key)
+            if now - last > self._cfg.spin_s:
+                time.sleep(5e-5)
         if slot.ready is None:
             return slot
         try:
-            last = time.monotonic()
             while not slot.ready():
                 now = time.monotonic()
                 if now > deadline:
@@ -686,7 +714,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             except (BlockingIOError, OSError):
                 pass  # pipe full: the I/O thread is already due to wake
 
-    def _release_after_caller(self, buf: Buffer) -> None:
+    def _release_after_caller(self, buf: Any) -> None:
         """Return a pool buffer once the work the caller queued on its current CUDA stream
         (a copy out of it, an unpack kernel) has finished; at once for CPU buffers."""
         if not self._cuda or self._completer is None or self._closed:
@@ -696,6 +724,9 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             return
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self._device))
+        if ev.query():  # nothing of the caller's still reads it: at once, no thread hop
+            buf.release()
+            return
         # A thread blocked (GIL released) on the caller's work, in order: no polling.
         w = self._release_watcher
         if w is None:

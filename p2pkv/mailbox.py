@@ -162,6 +162,21 @@ class Mailbox:
         with self._lock:
             return self._error_locked(key)
 
+    def names_of(self, tid: str) -> set[str]:
+        """Names of ``tid``'s tensors waiting here unclaimed."""
+        with self._lock:
+            return {k.name for k in self._by_tid.get(tid, ())}
+
+    def note_evicted(self, tid: str, names: list[str]) -> None:
+        """Tensors that waited elsewhere (a shared-memory record) were evicted: late claims say so."""
+        with self._lock:
+            for n in names:
+                k = TransferKey(tid, n)
+                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
+                    f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
+            self.evictions += len(names)
+            self._wake_tid_locked(tid)
+
     def tid_error(self, tid: str) -> P2pkvError | None:
         """Why no more data of transfer ``tid`` can come, if it cannot (aborted, or its source lost)."""
         with self._lock:

@@ -6,6 +6,10 @@ waits for that tensor's landing flag (``cuStreamWaitValue64``), with no host wak
 per-tensor Python on the critical path. The tensors stay in the engine's pool (zero-copy
 views) until :meth:`RecvRequest.release`, or are copied into the caller's ``outs``.
 
+A same-host request arrives as one record (whatever its number of tensors); whether all of
+it has landed is one vectorized comparison of its flags. Requests from other transports
+(TCP, NCCL) are taken tensor by tensor from the engine's inbox as they land.
+
 States: ``WAITING`` (nothing known of the request yet) -> ``ARRIVING`` (its layout is known,
 tensors are landing) -> ``LANDED`` (every tensor is in memory) -> ``RELEASED``; or ``FAILED``
 (``error`` says why; the handle still has to be released).
@@ -23,7 +27,7 @@ import torch
 
 from . import _tensors as T
 from . import _trace
-from .errors import (InvalidKey, InvalidTensor, P2pkvError, ShapeMismatch, TransferAborted,
+from .errors import (EngineClosed, InvalidKey, InvalidTensor, P2pkvError, ShapeMismatch, TransferAborted,
                      TransferTimeout)
 from .keys import TransferKey, validate_transfer_id
 
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["RecvRequest", "RecvState"]
 
 _SLEEP_S = 50e-6  # poll step once the spin budget is spent (about 0.1 ms in practice)
-_CHECK_EVERY = 64  # spin iterations between checks of errors, rings and the clock
+_CHECK_EVERY = 64  # spin iterations between checks of errors, channels and the clock
 
 
 class RecvState(enum.Enum):
@@ -51,6 +55,18 @@ class RecvState(enum.Enum):
         return self in (RecvState.LANDED, RecvState.FAILED, RecvState.RELEASED)
 
 
+class _Unref:
+    """Releases a same-host record (for the engine's release-after-the-stream machinery)."""
+
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: Any):
+        self.rec = rec
+
+    def release(self) -> None:
+        self.rec.unref()
+
+
 class RecvRequest:
     """A whole request being received (see the module docstring). Not thread-safe: one consumer thread."""
 
@@ -63,18 +79,18 @@ class RecvRequest:
         self.deadline = self.t_start + timeout
         self._names = names                  # what the caller asked for (None: the request's layout)
         self._specs: dict[str, ItemSpec] = {}
-        self._order: list[str] = []
-        self._slots: dict[str, Slot] = {}    # claimed, in our hands
-        self._fast: Any = None               # FastIncoming when a same-host producer announced it
+        self._order: list[str] = list(names) if names is not None else []
+        self._slots: dict[str, Slot] = {}    # tensors taken from the inbox (TCP, NCCL, plain sends)
+        self._fast: Any = None               # the FastIncoming record of a same-host request
         self._fast_idx: dict[str, int] = {}
+        self._fast_all = False               # we took the record whole
+        self._views: dict[str, torch.Tensor] = {}
         self._outs = outs
         self._copied: set[str] = set()
         self._state = RecvState.WAITING
         self._error: P2pkvError | None = None
         self._lock = threading.Lock()
         self.t_landed: float | None = None
-        if names is not None:
-            self._order = list(names)
 
     # ------------------------------------------------------------------ public
     @property
@@ -104,7 +120,7 @@ class RecvRequest:
             The request failed (it stays failed; release the handle).
         """
         deadline = self._wait_deadline(timeout)
-        self._until(lambda: self._complete(None), deadline, "every tensor")
+        self._until(self._complete, deadline, "every tensor")
         if self._state is RecvState.ARRIVING:
             self._state = RecvState.LANDED
             self.t_landed = time.monotonic()
@@ -122,44 +138,39 @@ class RecvRequest:
         failed, if the tensor does not land by the request's deadline: check :attr:`error`
         (or call :meth:`wait`) before trusting the bytes.
         """
-        self._check_name_type(name)
-        deadline = self.deadline
-        self._until(lambda: self._bound_item(name), deadline, f"tensor {name!r}")
-        slot = self._slots.get(name)
-        if slot is None:
-            self._raise_missing(name)
-        assert slot is not None
+        self._check_name(name)
+        self._until(lambda: self._bound(name), self.deadline, f"tensor {name!r}")
         dev = self._eng._device
-        fast_i = self._fast_idx.get(name)
-        if dev.type == "cuda" and fast_i is not None and slot.ready is not None and not slot.ready():
-            from .transport import cudadrv
+        i = self._fast_idx.get(name)
+        s = stream
+        if i is not None and dev.type == "cuda":
+            rec = self._fast
+            if not rec.landed(i):
+                from ._engine.fastpath import FLAG_SHIFT
+                from .transport import cudadrv
 
-            s = stream if stream is not None else torch.cuda.current_stream(dev)
-            inc = self._fast
-            rx = inc.rx
-            cudadrv.use_device(dev)
-            rx.chan.register_cuda()
-            from ._engine.fastpath import flag_value
-
-            value = flag_value(inc.seq, fast_i)
-            rx.add_wait(inc.flag0 + fast_i, value, inc.deadline, inc)
-            cudadrv.wait_value64(s, rx.chan.flag_dev_addr(inc.flag0 + fast_i), value)
+                s = stream if stream is not None else torch.cuda.current_stream(dev)
+                cudadrv.use_device(dev)
+                rx = rec.rx
+                rx.chan.register_cuda()
+                value = (rec.seq << FLAG_SHIFT) | (i + 1)
+                rx.add_wait(rec.flag0 + i, value, rec.deadline, rec)
+                cudadrv.wait_value64(s, rx.chan.flag_dev_addr(rec.flag0 + i), value)
         else:
-            self._until(lambda: self._landed(name), deadline, f"tensor {name!r}")
-            s = stream
+            self._until(lambda: self._landed(name), self.deadline, f"tensor {name!r}")
         if self._outs is not None and name in self._outs:
             self._copy_out([name], s)
             return self._outs[name]
-        return slot.tensor()
+        return self._view(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` once it has landed (the host waits for it): a view of the pool, or its ``out``."""
-        self._check_name_type(name)
-        self._until(lambda: self._bound_item(name) and self._landed(name), self.deadline, f"tensor {name!r}")
+        self._check_name(name)
+        self._until(lambda: self._bound(name) and self._landed(name), self.deadline, f"tensor {name!r}")
         if self._outs is not None and name in self._outs:
             self._copy_out([name], None)
             return self._outs[name]
-        return self._slots[name].tensor()
+        return self._view(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensor(name)
@@ -170,15 +181,19 @@ class RecvRequest:
         return {n: self.tensor(n) for n in self._order}
 
     def release(self) -> None:
-        """Give the pool buffers back (for CUDA: once the work queued on the current stream is done).
+        """Give the pool room back (for CUDA: once the work queued on the current stream is done).
         Idempotent; views returned before are invalid afterwards."""
         with self._lock:
             if self._state is RecvState.RELEASED:
                 return
             slots, self._slots = list(self._slots.values()), {}
+            rec, self._fast = self._fast, None
+            self._views = {}
             self._state = RecvState.RELEASED
         for slot in slots:
             self._eng._release_after_caller(slot.buf)
+        if rec is not None:
+            self._eng._release_after_caller(_Unref(rec))
 
     def __enter__(self) -> RecvRequest:
         return self
@@ -187,13 +202,15 @@ class RecvRequest:
         self.release()
 
     def __del__(self) -> None:
-        if getattr(self, "_slots", None):
+        if getattr(self, "_slots", None) or getattr(self, "_fast", None) is not None:
             warnings.warn(f"p2pkv RecvRequest {self.transfer_id} was not released", ResourceWarning, stacklevel=2)
             try:
-                slots = list(self._slots.values())
-                self._slots = {}
-                for s in slots:
+                for s in list(self._slots.values()):
                     s.buf.release()
+                self._slots = {}
+                if self._fast is not None:
+                    rec, self._fast = self._fast, None
+                    rec.unref()
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -208,7 +225,7 @@ class RecvRequest:
             return self.deadline
         return time.monotonic() + self._eng._timeout(timeout)
 
-    def _check_name_type(self, name: Any) -> None:
+    def _check_name(self, name: Any) -> None:
         if not isinstance(name, str):
             raise InvalidKey(f"tensor name must be a str, got {type(name).__name__}", key=self.transfer_id)
         if self._order and name not in self._specs and name not in self._order:
@@ -226,47 +243,62 @@ class RecvRequest:
             raise P2pkvError("request handle used after release", key=self.transfer_id)
         if self._error is not None:
             raise self._error
+        if self._progress() and cond():
+            return
+        if cond():
+            return
         eng = self._eng
         # a CPU producer copies with the CPU: spinning here would take a core from it
         spin_s = eng._cfg.spin_s if eng._cuda else min(eng._cfg.spin_s, 2e-4)
+        plane = eng._fast
         last = time.monotonic()
-        n = 0
-        self._progress()
-        while not self._cond(cond):
-            n += 1
-            if n % _CHECK_EVERY and time.monotonic() - last < spin_s:
-                continue  # spinning: the data is on its way
-            if self._progress():
-                last = time.monotonic()
-                continue
-            err = self._failure()
-            if err is not None:
-                self._fail(err)
-                raise err
-            now = time.monotonic()
-            if now > deadline:
-                err = TransferTimeout(f"{what} of request {self.transfer_id} did not arrive within the deadline "
-                                      f"({self._state.value})", key=self.transfer_id)
-                if deadline >= self.deadline:
-                    self._fail(err)
-                raise err
-            if now - last >= spin_s:
-                time.sleep(_SLEEP_S)
-
-    def _cond(self, cond: Any) -> bool:
+        spinning = spin_s > 0
+        if spinning:
+            plane.spin(1)
         try:
-            return bool(cond())
-        except P2pkvError as err:  # a slot's readiness check saw the request fail
-            self._fail(err)
-            raise
+            n = 0
+            while not cond():
+                n += 1
+                if spinning and n % _CHECK_EVERY:
+                    continue  # spinning: the data is on its way
+                now = time.monotonic()
+                if self._progress():
+                    last = now
+                    if not spinning and spin_s > 0:
+                        spinning = True
+                        plane.spin(1)
+                    continue
+                err = self._failure()
+                if err is not None:
+                    self._fail(err)
+                    raise err
+                if now > deadline:
+                    err = TransferTimeout(f"{what} of request {self.transfer_id} did not arrive within the deadline "
+                                          f"({self._state.value})", key=self.transfer_id)
+                    if deadline >= self.deadline:
+                        self._fail(err)
+                    raise err
+                if spinning and now - last >= spin_s:
+                    spinning = False
+                    plane.spin(-1)
+                    plane.poll()  # one last look: a producer may have skipped our doorbell just now
+                if not spinning:
+                    time.sleep(_SLEEP_S)
+        finally:
+            if spinning:
+                plane.spin(-1)
 
     def _progress(self) -> bool:
         """Read the channels, bind the request, claim arrived tensors; True if anything changed."""
+        if self._fast is not None:
+            return False  # bound to a same-host record: its flags say the rest
         eng = self._eng
         eng._fast_poll()
         changed = False
         if not self._specs:
             changed = self._bind()
+            if self._fast is not None:
+                return True
         for name in self._order:
             if name not in self._slots:
                 slot = eng._inbox.take_nowait(TransferKey(self.transfer_id, name))
@@ -276,18 +308,30 @@ class RecvRequest:
         return changed
 
     def _bind(self) -> bool:
-        """Learn the request's layout (and take a same-host request's tensors at once)."""
-        rec = self._eng._rx_take_record(self.transfer_id, self._names)
-        if rec is None:
+        """Learn the request's layout (and take a same-host request at once)."""
+        got = self._eng._rx_take_record(self.transfer_id, self._names)
+        if got is None:
             return False
+        rec, taken = got
         from ._engine.fastpath import FastIncoming
 
         specs = rec.specs
-        if self._names is None:
-            self._order = [s.name for s in specs]
-        for s in specs:
-            if self._names is None or s.name in self._names:
-                self._specs[s.name] = s
+        if isinstance(rec, FastIncoming):
+            self._fast = rec
+            idx = rec.layout.index
+            self._order = list(taken)
+            self._fast_idx = {n: idx[n] for n in taken}
+            self._fast_all = len(taken) == rec.layout.n
+            for n in taken:
+                self._specs[n] = specs[idx[n]]
+        else:
+            if self._names is None:
+                self._order = [s.name for s in specs]
+            for s in specs:
+                if self._names is None or s.name in self._names:
+                    self._specs[s.name] = s
+        _trace.mark("rx.header", self.transfer_id)
+        self._state = RecvState.ARRIVING
         if self._outs is not None:
             for name, out in self._outs.items():
                 spec = self._specs.get(name)
@@ -300,11 +344,6 @@ class RecvRequest:
                 except InvalidTensor as exc:
                     self._fail(ShapeMismatch(f"outs[{name!r}]: {exc.message}", key=self.transfer_id))
                     return True
-        _trace.mark("rx.header", self.transfer_id)
-        if isinstance(rec, FastIncoming):
-            self._fast = rec
-            self._fast_idx = {s.name: i for i, s in enumerate(rec.specs) if s.name in self._specs}
-        self._state = RecvState.ARRIVING
         return True
 
     def _take(self, name: str, slot: Slot) -> None:
@@ -316,38 +355,57 @@ class RecvRequest:
             if self._state is RecvState.WAITING:
                 self._state = RecvState.ARRIVING
 
-    def _bound_item(self, name: str) -> bool:
-        if name in self._slots or name in self._copied:
+    def _bound(self, name: str) -> bool:
+        if name in self._slots or name in self._copied or name in self._fast_idx:
             return True
         if self._specs and name not in self._specs:
-            self._raise_missing(name)
+            raise InvalidKey(f"{name!r:.80} is not a tensor of this request", key=self.transfer_id)
         return False
-
-    def _raise_missing(self, name: str) -> None:
-        raise InvalidKey(f"{name!r:.80} is not a tensor of this request", key=self.transfer_id)
 
     def _landed(self, name: str) -> bool:
         if name in self._copied:
             return True
+        i = self._fast_idx.get(name)
+        if i is not None:
+            return bool(self._fast.landed(i))
         slot = self._slots.get(name)
-        return slot is not None and (slot.ready is None or slot.ready())
+        if slot is None:
+            return False
+        if slot.ready is None:
+            return True
+        try:
+            return slot.ready()
+        except P2pkvError as err:
+            self._fail(err)
+            raise
 
-    def _complete(self, _: Any) -> bool:
+    def _complete(self) -> bool:
+        if self._fast_all:
+            return bool(self._fast.all_landed())
         if not self._order:
             return False
         return all(self._landed(name) for name in self._order)
+
+    def _view(self, name: str) -> torch.Tensor:
+        v = self._views.get(name)
+        if v is None:
+            i = self._fast_idx.get(name)
+            v = self._fast.view(i) if i is not None else self._slots[name].tensor()
+            self._views[name] = v
+        return v
 
     def _failure(self) -> P2pkvError | None:
         """Why the request cannot complete, if it cannot."""
         eng = self._eng
         if eng._closed:
-            from .errors import EngineClosed
-
             return EngineClosed(f"engine {eng.address} closed while waiting", key=self.transfer_id)
-        if self._fast is not None:
-            err = self._fast.failed()
-            if err is not None:
-                return err
+        rec = self._fast
+        if rec is not None:
+            err = rec.failed() or eng._inbox.tid_error(self.transfer_id)
+            if err is None and time.monotonic() > rec.deadline and not self._complete():
+                err = rec.error = TransferTimeout("the producer's deadline passed before every tensor landed",
+                                                  key=self.transfer_id)
+            return err
         if not self._order:
             return eng._inbox.tid_error(self.transfer_id)
         for name in self._order:
@@ -357,31 +415,34 @@ class RecvRequest:
         return None
 
     def _copy_out(self, names: list[str], stream: torch.cuda.Stream | None) -> None:
-        """Copy landed tensors into their ``outs`` (one batched launch on CUDA) and free their buffers."""
+        """Copy landed tensors into their ``outs`` (one batched launch on CUDA); free the slots they came in."""
         outs = self._outs
         assert outs is not None
-        todo = [n for n in names if n in outs and n not in self._copied and n in self._slots]
+        todo = [n for n in names if n in outs and n not in self._copied]
         if not todo:
             return
         eng = self._eng
         dev = eng._device
+        srcs = [self._view(n) for n in todo]
         if dev.type == "cuda":
             from .kernels.batch import copier_for
 
             s = stream if stream is not None else torch.cuda.current_stream(dev)
-            segs = []
-            for n in todo:
-                slot = self._slots[n]
-                segs.append((slot.buf.data.data_ptr(), outs[n].data_ptr(), slot.buf.nbytes))
-            copier_for(dev).copy(segs, s)
+            copier_for(dev).copy([(v.data_ptr(), outs[n].data_ptr(), v.numel() * v.element_size())
+                                  for n, v in zip(todo, srcs, strict=True)], s)
             with torch.cuda.stream(s):
                 for n in todo:
-                    eng._release_after_caller(self._slots.pop(n).buf)
+                    slot = self._slots.pop(n, None)
+                    if slot is not None:
+                        eng._release_after_caller(slot.buf)
         else:
-            for n in todo:
-                slot = self._slots.pop(n)
-                outs[n].copy_(slot.tensor())
-                slot.buf.release()
+            for n, v in zip(todo, srcs, strict=True):
+                outs[n].copy_(v)
+                slot = self._slots.pop(n, None)
+                if slot is not None:
+                    slot.buf.release()
+        for n in todo:
+            self._views.pop(n, None)
         self._copied.update(todo)
 
 

@@ -63,7 +63,7 @@ def test_fast_ipc_between_processes():
         assert prod.call("send_requests", cons.address, ["k0", "k1"], L, SHAPE, many=True) == {"done": 2}
         assert cons.result(timeout=120) == 0
         ps, cs = prod.call("stats"), cons.call("stats")
-        assert ps["requests_fast"] >= 42 and cs["requests_received_fast"] >= 42
+        assert ps["requests_fast"] >= 40 and cs["requests_received_fast"] >= 40
         _settle(lambda: _held(cons.call("stats")) == 0)
         # given up half-way, and layers that never come: both sides end clean, the path goes on
         prod.call("send_requests", cons.address, ["ab"], L, SHAPE, only=5, abort=True, req_timeout=10)

@@ -390,6 +390,7 @@ class _Channel(_EngineBase):
                 self._send_pull(peer, pull)
             self._pump_sends(peer)
             self._pump_offers(peer)
+            self._fast.on_ready(peer)
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import OrderedDict
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import numpy as np
 import torch
 
 from .. import _tensors as T
@@ -56,8 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2pkv")
 
-__all__ = ["FastTx", "FastRx", "FastIncoming", "LeaseBuffer", "CudaMover", "HostMover", "flag_value",
-           "MIN_LEASE"]
+__all__ = ["FastTx", "FastRx", "FastIncoming", "FastLayout", "LeaseItem", "CudaMover", "HostMover",
+           "flag_value", "MIN_LEASE"]
 
 FLAG_SHIFT = 16          # flag value of item i of request seq: (seq << 16) | (i + 1); never 0
 # Each request also has a verdict slot after its items' flags, written by the consumer once it has
@@ -67,7 +69,12 @@ _REFUSE = 0x8000
 _CODES = ("error", "config", "invalid_key", "invalid_tensor", "shape_mismatch", "timeout", "peer_lost", "protocol",
           "auth", "pool_exhausted", "aborted", "evicted", "duplicate_key", "closed", "invalid_address", "transport")
 MIN_LEASE = 16 << 20     # a lease smaller than this is not worth a channel
-_HEADER_FIELDS = ("s", "t", "i", "f", "d")
+# Header: s seq, t transfer id, L layout id, l the layout (when L is new or redefined), o where the
+# request's room starts in the consumer's arena (its tensors lie back to back from there), f first
+# flag slot, d seconds left before the producer's deadline. Layouts are cached on both sides, so a
+# repeated layout costs the consumer O(1) whatever its number of tensors.
+_HEADER_KEYS = frozenset({"s", "t", "L", "o", "f", "d"})
+MAX_LAYOUTS = 64         # layout ids per channel (the producer evicts the least recently used)
 
 
 def flag_value(seq: int, i: int) -> int:
@@ -128,6 +135,50 @@ class RangeSet:
 
     def free_bytes(self) -> int:
         return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
+
+
+# ----------------------------------------------------------------------------- layouts
+class FastLayout:
+    """A request layout as both sides of a channel use it: tensors back to back from one offset."""
+
+    __slots__ = ("specs", "names", "index", "nameset", "sizes", "rel", "total", "n", "steps", "wire", "key")
+
+    def __init__(self, specs: list[ItemSpec]):
+        self.specs = specs
+        self.names = tuple(s.name for s in specs)
+        self.index = {nm: i for i, nm in enumerate(self.names)}
+        self.nameset = frozenset(self.names)
+        self.sizes = [BufferPool.footprint(s.nbytes) for s in specs]
+        rel, off = [], 0
+        for sz in self.sizes:
+            rel.append(off)
+            off += sz
+        self.rel = rel
+        self.total = off
+        self.n = len(specs)
+        self.steps = np.arange(1, self.n + 1, dtype=np.uint64)  # flag value = (seq << 16) | (i + 1)
+        self.wire = [[sp.name, T.dtype_name(sp.dtype), list(sp.shape), sp.nbytes] for sp in specs]
+        self.key = (self.names, tuple((sp.dtype, sp.shape) for sp in specs))
+
+    @classmethod
+    def from_wire(cls, items: Any, max_bytes: int) -> FastLayout:
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS:
+            raise ProtocolError(f"a fast-path layout holds 1..{MAX_ITEMS} tensors")
+        specs: list[ItemSpec] = []
+        seen: set[str] = set()
+        for it in items:
+            if not isinstance(it, list) or len(it) != 4:
+                raise ProtocolError("fast-path layout items are [name, dtype, shape, nbytes]")
+            name, dt, sh, n = it
+            if not isinstance(name, str) or name in seen:
+                raise ProtocolError(f"fast-path item name {name!r:.60} is not a unique str")
+            seen.add(name)
+            TransferKey("x", name)  # validates the name
+            spec = ItemSpec(name, T.dtype_from_name(dt), T.check_shape(sh))
+            if isinstance(n, bool) or n != spec.nbytes or spec.nbytes > max_bytes:
+                raise ProtocolError(f"fast-path item {name!r:.60}: bad size")
+            specs.append(spec)
+        return cls(specs)
 
 
 # ----------------------------------------------------------------------------- producer
@@ -200,7 +251,7 @@ class HostMover:
             if n:
                 # one plain memcpy on this thread: torch's parallel copy would fight a spinning consumer
                 # for the cores (measured: 64 MiB took 0.5 s instead of 20 ms on a loaded 2-core machine)
-                ctypes.memmove(self.base + off, T.as_bytes(src).data_ptr(), n)
+                ctypes.memmove(self.base + off, src.data_ptr(), n)
             _fence()  # the bytes before the flag, also on weakly ordered CPUs
             flags[slot] = value
         return None
@@ -225,13 +276,12 @@ class FastTx:
         self._space = _Extents(lease_size)
         self._flags = _Extents(NFLAGS)
         self._seq = 0
+        self._layout_ids: OrderedDict[Any, int] = OrderedDict()  # layout -> id the consumer knows it by
         self.reqs: dict[int, RequestHandle] = {}
         self._orphans: dict[int, int] = {}  # seq -> verdict slot of requests failed before their verdict
         self.closed = False
         self.sent_requests = 0
 
-    def fits(self, specs: list[ItemSpec]) -> bool:
-        return sum(BufferPool.footprint(s.nbytes) for s in specs) <= self.lease_size and len(specs) < NFLAGS
 
     def _reclaim(self) -> None:
         for off, size, f0, nf in self.chan.take_frees().tolist():
@@ -241,52 +291,71 @@ class FastTx:
             if nf and 0 <= f0 and f0 + nf <= NFLAGS:
                 self._flags.give(f0, nf)
 
-    def start(self, req: RequestHandle) -> bool:
-        """Place ``req`` in the lease and announce it; False when it does not fit now (the caller
-        then takes the ordinary path). Runs on the caller's thread."""
-        sizes = [BufferPool.footprint(s.nbytes) for s in req.specs]
-        total = sum(sizes)
+    def start(self, req: RequestHandle, wait_s: float = 0.002) -> bool:
+        """Place ``req`` in the lease and announce it; False when it does not fit (the caller then
+        takes the ordinary path). Runs on the caller's thread. When the lease is full only because
+        the consumer has not handed room back yet, waits up to ``wait_s`` for it."""
+        lay = req.layout
+        if lay is None:
+            lay = req.layout = FastLayout(req.specs)
+        total = lay.total
+        n = lay.n
+        if total > self.lease_size or n + 1 > NFLAGS:
+            return False
+        give_up = time.monotonic() + min(wait_s, max(0.0, req.deadline - time.monotonic()))
+        while True:
+            with self.lock:
+                if self.closed:
+                    return False
+                self._reclaim()
+                start = self._space.take(total)
+                f0 = self._flags.take(n + 1) if start is not None else None  # + the verdict slot
+                if start is not None and f0 is None:
+                    self._space.give(start, total)
+                    start = None
+                if start is not None:
+                    break
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(2e-5)
         with self.lock:
-            if self.closed:
-                return False
-            self._reclaim()
-            start = self._space.take(total) if total <= self.lease_size else None
-            if start is None:
-                return False
-            f0 = self._flags.take(len(req.specs) + 1)  # + the verdict slot
-            if f0 is None:
+            key = lay.key
+            lid = self._layout_ids.get(key)
+            hdr: dict[str, Any] = {"s": self._seq + 1, "t": req.transfer_id, "L": lid, "o": self.lease_off + start,
+                                   "f": f0, "d": max(0.0, req.deadline - time.monotonic())}
+            if lid is None:
+                lid = len(self._layout_ids) if len(self._layout_ids) < MAX_LAYOUTS else \
+                    next(iter(self._layout_ids.values()))  # the least recently used id, redefined
+                hdr["L"] = lid
+                hdr["l"] = lay.wire
+            rec = msgpack.packb(hdr, use_bin_type=True)
+            if not self.chan.put_record(rec):
                 self._space.give(start, total)
+                self._flags.give(f0, n + 1)
                 return False
-            offs = []
-            off = self.lease_off + start
-            for sz in sizes:
-                offs.append(off)
-                off += sz
+            if "l" in hdr:  # only once the consumer is sure to see the definition
+                for k in [k for k, v in self._layout_ids.items() if v == lid]:
+                    del self._layout_ids[k]
+            self._layout_ids[key] = lid
+            self._layout_ids.move_to_end(key)
             self._seq += 1
             seq = self._seq
-            rec = msgpack.packb({"s": seq, "t": req.transfer_id,
-                                 "i": [[s.name, T.dtype_name(s.dtype), list(s.shape), s.nbytes, o]
-                                       for s, o in zip(req.specs, offs, strict=True)],
-                                 "f": f0, "d": max(0.0, req.deadline - time.monotonic())}, use_bin_type=True)
-            # room and flags first, header after: the consumer may act on it at once
+            base = self.lease_off + start
             req.seq = seq
-            req.offs = offs
+            req.offs = [base + r for r in lay.rel]
             req.flag0 = f0
             req.x = "fast"
             req._fast = self
             req.granted = True
-            if not self.chan.put_record(rec):
-                self._space.give(start, total)
-                self._flags.give(f0, len(req.specs) + 1)
-                req._fast = None
-                req.x = ""
-                req.granted = False
-                return False
             self.reqs[seq] = req
             self.sent_requests += 1
         req._set(RequestState.GRANTED)
-        self._doorbell()
+        if not self.consumer_waiting():
+            self._doorbell()  # nobody polls the channel over there right now: wake its I/O thread
         return True
+
+    def consumer_waiting(self) -> bool:
+        return self.chan.waiters() > 0
 
     def send(self, req: RequestHandle, idxs: list[int], tensors: list[torch.Tensor], ready: Any) -> None:
         """Move items ``idxs`` of a started request (the caller's thread; never blocks on the GPU)."""
@@ -395,18 +464,21 @@ class FastTx:
 
 
 # ----------------------------------------------------------------------------- consumer
-class LeaseBuffer:
-    """A tensor's range of a producer's lease, held by the consumer until released (a pool-buffer look-alike)."""
+class LeaseItem:
+    """One tensor of a fast-path request, taken on its own (``recv``/``claim`` by key): a pool-buffer look-alike.
 
-    __slots__ = ("_rx", "offset", "size", "nbytes", "_data", "_released", "slot", "overflow", "__weakref__")
+    Releasing it drops one reference on its request; the request's room goes back to the
+    producer once nothing of it is held.
+    """
 
-    def __init__(self, rx: FastRx, offset: int, size: int, nbytes: int, data: torch.Tensor, slot: int):
-        self._rx = rx
-        self.offset = offset
-        self.size = size
-        self.nbytes = nbytes
-        self._data = data
-        self.slot = slot
+    __slots__ = ("_inc", "offset", "size", "nbytes", "_data", "_released", "overflow", "__weakref__")
+
+    def __init__(self, inc: FastIncoming, i: int):
+        self._inc = inc
+        self.offset = inc.base + inc.layout.rel[i]
+        self.size = inc.layout.sizes[i]
+        self.nbytes = inc.layout.specs[i].nbytes
+        self._data = inc.rx.arena[self.offset:self.offset + self.nbytes]
         self._released = False
         self.overflow = False
 
@@ -431,67 +503,124 @@ class LeaseBuffer:
             return
         self._released = True
         self._data = torch.empty(0, dtype=torch.uint8)
-        self._rx.give_back(self.offset, self.size, self.slot)
+        self._inc.unref()
 
     def __repr__(self) -> str:
-        return f"<LeaseBuffer {self.nbytes}B offset={self.offset} {'released' if self._released else 'held'}>"
+        return f"<LeaseItem {self.nbytes}B offset={self.offset} {'released' if self._released else 'held'}>"
 
 
 class FastIncoming:
-    """One request announced through a channel: its tensors, where they land, and their flags."""
+    """One request announced through a channel: its layout, where its room starts, and its flags.
 
-    __slots__ = ("rx", "seq", "transfer_id", "specs", "offs", "flag0", "deadline", "keys", "error", "bufs",
-                 "t_arrived", "__weakref__")
+    It is delivered whole (one record, whatever its number of tensors): :class:`~p2pkv.RecvRequest`
+    takes it whole, ``recv``/``claim`` by key take single tensors (:class:`LeaseItem`). Its room
+    goes back to the producer, in one piece, once it is out of the index and nothing of it is held.
+    """
 
-    def __init__(self, rx: FastRx, seq: int, tid: str, specs: list[ItemSpec], offs: list[int], flag0: int,
-                 deadline: float):
+    __slots__ = ("rx", "seq", "transfer_id", "layout", "base", "flag0", "deadline", "error", "t_arrived",
+                 "values", "avail", "refs", "listed", "freed", "_lock", "__weakref__")
+
+    def __init__(self, rx: FastRx, seq: int, tid: str, layout: FastLayout, base: int, flag0: int, deadline: float):
         self.rx = rx
         self.seq = seq
         self.transfer_id = tid
-        self.specs = specs
-        self.offs = offs
+        self.layout = layout
+        self.base = base
         self.flag0 = flag0
         self.deadline = deadline
-        self.keys = [TransferKey(tid, s.name) for s in specs]
         self.error: P2pkvError | None = None
-        self.bufs: list[LeaseBuffer] = []
         self.t_arrived = time.monotonic()
+        self.values = layout.steps | np.uint64(seq << FLAG_SHIFT)
+        self.avail: set[str] = set(layout.names)  # not yet taken by anyone
+        self.refs = 0                             # holders (a RecvRequest, LeaseItems)
+        self.listed = True                        # still in the index (takeable)
+        self.freed = False
+        self._lock = threading.Lock()
+
+    @property
+    def specs(self) -> list[ItemSpec]:
+        return self.layout.specs
+
+    @property
+    def keys(self) -> list[TransferKey]:
+        return [TransferKey(self.transfer_id, n) for n in self.layout.names]
 
     def landed(self, i: int) -> bool:
         flags = self.rx.chan.flags
         if flags is None:  # the channel closed
             return False
-        if int(flags[self.flag0 + i]) == flag_value(self.seq, i):
+        if int(flags[self.flag0 + i]) == int(self.values[i]):
             _fence()  # reads of the tensor come after the flag's, also on weakly ordered CPUs
             return True
         return False
 
     def all_landed(self) -> bool:
-        return all(self.landed(i) for i in range(len(self.specs)))
-
-    def ready_fn(self, i: int) -> Callable[[], bool]:
-        """For a mailbox slot: True once tensor ``i`` landed; raises the request's error once it cannot."""
-
-        def ready() -> bool:
-            if self.landed(i):
-                return True
-            err = self.failed()
-            if err is None and time.monotonic() > self.deadline:
-                err = self.error = TransferTimeout("the producer's deadline passed before the tensor landed",
-                                                   key=self.keys[i])
-            if err is not None:
-                raise err
+        flags = self.rx.chan.flags
+        if flags is None:
             return False
+        if np.array_equal(flags[self.flag0:self.flag0 + self.layout.n], self.values):
+            _fence()
+            return True
+        return False
 
-        return ready
+    def check(self) -> None:
+        """Raise the request's error once it can no longer land."""
+        err = self.failed()
+        if err is None and time.monotonic() > self.deadline and not self.all_landed():
+            err = self.error = TransferTimeout("the producer's deadline passed before every tensor landed",
+                                               key=self.transfer_id)
+        if err is not None:
+            raise err
 
     def failed(self) -> P2pkvError | None:
-        if self.error is None and self.rx.lost is not None:
+        if self.error is None and self.rx.lost is not None and not self.all_landed():
             return self.rx.lost
         return self.error
 
+    def view(self, i: int) -> torch.Tensor:
+        spec = self.layout.specs[i]
+        off = self.base + self.layout.rel[i]
+        raw = self.rx.arena[off:off + spec.nbytes]
+        if raw.numel() == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype, device=raw.device)
+        return raw.view(spec.dtype).view(spec.shape)
+
+    def take(self, names: Any = None) -> list[str] | None:
+        """Take tensors (all that are left, or ``names``, all or none); None if they are not all here."""
+        with self._lock:
+            if not self.listed:
+                return None
+            want = set(self.avail) if names is None else set(names)
+            if not want or not want <= self.avail:
+                return None
+            self.avail -= want
+            self.refs += 1
+            if not self.avail:
+                self.listed = False
+            return [n for n in self.layout.names if n in want]
+
+    def unref(self) -> None:
+        with self._lock:
+            self.refs -= 1
+            free = self.refs <= 0 and not self.listed and not self.freed
+            if free:
+                self.freed = True
+        if free:
+            self.rx.free_request(self)
+
+    def unlist(self) -> None:
+        """Out of the index (evicted, aborted, refused, session over): free it once nothing of it is held."""
+        with self._lock:
+            self.listed = False
+            self.avail.clear()
+            free = self.refs <= 0 and not self.freed
+            if free:
+                self.freed = True
+        if free:
+            self.rx.free_request(self)
+
     def __repr__(self) -> str:
-        return f"<FastIncoming {self.transfer_id} seq={self.seq} {len(self.specs)} items>"
+        return f"<FastIncoming {self.transfer_id} seq={self.seq} {self.layout.n} items>"
 
 
 class FastRx:
@@ -511,13 +640,14 @@ class FastRx:
         self.lock = threading.Lock()
         self._space = RangeSet(self.lease_size)
         self._flags = RangeSet(NFLAGS)
+        self._layouts: dict[int, FastLayout] = {}
         self.lost: P2pkvError | None = None
         self.accepted = False            # the producer opened the channel
+        self.closed = False
         self.ring_producer: Callable[[], None] = lambda: None  # the producer's doorbell
         self.offer: dict[str, Any] = {}  # what the producer was offered (sent again if it asks again)
-        self.closed = False
         self.waits: list[tuple[int, int, float, FastIncoming]] = []  # stream waits to release on failure
-        self.held = 0                    # lease bytes held by delivered tensors
+        self.held = 0                    # lease bytes held by delivered requests
         self._last_seq = 0               # headers must come in increasing sequence (no replays)
         self.requests_in = 0
 
@@ -551,89 +681,66 @@ class FastRx:
             return -1
 
     def _parse(self, rec: bytes) -> FastIncoming:
-        """Decode and check one header (under the lock); take its ranges and flags."""
+        """Decode and check one header (under the lock); take its room and flags. O(1) for a known layout."""
         try:
             m = msgpack.unpackb(rec, raw=False, strict_map_key=True, max_array_len=MAX_ITEMS + 8, max_map_len=8,
                                 max_str_len=8192, max_bin_len=0)
         except Exception as exc:
             raise ProtocolError(f"fast-path header is not valid msgpack: {type(exc).__name__}") from None
-        if not isinstance(m, dict) or set(m) != set(_HEADER_FIELDS):
-            raise ProtocolError("fast-path header must be a map with fields s, t, i, f, d")
-        seq, tid, items, f0, dl = m["s"], m["t"], m["i"], m["f"], m["d"]
+        if not isinstance(m, dict) or not _HEADER_KEYS <= m.keys() or not m.keys() <= _HEADER_KEYS | {"l"}:
+            raise ProtocolError("fast-path header must be a map with fields s, t, L, o, f, d (and l)")
+        seq, tid, lid, base, f0, dl = m["s"], m["t"], m["L"], m["o"], m["f"], m["d"]
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**47:
             raise ProtocolError("fast-path header has a bad sequence number")
         if seq <= self._last_seq:  # a replayed header would pass off what its room holds now as that request
             raise ProtocolError(f"fast-path header seq {seq} is not after {self._last_seq} (replayed?)")
         tid = validate_transfer_id(tid)
-        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS:
-            raise ProtocolError(f"a fast-path request holds 1..{MAX_ITEMS} tensors")
-        if not isinstance(f0, int) or isinstance(f0, bool) or not 0 <= f0 <= NFLAGS - len(items) - 1:
+        if not isinstance(lid, int) or isinstance(lid, bool) or not 0 <= lid < MAX_LAYOUTS:
+            raise ProtocolError("fast-path header has a bad layout id")
+        if "l" in m:
+            lay = FastLayout.from_wire(m["l"], self._maxmsg)
+            self._layouts[lid] = lay
+        else:
+            lay = self._layouts.get(lid)  # type: ignore[assignment]
+            if lay is None:
+                raise ProtocolError(f"fast-path header names layout {lid}, which was never defined")
+        if not isinstance(f0, int) or isinstance(f0, bool) or not 0 <= f0 <= NFLAGS - lay.n - 1:
             raise ProtocolError("fast-path header names flags outside the channel")
         if not isinstance(dl, (int, float)) or isinstance(dl, bool) or not dl >= 0:
             raise ProtocolError("fast-path header has a bad deadline")
-        specs: list[ItemSpec] = []
-        offs: list[int] = []
-        seen: set[str] = set()
-        for it in items:
-            if not isinstance(it, list) or len(it) != 5:
-                raise ProtocolError("fast-path items are [name, dtype, shape, nbytes, offset]")
-            name, dt, sh, n, off = it
-            if not isinstance(name, str) or name in seen:
-                raise ProtocolError(f"fast-path item name {name!r:.60} is not a unique str")
-            seen.add(name)
-            TransferKey(tid, name)  # validates the name
-            spec = ItemSpec(name, T.dtype_from_name(dt), T.check_shape(sh))
-            if isinstance(n, bool) or n != spec.nbytes or spec.nbytes > self._maxmsg:
-                raise ProtocolError(f"fast-path item {name!r:.60}: bad size")
-            if isinstance(off, bool) or not isinstance(off, int) or off % ALIGN:
-                raise ProtocolError(f"fast-path item {name!r:.60}: bad offset")
-            specs.append(spec)
-            offs.append(off)
-        # every range inside the lease and free, every flag free: else nothing is taken
-        taken: list[tuple[int, int]] = []
-        ok = True
-        for spec, off in zip(specs, offs, strict=True):
-            size = BufferPool.footprint(spec.nbytes)
-            rel = off - self.lease_off
-            if rel < 0 or rel + size > self.lease_size or not self._space.take_at(rel, size):
-                ok = False
-                break
-            taken.append((rel, size))
-        if ok and not self._flags.take_at(f0, len(specs) + 1):
-            ok = False
-        if not ok:
-            for rel, size in taken:
-                self._space.give(rel, size)
+        if isinstance(base, bool) or not isinstance(base, int) or base % ALIGN:
+            raise ProtocolError("fast-path header has a bad offset")
+        rel = base - self.lease_off
+        if rel < 0 or rel + lay.total > self.lease_size or not self._space.take_at(rel, lay.total):
             raise ProtocolError("fast-path header names room outside the producer's lease or already in use")
+        if not self._flags.take_at(f0, lay.n + 1):
+            self._space.give(rel, lay.total)
+            raise ProtocolError("fast-path header names flags that are in use")
         self._last_seq = seq
-        inc = FastIncoming(self, seq, tid, specs, offs, f0,
-                           time.monotonic() + min(float(dl), self._max_deadline_s) + 0.25)
-        for i, (spec, off) in enumerate(zip(specs, offs, strict=True)):
-            size = BufferPool.footprint(spec.nbytes)
-            inc.bufs.append(LeaseBuffer(self, off, size, spec.nbytes, self.arena[off:off + spec.nbytes], f0 + i))
-            self.held += size
+        self.held += lay.total
         self.requests_in += 1
-        return inc
+        return FastIncoming(self, seq, tid, lay, base, f0,
+                            time.monotonic() + min(float(dl), self._max_deadline_s) + 0.25)
 
     def verdict(self, inc: FastIncoming, err: P2pkvError | None) -> None:
         """Tell the producer we took ``inc`` (or why not); its verdict slot is its own again."""
         with self.lock:
             if self.closed:
                 return
-            slot = inc.flag0 + len(inc.specs)
+            slot = inc.flag0 + inc.layout.n
             self.chan.flags[slot] = verdict_value(inc.seq, err)
             self._flags.give(slot, 1)
 
-    def give_back(self, offset: int, size: int, slot: int) -> None:
-        """A tensor's range and flag are free again (any thread)."""
+    def free_request(self, inc: FastIncoming) -> None:
+        """A request's room and flags are free again (any thread): hand them back in one piece."""
+        size = inc.layout.total
         with self.lock:
-            if self.closed:
-                self.held -= size  # the lease goes back to the pool once nothing in it is held
-                return
-            self._space.give(offset - self.lease_off, size)
-            self._flags.give(slot, 1)
             self.held -= size
-            if not self.chan.put_free(offset, size, slot, 1):  # cannot happen: the ring holds every flag
+            if self.closed:
+                return  # the lease goes back to the pool once nothing in it is held
+            self._space.give(inc.base - self.lease_off, size)
+            self._flags.give(inc.flag0, inc.layout.n)
+            if not self.chan.put_free(inc.base, size, inc.flag0, inc.layout.n):  # holds every flag: cannot fill
                 log.warning("fast-path free ring full; a lease range is lost until the session ends")
 
     def add_wait(self, slot: int, value: int, deadline: float, inc: FastIncoming) -> None:
@@ -665,10 +772,12 @@ class FastRx:
         return n
 
     def close(self) -> None:
-        """End the session's channel (the I/O thread); stream waits are released first."""
+        """The session ended (the I/O thread): no more headers; stream waits are released. The channel
+        stays mapped (landed requests stay claimable) until :meth:`dispose`."""
         self.release_waits(time.monotonic(), force=True)
         with self.lock:
-            if self.closed:
-                return
             self.closed = True
+
+    def dispose(self) -> None:
+        """Unmap the channel (its lease went back to the pool)."""
         self.chan.close()

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError, error_from_code
+from ..errors import (DuplicateKey, P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError,
+                      error_from_code)
 from ..keys import TransferKey
+from ..mailbox import Slot
 from ..request import ItemSpec, RequestHandle, Watcher
 from ..transport.shm import ShmChannel, open_memfd
-from .fastpath import MIN_LEASE, CudaMover, FastIncoming, FastRx, FastTx, HostMover
+from .fastpath import MIN_LEASE, CudaMover, FastIncoming, FastRx, FastTx, HostMover, LeaseItem
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -64,6 +66,8 @@ class FastPlane:
         self._bell_name = ""
         self._bell_out: socket.socket | None = None  # producer: rings consumers' doorbells
         self._done_watcher: Watcher | None = None    # producer: completes requests after their copies
+        self._spinning = 0                           # our threads polling the channels right now
+        self._wanted: set[str] = set()               # peers a request wanted the path to before their handshake
 
     # ------------------------------------------------------------------ common
     @property
@@ -194,27 +198,57 @@ class FastPlane:
         finally:
             self._poll_lock.release()
 
+    def spin(self, delta: int) -> None:
+        """A thread of ours starts (+1) or stops (-1) polling the channels: producers need not ring us."""
+        with self._lock:
+            self._spinning += delta
+            n = self._spinning
+            rxs = self._rx_list
+        for rx in rxs:
+            if not rx.closed:
+                rx.chan.set_waiters(n)
+
     def _deliver(self, rx: FastRx, inc: FastIncoming) -> None:
+        """One record into the index, O(1) in the number of tensors (refused whole if it cannot be taken)."""
         eng = self._eng
-        inbox = eng._inbox
-        err: P2pkvError | None = None
-        done: list[TransferKey] = []
-        for i, (key, spec) in enumerate(zip(inc.keys, inc.specs, strict=True)):
-            err = inbox.deliver(key, inc.bufs[i], spec.dtype, spec.shape, src=rx.ident, ready=inc.ready_fn(i))
-            if err is not None:
-                break
-            done.append(key)
+        tid = inc.transfer_id
+        err = eng._inbox.tid_error(tid)
+        if err is not None and not isinstance(err, TransferAborted):
+            err = None  # a lost sender of earlier data does not refuse new data
+        if err is None:
+            with self._lock:
+                for rec in self._index.get(tid, ()):
+                    names = rec.layout.nameset if isinstance(rec, FastIncoming) else {s.name for s in rec.specs}
+                    if isinstance(rec, FastIncoming) and not rec.listed:
+                        continue
+                    if names & inc.layout.nameset:
+                        err = DuplicateKey("data for this key is already waiting or on its way",
+                                           key=f"{tid}/{min(names & inc.layout.nameset)}")
+                        break
+                if err is None:
+                    held = eng._inbox.names_of(tid)
+                    if held and held & inc.layout.nameset:
+                        err = DuplicateKey("data for this key is already waiting unclaimed",
+                                           key=f"{tid}/{min(held & inc.layout.nameset)}")
+                if err is None:
+                    lst = self._index.get(tid)
+                    if lst is None:
+                        lst = self._index[tid] = []
+                    lst.append(inc)
+                    self._index.move_to_end(tid)
+                    while len(self._index) > _MAX_RECORDS:
+                        _, old = self._index.popitem(last=False)
+                        for r in old:
+                            if isinstance(r, FastIncoming):
+                                r.unlist()
         if err is not None:
-            for key in done:  # all or nothing: a request is refused whole
-                inbox.take_nowait(key)
-            for b in inc.bufs:
-                b.release()
+            inc.unlist()
             rx.verdict(inc, err)
             self._refuse(rx, inc.seq, err)
             return
-        eng._stats.add("requests_received_fast")
-        self._add_record(inc.transfer_id, inc)
+        eng._inbox.expect(tid, rx.ident)
         rx.verdict(inc, None)
+        eng._stats.add("requests_received_fast")
 
     def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
         eng = self._eng
@@ -223,36 +257,79 @@ class FastPlane:
             log.warning("fast-path header from %s refused: %s", rx.eid, err.message)
         eng._submit(("fast_ferr", rx.ident, seq, err), force=True)
 
-    def _add_record(self, tid: str, rec: Any) -> None:
+    def note_offer(self, tid: str, specs: list[ItemSpec]) -> None:
+        """An ordinary offer was accepted (I/O thread): remember its layout for recv_request."""
         with self._lock:
             lst = self._index.get(tid)
             if lst is None:
                 lst = self._index[tid] = []
-            lst.append(rec)
+            lst.append(OfferRecord(tid, specs))
             while len(self._index) > _MAX_RECORDS:
-                self._index.popitem(last=False)
+                _, old = self._index.popitem(last=False)
+                for r in old:
+                    if isinstance(r, FastIncoming):
+                        r.unlist()
 
-    def note_offer(self, tid: str, specs: list[ItemSpec]) -> None:
-        """An ordinary offer was accepted (I/O thread): remember its layout for recv_request."""
-        self._add_record(tid, OfferRecord(tid, specs))
-
-    def take_record(self, tid: str, names: list[str] | None) -> Any:
-        """The oldest record of ``tid`` (holding every one of ``names``), removed from the index."""
+    def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
+        """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
         with self._lock:
             lst = self._index.get(tid)
             if not lst:
                 return None
             for i, rec in enumerate(lst):
-                if names is None or all(any(s.name == n for s in rec.specs) for n in names):
+                if isinstance(rec, FastIncoming):
+                    taken = rec.take(names)
+                    if taken is None:
+                        continue
+                    if not rec.listed:
+                        del lst[i]
+                else:
+                    if names is not None and not set(names) <= {s.name for s in rec.specs}:
+                        continue
                     del lst[i]
-                    if not lst:
-                        del self._index[tid]
-                    return rec
+                    taken = None
+                if not lst:
+                    del self._index[tid]
+                return rec, taken
         return None
 
-    def forget(self, tid: str) -> None:
+    def claim_key(self, key: TransferKey) -> Slot | None:
+        """Take one tensor of a same-host request by key (``recv``/``claim``), if it was announced."""
         with self._lock:
-            self._index.pop(tid, None)
+            lst = self._index.get(key.transfer_id)
+            if not lst:
+                return None
+            for j, rec in enumerate(lst):
+                if not isinstance(rec, FastIncoming) or key.name not in rec.avail:
+                    continue
+                if rec.take([key.name]) is None:
+                    continue
+                if not rec.listed:
+                    del lst[j]
+                    if not lst:
+                        del self._index[key.transfer_id]
+                break
+            else:
+                return None
+        i = rec.layout.index[key.name]
+        spec = rec.layout.specs[i]
+
+        def ready() -> bool:
+            if rec.landed(i):
+                return True
+            rec.check()
+            return False
+
+        return Slot(key, LeaseItem(rec, i), spec.dtype, spec.shape, rec.rx.ident, ready)
+
+    def forget(self, tid: str) -> None:
+        """``tid`` was aborted: its announced requests go (their room once nothing of them is held)."""
+        with self._lock:
+            recs = self._index.pop(tid, [])
+        for rec in recs:
+            if isinstance(rec, FastIncoming):
+                rec.error = rec.error or TransferAborted("transfer aborted", key=tid)
+                rec.unlist()
 
     def session_lost(self, sess: _Session, reason: str) -> None:
         """A session ended (I/O thread): its requests fail; its lease waits until nothing can write it."""
@@ -281,16 +358,25 @@ class FastPlane:
             for until, rx in self._quarantine:
                 if until <= now and rx.held <= 0:
                     rx.lease.release()
+                    rx.dispose()
                 else:
                     keep.append((until, rx))
             self._quarantine = keep
         ttl = self._eng._cfg.ttl_s
+        gone: list[Any] = []
         with self._lock:
             while self._index:
                 tid, lst = next(iter(self._index.items()))
                 if lst and lst[-1].t_arrived > now - ttl:
                     break
                 del self._index[tid]
+                gone.extend(lst)
+        for rec in gone:  # announced, never (wholly) taken: evicted like unclaimed data
+            if isinstance(rec, FastIncoming) and rec.listed:
+                names = list(rec.avail)
+                rec.unlist()
+                self._eng._inbox.note_evicted(rec.transfer_id, names)
+                self._eng._stats.add("evicted", len(names))
 
     # ------------------------------------------------------------------ producer side
     def accept(self, peer: _Peer, info: Any) -> None:
@@ -377,15 +463,35 @@ class FastPlane:
         peer asks for the path (lease and channel) and goes the ordinary way itself."""
         peer = self._eng._peers.get(peer_addr)
         tx = peer.fast if peer is not None and peer.ready else None
-        if tx is None and peer is not None and peer.ready and not peer.fast_asked and self.can_offer(peer.caps) \
-                and (not self._eng._cuda or peer.xport == "ipc"):
-            peer.fast_asked = True
-            self._eng._submit(("fast_ask", peer_addr))
-        if tx is None or tx.closed or not tx.fits(req.specs):
+        if tx is None:
+            if peer is None or not peer.ready:
+                self._wanted.add(peer_addr)  # asked for once the handshake is done (on_ready)
+            elif not peer.fast_asked:
+                self._eng._submit(("fast_ask", peer_addr))
+            return False
+        if tx.closed:
             return False
         if isinstance(self._eng._inbox.error_for(req.key(0)), TransferAborted):
             return False  # the ordinary path fails it with the abort's error
         return tx.start(req)
+
+    def on_ready(self, peer: _Peer) -> None:
+        """The handshake with ``peer`` is done (I/O thread): ask for the fast path if a request wanted it."""
+        if peer.addr in self._wanted:
+            self._wanted.discard(peer.addr)
+            self.ask(peer)
+
+    def ask(self, peer: _Peer) -> None:
+        """Ask ``peer`` for a lease and a channel (I/O thread), once, if it can be used at all."""
+        if peer.fast_asked or peer.fast is not None or not peer.ready:
+            return
+        if not self.can_offer(peer.caps) or (self._eng._cuda and peer.xport != "ipc"):
+            return
+        from ..control.messages import encode
+
+        peer.fast_asked = True
+        peer.sock.send(encode("fq"))
+        peer.last_tx = time.monotonic()
 
     def on_ferr(self, peer: _Peer, msg: dict[str, Any]) -> None:
         tx = peer.fast
@@ -423,8 +529,10 @@ class FastPlane:
             rx.lost = PeerLost("engine closed")
             rx.close()
             rx.lease.release()  # the pool itself goes now
+            rx.dispose()
         for _, rx in self._quarantine:
             rx.lease.release()
+            rx.dispose()
         self.rx.clear()
         self._rx_list = []
         self._quarantine = []

@@ -130,9 +130,8 @@ class _ProgressLoop(_EngineBase):
                     self._request_done(cmd[1])
                 elif op == "fast_ask":
                     peer = self._peers.get(cmd[1])
-                    if peer is not None and peer.ready:
-                        peer.sock.send(encode("fq"))
-                        peer.last_tx = time.monotonic()
+                    if peer is not None:
+                        self._fast.ask(peer)
                 elif op == "fast_ferr":
                     _, ident, seq, err = cmd
                     if ident in self._sessions and seq >= 0:

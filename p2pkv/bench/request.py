@@ -153,6 +153,7 @@ class _Pair:
         from .. import Engine
 
         ctx = mp.get_context("spawn")
+        self.layouts: dict[Any, Any] = {}
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_consumer, args=(cons_cfg, child), daemon=True)
         self.proc.start()
@@ -226,15 +227,22 @@ def _send_layers(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[
 
 def _send_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[str], gap_s: float,
                   ready: list[float], host: list[float]) -> list[Any]:
-    """One announcement for the whole request; all layers at once (one launch) or each as it becomes ready."""
+    """One announcement for the whole request; all layers at once (one launch) or each as it becomes ready.
+    The layout is checked once per shape (a RequestLayout), as NIXL prepares its descriptor lists once."""
+    from .. import RequestLayout
+
     eng = pair.eng
+    key = (tuple(layers[0].shape), len(layers))
+    layout = pair.layouts.get(key)
+    if layout is None:
+        layout = pair.layouts[key] = RequestLayout(list(zip(names, layers, strict=True)))
     t = time.monotonic()
     _trace.mark("req.start", tid)
-    req = eng.send_request(pair.address, tid, list(zip(names, layers, strict=True)))
+    req = eng.send_request(pair.address, tid, layout)
     _trace.mark("req.announced", tid)
     if not gap_s:
         ready.append(t)
-        req.send_many(list(zip(names, layers, strict=True)))
+        req.send_all(layers)
         host.append(time.monotonic() - t)
         _trace.mark("req.posted", tid)
         return [req]

@@ -46,7 +46,7 @@ HRING_BYTES = 2 << 20
 NFREE = 32768
 _FREE_WORDS = 4  # offset, size, first flag slot, flag count
 # u64 word indices of the control block (each hot counter on its own 64-byte line)
-_W_MAGIC, _W_VER, _W_HW, _W_HR, _W_FW, _W_FR = 0, 1, 8, 16, 24, 32
+_W_MAGIC, _W_VER, _W_HW, _W_HR, _W_FW, _W_FR, _W_WAITERS = 0, 1, 8, 16, 24, 32, 40
 _OFF_FLAGS = 4096
 _OFF_HRING = _OFF_FLAGS + 8 * NFLAGS
 _OFF_FRING = _OFF_HRING + HRING_BYTES
@@ -184,6 +184,17 @@ class ShmChannel:
     @property
     def closed(self) -> bool:
         return self._mm is None
+
+    def waiters(self) -> int:
+        """Producer: how many consumer threads poll this channel right now (0: ring its doorbell)."""
+        u = self._u64
+        return int(u[_W_WAITERS]) if u is not None else 0
+
+    def set_waiters(self, n: int) -> None:
+        """Consumer: how many of our threads poll the channel (a producer then need not wake us)."""
+        u = self._u64
+        if u is not None:
+            u[_W_WAITERS] = max(0, n)
 
     def flag_dev_addr(self, slot: int) -> int:
         return self.dev_addr + _OFF_FLAGS + 8 * slot
