@@ -201,8 +201,8 @@ def test_duplicate_keys_refused_whole(shm_pair):
     data = layers(1)
     send_all(prod, cons.address, "dup", data).wait(5)
     req = prod.send_request(cons.address, "dup", data)  # same keys, still unclaimed at the consumer
-    with pytest.raises(P2pkvError):
-        req.send_many(data)
+    req.send_many(data)
+    with pytest.raises(P2pkvError):  # the consumer refuses it whole: the producer learns why
         req.wait(5)
     with cons.recv_request("dup") as h:  # the first request is intact
         assert all(same_bits(h.wait()[n], t) for n, t in data)

@@ -46,8 +46,7 @@ import numpy as np
 import torch
 
 from .. import _tensors as T
-from ..errors import (P2pkvError, PeerLost, ProtocolError, TransferAborted, TransferTimeout, TransportError,
-                      error_from_code)
+from ..errors import (P2pkvError, PeerLost, ProtocolError, TransferAborted, TransferTimeout, error_from_code)
 from ..keys import TransferKey, validate_transfer_id
 from ..pool import ALIGN, BufferPool, _Extents
 from ..request import MAX_ITEMS, ItemSpec, RequestState
@@ -286,9 +285,9 @@ class FastTx:
     def _reclaim(self) -> None:
         for off, size, f0, nf in self.chan.take_frees().tolist():
             rel = off - self.lease_off
-            if 0 <= rel and rel + size <= self.lease_size and size > 0:
+            if rel >= 0 and rel + size <= self.lease_size and size > 0:
                 self._space.give(rel, size)
-            if nf and 0 <= f0 and f0 + nf <= NFLAGS:
+            if nf and f0 >= 0 and f0 + nf <= NFLAGS:
                 self._flags.give(f0, nf)
 
     def start(self, req: RequestHandle, wait_s: float = 0.002) -> bool:
@@ -687,7 +686,7 @@ class FastRx:
                                 max_str_len=8192, max_bin_len=0)
         except Exception as exc:
             raise ProtocolError(f"fast-path header is not valid msgpack: {type(exc).__name__}") from None
-        if not isinstance(m, dict) or not _HEADER_KEYS <= m.keys() or not m.keys() <= _HEADER_KEYS | {"l"}:
+        if not isinstance(m, dict) or not m.keys() >= _HEADER_KEYS or not m.keys() <= _HEADER_KEYS | {"l"}:
             raise ProtocolError("fast-path header must be a map with fields s, t, L, o, f, d (and l)")
         seq, tid, lid, base, f0, dl = m["s"], m["t"], m["L"], m["o"], m["f"], m["d"]
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**47:

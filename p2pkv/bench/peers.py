@@ -47,7 +47,7 @@ def nixl_available() -> bool:
 
 # ----------------------------------------------------------------------------- raw hand-rolled IPC
 def _raw_consumer(conn: Any, device: str) -> None:
-    import torch.multiprocessing  # noqa: F401  (registers CUDA tensor sharing)
+    import torch.multiprocessing
 
     torch.cuda.set_device(torch.device(device))
     stream = torch.cuda.current_stream()
@@ -72,7 +72,7 @@ def _raw_consumer(conn: Any, device: str) -> None:
 
 def raw_ipc(tokens_list: list[int], reps: int, device: str = "cuda:0") -> dict[int, list[float]]:
     """Seconds per request of the hand-rolled IPC pipeline, per token count."""
-    import torch.multiprocessing  # noqa: F401
+    import torch.multiprocessing
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
