@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -50,6 +50,31 @@ class Slot:
 
     def tensor(self) -> torch.Tensor:
         return self.buf.view(self.dtype, self.shape)
+
+
+class DirectBuffer:
+    """Data received straight into the caller's tensor (a posted ``recv``): no pool room, nothing to free."""
+
+    __slots__ = ("tensor", "nbytes", "size", "offset", "overflow", "released")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.size = 0
+        self.offset = -1
+        self.overflow = False
+        self.released = False
+
+    @property
+    def data(self) -> torch.Tensor:
+        t = self.tensor.reshape(-1)
+        return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        return self.tensor
+
+    def release(self) -> None:
+        self.released = True
 
 
 class _Tombs:
@@ -106,6 +131,7 @@ class Mailbox:
         self._evicted = _Tombs()
         self._lost = _Tombs()
         self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
+        self._posted: dict[TransferKey, list[Any]] = {}  # key -> [the caller's tensor or None, taken]
         self.bytes_held = 0
         self.evictions = 0
 
@@ -161,6 +187,28 @@ class Mailbox:
     def error_for(self, key: TransferKey) -> P2pkvError | None:
         with self._lock:
             return self._error_locked(key)
+
+    # ---------------------------------------------------------------- posted receives
+    def post(self, key: TransferKey, dest: torch.Tensor | None) -> None:
+        """A caller waits for ``key``: its data may land straight in ``dest`` (None: in a new tensor)."""
+        with self._lock:
+            if len(self._posted) < 65536:
+                self._posted[key] = [dest, False]
+
+    def take_post(self, key: TransferKey) -> tuple[bool, torch.Tensor | None]:
+        """The receiving thread: ``(True, dest)`` if a caller posted ``key`` (it is then being written)."""
+        with self._lock:
+            p = self._posted.get(key)
+            if p is None or p[1]:
+                return False, None
+            p[1] = True
+            return True, p[0]
+
+    def unpost(self, key: TransferKey) -> bool:
+        """Withdraw a post; False if its data is being written into it right now (then it is delivered)."""
+        with self._lock:
+            p = self._posted.pop(key, None)
+            return p is None or not p[1]
 
     def names_of(self, tid: str) -> set[str]:
         """Names of ``tid``'s tensors waiting here unclaimed."""

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import torch
 
-from p2pkv import (Engine, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferAborted, TransferKey,
+from p2pkv import (DuplicateKey, Engine, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferAborted, TransferKey,
                    TransferTimeout)
 from p2pkv.recv_request import RecvState
 from p2pkv.synthetic import kv_layer, same_bits
@@ -51,6 +51,11 @@ def shm_pair():
     finally:
         prod.close()
         cons.close()
+
+
+def send_and_wait(req, data) -> None:
+    req.send_many(data)
+    req.wait(5)
 
 
 def held(eng: Engine) -> int:
@@ -201,9 +206,8 @@ def test_duplicate_keys_refused_whole(shm_pair):
     data = layers(1)
     send_all(prod, cons.address, "dup", data).wait(5)
     req = prod.send_request(cons.address, "dup", data)  # same keys, still unclaimed at the consumer
-    req.send_many(data)
-    with pytest.raises(P2pkvError):  # the consumer refuses it whole: the producer learns why
-        req.wait(5)
+    with pytest.raises(DuplicateKey):  # the consumer refuses it whole: the producer learns why (at once, or at wait)
+        send_and_wait(req, data)
     with cons.recv_request("dup") as h:  # the first request is intact
         assert all(same_bits(h.wait()[n], t) for n, t in data)
     settle(lambda: held(cons) == 0)
