@@ -39,13 +39,14 @@ from ._engine.base import _EngineBase
 from ._engine.channel import _Channel
 from ._engine.comms import _CommManager
 from ._engine.fastplane import FastPlane
+from ._engine.regions import ExposeHandle, Regions
 from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import _LOCAL_ENGINES, _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
 from .config import EngineConfig
-from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, TransferTimeout)
+from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferTimeout)
 from .handles import SendHandle
 from .keys import TransferKey, validate_transfer_id
 from .mailbox import DirectBuffer, Mailbox, Slot
@@ -186,6 +187,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._poller.register(self._zap, zmq.POLLIN)
         self._poller.register(self._rmon, zmq.POLLIN)
         self._fast = FastPlane(self)
+        self._regions = Regions(self)
         self._probe_due: list[float] = []  # when to probe sessions for closed connections
         self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
         self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
@@ -203,6 +205,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._closed = False
         self._forked = False
         _LIVE.add(self)
+        _LOCAL_ENGINES[self.eid] = self
         self._thread = threading.Thread(target=io_main, args=(weakref.ref(self),), name=f"p2pkv-io-{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -346,6 +349,81 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
                 T.check_out(t, self._device)
         self._stats.add("recv_requests")
         return RecvRequest(self, transfer_id, nm, out_map, to)
+
+    # ------------------------------------------------------------------ one-sided reads (same host, CUDA)
+    def register_memory(self, name: str, tensor: torch.Tensor) -> None:
+        """Let same-host peers read ``tensor`` (e.g. a KV cache) straight out of this process's memory.
+
+        Registered once; a peer maps it once (:meth:`remote_memory`) and copies what it needs with
+        its own kernels, then says so (:meth:`read_done`). CUDA IPC shares whole allocations:
+        register only memory a same-host peer may see. Re-registering a name replaces it.
+
+        Raises
+        ------
+        InvalidKey, InvalidTensor, TransportError
+            A bad name, a tensor not on this engine's CUDA device, or one whose allocation
+            cannot be shared (torch's expandable segments).
+        """
+        self._check_open()
+        self._regions.register(name, tensor)
+
+    def unregister_memory(self, name: str) -> None:
+        """Stop serving ``name`` to peers that ask from now on (those that mapped it keep their view)."""
+        self._regions.unregister(name)
+
+    def expose(self, transfer_id: str, *, timeout: float | None = None) -> ExposeHandle:
+        """Mark ``transfer_id`` as readable from this engine's registered memory; the handle completes
+        when a peer reports it read it (:meth:`read_done`), fails on :meth:`abort` or at ``timeout``.
+
+        Raises
+        ------
+        InvalidKey, DuplicateKey
+        """
+        self._check_open()
+        validate_transfer_id(transfer_id)
+        return self._regions.expose(transfer_id, self._timeout(timeout))
+
+    def remote_memory(self, peer: str, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """The memory ``peer`` registered, mapped into this process: ``{name: tensor}`` views of the peer's
+        tensors (same dtype, shape and strides), to read with any kernel. Mapped once per peer.
+
+        Raises
+        ------
+        TransportError
+            The peer is not a CUDA engine of this host, or its memory cannot be mapped.
+        TransferTimeout, PeerLost, InvalidAddress
+        """
+        self._check_open()
+        parse_address(peer)
+        views = self._regions.views(peer)
+        if views is not None:
+            return views
+        to = self._timeout(timeout)
+        w = _ConnectWaiter(to)
+        if self._regions.add_waiter(peer, w):
+            self._submit(("mq", peer))
+        if not w.event.wait(to + 0.5):
+            raise TransferTimeout(f"{peer} did not describe its memory within {to:.3g}s", peer=peer)
+        if w.error is not None:
+            raise w.error
+        views = self._regions.views(peer)
+        if views is None:  # pragma: no cover - answered without error but lost meanwhile
+            raise PeerLost("the peer went away while its memory was mapped", peer=peer)
+        return views
+
+    def read_done(self, peer: str, transfer_id: str) -> None:
+        """Tell ``peer`` that this engine has read ``transfer_id`` from its memory (completes its
+        :meth:`expose` handle). Returns at once."""
+        self._check_open()
+        parse_address(peer)
+        validate_transfer_id(transfer_id)
+        self._submit(("rdone", peer, transfer_id))
+
+    def _is_local_peer(self, peer: Any) -> bool:
+        """``peer`` is an engine of this very process (proved, not claimed)."""
+        from ._engine.state import _local_arena
+
+        return _local_arena(peer.eid, peer.caps) is not None
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wait for the tensor pushed under ``key`` and return it (or fill ``out``).

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from ..config import EngineConfig
     from .fastplane import FastPlane
+    from .regions import Regions
     from ..mailbox import Mailbox
     from ..pool import Buffer, BufferPool
     from ..request import Incoming
@@ -74,6 +75,7 @@ class _EngineBase:
     _release_watcher: Any
     # the same-host fast path (leases, channels, doorbell, the request index)
     _fast: FastPlane
+    _regions: Regions
     _shm_arena: torch.Tensor | None
     _shm_loc: dict[str, Any] | None
     _shm_fd: int

@@ -294,6 +294,7 @@ class _Channel(_EngineBase):
 
     def _close_peer(self, peer: _Peer) -> None:
         self._fast.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
+        self._regions.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
         for h in peer.ipc_handles:
             _LOCAL_EVENTS.pop(h, None)
         self._release_gpu_state(peer)
@@ -391,6 +392,12 @@ class _Channel(_EngineBase):
             self._pump_sends(peer)
             self._pump_offers(peer)
             self._fast.on_ready(peer)
+            if peer.mq_pending:
+                peer.mq_pending = False
+                peer.sock.send(encode("mq"))
+            for tid in peer.rdone_pending:
+                peer.sock.send(encode("rdone", tid=tid))
+            peer.rdone_pending.clear()
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
@@ -434,6 +441,8 @@ class _Channel(_EngineBase):
             self._fast.on_ferr(peer, msg)
         elif t == "fo":
             self._fast.accept(peer, msg)
+        elif t == "mr":
+            self._regions.on_regions(peer, msg)
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -609,6 +618,14 @@ class _Channel(_EngineBase):
             self._on_offer_msg(sess, t, msg)
         elif t == "fast":
             self._fast.on_fast_msg(sess, msg)
+        elif t == "mq":
+            if sess.caps.get("host") != self._host or not self._cuda or not isinstance(sess.caps, dict) \
+                    or sess.caps.get("cuda") is not True:
+                self._reply(ident, "mr", no="memory regions are served to CUDA engines of this host only")
+            else:
+                self._reply(ident, "mr", r=self._regions.describe())
+        elif t == "rdone":
+            self._regions.on_read_done(sess, validate_transfer_id(msg["tid"]))
         elif t == "fq":
             offer = self._fast.offer(sess)
             if offer is None:

@@ -128,6 +128,20 @@ class _ProgressLoop(_EngineBase):
                     self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
                 elif op == "odone":
                     self._request_done(cmd[1])
+                elif op == "mq":
+                    peer = self._get_peer(cmd[1])
+                    if peer.ready:
+                        peer.sock.send(encode("mq"))
+                        peer.last_tx = time.monotonic()
+                    else:
+                        peer.mq_pending = True
+                elif op == "rdone":
+                    peer = self._get_peer(cmd[1])
+                    if peer.ready:
+                        peer.sock.send(encode("rdone", tid=cmd[2]))
+                        peer.last_tx = time.monotonic()
+                    else:
+                        peer.rdone_pending.append(cmd[2])
                 elif op == "fast_ask":
                     peer = self._peers.get(cmd[1])
                     if peer is not None:
@@ -200,6 +214,7 @@ class _ProgressLoop(_EngineBase):
                   src: object = None) -> None:
         self._fast.forget(tid)
         self._fast.abort_tid(tid, reason)
+        self._regions.abort(tid, reason)
         for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
         if broadcast:  # decided before the work is failed below: who carried this transfer
@@ -351,6 +366,7 @@ class _ProgressLoop(_EngineBase):
             self._tick_incoming(now)
         self._fast.tick(now)
         self._fast.tick_tx(now)
+        self._regions.tick(now)
         if self._probe_due:
             self._probe_sessions(now)
         if any(s.creq is not None for s in self._sessions.values()):
@@ -446,6 +462,7 @@ class _ProgressLoop(_EngineBase):
         for peer in list(self._peers.values()):
             self._close_peer(peer)
         self._fast.close()
+        self._regions.close()
         for sess in list(self._sessions.values()):
             self._release_gpu_state(sess)
             if sess.watcher is not None:
