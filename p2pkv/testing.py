@@ -133,6 +133,22 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
                         bad += 1
         return bad
 
+    kept: dict[str, Any] = {}
+
+    def register_pattern(name: str, shape: list[int], seed: int) -> None:
+        """Register a slice (not at its allocation's start) of a tensor of known bytes for peers to read."""
+        t = kv_layer(seed, 0, (shape[0] + 1, *shape[1:]), torch.bfloat16, eng.device)
+        kept[name] = t
+        eng.register_memory(name, t[1:])
+
+    def expose_wait(tid: str, timeout: float = 30.0) -> str:
+        h = eng.expose(tid, timeout=timeout)
+        try:
+            h.wait(timeout + 5)
+            return "done"
+        except Exception as exc:
+            return type(exc).__name__
+
     def publish_many(tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
                      timeout: float | None = None) -> int:
         dt = getattr(torch, dtype)
@@ -262,7 +278,8 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
            "soak_consume": soak_consume,
            "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n,
            "recv_many": recv_many, "recv_requests": recv_requests, "publish_many": publish_many,
-           "publish_many_from": publish_many_from,
+           "publish_many_from": publish_many_from, "register_pattern": register_pattern,
+           "expose_wait": expose_wait,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),

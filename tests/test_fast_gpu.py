@@ -186,3 +186,21 @@ def test_killed_producer_fails_the_wait():
             h.wait()
         assert time.monotonic() - t0 < BASE["peer_timeout_s"] + 5
         h.release()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_one_sided_read_of_registered_memory():
+    """A producer registers a tensor; a same-host consumer maps it, reads it with its own copy and says so."""
+    shape = [8, 16, 8, 128]
+    with RemoteEngine(**BASE) as prod, Engine(**BASE) as cons:
+        prod.call("register_pattern", "cache0", shape, 5)
+        prod.start("expose_wait", "rd1", 30.0)
+        views = cons.remote_memory(prod.address, timeout=20)
+        v = views["cache0"]
+        assert tuple(v.shape) == tuple(shape) and v.dtype == torch.bfloat16
+        full = kv_layer(5, 0, (shape[0] + 1, *shape[1:]), device=cons.device)
+        assert torch.equal(v.clone(), full[1:])
+        assert cons.remote_memory(prod.address) is views  # mapped once
+        cons.read_done(prod.address, "rd1")
+        assert prod.result(timeout=30) == "done"
