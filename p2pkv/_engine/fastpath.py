@@ -689,17 +689,17 @@ class FastRx:
         if not isinstance(m, dict) or not m.keys() >= _HEADER_KEYS or not m.keys() <= _HEADER_KEYS | {"l"}:
             raise ProtocolError("fast-path header must be a map with fields s, t, L, o, f, d (and l)")
         seq, tid, lid, base, f0, dl = m["s"], m["t"], m["L"], m["o"], m["f"], m["d"]
+        if not isinstance(lid, int) or isinstance(lid, bool) or not 0 <= lid < MAX_LAYOUTS:
+            raise ProtocolError("fast-path header has a bad layout id")
+        if "l" in m:  # a definition holds whatever else is wrong with this header: the producer counts on it
+            lay = FastLayout.from_wire(m["l"], self._maxmsg)
+            self._layouts[lid] = lay
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**47:
             raise ProtocolError("fast-path header has a bad sequence number")
         if seq <= self._last_seq:  # a replayed header would pass off what its room holds now as that request
             raise ProtocolError(f"fast-path header seq {seq} is not after {self._last_seq} (replayed?)")
         tid = validate_transfer_id(tid)
-        if not isinstance(lid, int) or isinstance(lid, bool) or not 0 <= lid < MAX_LAYOUTS:
-            raise ProtocolError("fast-path header has a bad layout id")
-        if "l" in m:
-            lay = FastLayout.from_wire(m["l"], self._maxmsg)
-            self._layouts[lid] = lay
-        else:
+        if "l" not in m:
             lay = self._layouts.get(lid)  # type: ignore[assignment]
             if lay is None:
                 raise ProtocolError(f"fast-path header names layout {lid}, which was never defined")
