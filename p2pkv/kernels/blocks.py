@@ -6,8 +6,10 @@ FlashAttention cache are two runs). :func:`block_segments` lists, for every laye
 ``(source block, destination block)`` pair, the runs to copy; :class:`p2pkv.kernels.batch.BatchCopier`
 moves them all in one kernel launch. This is the one copy of a one-sided read from a
 producer's cache (mapped here through CUDA IPC) into a consumer's cache: no packing, no pool,
-no unpacking. Both caches must share the layout of a block (shape and strides after dim 0);
-otherwise :func:`block_segments` raises and the caller takes the packing path.
+no unpacking. Both caches must lay a block out in runs of the same size (same shape after
+dim 0, the same dimensions contiguous; where the runs start may differ, e.g. the K/V planes of
+caches with different block counts); otherwise :func:`block_segments` raises and the caller
+packs instead.
 """
 
 from __future__ import annotations
