@@ -12,6 +12,7 @@ runs the same flows with the real package (classes taken from SGLang's own
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pkv import ConfigError, EngineConfig, InvalidKey, P2pkvError, TransferTimeout
+from p2pkv import ConfigError, EngineConfig, InvalidKey, TransferAborted, TransferKey, TransferTimeout
 from p2pkv.adapters import sglang as sg
 from p2pkv.adapters.sglang import KVPoll
 
@@ -713,3 +714,321 @@ def test_cuda_pools_on_two_gpus(p_tp, d_tp):
         finally:
             for m in mgrs:
                 m.close()
+
+
+# ----------------------------------------------------------------------------- issue 22: SGLang as it really runs
+def _pair(bport: int, *, engine: dict[str, Any] | None = None, p_settings: dict[str, Any] | None = None,
+          d_settings: dict[str, Any] | None = None) -> tuple[Pool, sg.P2pkvKVManager, Pool, sg.P2pkvKVManager]:
+    """A prefill and a decode manager (KVArgs as SGLang fills them on each side) in this process."""
+    cfg = EngineConfig(**(engine or ENGINE))
+    pp = Pool(sg.KVArgs, seed=7, heads=2, total_heads=2, side="prefill")
+    dp = Pool(sg.KVArgs, seed=None, heads=2, total_heads=2, side="decode")
+    pm = sg.P2pkvKVManager(pp.args, "prefill", server_args(bport), False, config=cfg,
+                           settings=sg.SglangSettings(**dict(TIMEOUTS, **(p_settings or {}))))
+    dm = sg.P2pkvKVManager(dp.args, "decode", server_args(bport), False, config=cfg,
+                           settings=sg.SglangSettings(**dict(TIMEOUTS, **(d_settings or {}))))
+    return pp, pm, dp, dm
+
+
+def _one_request(pm: sg.P2pkvKVManager, dm: sg.P2pkvKVManager, bport: int, room: int, pp: Pool, dp: Pool,
+                 seed: int = 0) -> None:
+    """One whole request, driven as SGLang's two schedulers drive it; asserts the pages arrived bit-exact."""
+    ppages, dpages = req_pages(seed or room, 12)
+    s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+    r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", room)
+    _drive([s], [(r, dpages, 1)], ppages)
+    assert all(torch.equal(dp.pages(i)[dpages], pp.pages(i)[ppages]) for i in range(2 * LAYERS))
+    s.clear()
+    r.clear()
+
+
+def test_decode_kvargs_without_head_counts_learn_them_from_the_prefill():
+    """Defect 1: SGLang's decode side sets no kv_head_num / total_kv_head_num; the decode manager must start
+    and learn the head count (max(1, total // attn_tp)) from the prefill ranks' registrations."""
+    dpool = Pool(sg.KVArgs, seed=None, heads=1, total_heads=2, side="decode", rank=1, attn_tp=2)
+    assert not hasattr(dpool.args, "kv_head_num") and not hasattr(dpool.args, "total_kv_head_num")
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pm = _mgr(Pool(sg.KVArgs, seed=1, heads=2, total_heads=2, side="prefill"), "prefill", bport)
+        dm = _mgr(dpool, "decode", bport, tp=2)
+        try:
+            assert dm.kv_head_num is None and dm.total_kv_head_num is None
+            end = time.monotonic() + 10
+            while not dm.try_ensure_parallel_info(f"127.0.0.1:{bport}"):
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            assert (dm.kv_head_num, dm.total_kv_head_num, dm.bytes_per_head()) == (1, 2, HEAD_BYTES)
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+def test_default_engine_settings_move_a_request():
+    """Defect 2: with p2pkv's default EngineConfig (peer_timeout_s=None) every decode transfer failed."""
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport, engine=DEFAULT_ENGINE)
+        try:
+            assert pm.engine.config.peer_timeout_s is None and dm.engine.config.peer_timeout_s is None
+            _one_request(pm, dm, bport, 5, pp, dp)
+        finally:
+            pm.close()
+            dm.close()
+
+
+def test_plugin_entry_point_is_declared_and_never_raises():
+    """Defect 3: SGLang 0.5.23 loads the `sglang.srt.plugins` entry-point group in every process it starts."""
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "p2pkv"]
+    assert [ep.value for ep in eps] == ["p2pkv.adapters.sglang:plugin"], "reinstall p2pkv (pip install -e .)"
+    assert eps[0].load() is sg.plugin
+    if not sg.HAVE_SGLANG:
+        assert sg.plugin() is None  # without sglang: logged, not raised (a plugin must not take SGLang down)
+        assert not sg.installed()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["after_metadata", "before_prefill_sender"])
+def test_retry_with_the_same_room_works(when):
+    """Behaviour 4: an attempt that failed or was aborted does not block a retry under the same bootstrap_room
+    (as with Mooncake); late data of the old attempt is still refused."""
+    bport = free_port()
+    room = 31
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            stats: dict[str, float] = {}
+            r1 = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", room)
+            r1.init(0)
+            poll_until(r1, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            r1.send_metadata(np.arange(12), 1, None)
+            if when == "after_metadata":
+                s1 = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+                poll_until(s1, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            else:  # the prefill never got attempt 1: its metadata waits there unclaimed
+                end = time.monotonic() + 10
+                while not r1._meta_sent:
+                    assert time.monotonic() < end
+                    time.sleep(0.01)
+            r1.abort()
+            r1.clear()
+            # the decode's abort reaches the prefill engine before SGLang could answer the client (and anyone
+            # retry): wait for that order here too
+            end = time.monotonic() + 10
+            while True:
+                try:
+                    pm.engine.recv(TransferKey(r1.tid, "probe"), timeout=0)
+                except TransferAborted:
+                    break
+                except TransferTimeout:
+                    assert time.monotonic() < end
+                    time.sleep(0.01)
+            if when == "after_metadata":
+                assert poll_until(s1, {KVPoll.Failed}, SENDING, 10, stats) == KVPoll.Failed
+                s1.clear()
+                # the old attempt's id stays refused on the decode side: late data cannot land in its pages
+                h = pm.engine.send(dm.engine.address, TransferKey(r1.tid, "p0/d0/c0"),
+                                   torch.zeros(3, dtype=torch.int64))
+                with pytest.raises(TransferAborted):
+                    h.wait(timeout=10)
+            _one_request(pm, dm, bport, room, pp, dp)  # attempt 2, same room
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["abort_after_metadata", "abort_before_metadata", "decode_deadline"])
+def test_decode_giving_up_fails_the_prefill_sender_at_once(how):
+    """Behaviour 5: the prefill sender hears of the decode side giving up (abort or its own deadline) at once,
+    not after its own waiting timeout (60 s here)."""
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        d_set = {"waiting_timeout_s": 1.0} if how == "decode_deadline" else {}
+        _, pm, _, dm = _pair(bport, p_settings={"waiting_timeout_s": 60.0, "bootstrap_timeout_s": 60.0},
+                             d_settings=d_set)
+        try:
+            stats: dict[str, float] = {}
+            s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", 41)
+            r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 41)
+            r.init(0)
+            poll_until(r, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            if how == "abort_before_metadata":
+                assert s.poll() == KVPoll.Bootstrapping
+                t0 = time.monotonic()
+                r.abort()
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.Bootstrapping}, 20, stats) == KVPoll.Failed
+            else:
+                r.send_metadata(np.arange(12), 1, None)
+                poll_until(s, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+                s.init(12, 1)  # ... and the prefill scheduler has not computed anything yet
+                t0 = time.monotonic()
+                if how == "abort_after_metadata":
+                    r.abort()
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.WaitingForInput}, 20, stats) == KVPoll.Failed
+            assert time.monotonic() - t0 < 15.0  # far inside the sender's own 60 s deadlines
+            assert "TransferAborted" in failure(s) and "decode rank 0 gave up" in failure(s), failure(s)
+            assert stats["max_poll_s"] < MAX_POLL_S
+            s.clear()
+            r.clear()
+            assert settled_use(pm.engine) == 0 and settled_use(dm.engine) == 0
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(90)
+def test_prefill_restarted_first_request_after_works():
+    """Behaviour 6: the decode side caches the prefill ranks' addresses; after the prefill server restarted
+    (new engine, new port, same bootstrap port) the first request re-resolves and works."""
+    bport = free_port()
+    pp, pm, dp, dm = _pair(bport, engine=DEFAULT_ENGINE)
+    server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+    pm2 = None
+    try:
+        _one_request(pm, dm, bport, 51, pp, dp)
+        old = pm.engine.address
+        pm.close()
+        server.close()
+        server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+        pp2 = Pool(sg.KVArgs, seed=8, heads=2, total_heads=2, side="prefill")
+        pm2 = sg.P2pkvKVManager(pp2.args, "prefill", server_args(bport), False, config=EngineConfig(**DEFAULT_ENGINE),
+                                settings=sg.SglangSettings(**TIMEOUTS))
+        assert pm2.registrar is not None and pm2.registrar.registered.wait(10)
+        assert pm2.engine.address != old
+        assert f"127.0.0.1:{bport}" in dm.prefill_info_table  # the stale entry is still cached
+        _one_request(pm2, dm, bport, 52, pp2, dp)
+    finally:
+        for m in (pm, dm, pm2):
+            if m is not None:
+                m.close()
+        server.close()
+
+
+@pytest.mark.timeout(90)
+def test_bootstrap_server_down_at_prefill_start_warns_and_carries_on(caplog):
+    """Behaviour 7: no bootstrap server when the prefill rank starts: a warning, never an exception (that took the
+    prefill server down); it registers once the bootstrap server is there."""
+    bport = free_port()
+    caplog.set_level(logging.WARNING, logger="p2pkv.sglang")
+    pp, pm, dp, dm = _pair(bport, p_settings={"register_warn_s": 0.3})
+    server = None
+    try:
+        assert pm.registrar is not None and not pm.registrar.registered.is_set()
+        end = time.monotonic() + 30
+        while "could not register with the SGLang bootstrap server" not in caplog.text:
+            assert time.monotonic() < end, caplog.text
+            time.sleep(0.05)
+        server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+        assert pm.registrar.registered.wait(30)
+        _one_request(pm, dm, bport, 61, pp, dp)
+    finally:
+        pm.close()
+        dm.close()
+        if server is not None:
+            server.close()
+
+
+@pytest.mark.timeout(60)
+def test_send_queues_the_work_and_returns(monkeypatch):
+    """Behaviour 8: send() runs on SGLang's scheduler thread: it queues the chunk and returns; gathering the pages
+    (pack) runs on the backend's worker threads."""
+    from p2pkv.adapters.sglang import sender as sender_mod
+
+    gate = threading.Event()
+    threads: list[int] = []
+    real_pack = sender_mod.pack
+
+    def slow_pack(*a: Any, **kw: Any) -> Any:
+        threads.append(threading.get_ident())
+        assert gate.wait(30)
+        return real_pack(*a, **kw)
+
+    monkeypatch.setattr(sender_mod, "pack", slow_pack)
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            ppages, dpages = req_pages(71, 12)
+            s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", 71)
+            r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 71)
+            stats: dict[str, float] = {}
+            r.init(0)
+            poll_until(r, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            r.send_metadata(np.asarray(dpages), 1, None)
+            poll_until(s, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            s.init(len(ppages), 1)
+            for chunk in chunks_of(ppages):
+                s.send(np.asarray(chunk), None)  # returns although every pack is held at the gate
+                assert s.poll() in SENDING
+            assert not gate.is_set()
+            gate.set()
+            assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success, failure(s)
+            assert poll_until(r, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success, failure(r)
+            assert threads and threading.get_ident() not in threads
+            assert all(torch.equal(dp.pages(i)[dpages], pp.pages(i)[ppages]) for i in range(2 * LAYERS))
+        finally:
+            gate.set()
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+def test_hostile_metadata_fails_only_its_request():
+    """A peer pushing garbage under a room's metadata key: that request fails with a ProtocolError naming the
+    problem; the manager serves the next request."""
+    from p2pkv.adapters.sglang import _wire
+
+    bport = free_port()
+    room = 81
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            key = TransferKey(sg.transfer_id_for_room(room), "meta/p0/d0")
+            bad = [b"not json", b'{"v": 2, "kind": "meta", "tid": "sglang-9.x", "n_dst": 1, "dst_rank": 0}',
+                   _wire.json_tensor({"v": 2, "kind": "meta", "tid": f"sglang-{room}.a1", "n_dst": 1,
+                                      "dst_rank": 0, "addr": "nowhere", "n_pages": 1, "heads": None, "aux": False,
+                                      "prefix_len": 0, "bytes_per_head": 0, "n_buffers": 0}).numpy().tobytes()]
+            for i, raw in enumerate(bad):
+                s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+                dm.engine.send(pm.engine.address, key, torch.frombuffer(bytearray(raw), dtype=torch.uint8)).wait(10)
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.Bootstrapping}, 10, {}) == KVPoll.Failed, i
+                assert "ProtocolError" in failure(s), failure(s)
+                s.clear()
+            _one_request(pm, dm, bport, room + 1, pp, dp)
+        finally:
+            pm.close()
+            dm.close()
+
+
+def test_metadata_parser_refuses_what_it_cannot_use():
+    from p2pkv import ProtocolError
+    from p2pkv.adapters.sglang import _wire
+
+    key = TransferKey("sglang-5", "meta/p0/d0")
+    good = _wire.DecodeMeta(kind="meta", tid="sglang-5.ab1", dst_rank=1, n_dst=2, addr="127.0.0.1:5",
+                            n_pages=3, heads=(0, 1), aux=True, prefix_len=0, bytes_per_head=32, n_buffers=6)
+    assert _wire.decode_meta(_wire.encode_meta(good), key, 5) == good
+    for change in ({"v": 1}, {"kind": "x"}, {"tid": "sglang-6.ab1"}, {"tid": "sglang-5.AB!"}, {"dst_rank": 2},
+                   {"n_dst": 0}, {"addr": "x"}, {"heads": [2, 1]}, {"heads": [0]}, {"aux": 1}, {"n_pages": -1},
+                   {"n_pages": True}):
+        with pytest.raises(ProtocolError):
+            _wire.decode_meta(_wire.json_tensor({**good.to_dict(), **change}), key, 5)
+    with pytest.raises(ProtocolError):
+        _wire.decode_meta(torch.zeros(70000, dtype=torch.uint8), key, 5)
+    assert sg.attempt_transfer_id(5, "ab1") == "sglang-5.ab1"
+    with pytest.raises(InvalidKey):
+        sg.attempt_transfer_id(5, "a.b")
+
+
+def test_launcher_without_sglang_prints_an_install_hint_and_exits_2():
+    """Issue 23: no 27-line ModuleNotFoundError: one line saying what to install, exit status 2."""
+    if sg.HAVE_SGLANG:
+        pytest.skip("sglang is installed here")
+    out = subprocess.run([sys.executable, "-m", "p2pkv.adapters.sglang.launch", "--model-path", "m"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install" in lines[0] and "sglang" in lines[0], out.stderr
