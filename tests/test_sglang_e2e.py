@@ -223,7 +223,10 @@ def test_prefill_decode_through_the_router_token_exact_and_survives_a_prefill_re
     # all three servers start at once (the machine has 2 cores: starting one after another costs more)
     ref = c.server("ref")
     prefill = c.prefill()
-    decode = c.server("decode", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "p2pkv")
+    # (cpu_tensor: SGLang's default retraction backup for a decode server, host_pool, registers host memory
+    # with CUDA, which a CPU-only machine has not)
+    decode = c.server("decode", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "p2pkv",
+                      "--disaggregation-decode-retraction-backup", "cpu_tensor")
     for p in (ref, prefill, decode):
         wait_healthy(p, c.url(p.name))
     expected = [generate(c.url("ref"), ids) for ids in PROMPTS]

@@ -8,6 +8,7 @@ carry only what the backend and its tests read.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,24 +39,56 @@ class _KVTransferMetric:
     transfer_total_bytes: int | None = None
 
 
-class _BaseKVManager:
-    """Stand-in for SGLang's ``BaseKVManager``."""
+class _BaseKVManager(ABC):
+    """Stand-in for SGLang's ``BaseKVManager`` (the same abstract methods, so that a missing one
+    fails here too, not only where sglang is installed)."""
 
     enable_deferred_decode_kv_release: bool = False
     supports_host_destination: bool = False
     supports_role_switch: bool = False
     supports_deferred_decode_kv_release: bool = False
 
+    @abstractmethod
+    def register_to_bootstrap(self) -> None: ...
+
     def should_verify_kv_checksum(self, bootstrap_addr: str) -> bool:
         return True
 
 
-class _BaseKVSender:
-    """Stand-in for SGLang's ``BaseKVSender``."""
+class _BaseKVSender(ABC):
+    """Stand-in for SGLang's ``BaseKVSender`` (same abstract methods)."""
+
+    @abstractmethod
+    def init(self, num_kv_indices: int, aux_index: int | None = None) -> None: ...
+
+    @abstractmethod
+    def send(self, kv_indices: Any, state_indices: Any = None, num_kv_tokens: int | None = None) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> int: ...
+
+    @abstractmethod
+    def failure_exception(self) -> None: ...
+
+    @abstractmethod
+    def get_transfer_metric(self) -> Any: ...
 
 
-class _BaseKVReceiver:
-    """Stand-in for SGLang's ``BaseKVReceiver``."""
+class _BaseKVReceiver(ABC):
+    """Stand-in for SGLang's ``BaseKVReceiver`` (same abstract methods)."""
+
+    @abstractmethod
+    def init(self, prefill_dp_rank: int = 0) -> None: ...
+
+    @abstractmethod
+    def send_metadata(self, kv_indices: Any, aux_index: int | None = None, state_indices: Any = None,
+                      decode_prefix_len: int | None = None, destination: Any = None) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> int: ...
+
+    @abstractmethod
+    def failure_exception(self) -> None: ...
 
 
 class _BaseKVBootstrapServer:

@@ -228,7 +228,8 @@ class Registrar:
         self.registered = threading.Event()
         self.last_error: str | None = None
 
-    def _register_once(self) -> bool:
+    def register_once(self) -> bool:
+        """One attempt (never raises); True when the server accepted the registration."""
         try:
             http_json("PUT", self.url + "/register", self._registration(), self._http_timeout_s)
         except (OSError, ValueError) as e:
@@ -253,7 +254,7 @@ class Registrar:
 
     def start(self) -> None:
         """Try once (a quick, local call), then keep going on a daemon thread."""
-        self._register_once()
+        self.register_once()
         self._thread = threading.Thread(target=self._run, name="p2pkv-sglang-register", daemon=True)
         self._thread.start()
 
@@ -263,7 +264,7 @@ class Registrar:
         delay = 1.0
         while not self._stop.is_set():
             if not self.registered.is_set():
-                if self._register_once():
+                if self.register_once():
                     if warned:
                         log.warning("p2pkv: registered with the SGLang bootstrap server at %s after %.0fs",
                                     self.url, time.monotonic() - t0)

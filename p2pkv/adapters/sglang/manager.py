@@ -359,8 +359,14 @@ class P2pkvKVManager(BaseKVManager):
                 self._stream = torch.cuda.Stream(self.device)
             return self._stream
 
-    def register_to_bootstrap_if_needed(self) -> None:  # pragma: no cover - compatibility no-op
-        pass
+    def register_to_bootstrap(self) -> None:
+        """Prefill: one registration attempt now (the background registrar keeps trying and keeps the
+        registration alive on its own); decode: nothing to register. Never raises."""
+        if self.registrar is not None:
+            self.registrar.register_once()
+
+    def register_to_bootstrap_if_needed(self) -> None:
+        self.register_to_bootstrap()
 
     def close(self) -> None:
         """Stop registering and close the engine (transfers in flight fail with ``EngineClosed``). Idempotent."""
