@@ -165,11 +165,17 @@ def wait_healthy(proc: Proc, url: str, deadline_s: float = START_S) -> None:
         time.sleep(1.0)
 
 
-def generate(url: str, ids: list[int]) -> list[int]:
-    code, out = http("POST", url + "/generate", {"input_ids": ids, "sampling_params": {
-        "temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}, timeout=300)
-    assert code == 200, (code, out)
-    return list(out["output_ids"])
+def generate(url: str, ids: list[int], wait_s: float = 300.0) -> list[int]:
+    """Greedy generation; a router that has not (re)admitted a worker yet answers 503: asked again."""
+    end = time.monotonic() + wait_s
+    while True:
+        code, out = http("POST", url + "/generate", {"input_ids": ids, "sampling_params": {
+            "temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}, timeout=300)
+        if code == 503 and "No available servers" in str(out) and time.monotonic() < end:
+            time.sleep(1.0)
+            continue
+        assert code == 200, (code, out)
+        return list(out["output_ids"])
 
 
 class Cluster:
@@ -200,8 +206,10 @@ class Cluster:
         return p
 
     def prefill(self) -> Proc:
+        # (--disable-overlap-schedule: with overlap, SGLang's prefill loop records a CUDA event on its forward
+        # stream before an early send of a cached prefix, which fails on a CPU-only machine)
         return self.server("prefill", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
-                           "p2pkv", "--disaggregation-bootstrap-port", str(self.bport))
+                           "p2pkv", "--disaggregation-bootstrap-port", str(self.bport), "--disable-overlap-schedule")
 
     def close(self) -> None:
         for p in self.procs:
@@ -235,7 +243,8 @@ def test_prefill_decode_through_the_router_token_exact_and_survives_a_prefill_re
     router = Proc("router", [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                              "--prefill", c.url("prefill"), str(c.bport), "--decode", c.url("decode"),
                              "--host", "127.0.0.1", "--port", str(c.ports["router"]),
-                             "--worker-startup-timeout-secs", "600"], c.tmp, c.env)
+                             "--worker-startup-timeout-secs", "600", "--health-check-interval-secs", "2"],
+                  c.tmp, c.env)
     c.procs.append(router)
     wait_healthy(router, c.url("router"), 600)
 

@@ -77,6 +77,7 @@ class P2pkvKVSender(Transfer, BaseKVSender):
         self._handles: list[SendHandle] = []
         self._waiting_since: float | None = None
         self._next_watch = 0.0
+        self._early_send_wait_event: Any = None  # set by SGLang's prefill loop before an early send (CUDA)
         self._drop_stale()
 
     # -- bootstrap: every decode rank's metadata (read without waiting, from poll)
@@ -215,9 +216,14 @@ class P2pkvKVSender(Transfer, BaseKVSender):
         self._queued_pages += len(idx)
         ready = None
         if self.kv_mgr.device.type == "cuda":
-            # the scheduler's stream may still be writing these pages: the worker waits for this point
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.kv_mgr.device))
+            # The scheduler's streams may still be writing these pages: the worker waits for this point. An
+            # early send of a cached prefix comes before the step's forward is queued, while the previous
+            # forward may still write on SGLang's forward stream: SGLang then hands us that stream's event.
+            ready = getattr(self, "_early_send_wait_event", None)
+            self._early_send_wait_event = None
+            if ready is None:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.kv_mgr.device))
         with self._lock:
             self._pending.append((idx, ready))
             if self._t_start is None:
