@@ -4,10 +4,15 @@ Two spawned processes play SGLang's prefill and decode schedulers: they call
 ``init`` / ``send`` / ``send_metadata`` / ``poll`` / ``abort`` / ``clear`` in the
 order ``sglang/srt/disaggregation/prefill.py`` and ``decode.py`` (0.5.23) do,
 and accept only the ``KVPoll`` states those loops accept at each point. The KV
-pool is raw memory handed over as pointers in ``KVArgs``, as SGLang does.
+pool is raw memory handed over as pointers in ``KVArgs``, filled field by field
+as SGLang's ``_init_kv_manager`` fills them on each side (the decode side has no
+head counts). The ordinary flow runs with p2pkv's default engine deadlines.
+In-process tests below cover what issue 22 found with real servers: a retry
+under the same room, the decode side giving up, a prefill restart, a bootstrap
+server that is away, ``send`` returning before the work, hostile metadata.
 Without sglang the backend's stand-in base classes are used; tests/test_sglang_real.py
 runs the same flows with the real package (classes taken from SGLang's own
-``get_kv_class`` after ``install()``).
+``get_kv_class`` after ``install()``), tests/test_sglang_e2e.py real servers.
 """
 
 from __future__ import annotations

@@ -243,7 +243,8 @@ def test_prefill_decode_through_the_router_token_exact_and_survives_a_prefill_re
     router = Proc("router", [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                              "--prefill", c.url("prefill"), str(c.bport), "--decode", c.url("decode"),
                              "--host", "127.0.0.1", "--port", str(c.ports["router"]),
-                             "--worker-startup-timeout-secs", "600", "--health-check-interval-secs", "2"],
+                             "--worker-startup-timeout-secs", "600", "--health-check-interval-secs", "2",
+                             "--disable-retries"],  # a failed transfer must show, not be retried away
                   c.tmp, c.env)
     c.procs.append(router)
     wait_healthy(router, c.url("router"), 600)
@@ -259,3 +260,5 @@ def test_prefill_decode_through_the_router_token_exact_and_survives_a_prefill_re
     got = [generate(c.url("router"), ids) for ids in PROMPTS]
     assert got == expected, f"after the prefill restart: {got} != {expected}\n{decode.tail()}"
     assert decode.p.poll() is None, decode.tail()
+    log = decode.log.read_text(errors="replace")
+    assert "Decode transfer failed" not in log and "P2pkvKVReceiver room" not in log, decode.tail()

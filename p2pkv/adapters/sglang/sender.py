@@ -26,6 +26,7 @@ __all__ = ["P2pkvKVSender"]
 log = logging.getLogger("p2pkv.sglang")
 
 _WATCH_EVERY_S = 0.01  # how often poll() looks for the decode side's abort
+_MAX_STALE_CHECK = 64  # decode ranks whose stale messages a new sender looks for (a bound on scheduler-thread work)
 
 
 def _indices(kv_indices: Any) -> np.ndarray:
@@ -106,12 +107,14 @@ class P2pkvKVSender(Transfer, BaseKVSender):
         """Messages already waiting when this sender is created that belong to a finished attempt:
         an abort marker (the room was unknown here when it came, as Mooncake ignores it) or the
         metadata of an attempt its decode rank has aborted since. Fresh metadata is kept."""
-        for r in range(max(1, self.kv_mgr.last_n_dst)):
+        for r in range(max(1, min(self.kv_mgr.last_n_dst, _MAX_STALE_CHECK))):
             try:
                 meta = self._take(r)
             except ProtocolError as e:
                 log.warning("p2pkv: room %s: dropped an unreadable message: %s", self.bootstrap_room, e)
                 continue
+            except P2pkvError:  # the engine is closed: poll() reports it
+                return
             if meta is None:
                 continue
             if meta.kind == "abort" or self._attempt_aborted(meta.tid):
