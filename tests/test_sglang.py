@@ -591,14 +591,32 @@ def test_bootstrap_server_rejects_bad_registrations():
     import urllib.error
     import urllib.request
 
+    good = {"v": 2, "dp_rank": 0, "tp_rank": 0, "dp_size": 1, "tp_size": 1, "address": "127.0.0.1:5",
+            "page_size": 4, "kv_head_num": 2, "total_kv_head_num": 2, "is_mla": False, "item_lens": [256],
+            "aux_item_lens": [48], "kv_cache_dtype": "bf16", "instance": "abc"}
+    bad = [b"not json", b"[1, 2]", b"\xff\xfe", json.dumps({"dp_rank": 0}).encode()]
+    for change in ({"v": 1}, {"tp_rank": 1}, {"dp_rank": -1}, {"tp_size": 0}, {"address": "nowhere"},
+                   {"address": 5}, {"page_size": True}, {"item_lens": []}, {"item_lens": [0]},
+                   {"item_lens": "256"}, {"is_mla": "no"}, {"instance": ""}, {"kv_head_num": 2.0}):
+        bad.append(json.dumps({**good, **change}).encode())
     with sg.P2pkvBootstrapServer("127.0.0.1", 0) as srv:
-        for body in (b"not json", json.dumps({"dp_rank": 0}).encode()):
+        for body in bad:
             req = urllib.request.Request(f"http://{srv.address}/register", data=body, method="PUT")
             with pytest.raises(urllib.error.HTTPError) as ei:
                 urllib.request.urlopen(req, timeout=5)
-            assert ei.value.code == 400
+            assert ei.value.code == 400, body[:80]
+        # an oversized body is refused before it is read (the client may see the refusal or a reset connection)
+        req = urllib.request.Request(f"http://{srv.address}/register", data=b"x" * (2 << 20), method="PUT")
+        with pytest.raises((urllib.error.HTTPError, ConnectionError, urllib.error.URLError)) as ei:
+            urllib.request.urlopen(req, timeout=5)
+        assert not isinstance(ei.value, urllib.error.HTTPError) or ei.value.code == 400
         with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
             assert json.loads(resp.read()) == {"ranks": {}}
+        req = urllib.request.Request(f"http://{srv.address}/register", data=json.dumps(good).encode(), method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
+            assert json.loads(resp.read()) == {"ranks": {"0": {"0": good}}}
 
 
 def test_layout_mismatch_is_a_typed_failure():

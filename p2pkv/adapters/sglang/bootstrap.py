@@ -120,6 +120,8 @@ class P2pkvBootstrapServer(BaseKVBootstrapServer):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10.0  # a client that connects and goes quiet does not hold a thread for ever
+
             def log_message(self, format: str, *args: Any) -> None:  # quiet: debug only
                 log.debug("bootstrap %s: " + format, self.address_string(), *args)
 
