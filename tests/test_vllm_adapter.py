@@ -173,14 +173,51 @@ def test_prefix_cache_hit_on_consumer_keeps_local_blocks(consumer_pair):
     _finish(p, conn)
 
 
-def test_requests_without_transfer_params_are_local(consumer_pair):
+def test_requests_without_disaggregation_are_local(consumer_pair):
     (consumer, _) = consumer_pair("push")
-    sched, worker, _ = consumer
-    for params in (None, {}, {"do_remote_prefill": True}, {"transfer_id": "", "do_remote_prefill": True}):
+    sched, _, _ = consumer
+    for params in (None, {}, {"transfer_id": new_transfer_id()}, {"do_remote_prefill": False}):
         req = F.Request("cmpl-local", [1, 2, 3], params)
         assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        sched.update_state_after_alloc(req, F.KVCacheBlocks([1]), 0)
         assert sched.request_finished(req, ([1],)) == (False, None)
     assert sched.build_connector_meta(F.SchedulerOutput()).loads == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("params,why", [
+    ({"do_remote_prefill": True}, "name no transfer_id"),
+    ({"transfer_id": "", "do_remote_prefill": True}, "transfer_id is not valid"),
+    ({"transfer_id": 7, "do_remote_prefill": True, "mode": "pull"}, "transfer_id is not valid"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull"}, "no producer address"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull", "remote_host": None,
+      "remote_port": None}, "no producer address"),
+])
+def test_decode_request_that_cannot_get_its_remote_prefill_fails_loudly(consumer_pair, caplog, params, why):
+    """Asked for a remote prefill it cannot get: a failed load (vLLM's kv_load_failure_policy applies) with
+    an error naming why, never a silent local recompute."""
+    import logging
+
+    (consumer, _) = consumer_pair("push")
+    sched, worker, _ = consumer
+    caplog.set_level(logging.WARNING, logger="p2pkv.vllm")
+    req = F.Request("cmpl-broken-1", list(range(32)), params)
+    assert sched.get_num_new_matched_tokens(req, 0) == (32, True)
+    sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2]), 32)
+    meta = sched.build_connector_meta(F.SchedulerOutput())
+    assert len(meta.loads) == 1 and why in meta.loads[0].refuse
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    deadline = time.monotonic() + 10
+    failed = set()
+    while "cmpl-broken-1" not in failed:
+        failed |= worker.get_transfer_results(set()).failed_recving
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker.get_block_ids_with_load_errors() == {1, 2}
+    assert any(r.levelno >= logging.ERROR and why in r.getMessage() for r in caplog.records)
+    req.status = "FINISHED_ERROR"
+    assert sched.request_finished(req, ([1, 2],)) == (False, None)
 
 
 def test_n_greater_than_one_loads_once(consumer_pair):
