@@ -622,8 +622,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 continue
             ids = ids[:_cdiv(num_tokens, g.block_size)]
             if g.windowed:
-                start = max(leading_nulls(ids), g.first_needed_token(num_tokens) // g.block_size)
-                ids = ids[start:]
+                ids = ids[g.first_needed_token(num_tokens) // g.block_size:]
                 if NULL_BLOCK in ids:
                     raise ConfigError(f"{g.describe()} no longer holds every block of the window the decode "
                                       f"side needs ({ids})")
@@ -678,6 +677,10 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def _finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         p = self._params.pop(rid, None)
+        seen = p is not None
+        if p is None:  # a request vLLM never scheduled (nor asked about): what did it ask for?
+            p = self._request_params(request)
+            self._params.pop(rid, None)
         self._blocks.pop(rid, None)
         self._computed.pop(rid, None)
         self._prompt_len.pop(rid, None)
@@ -713,7 +716,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 self._pending_releases.append(Release(tid, addr[0] if addr else None, addr[1] if addr else None,
                                                       src_tp))
             return False, None
-        if refused:
+        if refused or not seen:
             return False, None
         if not saved:
             self._pending_aborts.append(tid)  # finished (or aborted) before its KV was sent
@@ -1024,9 +1027,10 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                         nbytes += sum(d.numel() * d.element_size() for d in datas)
                         if not targets:
                             continue
-                        # the producer sends a windowed group's last blocks only: where do they start?
+                        # the producer sends the prompt's last blocks (a windowed group: only the window's):
+                        # where do they start?
                         rows = datas[0].shape[0]
-                        src_first = max(0, _cdiv(ntok, src_block) - rows) if group.windowed and ntok else 0
+                        src_first = max(0, _cdiv(ntok, src_block) - rows) if ntok else 0
                         if fast:  # unpack straight from the received buffer: no copy, no re-blocking
                             data = datas[0]
                             if tuple(data.shape[1:]) != tuple(cache.shape[1:]):
