@@ -146,6 +146,7 @@ def test_push_with_vllm_request_id_forms(consumer_pair, forms):
     p, conn = _start_prefill(prod_id, tid, prompt, [5, 9, 2, 40, 41, 7, 63], "push", port, seed=3)
     assert conn.poll(60)
     kind, params = conn.recv()
+    assert kind == "params"
     decode_side(dec_id, params, prompt, [11, 0, 30, 31, 12, 50, 8], 3, consumer)
     assert conn.recv()[0] == "sent"
     _finish(p, conn)
@@ -192,6 +193,13 @@ def test_requests_without_disaggregation_are_local(consumer_pair):
     ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull"}, "no producer address"),
     ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull", "remote_host": None,
       "remote_port": None}, "no producer address"),
+    # params come from clients: hostile values are refused by name, cheaply
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull", "remote_host": 5,
+      "remote_port": "80"}, "remote_host/remote_port must be"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "teleport"}, "mode must be"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "remote_tp_size": 10**9}, "remote_tp_size must"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "remote_block_size": -16},
+     "remote_block_size must"),
 ])
 def test_decode_request_that_cannot_get_its_remote_prefill_fails_loudly(consumer_pair, caplog, params, why):
     """Asked for a remote prefill it cannot get: a failed load (vLLM's kv_load_failure_policy applies) with
@@ -234,7 +242,7 @@ def test_n_greater_than_one_loads_once(consumer_pair):
 
 @pytest.mark.timeout(60)
 def test_lost_producer_reports_load_errors_not_a_hang(consumer_pair):
-    (consumer, port) = consumer_pair("push", load_timeout_s=2.0)
+    (consumer, _) = consumer_pair("push", load_timeout_s=2.0)
     params = {"transfer_id": new_transfer_id(), "do_remote_prefill": True}
     t0 = time.monotonic()
     errors = decode_side("cmpl-q-1", params, 48, [4, 5, 6], 1, consumer, expect_ok=False)

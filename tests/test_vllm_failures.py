@@ -530,3 +530,53 @@ def test_producer_with_no_way_to_hand_off_says_so(caplog):
         assert len(errors) == 1
     finally:
         workers[0].shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_releases_to_silent_producers_never_delay_a_load(consumer):
+    """Releases dial the producer named in a request's params (clients choose them): many to an address
+    that accepts connections and never answers must not hold up a real load (their own thread, bounded)."""
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    prod = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
+    try:
+        inst = consumer("pull")
+        sched, workers, _ = inst
+        params = _prefill_here(prod, "cmpl-sil-p", {"do_remote_decode": True}, 40, [7, 8, 9])
+        for i in range(20):
+            req = F.Request(f"cmpl-sil-{i}", list(range(40)), _producer_params(new_transfer_id(),
+                                                                               silent.getsockname()[1]))
+            req.status = "FINISHED_ABORTED"
+            sched.request_finished(req, ([],))
+        meta = sched.build_connector_meta(F.SchedulerOutput())
+        assert len(meta.releases) == 20
+        workers[0].bind_connector_metadata(meta)
+        workers[0].start_load_kv(None)
+        workers[0].clear_connector_metadata()
+        t0 = time.monotonic()
+        _, results = H.load(inst, "cmpl-sil-d", params, 40, [1, 2, 3])
+        assert not results[0].failed_recving and time.monotonic() - t0 < 15
+        H.check(H.Geo(), 0, inst[2][0], [1, 2, 3], 40)
+    finally:
+        stop.set()
+        prod[1][0].shutdown()
+        th.join(5)
+        for c in accepted:
+            c.close()
+        silent.close()

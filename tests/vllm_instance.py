@@ -93,7 +93,8 @@ class Instance:
         cc = CacheConfig(block_size=block)
         cc.num_gpu_blocks = num_blocks  # what the engine would have profiled
         self.vllm_config = vc = VllmConfig(model_config=mc, scheduler_config=sc, cache_config=cc,
-                                           kv_transfer_config=KVTransferConfig(**ktc), device_config=DeviceConfig("cpu"))
+                                           kv_transfer_config=KVTransferConfig(**ktc),
+                                           device_config=DeviceConfig("cpu"))
         heads = KV_HEADS // tp
         full = FullAttentionSpec(block_size=block, num_kv_heads=heads, head_size=HEAD, dtype=torch.bfloat16)
         page = full.page_size_bytes
@@ -126,7 +127,7 @@ class Instance:
             w = KVConnectorFactory.create_connector(vcr, KVConnectorRole.WORKER, self.kcc)
             if window:  # one tensor per slot, shared by a layer of each group (block ids never collide)
                 t = torch.zeros(2, num_blocks, block, heads, HEAD, dtype=torch.bfloat16)
-                c = {n: t for n in LAYERS}
+                c = dict.fromkeys(LAYERS, t)
             else:
                 c = {n: torch.zeros(2, num_blocks, block, heads, HEAD, dtype=torch.bfloat16) for n in LAYERS}
             w.register_kv_caches(c)

@@ -253,7 +253,7 @@ class Fingerprint:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Fingerprint":
+    def from_dict(cls, d: Any) -> Fingerprint:
         if not isinstance(d, dict):
             raise ConfigError(f"kv_transfer_params p2pkv_fingerprint must be a dict, got {type(d).__name__}")
         try:
@@ -292,8 +292,9 @@ def fingerprint_from_config(vllm_config: Any, kv_cache_config: Any, extra: dict[
     """
     mc = getattr(vllm_config, "model_config", None)
     model = str(getattr(mc, "served_model_name", None) or getattr(mc, "model", None) or "?")
-    if isinstance(getattr(mc, "served_model_name", None), (list, tuple)):
-        model = str(mc.served_model_name[0])
+    served = getattr(mc, "served_model_name", None)
+    if isinstance(served, (list, tuple)) and served:
+        model = str(served[0])
     spec, layers = None, 0
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
     if groups:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import socket
@@ -94,6 +95,9 @@ _MODES = ("push", "pull")
 _SEEN_TIDS = 1 << 16  # transfer ids remembered to refuse reuse
 _WAIT_SLICE_S = 0.5  # push loads re-check the producer's liveness this often
 _RELEASE_TIMEOUT_S = 5.0  # telling a producer to free a transfer nobody will load waits this long at most
+_MAX_PENDING_RELEASES = 1024  # beyond this, a release is dropped (the producer frees the copy at its ttl_s)
+_MAX_TP = 1024  # a remote TP size above this is refused (params come from clients)
+_MAX_BLOCK = 1 << 16  # likewise for a remote block size
 _REFUSE = "_p2pkv_refuse"  # key of our own copy of a request's params: why its load is refused
 
 
@@ -146,7 +150,7 @@ class Release:
 
 
 @dataclass
-class P2pkvConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+class P2pkvConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
@@ -183,12 +187,12 @@ def _per_group(block_ids: Any) -> list[list[int]]:
     return [list(block_ids)]
 
 
-def _int_param(p: dict[str, Any], name: str, default: int) -> int:
+def _int_param(p: dict[str, Any], name: str, default: int, most: int = _MAX_TP) -> int:
     v = p.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(f"kv_transfer_params {name} must be a non-negative int, got {v!r:.40}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= most:
+        raise ConfigError(f"kv_transfer_params {name} must be an int in 0..{most}, got {v!r:.40}")
     return v or default
 
 
@@ -321,7 +325,7 @@ class _SavePlan:
 
 
 # ----------------------------------------------------------------------------- the connector
-class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
+class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM ``KVConnectorBase_V1`` backed by a p2pkv :class:`~p2pkv.Engine` (hybrid models included:
     ``SupportsHMA``)."""
 
@@ -394,6 +398,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._stream: Any = None
         self._loaders = _Workers("p2pkv-load", self.loader_threads)
         self._publisher = _Workers("p2pkv-publish", 1)
+        self._releaser = _Workers("p2pkv-release", 1)  # never delays a load: its own thread
+        self._releases_pending = 0
         self._stats = StatsCollector()
         self.rank = 0
 
@@ -498,7 +504,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         """(producer TP size, producer block size, refusal) from the producer's params."""
         try:
             src_tp = _int_param(p, "remote_tp_size", self.tp_size)
-            src_block = _int_param(p, "remote_block_size", self.block_size)
+            src_block = _int_param(p, "remote_block_size", self.block_size, _MAX_BLOCK)
             dst_tp = _int_param(p, "decode_tp_size", src_tp)
             mode = p.get("mode") or self.mode
             if mode not in _MODES:
@@ -614,7 +620,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             A windowed group no longer holds a block the decode side needs.
         """
         blocks = self._blocks.get(rid, [])
-        out = []
+        out: list[list[int]] = []
         for g in self.groups:
             ids = blocks[g.index] if g.index < len(blocks) else []
             if not g.transfer:
@@ -901,15 +907,31 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 self._engine.abort(rel.transfer_id)  # anything pushed here already is freed now
             except P2pkvError as exc:
                 log.warning("abort of %s failed: %s", rel.transfer_id, exc)
-            if rel.peer_host is not None:
-                self._loaders.submit(lambda rel=rel: self._release(rel))
+            if rel.peer_host is None:
+                continue
+            with self._lock:
+                busy = self._releases_pending >= _MAX_PENDING_RELEASES
+                if not busy:
+                    self._releases_pending += 1
+            if busy:
+                log.debug("release of %s dropped (%d pending); the producer frees it at its ttl_s",
+                          rel.transfer_id, _MAX_PENDING_RELEASES)
+            else:
+                self._releaser.submit(functools.partial(self._release, rel))
         for spec in meta.loads:
             t0 = time.monotonic()
-            self._loaders.submit(lambda spec=spec, t0=t0: self._load(spec, t0))
+            self._loaders.submit(functools.partial(self._load, spec, t0))
 
     def _release(self, rel: Release) -> None:
-        """Tell the producer ranks this rank would have loaded from to free ``rel``'s transfer (a loader
-        thread: dialing a producer may take a round trip)."""
+        """Tell the producer ranks this rank would have loaded from to free ``rel``'s transfer (on the
+        release thread: dialing a producer may take a round trip)."""
+        try:
+            self._release_now(rel)
+        finally:
+            with self._lock:
+                self._releases_pending -= 1
+
+    def _release_now(self, rel: Release) -> None:
         eng = self._engine
         if eng is None or eng.closed:
             return
@@ -917,12 +939,14 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         try:
             for r, _ in self._source_plan(rel.src_tp or self.tp_size):
                 peer = self._peer(rel.peer_host, rel.peer_port, r)
+                host, port = peer.rsplit(":", 1)
+                _probe(host, int(port))  # a producer that is gone: nothing to free, no wait
                 eng.connect(peer, timeout=min(_RELEASE_TIMEOUT_S, self.load_timeout_s))
                 told.append(peer)
             eng.abort(rel.transfer_id)  # reaches every producer dialed above
         except P2pkvError as exc:
-            log.warning("could not tell the producer to free transfer %s (%s); it frees it at its ttl_s",
-                        rel.transfer_id, exc)
+            self._warn_once("release-failed", logging.WARNING, "could not tell the producer to free transfer %s "
+                            "(%s); it frees it at its ttl_s", rel.transfer_id, exc)
             if told:
                 with contextlib.suppress(P2pkvError):
                     eng.abort(rel.transfer_id)
@@ -1281,6 +1305,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         return make_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        self._releaser.close(timeout=0.0)  # releases are best effort: a dial in progress ends with the engine
         self._loaders.close()
         self._publisher.close()
         if self._engine is not None:
