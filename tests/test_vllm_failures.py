@@ -580,3 +580,25 @@ def test_releases_to_silent_producers_never_delay_a_load(consumer):
         for c in accepted:
             c.close()
         silent.close()
+
+
+def test_an_instance_keeps_the_address_its_nixl_deployment_gave_it(monkeypatch):
+    """Switched from NixlConnector: VLLM_NIXL_SIDE_CHANNEL_HOST (the address a NIXL deployment gives each
+    instance) is where p2pkv listens and what decode engines are told, unless the extra config says."""
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    sched, workers, _ = H.make_instance("kv_both", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
+    try:
+        assert workers[0].engine.address.startswith("127.0.0.1:")
+        params = _prefill_here((sched, workers, _), "cmpl-nh-1", {"do_remote_decode": True}, 20, [1, 2])
+        assert params["remote_host"] == "127.0.0.1"
+    finally:
+        workers[0].shutdown()
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "10.1.2.3")
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+
+    cfg = F.VllmConfig(F.KVTransferConfig("kv_both", dict(FAST, mode="pull", port=14579)))
+    assert P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig())._engine_cfg.host == "10.1.2.3"
+    cfg = F.VllmConfig(F.KVTransferConfig("kv_both", dict(FAST, mode="pull", port=14579, host="0.0.0.0",
+                                                          advertise_host="node-7")))
+    c = P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig())
+    assert (c._engine_cfg.host, c._engine_cfg.advertise_host) == ("0.0.0.0", "node-7")  # the config wins

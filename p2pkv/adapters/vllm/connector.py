@@ -63,6 +63,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import queue
 import socket
 import threading
@@ -98,6 +99,7 @@ _RELEASE_TIMEOUT_S = 5.0  # telling a producer to free a transfer nobody will lo
 _MAX_PENDING_RELEASES = 1024  # beyond this, a release is dropped (the producer frees the copy at its ttl_s)
 _MAX_TP = 1024  # a remote TP size above this is refused (params come from clients)
 _MAX_BLOCK = 1 << 16  # likewise for a remote block size
+_NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"  # this instance's address in NixlConnector deployments
 _REFUSE = "_p2pkv_refuse"  # key of our own copy of a request's params: why its load is refused
 
 
@@ -343,6 +345,11 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         if self.mode not in _MODES:
             raise ConfigError(f"kv_connector_extra_config.mode must be 'push' or 'pull', got {self.mode!r}")
         engine_fields = {k: v for k, v in extra.items() if k not in _ADAPTER_KEYS}
+        nixl_host = os.environ.get(_NIXL_HOST_ENV, "").strip()
+        if nixl_host and "host" not in engine_fields and "advertise_host" not in engine_fields:
+            # a deployment switched from NixlConnector keeps the address it gives each instance: listen
+            # there and tell decode engines to come there
+            engine_fields["host"] = nixl_host
         self._engine_cfg = EngineConfig.from_dict(engine_fields)  # validates early, in every process
         if self.is_producer and self.mode == "pull" and not self._engine_cfg.port:
             raise ConfigError(f"a pull-mode producer (kv_role {kv_role}) needs a fixed port in "
