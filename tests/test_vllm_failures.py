@@ -251,6 +251,7 @@ def test_save_path_host_time_is_small():
     meta, w, caches = _bound_producer("push")
     try:
         w.engine.send = lambda peer, key, t, **kw: _DoneHandle()
+        w.engine.send_request = lambda peer, tid, layout, **kw: None  # per-tensor sends (stubbed above)
         w.bind_connector_metadata(meta)
         name = H.LAYERS4[0]
         cache = w._caches[name]
@@ -265,6 +266,7 @@ def test_save_path_host_time_is_small():
             packs.append(t1 - t0)
             saves.append(t2 - t1)
         pack_us, save_us = _median_us(packs), _median_us(saves)
+        assert not w._save_plans[0].state.failed  # the hand-off really ran every time
         w.wait_for_save()
     finally:
         w.shutdown()
