@@ -433,10 +433,11 @@ def _held(prod) -> int:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["never-asked", "asked-no-blocks", "all-cached-here"])
+@pytest.mark.parametrize("how", ["never-asked", "asked-no-blocks", "all-cached-here", "refused"])
 def test_decode_request_that_never_loads_frees_the_producers_copy(consumer, how):
     """A decode request cancelled before it was ever scheduled (or whose whole prompt was cached on the
-    decode side) tells the producer to free its parked KV now, not at ttl_s (as NixlConnector does)."""
+    decode side, or whose load was refused: an incompatible fingerprint) tells the producer to free its
+    parked KV now, not at ttl_s (as NixlConnector does)."""
     prod = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull", port=_free_port(), ttl_s=300.0))
     try:
         sched, workers, _ = consumer("pull")
@@ -448,7 +449,11 @@ def test_decode_request_that_never_loads_frees_the_producers_copy(consumer, how)
         elif how == "all-cached-here":
             assert sched.get_num_new_matched_tokens(req, 40) == (0, False)
             sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2, 3]), 0)
-        req.status = "FINISHED_ABORTED" if how != "all-cached-here" else "FINISHED_STOPPED"
+        elif how == "refused":
+            params["p2pkv_fingerprint"]["head_size"] *= 2
+            req, results = H.load((sched, workers, None), "cmpl-rel-d", params, 40, [1, 2, 3])
+            assert results[0].failed_recving == {"cmpl-rel-d"}
+        req.status = {"all-cached-here": "FINISHED_STOPPED", "refused": "FINISHED_ERROR"}.get(how, "FINISHED_ABORTED")
         assert sched.request_finished(req, ([],)) == (False, None)
         meta = sched.build_connector_meta(F.SchedulerOutput())
         assert [r.transfer_id for r in meta.releases] == [params["transfer_id"]] and not meta.loads

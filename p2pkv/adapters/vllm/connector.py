@@ -101,6 +101,7 @@ _MAX_TP = 1024  # a remote TP size above this is refused (params come from clien
 _MAX_BLOCK = 1 << 16  # likewise for a remote block size
 _NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"  # this instance's address in NixlConnector deployments
 _REFUSE = "_p2pkv_refuse"  # key of our own copy of a request's params: why its load is refused
+_RELEASE = "_p2pkv_release"  # ... and that its load was refused: the producer is told to free the copy
 
 
 # ----------------------------------------------------------------------------- metadata (pickled to workers)
@@ -556,6 +557,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 if tid in self._loaded_tids and refuse is None:
                     refuse = (f"transfer id {tid} was already loaded by another request; a reused transfer id is "
                               f"refused rather than risk stale KV")
+                elif refuse is not None:
+                    p[_RELEASE] = True  # this engine will never take the producer's copy: free it at the end
                 self._remember_loaded(tid)
             host, port = p.get("remote_host"), p.get("remote_port")
             self._pending_loads.append(LoadSpec(rid, tid or "", ids, self._computed.get(rid, 0),
@@ -714,12 +717,13 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             status = str(getattr(request, "status", ""))
             if tid is None or sibling:
                 return False, None
-            if loaded:
+            if loaded and not p.get(_RELEASE):
                 if not any(s in status for s in _NORMAL_FINISH):
                     self._pending_aborts.append(tid)  # aborted or failed: the producer frees its copy now
-            elif tid not in self._loaded_tids and tid not in self._loading_tids:
-                # never loaded (cancelled before it was scheduled, or its whole prompt was cached here):
-                # nobody will fetch this transfer, so the producer frees its copy now, not at its ttl_s
+            elif p.get(_RELEASE) or (tid not in self._loaded_tids and tid not in self._loading_tids):
+                # never loaded (cancelled before it was scheduled, its whole prompt was cached here, or its
+                # load was refused): nobody will fetch this transfer, so the producer frees its copy now,
+                # not at its ttl_s
                 try:
                     addr = _address(p)
                     src_tp = _int_param(p, "remote_tp_size", self.tp_size)
