@@ -186,7 +186,9 @@ def test_inside_multiconnector_the_transfer_and_vllms_stats_work():
     """p2pkv beside a cache connector in vLLM's MultiConnector: the transfer is bit-exact, and vLLM's stats
     logger and Prometheus metrics rebuild p2pkv's stats by its registered name (was: ValueError
     "Connector 'P2pkvConnector' is not registered", which ends the async engine's output handler)."""
-    from prometheus_client import Counter, Gauge, Histogram
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
     from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
@@ -208,15 +210,14 @@ def test_inside_multiconnector_the_transfer_and_vllms_stats_work():
         lines = []
         logging_.log(lambda fmt, *a: lines.append(fmt % a))
         assert lines and "transfers_loaded" in lines[0], lines
-        prom = MultiConnector.build_prom_metrics(dec.vllm_config, {Gauge: Gauge, Counter: Counter,
-                                                                   Histogram: Histogram},
-                                                 ["model_name", "engine"], {0: ["tiny-multi", "0"]})
+        reg = CollectorRegistry()  # vLLM's stat logger clears its own registry; a test has its own
+        types = {t: functools.partial(t, registry=reg) for t in (Gauge, Counter, Histogram)}
+        prom = MultiConnector.build_prom_metrics(dec.vllm_config, types, ["model_name", "engine"],
+                                                 {0: ["tiny-multi", "0"]})
         for s in stats:
             prom.observe(s.to_dict(), 0)
-        from prometheus_client import REGISTRY
-
-        assert REGISTRY.get_sample_value("vllm:p2pkv_transfers_loaded_total",
-                                         {"model_name": "tiny-multi", "engine": "0"}) == 1
+        assert reg.get_sample_value("vllm:p2pkv_transfers_loaded_total",
+                                    {"model_name": "tiny-multi", "engine": "0"}) == 1
     finally:
         pre.close()
         dec.close()
