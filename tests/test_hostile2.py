@@ -7,10 +7,12 @@ expected to fail until the data plane is rewritten (``xfail``, not strict). Item
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
+import zmq
 
 from p2pkv import Engine, P2pkvError, TransferAborted, TransferKey
 from p2pkv.control.messages import decode, encode
@@ -89,3 +91,115 @@ def test_item8_peer_abort_budgets_are_never_spent_by_others():
     assert tombs.get("T") is not None and len(tombs) <= 100 and tombs.count("greedy") <= 1
     tombs.expire(time.monotonic() + 61)
     assert len(tombs) == 0 and tombs.peers() == 0 and tombs.get("T") is None
+
+
+# ----------------------------------------------------------------------------- item 9: the `local` proof
+class _Listener:
+    """A raw ROUTER that answers an engine's hello as a (hostile) engine would, and keeps it."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.ROUTER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.address = f"127.0.0.1:{self.s.bind_to_random_port('tcp://127.0.0.1')}"
+        self.hello: dict = {}
+        self.ident = b""
+
+    def answer(self, eid: str, caps: dict, timeout: float = 5.0) -> None:
+        assert self.s.poll(int(timeout * 1000)), "no hello"
+        frames = self.s.recv_multipart()
+        self.ident, self.hello = frames[0], decode(frames[1])
+        assert self.hello["t"] == "hello"
+        self.s.send_multipart([self.ident, encode("hok", eid=eid, align=256, window=2**30, maxmsg=2**31,
+                                                  pool=2**30, caps=caps)])
+
+    def close(self) -> None:
+        self.s.close(0)
+        self.ctx.term()
+
+
+def _dial(e: Engine, listener: _Listener, eid: str, caps: dict) -> None:
+    th = threading.Thread(target=listener.answer, args=(eid, caps), daemon=True)
+    th.start()
+    e.connect(listener.address, timeout=5)
+    th.join(5)
+
+
+def _session_of(e: Engine, eid: str, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for sess in list(e._sessions.values()):
+            if sess.eid == eid:
+                return sess
+        time.sleep(0.01)
+    raise AssertionError(f"no session claiming {eid}")
+
+
+@pytest.mark.timeout(60)
+def test_item9_what_an_engine_tells_a_peer_cannot_be_replayed_to_it():
+    from p2pkv._engine.state import _LOCAL_ARENAS, _local_arena
+
+    with Engine(**FAST) as v:
+        _LOCAL_ARENAS[v.eid] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA engine has
+        spy, fake = _Listener(), _Listener()
+        raw = Raw(v.address)
+        try:
+            _dial(v, spy, "spy", {})  # v dials a peer: its hello is all that peer learns
+            seen = spy.hello["caps"]
+            # replayed to v as a dialer claiming v's id: no direct access to v's arena
+            raw.send(encode("hello", eid=v.eid, host=spy.hello["host"], pid=spy.hello["pid"], dev="cpu", caps=seen))
+            assert raw.reply()["t"] == "hok"
+            sess = _session_of(v, v.eid)
+            assert _local_arena(sess.eid, sess.caps) is None
+            # replayed as a server's answer: v does not take the fake server for itself
+            _dial(v, fake, v.eid, seen)
+            p = v._peers[fake.address]
+            assert p.eid == v.eid and not v._is_self(p) and _local_arena(p.eid, p.caps) is None
+        finally:
+            raw.close()
+            spy.close()
+            fake.close()
+            del _LOCAL_ARENAS[v.eid]
+
+
+@pytest.mark.timeout(60)
+def test_item9_a_peer_in_the_middle_cannot_relay_two_local_engines_handshakes():
+    from p2pkv._engine.state import _LOCAL_ARENAS, _local_arena
+
+    with Engine(**FAST) as v, Engine(**FAST) as w:
+        _LOCAL_ARENAS[v.eid] = torch.zeros(16, dtype=torch.uint8)
+        _LOCAL_ARENAS[w.eid] = torch.zeros(16, dtype=torch.uint8)
+        mitm = _Listener()
+        ctx = zmq.Context()
+        d = ctx.socket(zmq.DEALER)
+        try:
+            # w dials the attacker, which answers as v; the attacker dials v as w, with w's routing id
+            _dial(w, mitm, v.eid, {"transports": ["tcp"], "pid": mitm.hello.get("pid", 0)})
+            d.setsockopt(zmq.LINGER, 0)
+            d.setsockopt(zmq.ROUTING_ID, mitm.ident)
+            d.connect(f"tcp://{v.address}")
+            h = mitm.hello
+            d.send(encode("hello", eid=w.eid, host=h["host"], pid=h["pid"], dev=h["dev"], caps=h["caps"]))
+            assert d.poll(5000) and decode(d.recv())["t"] == "hok"
+            sess = _session_of(v, w.eid)
+            time.sleep(0.2)
+            assert _local_arena(w.eid, sess.caps) is None  # v does not read w's arena for the attacker
+            p = w._peers[mitm.address]
+            assert _local_arena(v.eid, p.caps) is None  # nor does w write into v's for it
+            # the real thing still works: v dials w directly, and itself
+            v.connect(w.address, timeout=5)
+            assert _local_arena(w.eid, v._peers[w.address].caps) is not None
+            deadline = time.monotonic() + 5
+            while True:
+                sess = [s for s in w._sessions.values() if s.eid == v.eid]
+                if sess and _local_arena(v.eid, sess[0].caps) is not None:
+                    break
+                assert time.monotonic() < deadline, "w never found v's session local"
+                time.sleep(0.01)
+            v.connect(v.address, timeout=5)
+            assert v._is_self(v._peers[v.address])
+        finally:
+            d.close(0)
+            mitm.close()
+            ctx.term()
+            del _LOCAL_ARENAS[v.eid], _LOCAL_ARENAS[w.eid]

@@ -23,10 +23,9 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter,
-                    _Peer, _local_proof,
-                    _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
-                    parse_address)
+from .state import (_DEALER_RCVHWM, _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
+                    _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
+                    _valid_seq, _zmq_endpoint, log, parse_address)
 from .base import _EngineBase
 
 
@@ -52,7 +51,8 @@ class _Channel(_EngineBase):
             # a blocking send would wait forever (zmq.Again is raised instead; the monitor reports why)
             sock.setsockopt(zmq.SNDTIMEO, 0)
             sock.setsockopt(zmq.RCVHWM, _DEALER_RCVHWM)
-            sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            rid = uuid.uuid4().bytes
+            sock.setsockopt(zmq.ROUTING_ID, rid)
             sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
             sock.setsockopt(zmq.RECONNECT_IVL, 50)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -75,6 +75,7 @@ class _Channel(_EngineBase):
                 raise TransportError(f"cannot open a connection to {addr}: {exc}", peer=addr) from None
             raise InvalidAddress(f"cannot connect to {addr!r:.100}: {exc}") from None
         peer = _Peer(addr, sock, mon)
+        peer.rid = rid
         self._peers[addr] = peer
         self._peer_by_sock[sock] = peer
         self._peer_by_mon[mon] = peer
@@ -90,10 +91,34 @@ class _Channel(_EngineBase):
 
     def _is_self(self, peer: _Peer) -> bool:
         """True when ``peer`` is this very engine (it dialed itself): its id alone is a claim anyone
-        can make, so the caps must also carry the proof only this process can compute."""
-        proof = peer.caps.get("local") if isinstance(peer.caps, dict) else None
-        return (peer.eid == self.eid and isinstance(proof, str)
-                and hmac.compare_digest(proof, _local_proof(self.eid)))
+        can make, so the connection itself must end at our own listening socket (see _LocalLink)."""
+        link = peer.caps.get("local") if isinstance(peer.caps, dict) else None
+        return peer.eid == self.eid and isinstance(link, _LocalLink) and link.holds(self.eid)
+
+    def _check_local_peer(self, peer: _Peer) -> None:
+        """After a handshake: mark ``peer`` as an engine of this process if the other end of our TCP
+        connection is held by that engine (the kernel's addresses, not a claim), and tell it so."""
+        peer.caps.pop("local", None)
+        ends = peer.end
+        if ends is None or _LOCAL_ENDS.get((ends[1], ends[0])) != peer.eid:
+            return
+        peer.caps["local"] = _LocalLink(peer.eid)
+        _LOCAL_DIALS[(peer.eid, peer.rid)] = self.eid
+
+    def _forget_peer_end(self, peer: _Peer) -> None:
+        if peer.end is not None and _LOCAL_ENDS.get(peer.end) == self.eid:
+            del _LOCAL_ENDS[peer.end]
+        peer.end = None
+        if peer.eid and _LOCAL_DIALS.get((peer.eid, peer.rid)) == self.eid:
+            del _LOCAL_DIALS[(peer.eid, peer.rid)]
+
+    def _release_local_ends(self) -> None:
+        """On close: forget the connection ends this engine held."""
+        for peer in self._peers.values():
+            self._forget_peer_end(peer)
+        for ends in getattr(self, "_accepted_ends", {}).values():
+            if _LOCAL_ENDS.get(ends) == self.eid:
+                del _LOCAL_ENDS[ends]
 
     def _hello(self) -> dict[str, Any]:
         hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
@@ -203,6 +228,9 @@ class _Channel(_EngineBase):
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
                 self._conn_fds.pop(evt["value"], None)
+                ends = getattr(self, "_accepted_ends", {}).pop(evt["value"], None)
+                if ends is not None and _LOCAL_ENDS.get(ends) == self.eid:
+                    del _LOCAL_ENDS[ends]
                 # Which session was it? ZMQ does not say: probe them all shortly (a routed send
                 # to a closed connection fails), so a killed sender is noticed at once.
                 if self._sessions and not self._probe_due:
@@ -223,6 +251,14 @@ class _Channel(_EngineBase):
     def _on_accepted(self, fd: int) -> None:
         """Shut down a new connection when too many were opened within the handshake interval
         (an idle-connection flood must not take every file descriptor of the process)."""
+        ends = _fd_ends(fd)
+        if ends is not None and ends[0][1] == self.port:  # (else the fd was closed and reused meanwhile)
+            accepted = self.__dict__.setdefault("_accepted_ends", {})
+            old = accepted.pop(fd, None)
+            if old is not None and _LOCAL_ENDS.get(old) == self.eid:
+                del _LOCAL_ENDS[old]
+            accepted[fd] = ends
+            _LOCAL_ENDS[ends] = self.eid
         now = time.monotonic()
         window = min(self._cfg.effective_peer_timeout_s, 5.0)
         fds = self._conn_fds
@@ -250,7 +286,7 @@ class _Channel(_EngineBase):
 
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
-                                "dev": str(self._device), "pid": os.getpid(), "local": _local_proof(self.eid)}
+                                "dev": str(self._device), "pid": os.getpid()}
         if self._ipc_handle is not None:
             caps["transports"].append("ipc")
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
@@ -290,6 +326,7 @@ class _Channel(_EngineBase):
             holder.ipc_out = None
 
     def _close_peer(self, peer: _Peer) -> None:
+        self._forget_peer_end(peer)
         for h in peer.ipc_handles:
             _LOCAL_EVENTS.pop(h, None)
         self._release_gpu_state(peer)
@@ -360,9 +397,15 @@ class _Channel(_EngineBase):
             if peer.ready and msg["eid"] != peer.eid:
                 self._lose_peer(peer, lambda: PeerLost("peer restarted", peer=peer.addr))
                 return
+            self._pump_monitor(peer)  # our connection's addresses (its CONNECTED event came before)
+            if self._peers.get(peer.addr) is not peer:
+                return
             peer.ready = True
+            if peer.eid and _LOCAL_DIALS.get((peer.eid, peer.rid)) == self.eid:
+                del _LOCAL_DIALS[(peer.eid, peer.rid)]
             peer.eid = msg["eid"]
             peer.caps = msg["caps"]
+            self._check_local_peer(peer)
             peer.window = msg["window"]
             peer.pool = msg["pool"]
             peer.maxmsg = msg["maxmsg"]
@@ -468,8 +511,16 @@ class _Channel(_EngineBase):
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
                 return
+            if evt["event"] == zmq.EVENT_DISCONNECTED:
+                self._forget_peer_end(peer)
             if evt["event"] == zmq.EVENT_CONNECTED:
                 peer.connects += 1
+                if peer.end is not None and _LOCAL_ENDS.get(peer.end) == self.eid:
+                    del _LOCAL_ENDS[peer.end]
+                ends = _fd_ends(evt["value"])
+                peer.end = ends if ends is not None and ends[1][1] == parse_address(peer.addr)[1] else None
+                if peer.end is not None:
+                    _LOCAL_ENDS[peer.end] = self.eid
                 if peer.connects > 1 and not peer.ready:
                     # a reconnect before the handshake finished (the listener shed or lost our first
                     # connection): our hello may have gone with it, so say it again
@@ -543,6 +594,7 @@ class _Channel(_EngineBase):
         t = msg["t"]
         sess = self._sessions.get(ident)
         if t == "hello":
+            self._pump_router_monitor()  # our end of its connection is known before we answer
             tok = self._cfg.auth_token
             if tok is not None and not (isinstance(msg.get("tok"), str)
                                         and hmac.compare_digest(msg["tok"].encode(), tok.encode())):
@@ -551,7 +603,11 @@ class _Channel(_EngineBase):
                 return
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
-            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            caps = msg["caps"]
+            # whether it is an engine of this process is looked up when it matters (see _LocalLink),
+            # never taken from what it sent
+            caps["local"] = _LocalLink(msg["eid"], listener=self.eid, rid=ident)
+            self._sessions[ident] = _Session(ident, msg["eid"], caps)
             self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return

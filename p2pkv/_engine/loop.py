@@ -427,6 +427,7 @@ class _ProgressLoop(_EngineBase):
         for _, buf in self._tracked:
             buf.release()
         self._tracked = []
+        self._release_local_ends()
         for peer in list(self._peers.values()):
             self._close_peer(peer)
         for sess in list(self._sessions.values()):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket as _socket
 import threading
@@ -174,6 +173,8 @@ class _Peer:
         self.ipc_handles: list[bytes] = []
         self.ipc_next = 0
         self.copy_stream: Any = None
+        self.rid = b""                          # our ZMQ routing id on this connection
+        self.end: tuple[Any, Any] | None = None  # (local, remote) address of the current TCP connection
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -224,33 +225,78 @@ class _ParkedPull:
 _LOCAL_ARENAS: dict[str, torch.Tensor] = {}
 # Interprocess events of engines in this process, by IPC handle: a process cannot open its own handle.
 _LOCAL_EVENTS: dict[bytes, Any] = {}
-# A per-process secret: an engine proves it lives in this process by an HMAC of its id under it
-# (sent in its caps as "local"), so a remote peer claiming a local engine's id cannot make us
-# read or write that engine's arena directly.
-_PROCESS_KEY = [os.urandom(32)]
+
+# Which peers live in this process is decided from what the kernel says about the connection,
+# never from anything a peer sends (a value sent to one peer can be replayed by it, and a
+# challenge answered by a local engine can be relayed by a peer in the middle):
+# - every TCP connection end an engine of this process holds, (local, remote) -> its engine id.
+#   A connection whose other end is in this table is between two engines of this process.
+# - (listener's engine id, dialer's ZMQ routing id) -> dialer's engine id: written by a dialer
+#   once the table above proved that its connection ends at that listener. The listener finds
+#   its session (keyed by that routing id) here; a stranger reusing the routing id cannot, as the
+#   ROUTER refuses a second connection with a routing id in use and the id is random.
+_Endpoint = tuple[str, int]
+_LOCAL_ENDS: dict[tuple[_Endpoint, _Endpoint], str] = {}
+_LOCAL_DIALS: dict[tuple[str, bytes], str] = {}
 
 
-def _local_proof(eid: str) -> str:
-    import hashlib
-    import hmac
+class _LocalLink:
+    """Our own mark in a peer's or session's caps (``caps["local"]``) that it is engine ``eid`` of
+    this process; only ever put there by this process's code, never decoded from the wire."""
 
-    return hmac.new(_PROCESS_KEY[0], eid.encode(), hashlib.sha256).hexdigest()[:32]
+    __slots__ = ("eid", "listener", "rid")
+
+    def __init__(self, eid: str, listener: str | None = None, rid: bytes = b""):
+        self.eid = eid
+        self.listener = listener  # set on the listening side: checked against _LOCAL_DIALS when used
+        self.rid = rid
+
+    def holds(self, eid: str) -> bool:
+        if eid != self.eid:
+            return False
+        return self.listener is None or _LOCAL_DIALS.get((self.listener, self.rid)) == eid
+
+    def __repr__(self) -> str:
+        return f"_LocalLink({self.eid})"
+
+
+def _plain_ip(host: Any) -> str:
+    """``::ffff:a.b.c.d`` (an IPv4 peer of a dual-stack socket) as ``a.b.c.d``: both ends agree."""
+    host = str(host)
+    return host[7:] if host.lower().startswith("::ffff:") and "." in host else host
+
+
+def _fd_ends(fd: int) -> tuple[_Endpoint, _Endpoint] | None:
+    """``(local, remote)`` address of the TCP socket ``fd`` (ZMQ's: looked at, never closed)."""
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        local, remote = sock.getsockname(), sock.getpeername()
+        if not isinstance(local, tuple) or not isinstance(remote, tuple):
+            return None
+        return (_plain_ip(local[0]), int(local[1])), (_plain_ip(remote[0]), int(remote[1]))
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 def _local_arena(eid: str, caps: Any) -> torch.Tensor | None:
-    """The arena of engine ``eid`` if it really is an engine of this process (its caps prove it)."""
-    import hmac
-
+    """The arena of engine ``eid`` if it really is an engine of this process (see _LocalLink)."""
     arena = _LOCAL_ARENAS.get(eid)
-    if arena is None or not isinstance(caps, dict) or not isinstance(caps.get("local"), str):
+    if arena is None or not isinstance(caps, dict):
         return None
-    return arena if hmac.compare_digest(caps["local"], _local_proof(eid)) else None
+    link = caps.get("local")
+    return arena if isinstance(link, _LocalLink) and link.holds(eid) else None
 
 
 def _forget_local_arenas() -> None:
-    """After fork: the parent's engines are not ours, and the child gets its own secret."""
+    """After fork: the parent's engines and connections are not ours."""
     _LOCAL_ARENAS.clear()
-    _PROCESS_KEY[0] = os.urandom(32)
+    _LOCAL_ENDS.clear()
+    _LOCAL_DIALS.clear()
 
 
 # ----------------------------------------------------------------------------- engine
