@@ -25,13 +25,18 @@ pytestmark = pytest.mark.hostile2
 K = TransferKey
 
 
-def _sync(raw: Raw, timeout: float = 20.0) -> None:
-    """Wait until the engine handled everything ``raw`` sent before (its pong comes after)."""
+def _sync(raw: Raw, timeout: float = 20.0) -> list[dict]:
+    """Wait until the engine handled everything ``raw`` sent before (its pong comes after); return
+    the other replies that came meanwhile."""
     raw.send(encode("ping"))
     deadline = time.monotonic() + timeout
+    replies = []
     while time.monotonic() < deadline:
-        if raw.s.poll(200) and decode(raw.s.recv_multipart()[0])["t"] == "pong":
-            return
+        if raw.s.poll(200):
+            rep = decode(raw.s.recv_multipart()[0])
+            if rep["t"] == "pong":
+                return replies
+            replies.append(rep)
     raise AssertionError("the engine did not answer a ping")
 
 
@@ -203,3 +208,62 @@ def test_item9_a_peer_in_the_middle_cannot_relay_two_local_engines_handshakes():
             mitm.close()
             ctx.term()
             del _LOCAL_ARENAS[v.eid], _LOCAL_ARENAS[w.eid]
+
+
+# ----------------------------------------------------------------------------- item 11: parked pulls
+def _push_ms(sender: Engine, receiver: Engine, tag: str, n: int = 30) -> float:
+    """Median milliseconds of an honest push (send until acknowledged); every one is delivered."""
+    t = torch.arange(256, dtype=torch.float32)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sender.send(receiver.address, K(f"{tag}-{i}", "0"), t, timeout=10).wait(10)
+        times.append(time.perf_counter() - t0)
+        assert torch.equal(receiver.recv(K(f"{tag}-{i}", "0"), timeout=10), t)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def _within_twice(base_ms: float, attacked_ms: float, what: str = "") -> None:
+    print(f"{what}: honest push median {base_ms:.2f} ms, {attacked_ms:.2f} ms under attack")
+    # "within 2x its normal latency", loosely: a loaded 2-core CI box adds noise of its own
+    assert attacked_ms <= 3 * max(base_ms, 1.0) + 5, f"honest push {attacked_ms:.2f} ms under attack, " \
+        f"{base_ms:.2f} ms before"
+
+
+@pytest.mark.timeout(120)
+def test_item11_parked_pulls_are_capped_per_session():
+    from p2pkv._engine import pull
+
+    cap = getattr(pull, "MAX_PARKED_PER_SESSION", 1024)
+    with Engine(**dict(FAST, timeout_s=10.0)) as e, Engine(**FAST) as honest:
+        base = _push_ms(honest, e, "base")
+        raw = Raw(e.address)
+        try:
+            raw.hello()
+            n = 50_000
+            for i in range(n):  # keys nobody will publish, each pull waiting as long as it may
+                raw.send(encode("pull", seq=i + 1, key=["parked", str(i)], to=60.0, x="tcp"))
+            refused = sum(rep["t"] == "perr" and rep["code"] == "pool_exhausted" for rep in _sync(raw, timeout=60))
+            attacked = _push_ms(honest, e, "attacked")
+            print(f"item 11: {refused} of {n} pulls refused; {len(e._parked)} parked; honest push "
+                  f"{base:.2f} -> {attacked:.2f} ms")
+            assert refused == n - cap, refused  # the rest were told at once, typed
+            assert len(e._parked) == cap
+            e.publish(K("parked", "7"), torch.ones(2))  # a parked pull is still served
+            deadline = time.monotonic() + 5
+            got = None
+            while got is None and time.monotonic() < deadline:
+                if raw.s.poll(200):
+                    frames = raw.s.recv_multipart()
+                    rep = decode(frames[0])
+                    if rep["t"] == "pdata":
+                        got = rep
+            assert got is not None and got["seq"] == 8
+        finally:
+            raw.close()
+        deadline = time.monotonic() + 5
+        while len(e._parked) and time.monotonic() < deadline:  # its session ended: its pulls went with it
+            time.sleep(0.05)
+        assert len(e._parked) == 0
+        _within_twice(base, attacked, "item 11")

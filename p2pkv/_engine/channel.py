@@ -658,7 +658,8 @@ class _Channel(_EngineBase):
         if self._sessions.get(sess.ident) is not sess:
             return
         del self._sessions[sess.ident]
-        self._parked = [pp for pp in self._parked if pp.sess is not sess]
+        for pp in self._parked.of_session(sess):
+            self._parked.remove(pp)
         self._release_gpu_state(sess)  # aborted communicators end their posted receives
         lost = PeerLost(f"sending peer {sess.eid} lost: {reason}")
         for inc in [i for i in self._incoming.values() if i.sess is sess]:
