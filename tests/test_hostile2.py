@@ -267,3 +267,175 @@ def test_item11_parked_pulls_are_capped_per_session():
             time.sleep(0.05)
         assert len(e._parked) == 0
         _within_twice(base, attacked, "item 11")
+
+
+# ----------------------------------------------------------------------------- a raw ZMTP peer
+class Zmtp:
+    """A peer speaking ZMTP 3.0 over a plain TCP socket (one descriptor, no ZMQ): it can do what
+    libzmq never does, e.g. send a message whose frames never end."""
+
+    def __init__(self, address: str, token: str | None = None, source: str | None = None,
+                 rid: bytes = b"", timeout: float = 5.0) -> None:
+        import socket
+
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        mech = b"PLAIN" if token is not None else b"NULL"
+        self.sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + mech.ljust(20, b"\0") + b"\0" * 32)
+        self._exact(64)
+        props = self._prop(b"Socket-Type", b"DEALER") + self._prop(b"Identity", rid)
+        if token is not None:
+            tok = token.encode()
+            self._command(b"\x05HELLO" + b"\x05p2pkv" + bytes([len(tok)]) + tok)
+            assert self._frame()[1].startswith(b"\x07WELCOME")
+            self._command(b"\x08INITIATE" + props)
+        else:
+            self._command(b"\x05READY" + props)
+        assert self._frame()[1].startswith(b"\x05READY")
+
+    @staticmethod
+    def _prop(name: bytes, value: bytes) -> bytes:
+        return bytes([len(name)]) + name + len(value).to_bytes(4, "big") + value
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed by the engine")
+            buf += chunk
+        return buf
+
+    def _frame(self) -> tuple[int, bytes]:
+        flags = self._exact(1)[0]
+        size = int.from_bytes(self._exact(8 if flags & 2 else 1), "big")
+        return flags, self._exact(size)
+
+    def _command(self, body: bytes) -> None:
+        self.sock.sendall(self._head(0x04, len(body)) + body)
+
+    @staticmethod
+    def _head(flags: int, size: int) -> bytes:
+        return bytes([flags | 0x02]) + size.to_bytes(8, "big") if size > 255 else bytes([flags, size])
+
+    def send(self, *frames: bytes, more: bool = False) -> None:
+        """One message of ``frames`` (``more``: its last frame says more will follow)."""
+        for i, f in enumerate(frames):
+            self.sock.sendall(self._head(1 if more or i < len(frames) - 1 else 0, len(f)) + f)
+
+    def recv(self, timeout: float = 5.0) -> list[bytes]:
+        """The next message (ZMTP commands such as PING are answered or skipped)."""
+        self.sock.settimeout(timeout)
+        parts = []
+        while True:
+            flags, body = self._frame()
+            if flags & 0x04:
+                if body.startswith(b"\x04PING"):
+                    ctx = body[7:]
+                    self._command(b"\x04PONG" + ctx)
+                continue
+            parts.append(body)
+            if not flags & 1:
+                return parts
+
+    def hello(self, token: str | None = None) -> dict:
+        fields = dict(eid="zmtp", host="h", pid=1, dev="cpu", caps={})
+        if token is not None:
+            fields["tok"] = token
+        self.send(encode("hello", **fields))
+        return decode(self.recv()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ----------------------------------------------------------------------------- item 12: descriptors
+_FD_CHILD = r"""
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from p2pkv import Engine, TransferKey as K
+e = Engine(timeout_s=120.0, peer_timeout_s=120.0, heartbeat_s=1.0, pool_bytes=8 * 2**20, auth_token=sys.argv[1])
+print(e.address, flush=True)
+for rnd in range(2):
+    t, src = e.recv(K(f"fd{rnd}", "in"), timeout=60), sys.stdin.readline().strip()
+    e.send(src, K(f"fd{rnd}", "out"), t * 2).wait(20)  # a fresh dial out: there are descriptors left
+    print("OK", rnd, flush=True)
+print("SHED", e.stats().get("connections_shed", 0), flush=True)
+e.close()
+"""
+
+
+def _open_idle(address: str, token: str, source: str, n: int) -> list:
+    """``n`` authenticated connections that then sit idle (kept open whatever the engine does)."""
+    idle: list = []
+    failed = 0
+    for _ in range(n):
+        try:
+            z = Zmtp(address, token=token, source=source, timeout=1)
+            idle.append(z)
+            z.hello(token)
+            failed = 0
+        except (OSError, AssertionError, ConnectionError):
+            failed += 1
+            if failed >= 3:  # it takes no more (full, or shedding): stop early
+                break
+    return idle
+
+
+def _alive(idle: list) -> int:
+    n = 0
+    for z in idle:
+        try:
+            z.send(encode("ping"))
+            n += decode(z.recv(timeout=3)[0])["t"] == "pong"
+        except (OSError, ConnectionError):
+            pass
+    return n
+
+
+@pytest.mark.timeout(180)
+def test_item12_idle_authenticated_connections_cannot_take_every_descriptor():
+    import subprocess
+    import sys
+
+    from p2pkv._engine import state
+
+    per_host = getattr(state, "_MAX_CONNS_PER_HOST", 128)
+    tok = "fd-test-token"
+    cfg = dict(FAST, timeout_s=20.0, peer_timeout_s=10.0, auth_token=tok)
+    with Engine(**cfg) as first, Engine(**cfg) as second:
+        child = subprocess.Popen([sys.executable, "-c", _FD_CHILD, tok], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        idle: list = []
+        try:
+            address = child.stdout.readline().strip()
+            assert address, "the child engine did not start"
+            # one hostile address opens 300 idle authenticated connections (its limit is 256 fds)...
+            idle += _open_idle(address, tok, "127.0.0.2", 300)
+            t = torch.arange(1024, dtype=torch.float32)
+            first.send(address, K("fd0", "in"), t).wait(20)  # ...and an honest peer connects and pushes
+            child.stdin.write(first.address + "\n")
+            child.stdin.flush()
+            assert torch.equal(first.recv(K("fd0", "out"), timeout=20), t * 2)
+            assert child.stdout.readline().split() == ["OK", "0"]
+            held = _alive(idle)
+            print(f"item 12: {held} of 300 idle connections from one address held")
+            assert held <= per_host
+            # ten more hostile addresses fill the rest; an honest newcomer still gets in
+            for i in range(3, 13):
+                idle += _open_idle(address, tok, f"127.0.0.{i}", 30)
+            second.send(address, K("fd1", "in"), t).wait(20)
+            child.stdin.write(second.address + "\n")
+            child.stdin.flush()
+            assert torch.equal(second.recv(K("fd1", "out"), timeout=20), t * 2)
+            assert child.stdout.readline().split() == ["OK", "1"]
+            shed = child.stdout.readline().split()
+            assert shed[0] == "SHED" and int(shed[1]) > 0, shed
+            assert child.wait(20) == 0
+        finally:
+            for z in idle:
+                z.close()
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)

@@ -23,7 +23,9 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _Accepted, _fd_ceiling, _fds_in_use,
+                    _shutdown_fd,
+                    _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
                     _valid_seq, _zmq_endpoint, log, parse_address)
 from .base import _EngineBase
@@ -116,9 +118,8 @@ class _Channel(_EngineBase):
         """On close: forget the connection ends this engine held."""
         for peer in self._peers.values():
             self._forget_peer_end(peer)
-        for ends in getattr(self, "_accepted_ends", {}).values():
-            if _LOCAL_ENDS.get(ends) == self.eid:
-                del _LOCAL_ENDS[ends]
+        for fd in list(self._accepted().ends):
+            self._forget_accepted(fd)
 
     def _hello(self) -> dict[str, Any]:
         hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
@@ -228,9 +229,7 @@ class _Channel(_EngineBase):
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
                 self._conn_fds.pop(evt["value"], None)
-                ends = getattr(self, "_accepted_ends", {}).pop(evt["value"], None)
-                if ends is not None and _LOCAL_ENDS.get(ends) == self.eid:
-                    del _LOCAL_ENDS[ends]
+                self._forget_accepted(evt["value"])
                 # Which session was it? ZMQ does not say: probe them all shortly (a routed send
                 # to a closed connection fails), so a killed sender is noticed at once.
                 if self._sessions and not self._probe_due:
@@ -248,17 +247,67 @@ class _Channel(_EngineBase):
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._lose_session(sess, "its connection closed")
 
+    def _accepted(self) -> _Accepted:
+        acc = self.__dict__.get("_accepted_conns")
+        if acc is None:
+            acc = self.__dict__["_accepted_conns"] = _Accepted()
+            self.__dict__.update(_fd_ceiling=_fd_ceiling(), _conn_cap=_MAX_CONNS_TOTAL, _conn_cap_t=0.0)
+        return acc  # type: ignore[no-any-return]
+
+    def _forget_accepted(self, fd: int) -> None:
+        ends = self._accepted().drop(fd)
+        if ends is not None and _LOCAL_ENDS.get(ends) == self.eid:
+            del _LOCAL_ENDS[ends]
+
+    def _shed_accepted(self, fd: int) -> None:
+        ends = self._accepted().ends.get(fd)
+        self._forget_accepted(fd)
+        if _shutdown_fd(fd, ends):
+            self._stats.add("connections_shed")
+
+    def _cap_connections(self, fd: int) -> bool:
+        """Keep the connections into our ROUTER within their caps: ``_MAX_CONNS_PER_HOST`` per remote
+        address, and in all below ``_MAX_CONNS_TOTAL`` and the descriptor ceiling (the descriptors
+        above it stay free for the rest of the process, e.g. dialing out). Over the total, a
+        connection from the address holding the most goes: the new one, unless another address
+        holds more (then that one's newest goes, so an address holding fewer can always connect).
+        False if ``fd`` itself was shut down."""
+        acc = self._accepted()
+        host = acc.ends[fd][1][0]
+        if acc.count(host) > _MAX_CONNS_PER_HOST:
+            self._shed_accepted(fd)
+            return False
+        st = self.__dict__
+        ceiling = st["_fd_ceiling"]
+        if fd >= ceiling:  # every descriptor below is in use: hold no more connections than now
+            st["_conn_cap"] = min(st["_conn_cap"], len(acc) - 1)
+        if len(acc) > st["_conn_cap"]:
+            now = time.monotonic()
+            if now - st["_conn_cap_t"] >= 1.0:  # descriptors may have been freed elsewhere: look again
+                st["_conn_cap_t"] = now
+                used = _fds_in_use()
+                if used is not None:
+                    st["_conn_cap"] = min(_MAX_CONNS_TOTAL, len(acc) + ceiling - used)
+        if len(acc) <= st["_conn_cap"]:
+            return True
+        heavy = acc.heaviest()
+        if heavy == host or acc.count(heavy) <= acc.count(host):
+            self._shed_accepted(fd)
+            return False
+        self._shed_accepted(next(reversed(acc.by_host[heavy])))
+        return True
+
     def _on_accepted(self, fd: int) -> None:
-        """Shut down a new connection when too many were opened within the handshake interval
-        (an idle-connection flood must not take every file descriptor of the process)."""
+        """Cap the connections (see _cap_connections); shut down a new connection when too many
+        were opened within the handshake interval (an idle-connection flood must not take every
+        file descriptor of the process)."""
         ends = _fd_ends(fd)
-        if ends is not None and ends[0][1] == self.port:  # (else the fd was closed and reused meanwhile)
-            accepted = self.__dict__.setdefault("_accepted_ends", {})
-            old = accepted.pop(fd, None)
-            if old is not None and _LOCAL_ENDS.get(old) == self.eid:
-                del _LOCAL_ENDS[old]
-            accepted[fd] = ends
-            _LOCAL_ENDS[ends] = self.eid
+        if ends is None or ends[0][1] != self.port:
+            return  # the fd was closed (and maybe reused) meanwhile: ZMQ dropped that connection
+        self._accepted().add(fd, ends)
+        _LOCAL_ENDS[ends] = self.eid
+        if not self._cap_connections(fd):
+            return
         now = time.monotonic()
         window = min(self._cfg.effective_peer_timeout_s, 5.0)
         fds = self._conn_fds

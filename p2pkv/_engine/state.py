@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket as _socket
 import threading
@@ -28,6 +29,8 @@ _ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are
 _ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
 _DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
 _MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
+_MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
+_MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN = b"p2pkv"
 _PLAIN_USER = b"p2pkv"
@@ -281,6 +284,72 @@ def _fd_ends(fd: int) -> tuple[_Endpoint, _Endpoint] | None:
         return None
     finally:
         sock.detach()
+
+
+def _fd_ceiling() -> int:
+    """Descriptors at or above this number are kept free for the rest of the process (dialing
+    out, files): an accepted connection that gets one is shut down at once."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(16, soft - max(32, soft // 8))
+
+
+def _fds_in_use() -> int | None:
+    """Descriptors open in this process (Linux), or None when that cannot be told."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # (less the one listing it)
+    except OSError:
+        return None
+
+
+def _shutdown_fd(fd: int, ends: tuple[_Endpoint, _Endpoint] | None) -> bool:
+    """Shut down ZMQ's TCP socket ``fd`` (ZMQ then drops that connection and closes the fd), but
+    only if it still is the connection ``ends`` (a closed fd may be reused by anything)."""
+    if ends is None or _fd_ends(fd) != ends:
+        return False
+    sock = _socket.socket(fileno=fd)
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+class _Accepted:
+    """The connections into our ROUTER, by descriptor and by remote address (for their caps)."""
+
+    def __init__(self) -> None:
+        self.ends: dict[int, tuple[_Endpoint, _Endpoint]] = {}
+        self.by_host: dict[str, dict[int, None]] = {}  # remote address -> fds, oldest first
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, fd: int, ends: tuple[_Endpoint, _Endpoint]) -> None:
+        self.drop(fd)
+        self.ends[fd] = ends
+        self.by_host.setdefault(ends[1][0], {})[fd] = None
+
+    def drop(self, fd: int) -> tuple[_Endpoint, _Endpoint] | None:
+        ends = self.ends.pop(fd, None)
+        if ends is not None:
+            fds = self.by_host[ends[1][0]]
+            del fds[fd]
+            if not fds:
+                del self.by_host[ends[1][0]]
+        return ends
+
+    def count(self, host: str) -> int:
+        fds = self.by_host.get(host)
+        return len(fds) if fds is not None else 0
+
+    def heaviest(self) -> str:
+        return max(self.by_host, key=lambda h: len(self.by_host[h]))
 
 
 def _local_arena(eid: str, caps: Any) -> torch.Tensor | None:
