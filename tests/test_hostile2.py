@@ -214,6 +214,8 @@ def test_item9_a_peer_in_the_middle_cannot_relay_two_local_engines_handshakes():
 def _push_ms(sender: Engine, receiver: Engine, tag: str, n: int = 30) -> float:
     """Median milliseconds of an honest push (send until acknowledged); every one is delivered."""
     t = torch.arange(256, dtype=torch.float32)
+    sender.send(receiver.address, K(f"{tag}-warm", "0"), t, timeout=10).wait(10)
+    receiver.recv(K(f"{tag}-warm", "0"), timeout=10)
     times = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -439,3 +441,130 @@ def test_item12_idle_authenticated_connections_cannot_take_every_descriptor():
             if child.poll() is None:
                 child.kill()
                 child.wait(5)
+
+
+# ----------------------------------------------------------------------------- item 13: endless message
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _send_ms(sender: Engine, address: str, tag: str, n: int = 20) -> float:
+    """Median milliseconds of honest pushes to ``address`` (until acknowledged: delivered)."""
+    t = torch.arange(256, dtype=torch.float32)
+    sender.send(address, K(f"{tag}-warm", "0"), t, timeout=10).wait(10)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sender.send(address, K(f"{tag}-{i}", "0"), t, timeout=10).wait(10)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+@pytest.mark.timeout(120)
+def test_item13_an_endless_message_after_authentication_is_cut_off():
+    from p2pkv.testing import RemoteEngine
+
+    tok = "endless-token"
+    cfg = dict(FAST, auth_token=tok, pool_bytes=16 * 2**20, max_message_bytes=2**20, ttl_s=60.0)
+    with RemoteEngine(**cfg) as r, Engine(**dict(FAST, auth_token=tok)) as honest:
+        base = _send_ms(honest, r.address, "base")
+        time.sleep(0.5)
+        rss0 = _rss_mib(r.proc.pid)
+        cap = 200 * 2**20  # per connection; two connections, as in the issue
+        sent = [0, 0]
+        socks: list = []
+
+        def attack(i: int) -> None:
+            z = Zmtp(r.address, token=tok)
+            socks.append(z)
+            assert z.hello(tok)["t"] == "hok"
+            frame = b"\7" * 2**20  # each frame within max_message_bytes; the message never ends
+            deadline = time.monotonic() + 20
+            try:
+                while sent[i] < cap and time.monotonic() < deadline:
+                    z.send(frame, more=True)
+                    sent[i] += len(frame)
+            except OSError:
+                pass  # the engine cut the connection
+
+        threads = [threading.Thread(target=attack, args=(i,), daemon=True) for i in range(2)]
+        for th in threads:
+            th.start()
+        attacked = _send_ms(honest, r.address, "attacked")  # honest pushes while it goes on
+        for th in threads:
+            th.join(30)
+        time.sleep(0.5)
+        grown = _rss_mib(r.proc.pid) - rss0  # the attack's sockets are still open
+        st = r.call("stats")
+        for z in socks:
+            z.close()
+        print(f"item 13: {sent[0] >> 20} + {sent[1] >> 20} MiB sent in endless messages; engine RSS "
+              f"+{grown:.0f} MiB; honest push {base:.2f} -> {attacked:.2f} ms")
+        assert max(sent) < cap, "the engine kept buffering an endless message"
+        assert grown < 120, f"engine RSS grew {grown:.0f} MiB"
+        assert st.get("connections_overbuffered", 0) == 2
+        _within_twice(base, attacked, "item 13")
+        _send_ms(honest, r.address, "after", n=3)
+
+
+class _ZmtpServer:
+    """A listening peer speaking ZMTP 3.0 (NULL security) over a plain TCP socket."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(4)
+        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+
+    def accept(self, timeout: float = 5.0) -> Zmtp:
+        self.lsock.settimeout(timeout)
+        sock, _ = self.lsock.accept()
+        sock.settimeout(timeout)
+        z = Zmtp.__new__(Zmtp)
+        z.sock = sock
+        z.sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\1" + b"\0" * 31)
+        z._exact(64)
+        z._command(b"\x05READY" + Zmtp._prop(b"Socket-Type", b"ROUTER"))
+        assert z._frame()[1].startswith(b"\x05READY")
+        return z
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+@pytest.mark.timeout(60)
+def test_item13_an_endless_reply_from_a_peer_we_dialed_is_cut_off():
+    with Engine(**dict(FAST, max_message_bytes=2**20, timeout_s=10.0)) as e:
+        server = _ZmtpServer()
+        got: list = []
+        puller = threading.Thread(target=lambda: got.append(_outcome(e.pull, server.address, K("endless", "0"),
+                                                                     timeout=8)), daemon=True)
+        puller.start()
+        z = server.accept()
+        sent = 0
+        try:
+            hello = decode(z.recv()[0])
+            assert hello["t"] == "hello"
+            z.send(encode("hok", eid="evil", align=256, window=2**20, maxmsg=2**20, pool=2**20, caps={}))
+            frame = b"\7" * 2**20
+            deadline = time.monotonic() + 10
+            while sent < 300 * 2**20 and time.monotonic() < deadline:
+                z.send(frame, more=True)
+                sent += len(frame)
+        except OSError:
+            pass  # the engine cut the connection
+        finally:
+            z.close()
+            server.close()
+        puller.join(15)
+        print(f"item 13: {sent >> 20} MiB of an endless reply sent")
+        assert sent < 300 * 2**20, "the engine kept buffering an endless reply"
+        assert got and isinstance(got[0], P2pkvError), got
+        assert e.stats().get("connections_overbuffered", 0) == 1

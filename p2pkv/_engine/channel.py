@@ -17,14 +17,14 @@ import zmq
 
 from .. import _trace
 from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, TransferAborted,
+from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolError, TransferAborted,
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _Accepted, _fd_ceiling, _fds_in_use,
-                    _shutdown_fd,
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _Accepted, _fd_ceiling,
+                    _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
                     _valid_seq, _zmq_endpoint, log, parse_address)
@@ -111,6 +111,7 @@ class _Channel(_EngineBase):
         if peer.end is not None and _LOCAL_ENDS.get(peer.end) == self.eid:
             del _LOCAL_ENDS[peer.end]
         peer.end = None
+        peer.fd = -1
         if peer.eid and _LOCAL_DIALS.get((peer.eid, peer.rid)) == self.eid:
             del _LOCAL_DIALS[(peer.eid, peer.rid)]
 
@@ -297,6 +298,84 @@ class _Channel(_EngineBase):
         self._shed_accepted(next(reversed(acc.by_host[heavy])))
         return True
 
+    def _note_message(self, frame: zmq.Frame, ident: bytes) -> None:
+        """A whole message came from the connection ``frame`` names: note (at most every 2 ms per
+        connection) how much ZMQ had taken from it by now: its baseline for _check_buffered."""
+        acc = self.__dict__.get("_accepted_conns")
+        if acc is None:
+            return
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        t = acc.base_t.get(fd)
+        if t is None and fd not in acc.ends:
+            return  # (its ACCEPTED event is not read yet)
+        now = time.monotonic()
+        acc.last[fd] = now
+        if t is None or now - t >= 0.002:
+            taken = _zmq_consumed(fd)
+            if taken is not None:
+                acc.base[fd] = taken
+                acc.base_t[fd] = now
+        acc.ident[fd] = ident
+
+    def _check_peer_buffered(self, now: float) -> None:
+        """Like the check below, for the peers we dialed: what an honest one has in flight to us is
+        the data of our pulls, at most ``max_message_bytes`` each; a peer whose connection holds
+        more of a message it does not finish is dropped (its work fails with ProtocolError)."""
+        for peer in list(self._peers.values()):
+            if peer.fd < 0 or now - peer.last_rx < 0.02:
+                continue
+            taken = _zmq_consumed(peer.fd)
+            if taken is None or peer.end is None or _fd_ends(peer.fd) != peer.end:
+                continue
+            limit = self._cfg.max_message_bytes * max(1, len(peer.pulls)) + _BUFFER_SLACK
+            held = taken - peer.rx_base
+            if held > limit:
+                self._stats.add("connections_overbuffered")
+                msg = f"peer sent an unfinished message of {held} bytes (at most {limit} may be in flight)"
+                log.warning("dropping peer %s: %s", peer.addr, msg)
+                self._lose_peer(peer, lambda msg=msg, a=peer.addr: ProtocolError(msg, peer=a))
+
+    def _check_buffered(self, now: float) -> None:
+        """Drop the connections that make ZMQ hold messages they never finish: ZMQ hands a message
+        over only once all its frames arrived and buffers the frames until then (MAXMSGSIZE caps
+        each frame, not their number). What honest peers have in flight to us is paid by credit
+        or reservations in our pool, so all connections together may hold at most the pool's
+        size + ``_BUFFER_SLACK`` unread; beyond, the one holding the most is dropped, until
+        within. A connection that delivered a whole message in the last 20 ms is not in an endless
+        one (its messages are sequential) and is not judged. Looked at every 250 ms, and at once
+        when our memory grew by 8 MiB."""
+        acc = self.__dict__.get("_accepted_conns") or _Accepted()
+        st = self.__dict__
+        rss = _rss_bytes()
+        if now - st.get("_buf_scan_t", 0.0) < 0.25 and rss - st.get("_buf_scan_rss", 0) < 8 << 20:
+            return
+        st["_buf_scan_t"], st["_buf_scan_rss"] = now, rss
+        if self._peers:
+            self._check_peer_buffered(now)
+        limit = self._pool.capacity + _BUFFER_SLACK
+        held: dict[int, int] = {}
+        for fd in acc.ends:
+            if now - acc.last.get(fd, 0.0) >= 0.02:  # (else it is delivering whole messages)
+                taken = _zmq_consumed(fd)
+                if taken is not None and taken - acc.base.get(fd, 0) > 1 << 20:
+                    held[fd] = taken - acc.base.get(fd, 0)
+        total = sum(held.values())
+        for fd in sorted(held, key=held.__getitem__, reverse=True):
+            if total <= limit:
+                break
+            total -= held[fd]
+            ident = acc.ident.get(fd)
+            self._stats.add("connections_overbuffered")
+            log.warning("dropping a connection from %s: it made us hold %d bytes of a message it does not "
+                        "finish (all connections together may hold %d)", acc.ends[fd][1][0], held[fd], limit)
+            self._shed_accepted(fd)
+            sess = self._sessions.get(ident) if ident is not None else None
+            if sess is not None:
+                self._lose_session(sess, f"sent an unfinished message of {held[fd]} bytes")
+
     def _on_accepted(self, fd: int) -> None:
         """Cap the connections (see _cap_connections); shut down a new connection when too many
         were opened within the handshake interval (an idle-connection flood must not take every
@@ -425,7 +504,11 @@ class _Channel(_EngineBase):
             except zmq.ZMQError as exc:  # pragma: no cover
                 log.warning("recv from %s failed: %s", peer.addr, exc)
                 return
-            peer.last_rx = time.monotonic()
+            now = peer.last_rx = time.monotonic()
+            if now - peer.rx_base_t >= 0.002 and peer.fd >= 0:  # a message boundary (see _check_buffered)
+                taken = _zmq_consumed(peer.fd)
+                if taken is not None:
+                    peer.rx_base, peer.rx_base_t = taken, now
             try:
                 msg = decode(hdr, REPLY_TYPES)
                 self._on_reply(peer, msg)
@@ -568,8 +651,10 @@ class _Channel(_EngineBase):
                     del _LOCAL_ENDS[peer.end]
                 ends = _fd_ends(evt["value"])
                 peer.end = ends if ends is not None and ends[1][1] == parse_address(peer.addr)[1] else None
+                peer.fd, peer.rx_base, peer.rx_base_t = -1, 0, 0.0
                 if peer.end is not None:
                     _LOCAL_ENDS[peer.end] = self.eid
+                    peer.fd = int(evt["value"])
                 if peer.connects > 1 and not peer.ready:
                     # a reconnect before the handshake finished (the listener shed or lost our first
                     # connection): our hello may have gone with it, so say it again
@@ -589,9 +674,11 @@ class _Channel(_EngineBase):
         r = self._router
         for _ in range(256):
             try:
-                ident = r.recv(zmq.NOBLOCK)
+                first = r.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            ident = first.bytes
+            self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
             hdr = r.recv()

@@ -327,6 +327,7 @@ class _ProgressLoop(_EngineBase):
             self._tick_incoming(now)
         if self._probe_due:
             self._probe_sessions(now)
+        self._check_buffered(now)
         if any(s.creq is not None for s in self._sessions.values()):
             self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:

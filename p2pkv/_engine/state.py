@@ -31,6 +31,7 @@ _DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
 _MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
+_BUFFER_SLACK = 16 << 20    # what a connection may have ZMQ hold beyond the pool's size (headers, framing)
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN = b"p2pkv"
 _PLAIN_USER = b"p2pkv"
@@ -178,6 +179,9 @@ class _Peer:
         self.copy_stream: Any = None
         self.rid = b""                          # our ZMQ routing id on this connection
         self.end: tuple[Any, Any] | None = None  # (local, remote) address of the current TCP connection
+        self.fd = -1                            # its descriptor (ZMQ's), and what ZMQ had taken from
+        self.rx_base = 0                        # it at a recent message boundary, and when
+        self.rx_base_t = 0.0
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -320,12 +324,49 @@ def _shutdown_fd(fd: int, ends: tuple[_Endpoint, _Endpoint] | None) -> bool:
         sock.detach()
 
 
+def _zmq_consumed(fd: int) -> int | None:
+    """Bytes ZMQ has taken from TCP socket ``fd`` so far (received by the kernel less those still
+    queued in it), or None where the kernel does not say (Linux >= 4.1 does)."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+        if len(info) < 136:
+            return None
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return int.from_bytes(info[128:136], "little") - queued  # tcpi_bytes_received
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class _Accepted:
-    """The connections into our ROUTER, by descriptor and by remote address (for their caps)."""
+    """The connections into our ROUTER, by descriptor and by remote address (for their caps), and
+    what ZMQ had taken from each when a whole message of it was last read (see _check_buffered)."""
 
     def __init__(self) -> None:
         self.ends: dict[int, tuple[_Endpoint, _Endpoint]] = {}
         self.by_host: dict[str, dict[int, None]] = {}  # remote address -> fds, oldest first
+        self.base: dict[int, int] = {}       # fd -> bytes ZMQ had taken at a recent message boundary
+        self.base_t: dict[int, float] = {}   # fd -> when that was measured
+        self.ident: dict[int, bytes] = {}    # fd -> routing id of its messages (its session)
+        self.last: dict[int, float] = {}     # fd -> when its last whole message was read
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -336,6 +377,10 @@ class _Accepted:
         self.by_host.setdefault(ends[1][0], {})[fd] = None
 
     def drop(self, fd: int) -> tuple[_Endpoint, _Endpoint] | None:
+        self.base.pop(fd, None)
+        self.base_t.pop(fd, None)
+        self.ident.pop(fd, None)
+        self.last.pop(fd, None)
         ends = self.ends.pop(fd, None)
         if ends is not None:
             fds = self.by_host[ends[1][0]]
