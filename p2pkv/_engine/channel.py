@@ -249,11 +249,11 @@ class _Channel(_EngineBase):
                     self._lose_session(sess, "its connection closed")
 
     def _accepted(self) -> _Accepted:
-        acc = self.__dict__.get("_accepted_conns")
+        acc: _Accepted | None = self.__dict__.get("_accepted_conns")
         if acc is None:
             acc = self.__dict__["_accepted_conns"] = _Accepted()
             self.__dict__.update(_fd_ceiling=_fd_ceiling(), _conn_cap=_MAX_CONNS_TOTAL, _conn_cap_t=0.0)
-        return acc  # type: ignore[no-any-return]
+        return acc
 
     def _forget_accepted(self, fd: int) -> None:
         ends = self._accepted().drop(fd)

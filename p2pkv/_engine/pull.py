@@ -8,7 +8,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import zmq
@@ -29,6 +29,17 @@ from .base import _EngineBase
 #: refused at once (the puller gets ``PoolExhausted``). ``Engine.pull`` blocks its caller, so an
 #: honest peer has about as many waiting as it has threads pulling.
 MAX_PARKED_PER_SESSION = 1024
+
+
+_K = TypeVar("_K")
+
+
+def _unindex(index: dict[_K, dict[_ParkedPull, None]], k: _K, pp: _ParkedPull) -> None:
+    pps = index.get(k)
+    if pps is not None:
+        pps.pop(pp, None)
+        if not pps:
+            del index[k]
 
 
 class _ParkedPulls:
@@ -74,12 +85,9 @@ class _ParkedPulls:
         return pps is not None and pp in pps
 
     def remove(self, pp: _ParkedPull) -> None:
-        for index, k in ((self._by_key, pp.key), (self._by_tid, pp.key.transfer_id), (self._by_sess, pp.sess)):
-            pps = index.get(k)  # type: ignore[call-overload]
-            if pps is not None:
-                pps.pop(pp, None)
-                if not pps:
-                    del index[k]  # type: ignore[arg-type]
+        _unindex(self._by_key, pp.key, pp)
+        _unindex(self._by_tid, pp.key.transfer_id, pp)
+        _unindex(self._by_sess, pp.sess, pp)
 
     def for_key(self, key: TransferKey) -> list[_ParkedPull]:
         return list(self._by_key.get(key, ()))
@@ -106,9 +114,10 @@ class _PullPath(_EngineBase):
     """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
 
     # Engine.__init__ assigns a plain list: kept as the indexed structure.
-    @property  # type: ignore[misc]
+    @property
     def _parked(self) -> _ParkedPulls:
-        return self.__dict__["_parked_pulls"]  # type: ignore[no-any-return]
+        parked: _ParkedPulls = self.__dict__["_parked_pulls"]
+        return parked
 
     @_parked.setter
     def _parked(self, value: Iterable[_ParkedPull]) -> None:
