@@ -12,13 +12,14 @@ from .errors import (AuthError, ConfigError, DuplicateKey, EngineClosed, Invalid
 from .handles import SendHandle, TransferState
 from .keys import TransferKey, new_transfer_id
 from .pool import Buffer, BufferPool
-from .request import RequestHandle, RequestState
+from .recv_request import RecvRequest, RecvState
+from .request import RequestHandle, RequestLayout, RequestState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "EngineConfig", "TransferKey", "new_transfer_id", "SendHandle", "TransferState",
-    "BufferPool", "Buffer", "RequestHandle", "RequestState",
+    "BufferPool", "Buffer", "RequestHandle", "RequestState", "RequestLayout", "RecvRequest", "RecvState",
     "P2pkvError", "ConfigError", "InvalidKey", "InvalidTensor", "ShapeMismatch", "InvalidAddress",
     "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "PoolExhausted", "TransferAborted",
     "TransferEvicted", "DuplicateKey", "EngineClosed", "TransportError", "__version__",

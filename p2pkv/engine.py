@@ -38,18 +38,21 @@ from . import _trace
 from ._engine.base import _EngineBase
 from ._engine.channel import _Channel
 from ._engine.comms import _CommManager
+from ._engine.fastplane import FastPlane
+from ._engine.regions import ExposeHandle, Regions
 from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import _LOCAL_ENGINES, _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
 from .config import EngineConfig
-from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, TransferTimeout)
+from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferTimeout)
 from .handles import SendHandle
 from .keys import TransferKey, validate_transfer_id
-from .mailbox import Mailbox, Slot
+from .mailbox import DirectBuffer, Mailbox, Slot
 from .pool import Buffer, BufferPool
-from .request import RequestHandle, Watcher, parse_layout
+from .recv_request import RecvRequest, validate_names
+from .request import RequestHandle, RequestLayout, Watcher, parse_layout
 from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
@@ -106,10 +109,15 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._cuda = self._device.type == "cuda"
         self._arena_owner = None
         arena = None
+        self._shm_loc: dict[str, Any] | None = None
+        self._shm_fd = -1
         if self._cuda:
             from .transport.cuda import alloc_arena
 
             arena, self._arena_owner = alloc_arena(BufferPool.footprint(config.pool_bytes), self._device)
+        elif config.transport == "shm":
+            arena = self._shared_arena(BufferPool.footprint(config.pool_bytes))
+        self._shm_arena = arena if self._shm_loc is not None else None
         self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free, arena=arena)
         self._pinned = (BufferPool(config.pinned_bytes, "cpu", pin_memory=True, prefault=False)
                         if self._cuda and config.pinned_bytes else None)
@@ -178,6 +186,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if self._zap is not None:
             self._poller.register(self._zap, zmq.POLLIN)
         self._poller.register(self._rmon, zmq.POLLIN)
+        self._fast = FastPlane(self)
+        self._regions = Regions(self)
         self._probe_due: list[float] = []  # when to probe sessions for closed connections
         self._conn_fds: dict[int, float] = {}  # recently accepted connections: fd -> when
         self._conns = 0          # TCP connections into our ROUTER (accepted, not yet closed)
@@ -195,6 +205,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._closed = False
         self._forked = False
         _LIVE.add(self)
+        _LOCAL_ENGINES[self.eid] = self
         self._thread = threading.Thread(target=io_main, args=(weakref.ref(self),), name=f"p2pkv-io-{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -282,13 +293,137 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         parse_address(peer)
         specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
         req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
+        if isinstance(layout, RequestLayout):
+            if layout.fast is None:
+                from ._engine.fastpath import FastLayout
+
+                layout.fast = FastLayout(specs)
+            req.layout = layout.fast
         self._stats.add("requests")
+        if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
+            self._stats.add("requests_fast")
+            return req
         self._submit(("offer", peer, req))
         # Give the I/O thread the GIL until the offer is out (at most 2 ms): a caller that goes on
         # running Python would otherwise hold it off for up to a switch interval (5 ms), and an eager
         # request is GRANTED when this returns, so every send() posts on this thread at once.
         req.offered.wait(_OFFER_WAIT_S)
         return req
+
+    def recv_request(self, transfer_id: str, *, names: list[str] | None = None,
+                     outs: Any = None, timeout: float | None = None) -> RecvRequest:
+        """Take a whole request: one call, whatever its number of tensors; returns at once.
+
+        The handle's :meth:`~RecvRequest.wait` blocks until every tensor landed;
+        :meth:`~RecvRequest.wait_layer` makes a CUDA stream wait for one tensor (for a
+        same-host producer with no host wake-up at all); :meth:`~RecvRequest.tensor` gives
+        a tensor (a zero-copy view of the pool until :meth:`~RecvRequest.release`). It may be
+        called before or after the data arrives. The request's layout comes from the
+        producer's :meth:`send_request`; ``names`` picks some of its tensors, or names the
+        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}`` or a list in the
+        layout's order) receives copies instead (one batched launch on CUDA), checked against
+        the layout when it is known. ``timeout`` (default ``timeout_s``) bounds the whole wait.
+
+        Raises
+        ------
+        InvalidKey
+            A bad transfer id or names.
+        InvalidTensor, EngineClosed
+            A bad ``outs`` tensor, or a closed engine.
+        """
+        self._check_open()
+        nm = validate_names(transfer_id, names)
+        to = self._timeout(timeout)
+        out_map: dict[str, torch.Tensor] | None = None
+        if outs is not None:
+            if isinstance(outs, dict):
+                out_map = dict(outs)
+            elif isinstance(outs, (list, tuple)) and nm is not None and len(outs) == len(nm):
+                out_map = dict(zip(nm, outs, strict=True))
+            else:
+                raise InvalidTensor("outs must be a {name: tensor} dict (or a list as long as names)",
+                                    key=transfer_id)
+            for name, t in out_map.items():
+                if not isinstance(name, str):
+                    raise InvalidKey(f"outs keys must be tensor names, got {name!r:.40}", key=transfer_id)
+                T.check_out(t, self._device)
+        self._stats.add("recv_requests")
+        return RecvRequest(self, transfer_id, nm, out_map, to)
+
+    # ------------------------------------------------------------------ one-sided reads (same host, CUDA)
+    def register_memory(self, name: str, tensor: torch.Tensor) -> None:
+        """Let same-host peers read ``tensor`` (e.g. a KV cache) straight out of this process's memory.
+
+        Registered once; a peer maps it once (:meth:`remote_memory`) and copies what it needs with
+        its own kernels, then says so (:meth:`read_done`). CUDA IPC shares whole allocations:
+        register only memory a same-host peer may see. Re-registering a name replaces it.
+
+        Raises
+        ------
+        InvalidKey, InvalidTensor, TransportError
+            A bad name, a tensor not on this engine's CUDA device, or one whose allocation
+            cannot be shared (torch's expandable segments).
+        """
+        self._check_open()
+        self._regions.register(name, tensor)
+
+    def unregister_memory(self, name: str) -> None:
+        """Stop serving ``name`` to peers that ask from now on (those that mapped it keep their view)."""
+        self._regions.unregister(name)
+
+    def expose(self, transfer_id: str, *, timeout: float | None = None) -> ExposeHandle:
+        """Mark ``transfer_id`` as readable from this engine's registered memory; the handle completes
+        when a peer reports it read it (:meth:`read_done`), fails on :meth:`abort` or at ``timeout``.
+
+        Raises
+        ------
+        InvalidKey, DuplicateKey
+        """
+        self._check_open()
+        validate_transfer_id(transfer_id)
+        return self._regions.expose(transfer_id, self._timeout(timeout))
+
+    def remote_memory(self, peer: str, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """The memory ``peer`` registered, mapped into this process: ``{name: tensor}`` views of the peer's
+        tensors (same dtype, shape and strides), to read with any kernel. Mapped once per peer.
+
+        Raises
+        ------
+        TransportError
+            The peer is not a CUDA engine of this host, or its memory cannot be mapped.
+        TransferTimeout, PeerLost, InvalidAddress
+        """
+        self._check_open()
+        parse_address(peer)
+        views = self._regions.views(peer)
+        if views is not None:
+            return views
+        to = self._timeout(timeout)
+        w = _ConnectWaiter(to)
+        if self._regions.add_waiter(peer, w):
+            self._submit(("mq", peer))
+        if not w.event.wait(to + 0.5):
+            raise TransferTimeout(f"{peer} did not describe its memory within {to:.3g}s", peer=peer)
+        if w.error is not None:
+            raise w.error
+        views = self._regions.views(peer)
+        if views is None:  # pragma: no cover - answered without error but lost meanwhile
+            raise PeerLost("the peer went away while its memory was mapped", peer=peer)
+        return views
+
+    def read_done(self, peer: str, transfer_id: str) -> None:
+        """Tell ``peer`` that this engine has read ``transfer_id`` from its memory (completes its
+        :meth:`expose` handle). Returns at once."""
+        self._check_open()
+        parse_address(peer)
+        validate_transfer_id(transfer_id)
+        self._submit(("rdone", peer, transfer_id))
+
+    def _is_local_peer(self, peer: Any) -> bool:
+        """``peer`` is an engine of this very process (proved, not claimed)."""
+        from ._engine.state import _local_arena
+
+        return _local_arena(peer.eid, peer.caps) is not None
 
     def recv(self, key: TransferKey, *, timeout: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wait for the tensor pushed under ``key`` and return it (or fill ``out``).
@@ -311,13 +446,29 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         if out is not None:
             T.check_out(out, self._device)
         t0 = time.monotonic()
-        slot = self._inbox.claim(key, self._timeout(timeout), self._out_check(out), self._closed_error)
-        _trace.mark("recv.woke", key)
+        to = self._timeout(timeout)
+        # a CPU engine lets TCP data land straight in the caller's tensor when it is posted in time
+        posted = not self._cuda
+        if posted:
+            self._inbox.post(key, out)
         try:
-            src = slot.tensor()
-            result = out.copy_(src) if out is not None else src.clone()
-        finally:
-            self._release_after_caller(slot.buf)
+            slot = self._claim_landed(key, to, self._out_check(out))
+        except TransferTimeout:
+            if not posted or self._inbox.unpost(key):
+                raise
+            slot = self._inbox.claim(key, 30.0, None, self._closed_error)  # being written now: it comes
+        else:
+            if posted:
+                self._inbox.unpost(key)
+        _trace.mark("recv.woke", key)
+        if isinstance(slot.buf, DirectBuffer):
+            result = slot.buf.tensor  # ``out`` itself, or a new tensor: nothing to copy, nothing to free
+        else:
+            try:
+                src = slot.tensor()
+                result = out.copy_(src) if out is not None else src.clone()
+            finally:
+                self._release_after_caller(slot.buf)
         _trace.mark("recv.ret", key)
         self._stats.add("recvs")
         self._stats.add("bytes_received_claimed", slot.buf.nbytes)
@@ -331,7 +482,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         (for CUDA, once the work queued on the current stream by then has finished)."""
         self._check_open()
         self._check_key(key)
-        slot = self._inbox.claim(key, self._timeout(timeout), None, self._closed_error)
+        slot = self._claim_landed(key, self._timeout(timeout), None)
         try:
             self._stats.add("recvs")
             yield slot.tensor()
@@ -458,6 +609,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         s = self._stats.snapshot()
         s["pool"] = self._pool.stats()
         s["inbox"] = self._inbox.stats()
+        s["fast"] = self._fast.stats()
         s["outbox"] = self._outbox.stats()
         s["peers"] = len(self._peers)
         s["sessions"] = len(self._sessions)
@@ -496,6 +648,80 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
+    def _claim_landed(self, key: TransferKey, timeout: float, check: Any) -> Any:
+        """Take ``key``'s data once it has landed: from the inbox, or from a same-host request's record
+        (a same-host producer announces a tensor before its bytes arrive)."""
+        fast = self._fast
+        if not fast.rx:
+            return self._inbox.claim(key, timeout, check, self._closed_error)
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while True:
+            fast.poll()
+            slot = fast.claim_key(key)
+            if slot is None:
+                slot = self._inbox.take_nowait(key, check)
+            elif check is not None:
+                try:
+                    check(slot)
+                except BaseException:
+                    slot.buf.release()  # the tensor goes back (its record stays whole for others only in part)
+                    raise
+            if slot is not None:
+                break
+            err = self._inbox.error_for(key) or self._closed_error()
+            if err is not None:
+                raise err
+            now = time.monotonic()
+            if now > deadline:
+                raise TransferTimeout(f"no data arrived within {timeout:.3g}s", key=key)
+            if now - last > self._cfg.spin_s:
+                time.sleep(5e-5)
+        if slot.ready is None:
+            return slot
+        try:
+            while not slot.ready():
+                now = time.monotonic()
+                if now > deadline:
+                    raise TransferTimeout(f"the data did not land within {timeout:.3g}s", key=key)
+                if self._closed:
+                    raise EngineClosed(f"engine {self.address} closed while waiting", key=key)
+                if now - last > self._cfg.spin_s:
+                    time.sleep(5e-5)
+        except BaseException:
+            slot.buf.release()
+            raise
+        return slot
+
+    def _fast_ready(self, peer: str) -> Any:
+        """The fast path to ``peer`` once the handshake set it up (None otherwise)."""
+        p = self._peers.get(peer)
+        tx = p.fast if p is not None and p.ready else None
+        return tx if tx is not None and not tx.closed else None
+
+    def _rx_take_record(self, tid: str, names: list[str] | None) -> Any:
+        return self._fast.take_record(tid, names)
+
+    def _fast_poll(self) -> None:
+        self._fast.poll()
+
+    def _shared_arena(self, nbytes: int) -> torch.Tensor:
+        """A CPU pool arena in a memory file that same-host peers can map (``transport="shm"``)."""
+        import mmap
+
+        from .transport.shm import create_memfd
+
+        try:
+            fd, tok = create_memfd("p2pkv-arena", nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        except OSError as exc:
+            raise ConfigError(f"transport='shm': cannot make a shared-memory pool of {nbytes} bytes: {exc}") from None
+        self._shm_fd = fd
+        self._shm_loc = {"pid": os.getpid(), "fd": fd, "tok": tok, "size": nbytes}
+        arena = torch.frombuffer(mm, dtype=torch.uint8)
+        arena.zero_()  # touch every page now, as the private pool does
+        return arena
+
     def _resolve_device(self, dev: str) -> torch.device:
         if dev == "cpu":
             return torch.device("cpu")
@@ -516,6 +742,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._loop_comm = None
         self._lent = {}
         self._retry_parked = False
+        if self._cuda and cfg.transport == "shm":
+            raise ConfigError("transport='shm' is for CPU engines; CUDA engines on one host use 'ipc' (or 'auto')")
         if not self._cuda:
             if cfg.transport in ("ipc", "nccl"):
                 raise ConfigError(f"transport={cfg.transport!r} needs a CUDA device; this engine is on {self._device}")
@@ -579,7 +807,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             except (BlockingIOError, OSError):
                 pass  # pipe full: the I/O thread is already due to wake
 
-    def _release_after_caller(self, buf: Buffer) -> None:
+    def _release_after_caller(self, buf: Any) -> None:
         """Return a pool buffer once the work the caller queued on its current CUDA stream
         (a copy out of it, an unpack kernel) has finished; at once for CPU buffers."""
         if not self._cuda or self._completer is None or self._closed:
@@ -589,6 +817,9 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             return
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self._device))
+        if ev.query():  # nothing of the caller's still reads it: at once, no thread hop
+            buf.release()
+            return
         # A thread blocked (GIL released) on the caller's work, in order: no polling.
         w = self._release_watcher
         if w is None:

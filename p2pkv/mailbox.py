@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -35,18 +35,47 @@ MAX_PEER_TOMBSTONES_TOTAL = 100_000  # abort records of all peers (see p2pkv._ab
 class Slot:
     """One delivered tensor waiting to be claimed."""
 
-    __slots__ = ("key", "buf", "dtype", "shape", "src", "t")
+    __slots__ = ("key", "buf", "dtype", "shape", "src", "t", "ready")
 
-    def __init__(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...], src: object):
+    def __init__(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...], src: object,
+                 ready: Callable[[], bool] | None = None):
         self.key = key
         self.buf = buf
         self.dtype = dtype
         self.shape = shape
         self.src = src
         self.t = time.monotonic()
+        # None: the bytes are in the buffer. Else the data is still landing (a same-host producer
+        # writes it straight into the buffer) and this says when it has.
+        self.ready = ready
 
     def tensor(self) -> torch.Tensor:
         return self.buf.view(self.dtype, self.shape)
+
+
+class DirectBuffer:
+    """Data received straight into the caller's tensor (a posted ``recv``): no pool room, nothing to free."""
+
+    __slots__ = ("tensor", "nbytes", "size", "offset", "overflow", "released")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.size = 0
+        self.offset = -1
+        self.overflow = False
+        self.released = False
+
+    @property
+    def data(self) -> torch.Tensor:
+        t = self.tensor.reshape(-1)
+        return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        return self.tensor
+
+    def release(self) -> None:
+        self.released = True
 
 
 class _Tombs:
@@ -103,12 +132,13 @@ class Mailbox:
         self._evicted = _Tombs()
         self._lost = _Tombs()
         self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
+        self._posted: dict[TransferKey, list[Any]] = {}  # key -> [the caller's tensor or None, taken]
         self.bytes_held = 0
         self.evictions = 0
 
     # ---------------------------------------------------------------- producer side
     def deliver(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
-                src: object = None) -> P2pkvError | None:
+                src: object = None, ready: Callable[[], bool] | None = None) -> P2pkvError | None:
         """Store a tensor. Returns ``None`` on success, else the error to report
         to the sender (the buffer is then NOT taken: the caller releases it)."""
         with self._lock:
@@ -120,7 +150,7 @@ class Mailbox:
                 from .errors import DuplicateKey
 
                 return DuplicateKey("data for this key is already waiting unclaimed", key=key)
-            self._slots[key] = Slot(key, buf, dtype, shape, src)
+            self._slots[key] = Slot(key, buf, dtype, shape, src, ready)
             self._by_tid.setdefault(tid, set()).add(key)
             self.bytes_held += buf.size
             self._evicted.pop(key)
@@ -159,13 +189,59 @@ class Mailbox:
         with self._lock:
             return self._error_locked(key)
 
+    # ---------------------------------------------------------------- posted receives
+    def post(self, key: TransferKey, dest: torch.Tensor | None) -> None:
+        """A caller waits for ``key``: its data may land straight in ``dest`` (None: in a new tensor)."""
+        with self._lock:
+            if len(self._posted) < 65536:
+                self._posted[key] = [dest, False]
+
+    def take_post(self, key: TransferKey) -> tuple[bool, torch.Tensor | None]:
+        """The receiving thread: ``(True, dest)`` if a caller posted ``key`` (it is then being written)."""
+        with self._lock:
+            p = self._posted.get(key)
+            if p is None or p[1]:
+                return False, None
+            p[1] = True
+            return True, p[0]
+
+    def unpost(self, key: TransferKey) -> bool:
+        """Withdraw a post; False if its data is being written into it right now (then it is delivered)."""
+        with self._lock:
+            p = self._posted.pop(key, None)
+            return p is None or not p[1]
+
+    def names_of(self, tid: str) -> set[str]:
+        """Names of ``tid``'s tensors waiting here unclaimed."""
+        with self._lock:
+            return {k.name for k in self._by_tid.get(tid, ())}
+
+    def note_evicted(self, tid: str, names: list[str]) -> None:
+        """Tensors that waited elsewhere (a shared-memory record) were evicted: late claims say so."""
+        with self._lock:
+            for n in names:
+                k = TransferKey(tid, n)
+                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
+                    f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
+            self.evictions += len(names)
+            self._wake_tid_locked(tid)
+
+    def tid_error(self, tid: str) -> P2pkvError | None:
+        """Why no more data of transfer ``tid`` can come, if it cannot (aborted, or its source lost)."""
+        with self._lock:
+            return self._aborted_locked(tid) or self._lost.get(tid)
+
     def _error_locked(self, key: TransferKey) -> P2pkvError | None:
         return (self._aborted_locked(key.transfer_id) or self._evicted.get(key)
                 or self._lost.get(key.transfer_id))
 
     def claim(self, key: TransferKey, timeout: float, check: Callable[[Slot], None] | None = None,
-              closed: Callable[[], P2pkvError | None] | None = None) -> Slot:
+              closed: Callable[[], P2pkvError | None] | None = None,
+              poll: Callable[[], None] | None = None) -> Slot:
         """Wait up to ``timeout`` seconds for ``key`` and take it.
+
+        ``poll`` (called without the lock, about every millisecond while waiting) lets the
+        caller make progress itself, e.g. read a shared-memory ring that delivers here.
 
         Raises
         ------
@@ -192,7 +268,15 @@ class Mailbox:
                         if w is None:
                             w = self._waiting[key] = [threading.Condition(self._lock), 0]
                         w[1] += 1
-                    w[0].wait(min(remaining, 0.25))
+                    if poll is not None:
+                        self._lock.release()
+                        try:
+                            poll()
+                        finally:
+                            self._lock.acquire()
+                        if key in self._slots:
+                            continue
+                    w[0].wait(min(remaining, 0.25 if poll is None else 0.001))
             finally:
                 if w is not None:
                     w[1] -= 1

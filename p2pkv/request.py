@@ -53,7 +53,7 @@ from .keys import TransferKey, validate_transfer_id
 
 log = logging.getLogger("p2pkv")
 
-__all__ = ["RequestState", "RequestHandle", "ItemSpec", "parse_layout", "Watcher", "MAX_ITEMS"]
+__all__ = ["RequestState", "RequestHandle", "RequestLayout", "ItemSpec", "parse_layout", "Watcher", "MAX_ITEMS"]
 
 MAX_ITEMS = 2048  # tensors in one request (the offer is one control message)
 
@@ -90,14 +90,50 @@ class ItemSpec:
         return f"ItemSpec({self.name!r}, {self.dtype}, {self.shape})"
 
 
+class RequestLayout:
+    """A request's tensors (names, dtypes, shapes), checked once and reused by many
+    :meth:`~p2pkv.Engine.send_request` calls (as NIXL prepares its descriptor lists once):
+    a request then costs O(1) checks on both sides, whatever its number of tensors.
+
+    ``RequestLayout([(name, tensor), ...])`` or ``[(name, dtype, shape), ...]`` (or a dict).
+
+    Raises
+    ------
+    InvalidKey, InvalidTensor
+    """
+
+    __slots__ = ("specs", "names", "max_nbytes", "fast")
+
+    def __init__(self, layout: Any):
+        self.specs = _parse_specs("layout", layout, 2**62)
+        self.names = [s.name for s in self.specs]
+        self.max_nbytes = max(s.nbytes for s in self.specs)
+        self.fast: Any = None  # its shared-memory form, built on first use (p2pkv._engine.fastpath)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __repr__(self) -> str:
+        return f"RequestLayout({len(self.specs)} tensors, {sum(s.nbytes for s in self.specs)} bytes)"
+
+
 def parse_layout(transfer_id: str, layout: Any, max_bytes: int) -> list[ItemSpec]:
-    """Validate a request layout: ``[(name, tensor)]`` or ``[(name, dtype, shape)]`` (or a dict of either).
+    """Validate a request layout: a :class:`RequestLayout`, ``[(name, tensor)]`` or ``[(name, dtype, shape)]``
+    (or a dict of either).
 
     Raises
     ------
     InvalidKey, InvalidTensor
     """
     validate_transfer_id(transfer_id)
+    if isinstance(layout, RequestLayout):
+        if layout.max_nbytes > max_bytes:
+            raise InvalidTensor(f"a tensor of the layout is {layout.max_nbytes} bytes; max_message_bytes={max_bytes}")
+        return layout.specs
+    return _parse_specs(transfer_id, layout, max_bytes)
+
+
+def _parse_specs(transfer_id: str, layout: Any, max_bytes: int) -> list[ItemSpec]:
     if isinstance(layout, dict):
         layout = [(k, *(v if isinstance(v, tuple) else (v,))) for k, v in layout.items()]
     if not isinstance(layout, (list, tuple)) or not layout:
@@ -110,7 +146,7 @@ def parse_layout(transfer_id: str, layout: Any, max_bytes: int) -> list[ItemSpec
         if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
             raise InvalidTensor(f"layout[{i}] must be (name, tensor) or (name, dtype, shape), got {entry!r:.80}")
         name = entry[0]
-        TransferKey(transfer_id, name)  # validates the name
+        TransferKey("x", name)  # validates the name
         if name in seen:
             raise InvalidTensor(f"layout names {name!r} twice")
         seen.add(name)
@@ -142,7 +178,8 @@ class RequestHandle:
 
     __slots__ = ("transfer_id", "peer", "specs", "index", "nbytes", "deadline", "timeout", "_engine", "_state",
                  "_error", "_event", "lock", "pending", "next_post", "posted_events", "seq", "x", "offs", "t_start",
-                 "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "offered", "__weakref__")
+                 "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "offered", "_fast", "flag0",
+                 "layout", "__weakref__")
 
     def __init__(self, engine: Any, peer: str, transfer_id: str, specs: list[ItemSpec], timeout: float):
         self._engine = engine
@@ -173,6 +210,9 @@ class RequestHandle:
         self._p: Any = None           # the engine's peer object
         self.last_event: Any = None   # the last GPU work reading the caller's tensors
         self.keep: list[torch.Tensor] = []  # tensors still read by posted GPU work
+        self._fast: Any = None        # FastTx when it went by the same-host fast path
+        self.flag0 = -1               # its first flag slot there
+        self.layout: Any = None       # its FastLayout there (shared by requests of one RequestLayout)
 
     # ------------------------------------------------------------------ public
     @property
@@ -200,6 +240,57 @@ class RequestHandle:
             The request already failed (its error), or the engine is closed.
         """
         _trace.mark("send.enter", f"{self.transfer_id}/{name}")
+        i, t = self._check_item(name, tensor)
+        self._engine._request_send(self, i, t)
+        _trace.mark("send.ret", f"{self.transfer_id}/{name}")
+
+    def send_many(self, tensors: Any) -> None:
+        """Hand over several tensors at once: ``{name: tensor}`` or ``[(name, tensor), ...]``.
+
+        Same as :meth:`send` for each, but on the same-host fast path they move in ONE copy
+        launch (a whole request's 32 layers cost one launch instead of 32).
+
+        Raises
+        ------
+        InvalidKey, InvalidTensor, ShapeMismatch, P2pkvError
+            As :meth:`send`; nothing is sent when any of them is refused.
+        """
+        pairs = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+        idxs, ts = [], []
+        for entry in pairs:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise InvalidTensor(f"send_many takes (name, tensor) pairs, got {entry!r:.80}", key=self.transfer_id)
+            i, t = self._check_item(entry[0], entry[1])
+            if i in idxs:
+                from .errors import InvalidKey
+
+                raise InvalidKey(f"{entry[0]!r} is given twice", key=self.transfer_id)
+            idxs.append(i)
+            ts.append(t)
+        if idxs:
+            self._engine._request_send_many(self, idxs, ts)
+
+    def send_all(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Hand over every tensor at once, in the layout's order (the cheapest call: one check per
+        tensor and, on the same-host fast path, one copy launch).
+
+        Raises
+        ------
+        InvalidTensor, ShapeMismatch, P2pkvError
+            As :meth:`send`; nothing is sent when any of them is refused.
+        """
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(self.specs):
+            raise InvalidTensor(f"send_all takes a list of {len(self.specs)} tensors in the layout's order",
+                                key=self.transfer_id)
+        ts = []
+        for spec, t in zip(self.specs, tensors, strict=True):
+            if not isinstance(t, torch.Tensor) or t.dtype != spec.dtype or t.shape != spec.shape \
+                    or not t.is_contiguous() or t.requires_grad:
+                _, t = self._check_item(spec.name, t)  # the precise error (or a tensor it detaches)
+            ts.append(t)
+        self._engine._request_send_many(self, list(range(len(ts))), ts)
+
+    def _check_item(self, name: Any, tensor: Any) -> tuple[int, torch.Tensor]:
         from .errors import InvalidKey
 
         i = self.index.get(name) if isinstance(name, str) else None
@@ -210,8 +301,7 @@ class RequestHandle:
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
             raise ShapeMismatch(f"{name!r}: tensor is {t.dtype} {tuple(t.shape)}, the layout says "
                                 f"{spec.dtype} {spec.shape}", key=self.transfer_id)
-        self._engine._request_send(self, i, t)
-        _trace.mark("send.ret", f"{self.transfer_id}/{name}")
+        return i, t
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the receiver holds every tensor; raise the request's error if it failed.

@@ -64,7 +64,7 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
 
     def send_requests(peer: str, tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
                       wait: bool = True, req_timeout: float | None = None, seed_of: list[int] | None = None,
-                      only: int | None = None, abort: bool = False) -> dict[str, int]:
+                      only: int | None = None, abort: bool = False, many: bool = False) -> dict[str, int]:
         """One whole request (send_request) per transfer id; ``only`` sends just the first N layers
         (the rest never come), ``abort`` then aborts the transfer. ``req_timeout``: each request's
         deadline (``timeout=`` is the remote call's own)."""
@@ -76,8 +76,12 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
             r = seed_of[ti] if seed_of else ti
             data = [(key(tid, layer).name, kv_layer(r, layer, tuple(shape), dt, eng.device)) for layer in range(layers)]
             req = eng.send_request(peer, tid, data, timeout=timeout)
-            for name, t in data[: only if only is not None else layers]:
-                req.send(name, t)
+            part = data[: only if only is not None else layers]
+            if many:
+                req.send_many(part)
+            else:
+                for name, t in part:
+                    req.send(name, t)
             if abort:
                 eng.abort(tid)
             reqs.append(req)
@@ -111,6 +115,39 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
                 if not same_bits(got, kv_layer(r, layer, tuple(shape), dt, eng.device)):
                     bad += 1
         return bad
+
+    def recv_requests(tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
+                      timeout: float | None = None, seed_of: list[int] | None = None, use_outs: bool = False) -> int:
+        """Take each request whole (recv_request) and check every layer; returns the number that differ."""
+        dt = getattr(torch, dtype)
+        bad = 0
+        for ti, tid in enumerate(tids):
+            r = seed_of[ti] if seed_of else ti
+            outs = {key(tid, layer).name: torch.empty(tuple(shape), dtype=dt, device=eng.device)
+                    for layer in range(layers)} if use_outs else None
+            with eng.recv_request(tid, outs=outs, timeout=timeout) as h:
+                h.wait()
+                for layer in range(layers):
+                    got = h.tensor(key(tid, layer).name)
+                    if not same_bits(got, kv_layer(r, layer, tuple(shape), dt, eng.device)):
+                        bad += 1
+        return bad
+
+    kept: dict[str, Any] = {}
+
+    def register_pattern(name: str, shape: list[int], seed: int) -> None:
+        """Register a slice (not at its allocation's start) of a tensor of known bytes for peers to read."""
+        t = kv_layer(seed, 0, (shape[0] + 1, *shape[1:]), torch.bfloat16, eng.device)
+        kept[name] = t
+        eng.register_memory(name, t[1:])
+
+    def expose_wait(tid: str, timeout: float = 30.0) -> str:
+        h = eng.expose(tid, timeout=timeout)
+        try:
+            h.wait(timeout + 5)
+            return "done"
+        except Exception as exc:
+            return type(exc).__name__
 
     def publish_many(tids: list[str], layers: int, shape: list[int], dtype: str = "bfloat16",
                      timeout: float | None = None) -> int:
@@ -240,7 +277,9 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
            "send_many": send_many, "send_requests": send_requests, "soak_produce": soak_produce,
            "soak_consume": soak_consume,
            "ipc_copy_gpu_time": ipc_copy_gpu_time, "claim_many": claim_many, "publish_n": publish_n,
-           "recv_many": recv_many, "publish_many": publish_many, "publish_many_from": publish_many_from,
+           "recv_many": recv_many, "recv_requests": recv_requests, "publish_many": publish_many,
+           "publish_many_from": publish_many_from, "register_pattern": register_pattern,
+           "expose_wait": expose_wait,
            "pull_many": pull_many, "wait_sends": wait_sends,
            "stats": lambda: eng.stats(), "abort": lambda tid: eng.abort(tid),
            "connect": lambda peer, timeout=None: eng.connect(peer, timeout=timeout),

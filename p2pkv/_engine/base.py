@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     import zmq
 
     from ..config import EngineConfig
+    from .fastplane import FastPlane
+    from .regions import Regions
     from ..mailbox import Mailbox
     from ..pool import Buffer, BufferPool
     from ..request import Incoming
@@ -72,3 +74,9 @@ class _EngineBase:
     _copy_stream: Any
     _loop_comm: Any
     _release_watcher: Any
+    # the same-host fast path (leases, channels, doorbell, the request index)
+    _fast: FastPlane
+    _regions: Regions
+    _shm_arena: torch.Tensor | None
+    _shm_loc: dict[str, Any] | None
+    _shm_fd: int

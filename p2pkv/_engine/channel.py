@@ -420,6 +420,9 @@ class _Channel(_EngineBase):
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
         if self._nccl_ok:
             caps["transports"].append("nccl")
+        if self._shm_loc is not None:
+            caps["transports"].append("shm")
+            caps["shm"] = self._shm_loc
         return caps
 
     def _choose_transport(self, caps: dict[str, Any]) -> str:
@@ -455,6 +458,8 @@ class _Channel(_EngineBase):
 
     def _close_peer(self, peer: _Peer) -> None:
         self._forget_peer_end(peer)
+        self._fast.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
+        self._regions.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
         for h in peer.ipc_handles:
             _LOCAL_EVENTS.pop(h, None)
         self._release_gpu_state(peer)
@@ -549,6 +554,7 @@ class _Channel(_EngineBase):
                 for item in [i for i in peer.queue if i.ready is not None]:
                     peer.queue.remove(item)
                     self._finish_send(item, TransferState.FAILED, TransportError(str(err), peer=peer.addr))
+
             for w in peer.connect_waiters:
                 w.event.set()
             peer.connect_waiters.clear()
@@ -560,6 +566,13 @@ class _Channel(_EngineBase):
                 self._send_pull(peer, pull)
             self._pump_sends(peer)
             self._pump_offers(peer)
+            self._fast.on_ready(peer)
+            if peer.mq_pending:
+                peer.mq_pending = False
+                peer.sock.send(encode("mq"))
+            for tid in peer.rdone_pending:
+                peer.sock.send(encode("rdone", tid=tid))
+            peer.rdone_pending.clear()
         elif t == "ack":
             item = peer.inflight.pop(msg["seq"], None)
             if item is not None:
@@ -599,6 +612,12 @@ class _Channel(_EngineBase):
             pass  # the peer is joining the communicator; readiness shows in poll()
         elif t in ("ogrant", "oerr", "odone"):
             self._on_request_reply(peer, t, msg)
+        elif t == "ferr":
+            self._fast.on_ferr(peer, msg)
+        elif t == "fo":
+            self._fast.accept(peer, msg)
+        elif t == "mr":
+            self._regions.on_regions(peer, msg)
         elif t == "err":
             code = msg["code"]
             if code == "auth":
@@ -789,11 +808,28 @@ class _Channel(_EngineBase):
             self._on_offer(sess, msg)
         elif t in ("odata", "opost", "oabort", "ofin"):
             self._on_offer_msg(sess, t, msg)
+        elif t == "fast":
+            self._fast.on_fast_msg(sess, msg)
+        elif t == "mq":
+            if sess.caps.get("host") != self._host or not self._cuda or not isinstance(sess.caps, dict) \
+                    or sess.caps.get("cuda") is not True:
+                self._reply(ident, "mr", no="memory regions are served to CUDA engines of this host only")
+            else:
+                self._reply(ident, "mr", r=self._regions.describe())
+        elif t == "rdone":
+            self._regions.on_read_done(sess, validate_transfer_id(msg["tid"]))
+        elif t == "fq":
+            offer = self._fast.offer(sess)
+            if offer is None:
+                self._reply(ident, "fo", no="no fast path into this engine for that peer")
+            else:
+                self._reply(ident, "fo", **offer)
 
     def _lose_session(self, sess: _Session, reason: str) -> None:
         if self._sessions.get(sess.ident) is not sess:
             return
         del self._sessions[sess.ident]
+        self._fast.session_lost(sess, reason)
         for pp in self._parked.of_session(sess):
             self._parked.remove(pp)
         self._release_gpu_state(sess)  # aborted communicators end their posted receives

@@ -50,6 +50,10 @@ class _ProgressLoop(_EngineBase):
             if self._drain_commands():
                 return True
             self._flush_acks()
+        fast = self._fast
+        if fast.bell_fd is not None and fast.bell_fd in events:
+            fast.drain_bell()
+        fast.poll()
         if self._router in events:
             self._pump_router()
         if self._zap is not None and self._zap in events:
@@ -124,6 +128,28 @@ class _ProgressLoop(_EngineBase):
                     self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
                 elif op == "odone":
                     self._request_done(cmd[1])
+                elif op == "mq":
+                    peer = self._get_peer(cmd[1])
+                    if peer.ready:
+                        peer.sock.send(encode("mq"))
+                        peer.last_tx = time.monotonic()
+                    else:
+                        peer.mq_pending = True
+                elif op == "rdone":
+                    peer = self._get_peer(cmd[1])
+                    if peer.ready:
+                        peer.sock.send(encode("rdone", tid=cmd[2]))
+                        peer.last_tx = time.monotonic()
+                    else:
+                        peer.rdone_pending.append(cmd[2])
+                elif op == "fast_ask":
+                    peer = self._peers.get(cmd[1])
+                    if peer is not None:
+                        self._fast.ask(peer)
+                elif op == "fast_ferr":
+                    _, ident, seq, err = cmd
+                    if ident in self._sessions and seq >= 0:
+                        self._reply(ident, "ferr", seq=seq, code=err.code, msg=err.message[:300])
             except P2pkvError as exc:
                 log.warning("command %s failed: %s", op, exc)
                 self._fail_command(cmd, lambda exc=exc: exc)
@@ -186,6 +212,9 @@ class _ProgressLoop(_EngineBase):
 
     def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None,
                   src: object = None) -> None:
+        self._fast.forget(tid)
+        self._fast.abort_tid(tid, reason)
+        self._regions.abort(tid, reason)
         for buf in self._inbox.abort(tid, reason, src) + self._outbox.abort(tid, reason, src):
             buf.release()
         if broadcast:  # decided before the work is failed below: who carried this transfer
@@ -325,6 +354,9 @@ class _ProgressLoop(_EngineBase):
                                                   peer=peer.addr))
         if self._incoming:
             self._tick_incoming(now)
+        self._fast.tick(now)
+        self._fast.tick_tx(now)
+        self._regions.tick(now)
         if self._probe_due:
             self._probe_sessions(now)
         self._check_buffered(now)
@@ -414,6 +446,8 @@ class _ProgressLoop(_EngineBase):
         self._release_local_ends()
         for peer in list(self._peers.values()):
             self._close_peer(peer)
+        self._fast.close()
+        self._regions.close()
         for sess in list(self._sessions.values()):
             self._release_gpu_state(sess)
             if sess.watcher is not None:
@@ -456,6 +490,9 @@ class _ProgressLoop(_EngineBase):
                 except OSError:
                     pass
             self._pool.close()
+            if self._shm_fd >= 0:
+                os.close(self._shm_fd)  # peers that mapped the pool keep their mappings
+                self._shm_fd = -1
 
 
 def io_main(wref: Any) -> None:

@@ -18,6 +18,7 @@ from ..errors import (InvalidTensor,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
 from ..keys import TransferKey
+from ..mailbox import DirectBuffer
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
 from .state import (_MAX_CREDIT_VIOLATIONS, _Peer,
@@ -280,6 +281,8 @@ class _PushPath(_EngineBase):
             return
         sess.outstanding -= fp
         sess.last_use = time.monotonic()
+        if x == "tcp" and not self._cuda and self._recv_posted(sess, key, dtype, shape, seq, nack):
+            return
         try:
             # within granted credit the room exists; overflow only covers pool fragmentation
             buf = self._pool.try_alloc(n, overflow=True)
@@ -299,6 +302,30 @@ class _PushPath(_EngineBase):
             nack(exc)
             return
         self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
+
+    def _recv_posted(self, sess: _Session, key: TransferKey, dtype: torch.dtype, shape: tuple[int, ...], seq: int,
+                     nack: Any) -> bool:
+        """A caller already waits in ``recv`` for ``key``: land the bytes straight in its tensor (no pool
+        hop, no copy out of the pool). False when nobody waits or its ``out`` does not fit."""
+        found, dest = self._inbox.take_post(key)
+        if not found:
+            return False
+        if dest is None:
+            dest = torch.empty(shape, dtype=dtype)
+        elif dest.dtype != dtype or tuple(dest.shape) != shape or not dest.is_contiguous() or \
+                dest.device.type != "cpu":
+            return False  # its check fails later, with the precise error; the data stays claimable
+        direct = DirectBuffer(dest)
+        try:
+            got = tcp.recv_payload_into(self._router, direct.data)
+            if got != direct.nbytes:
+                raise ProtocolError(f"payload of {got} bytes, header said {direct.nbytes}")
+        except P2pkvError as exc:
+            nack(exc)
+            return True
+        self._stats.add("received_direct")
+        self._store(sess, key, direct, dtype, shape, seq, nack, "tcp")
+        return True
 
     def _drain_nccl(self, sess: _Session, n: Any, direction: str = "push") -> None:
         """Receive and discard ``n`` bytes the sender already posted on one of the session's communicators."""

@@ -30,8 +30,49 @@ from .base import _EngineBase
 class _RequestPath(_EngineBase):
     """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
 
+    def _request_send_many(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor]) -> None:
+        """``RequestHandle.send_many``: one launch on the fast path, else one send each (caller's thread)."""
+        if req._fast is None:
+            for i, t in zip(idxs, ts, strict=True):
+                self._request_send(req, i, t)
+            return
+        self._fast_send(req, idxs, ts)
+
+    def _fast_send(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor]) -> None:
+        """Move tensors of a request on the same-host fast path (the caller's thread; never blocks on the GPU)."""
+        self._check_open()
+        for t in ts:
+            if t.device != self._device:
+                raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                    key=req.transfer_id)
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self._device))
+        with req.lock:
+            for i in idxs:
+                if i in req.sent:
+                    raise InvalidKey(f"{req.specs[i].name!r} was sent already", key=req.transfer_id)
+            if req._state.finished:
+                raise req._error or P2pkvError("request already finished", key=req.transfer_id)
+            req.sent.update(idxs)
+        try:
+            req._fast.send(req, idxs, ts, ready)
+        except (P2pkvError, RuntimeError) as exc:  # a CUDA launch error, or the path closed under us
+            err = exc if isinstance(exc, P2pkvError) else TransportError(f"fast-path copy failed: {exc}",
+                                                                         key=req.transfer_id)
+            req._fast.fail(req.seq, err)
+            raise err from None
+        n = sum(req.specs[i].nbytes for i in idxs)
+        self._stats.add("bytes_sent", n)
+        self._stats.add("sent_fast", len(idxs))
+        _trace.mark("req.posted", req.transfer_id)
+
     def _request_send(self, req: RequestHandle, i: int, t: torch.Tensor) -> None:
         """``RequestHandle.send``: runs on the caller's thread."""
+        if req._fast is not None:
+            self._fast_send(req, [i], [t])
+            return
         self._check_open()
         if t.device != self._device:
             raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
@@ -465,6 +506,7 @@ class _RequestPath(_EngineBase):
         self._incoming[(sess.ident, seq)] = inc
         self._incoming_keys.update(keys)
         self._inbox.expect(tid, sess.ident)
+        self._fast.note_offer(tid, specs)
         _trace.mark("rx.offer", tid)
         self._admit()
 

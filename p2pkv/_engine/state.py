@@ -182,6 +182,11 @@ class _Peer:
         self.fd = -1                            # its descriptor (ZMQ's), and what ZMQ had taken from
         self.rx_base = 0                        # it at a recent message boundary, and when
         self.rx_base_t = 0.0
+        self.fast: Any = None                   # FastTx: the same-host fast path (p2pkv._engine.fastpath)
+        self.fast_asked = False                 # we asked the peer for it (fq) once
+        self.mq_pending = False                 # a caller waits for its memory regions (mq after the handshake)
+        self.rdone_pending: list[str] = []      # read notifications waiting for the handshake
+        self.shm_map: Any = None                # the peer's shared-memory arena, mapped (CPU fast path)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -230,6 +235,10 @@ class _ParkedPull:
 # Arenas of engines in this process, by engine id: CUDA IPC cannot open a handle
 # exported by its own process, so same-process peers read each other's arena directly.
 _LOCAL_ARENAS: dict[str, torch.Tensor] = {}
+# Engines of this process by id (for reading a same-process engine's registered memory directly).
+import weakref as _weakref  # noqa: E402
+
+_LOCAL_ENGINES: _weakref.WeakValueDictionary[str, Any] = _weakref.WeakValueDictionary()
 # Interprocess events of engines in this process, by IPC handle: a process cannot open its own handle.
 _LOCAL_EVENTS: dict[bytes, Any] = {}
 

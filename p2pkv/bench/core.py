@@ -101,6 +101,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("ipc", ".core:bench_ipc", lambda smoke, sizes: len([x for x in sizes if x >= 4 * KiB]), _no_gpu),
     Suite("nccl", ".core:bench_nccl", _nccl_steps, _no_nccl),
     Suite("request", ".request:suite_request", _request_steps),
+    Suite("recv", ".recv:suite_recv", lambda smoke, sizes: 1 if smoke else 2),
 )}
 
 

@@ -1,16 +1,21 @@
-"""Whole-request benchmark: one Llama-3-8B request (32 layers, K and V) from one
-engine to an engine in another process, beside raw NCCL (``torch.distributed``
-``batch_isend_irecv`` of the same tensors) in the same run.
+"""Whole-request benchmark: one Llama-3-8B request (32 layers, K and V, bf16) from an engine to
+an engine in another process, beside the baselines a user would pick instead, in the same run.
 
-Timed from the first ``send`` until the receiving process holds every layer
-(its ``recv(out=...)`` returned and its stream finished), median of ``reps``.
-Also: the caller's host time per ``send``, layer-wise latency (layers made
-ready one at a time, ``gap_us`` apart: how long after the last layer became
-ready the receiver holds it), and, with ``P2PKV_TRACE=1``, where the time goes
-per step on both sides (:mod:`p2pkv._trace`).
+Timed from the producer's start until the consumer process holds every layer, median of
+``reps`` after 2 warm-ups (CLOCK_MONOTONIC is shared by the processes of one host, so the two
+sides' timestamps are compared directly). Paths (``--paths``):
 
-Clocks: ``time.monotonic`` is CLOCK_MONOTONIC, shared by the processes of one
-host, so sender and receiver timestamps are compared directly.
+* ``request``: ``send_request`` + ``send_many`` (all layers at once) / ``send`` per layer
+  (layer-wise), the consumer takes it with ONE ``recv_request(...).wait()``;
+* ``request-recv``: ``send_request``, the consumer calls ``recv(key, out=...)`` per layer;
+* ``send``: one ``send`` per layer, ``recv(key, out=...)`` per layer.
+
+Baselines: on one GPU the hand-rolled CUDA IPC pipeline and NIXL (when ``nixl`` imports), see
+:mod:`p2pkv.bench.peers`; on two GPUs raw NCCL (``torch.distributed`` ``batch_isend_irecv``).
+Layer-wise (``--gaps``): the producer spins in Python between layers (as a forward pass
+does) and makes one ready every gap; reported is how long after the last layer became ready
+the consumer holds it. With ``P2PKV_TRACE=1`` each row gets the per-step breakdown of both
+sides (:mod:`p2pkv._trace`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import os
 import socket
 import statistics
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,22 +34,33 @@ from .. import _trace
 from ..synthetic import PRESETS
 
 MiB = 2**20
-# Step order of one tensor's path, for the per-step breakdown.
-STEPS = ["send.enter", "send.ret", "io.cmd", "io.sent", "req.posted", "rx.hdr", "rx.posted", "cq.fire", "rx.io_done",
-         "rx.delivered", "rx.landed", "recv.woke", "recv.ret", "ack.rx"]
+STEPS = ["req.start", "req.announced", "rx.header", "req.posted", "rx.landed"]
+PATHS = ("request", "request-recv", "send")
+TRANSPORTS = ("auto", "ipc", "nccl", "tcp", "shm")
 
 
 def _layer_shape(tokens: int) -> tuple[int, ...]:
     return tuple(PRESETS["llama3-8b"].layer_shape(tokens))
 
 
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _ms(s: float) -> float:
+    return round(s * 1e3, 3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-# ----------------------------------------------------------------------------- raw NCCL baseline
+# ----------------------------------------------------------------------------- raw NCCL baseline (2 GPUs)
 def _raw_worker(rank: int, port: int, tokens_list: list[int], reps: int, q: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import torch.distributed as dist
@@ -91,30 +107,40 @@ def raw_nccl(tokens_list: list[int], reps: int) -> dict[int, list[float]]:
 
 # ----------------------------------------------------------------------------- p2pkv
 def _consumer(cfg: dict[str, Any], conn: Any) -> None:
-    """Receiver process: per command, receive every layer of one request into preallocated tensors."""
+    """Receiver process: per command, take every layer of one request."""
     from .. import Engine, TransferKey
 
     eng = Engine(**cfg)
     conn.send(eng.address)
-    outs: dict[tuple, list[torch.Tensor]] = {}
+    outs: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    cuda = eng.device.type == "cuda"
     try:
         while True:
             cmd = conn.recv()
             if cmd is None:
                 break
-            tid, names, shape = cmd
+            tid, names, shape, how = cmd
+            if how == "request":
+                h = eng.recv_request(tid, timeout=60)
+                conn.send("armed")
+                h.wait()  # every layer is in this process's memory
+                t_hold = time.monotonic()
+                _trace.mark("rx.landed", tid)
+                h.release()
+                conn.send(([t_hold], _trace.take()))
+                continue
             key = (tuple(shape), len(names))
             if key not in outs:
                 outs[key] = [torch.empty(shape, dtype=torch.bfloat16, device=eng.device) for _ in names]
-            bufs = outs[key]
+            conn.send("armed")
             stamps = []
-            stream = torch.cuda.current_stream(eng.device) if eng.device.type == "cuda" else None
-            for name, out in zip(names, bufs, strict=True):
+            for name, out in zip(names, outs[key], strict=True):
                 eng.recv(TransferKey(tid, name), out=out, timeout=60)
                 stamps.append(time.monotonic())
-            if stream is not None:
-                stream.synchronize()  # the copies into ``out`` are done: the process holds every layer
+            if cuda:
+                torch.cuda.current_stream(eng.device).synchronize()  # the copies into ``out`` are done
                 stamps[-1] = time.monotonic()
+            _trace.mark("rx.landed", tid)
             conn.send((stamps, _trace.take()))
     finally:
         eng.close()
@@ -127,6 +153,7 @@ class _Pair:
         from .. import Engine
 
         ctx = mp.get_context("spawn")
+        self.layouts: dict[Any, Any] = {}
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_consumer, args=(cons_cfg, child), daemon=True)
         self.proc.start()
@@ -135,6 +162,13 @@ class _Pair:
         self.address = self.conn.recv()
         self.eng = Engine(**prod_cfg)
         self.eng.connect(self.address, timeout=60)
+        # the first request to a same-host peer asks for the fast path (and goes the ordinary way)
+        t = torch.zeros(64, device=self.eng.device)
+        _one_request(self, "warm-up", [t], ["w"], 0.0, "request")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.eng._fast_ready(self.address) is None \
+                and self.eng._fast.can_offer(self.eng._peers[self.address].caps):
+            time.sleep(0.01)
 
     def close(self) -> None:
         try:
@@ -152,19 +186,24 @@ def _busy_until(t: float) -> None:
 
 
 def _one_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[str], gap_s: float,
-                 send_fn: Callable[..., Any]) -> dict[str, Any]:
+                 path: str) -> dict[str, Any]:
     shape = tuple(layers[0].shape)
-    pair.conn.send((tid, names, shape))
-    time.sleep(0.005)  # the consumer is waiting in recv before the first send
+    pair.conn.send((tid, names, shape, "request" if path == "request" else "recv"))
+    if not pair.conn.poll(60):
+        raise RuntimeError("consumer did not answer")
+    pair.conn.recv()
+    time.sleep(0.005)  # the consumer waits before the producer starts
     ready: list[float] = []
     host: list[float] = []
     t0 = time.monotonic()
-    handles = send_fn(pair, tid, layers, names, gap_s, ready, host)
+    handles = SEND_PATHS[path](pair, tid, layers, names, gap_s, ready, host)
+    if not pair.conn.poll(120):
+        raise RuntimeError("consumer did not finish the request")
     stamps, rx_events = pair.conn.recv()
     for h in handles:
         h.wait(60)
     tx_events = _trace.take()
-    return {"total": stamps[-1] - t0, "last_lat": stamps[-1] - ready[-1], "host": host,
+    return {"total": stamps[-1] - t0, "last_lat": stamps[-1] - (ready[-1] if ready else t0), "host": host,
             "events": tx_events + rx_events}
 
 
@@ -188,24 +227,94 @@ def _send_layers(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[
 
 def _send_request(pair: _Pair, tid: str, layers: list[torch.Tensor], names: list[str], gap_s: float,
                   ready: list[float], host: list[float]) -> list[Any]:
-    """One offer for the whole request, then each layer handed over as it becomes ready."""
+    """One announcement for the whole request; all layers at once (one launch) or each as it becomes ready.
+    The layout is checked once per shape (a RequestLayout), as NIXL prepares its descriptor lists once."""
+    from .. import RequestLayout
+
     eng = pair.eng
+    key = (tuple(layers[0].shape), len(layers))
+    layout = pair.layouts.get(key)
+    if layout is None:
+        layout = pair.layouts[key] = RequestLayout(list(zip(names, layers, strict=True)))
     t = time.monotonic()
-    req = eng.send_request(pair.address, tid, list(zip(names, layers, strict=True)))
+    _trace.mark("req.start", tid)
+    req = eng.send_request(pair.address, tid, layout)
+    _trace.mark("req.announced", tid)
+    if not gap_s:
+        ready.append(t)
+        req.send_all(layers)
+        host.append(time.monotonic() - t)
+        _trace.mark("req.posted", tid)
+        return [req]
     host.append(time.monotonic() - t)
     t_next = time.monotonic()
     for name, x in zip(names, layers, strict=True):
-        if gap_s:
-            t_next += gap_s
-            _busy_until(t_next)
+        t_next += gap_s
+        _busy_until(t_next)
         t = time.monotonic()
         ready.append(t)
         req.send(name, x)
         host.append(time.monotonic() - t)
+    _trace.mark("req.posted", tid)
     return [req]
 
 
-SEND_PATHS: dict[str, Callable[..., Any]] = {"send": _send_layers, "request": _send_request}
+SEND_PATHS: dict[str, Callable[..., Any]] = {"request": _send_request, "request-recv": _send_request,
+                                             "send": _send_layers}
+
+
+def _baselines(devices: tuple[str, str], tokens_list: list[int], reps: int,
+               bar: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[int, tuple[str, float]],
+                                                    dict[int, float]]:
+    """Baseline rows, the raw figure per token count (what p2pkv's ratio is against) and NIXL's."""
+    from .core import _row
+
+    rows: list[dict[str, Any]] = []
+    raw: dict[int, tuple[str, float]] = {}
+    nixl: dict[int, float] = {}
+    layers_n = PRESETS["llama3-8b"].layers
+    if devices[0].startswith("cuda") and devices[0] != devices[1]:
+        res = raw_nccl(tokens_list, reps)
+        for tok, v in res.items():
+            raw[tok] = ("raw NCCL batch_isend_irecv", statistics.median(v))
+        what = f"raw NCCL batch_isend_irecv {devices[0]}->{devices[1]}"
+    elif devices[0].startswith("cuda"):
+        from .peers import nixl_available, nixl_ipc, raw_ipc
+
+        res = raw_ipc(tokens_list, reps, devices[0])
+        for tok, v in res.items():
+            raw[tok] = ("raw hand-rolled CUDA IPC", statistics.median(v))
+        what = f"raw hand-rolled CUDA IPC {devices[0]} (2 processes)"
+        bar("baseline raw IPC")
+        if nixl_available():
+            try:
+                nres = nixl_ipc(tokens_list, reps, devices[0])
+            except Exception as exc:  # NIXL is a peer, not ours: report and go on
+                print(f"NIXL baseline failed: {type(exc).__name__}: {exc}", flush=True)
+                nres = {}
+            for tok, v in nres.items():
+                nixl[tok] = statistics.median(v)
+                rows.append(_row("request", f"NIXL {_nixl_version()} UCX WRITE {devices[0]} (2 processes)",
+                                 2 * layers_n * _prod(_layer_shape(tok)), preset="llama3-8b", tokens=tok,
+                                 ms=_ms(nixl[tok]), ms_min=_ms(min(v)), ms_max=_ms(max(v))))
+            bar("baseline NIXL")
+        else:
+            print("NIXL not importable: its baseline is not in this run", flush=True)
+    else:
+        return rows, raw, nixl
+    for tok, v in res.items():
+        rows.append(_row("request", what, 2 * layers_n * _prod(_layer_shape(tok)), preset="llama3-8b", tokens=tok,
+                         ms=_ms(statistics.median(v)), ms_min=_ms(min(v)), ms_max=_ms(max(v))))
+    return rows, raw, nixl
+
+
+def _nixl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nixl")
+    except Exception:
+        return ""
 
 
 def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, gaps_us: tuple[int, ...] = (200,),
@@ -217,20 +326,14 @@ def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if devices is None:
         devices = ("cuda:0", "cuda:1") if ngpu >= 2 else ("cuda:0", "cuda:0") if ngpu == 1 else ("cpu", "cpu")
-    rows: list[dict[str, Any]] = []
     layers_n = PRESETS["llama3-8b"].layers
     names = [f"model.layers.{i}.self_attn" for i in range(layers_n)]
-    raw = raw_nccl(tokens_list, reps) if ngpu >= 2 and devices[0] != devices[1] else {}
-    for tokens in tokens_list:
-        if tokens in raw:
-            rows.append(_row("request", f"raw NCCL batch_isend_irecv {devices[0]}->{devices[1]}",
-                             2 * layers_n * _prod(_layer_shape(tokens)), preset="llama3-8b", tokens=tokens,
-                             ms=_ms(statistics.median(raw[tokens]))))
+    rows, raw, nixl = _baselines(devices, tokens_list, reps, bar)
     biggest = max(tokens_list)
     req_bytes = 2 * layers_n * _prod(_layer_shape(biggest))
     pool = 2 * req_bytes + 256 * MiB
     for x in transports:
-        if devices[0] == "cpu" and x != "tcp":
+        if devices[0] == "cpu" and x not in ("tcp", "shm"):
             continue
         base = dict(timeout_s=120.0, pool_bytes=pool, credit_bytes=pool, transport=x)
         pair = _Pair(dict(base, device=devices[0]), dict(base, device=devices[1]))
@@ -239,20 +342,25 @@ def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, 
                 shape = _layer_shape(tokens)
                 nbytes = 2 * layers_n * _prod(shape)
                 layers = [torch.randn(shape, device=devices[0]).to(torch.bfloat16) for _ in range(layers_n)]
-                for path in paths or list(SEND_PATHS):
-                    fn = SEND_PATHS[path]
+                for path in paths or list(PATHS):
                     for gap in (0,) + tuple(gaps_us):
-                        res = [_one_request(pair, f"r{tokens}-{path}-{gap}-{i}", layers, names, gap / 1e6, fn)
+                        res = [_one_request(pair, f"r{tokens}-{path}-{gap}-{i}", layers, names, gap / 1e6, path)
                                for i in range(reps + 2)][2:]
-                        total = statistics.median(r["total"] for r in res)
+                        totals = [r["total"] for r in res]
+                        total = statistics.median(totals)
                         host = sorted(h for r in res for h in r["host"])
-                        row = _row("request", f"p2pkv {path} {x} {devices[0]}->{devices[1]}"
-                                   + (f" layer-wise {gap}us" if gap else ""), nbytes, preset="llama3-8b", tokens=tokens,
-                                   ms=_ms(total), host_us_p50=round(host[len(host) // 2] * 1e6, 1),
+                        fast = pair.eng._fast_ready(pair.address) is not None
+                        label = f"p2pkv {path} {x}{' fast' if fast and path != 'send' else ''} " \
+                                f"{devices[0]}->{devices[1]}" + (f" layer-wise {gap}us" if gap else "")
+                        row = _row("request", label, nbytes, preset="llama3-8b", tokens=tokens, ms=_ms(total),
+                                   ms_min=_ms(min(totals)), ms_max=_ms(max(totals)),
+                                   host_us_p50=round(host[len(host) // 2] * 1e6, 1),
                                    last_layer_us=round(statistics.median(r["last_lat"] for r in res) * 1e6, 1))
                         if tokens in raw and not gap:
-                            row["ratio"] = statistics.median(raw[tokens]) / total
-                            row["baseline"] = "raw NCCL batch_isend_irecv"
+                            row["baseline"], raw_s = raw[tokens]
+                            row["ratio"] = round(raw_s / total, 3)
+                            if tokens in nixl:
+                                row["vs_nixl"] = round(nixl[tokens] / total, 3)
                         events = [e for r in res for e in r["events"]]
                         if events:
                             row["steps"] = _trace.breakdown(events, STEPS)
@@ -264,26 +372,15 @@ def bench_request(tokens_list: list[int], transports: list[str], reps: int = 6, 
     return rows
 
 
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _ms(s: float) -> float:
-    return round(s * 1e3, 3)
-
-
 def suite_request(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> list[dict[str, Any]]:
     """The ``request`` suite of ``python -m p2pkv.bench``: every transport this machine has.
 
-    Two GPUs: NCCL and CUDA IPC across them; one GPU: CUDA IPC between two
-    processes; CPU: TCP. Both send paths (``send_request`` and per-tensor
-    ``send``), all at once and layer-wise (200 us apart).
+    Two GPUs: NCCL and CUDA IPC across them beside raw NCCL; one GPU: CUDA IPC between two
+    processes beside the hand-rolled IPC pipeline and NIXL; CPU: TCP and the shared-memory
+    fast path. Every path, all at once and layer-wise (200 us apart).
     """
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    transports = ["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu == 1 else ["tcp"]
+    transports = ["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu == 1 else ["tcp", "shm"]
     if ngpu >= 2:
         from ..transport.nccl import nccl_available
 
@@ -293,32 +390,100 @@ def suite_request(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> 
     return bench_request(tokens, transports, reps=2 if smoke else 6, gaps_us=(200,), bar=bar)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m p2pkv.bench.request [--tokens 512,2048] [--transports nccl,ipc] [--out FILE]``."""
+def _parse_args(argv: list[str] | None) -> Any:
     import argparse
+
+    def ints(what: str, lo: int) -> Callable[[str], list[int]]:
+        def parse(text: str) -> list[int]:
+            try:
+                vals = [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers, got {text!r}") from None
+            if not vals or any(v < lo for v in vals):
+                raise argparse.ArgumentTypeError(f"{what} must be integers >= {lo}, got {text!r}")
+            return vals
+        return parse
+
+    def choices(what: str, allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+        def parse(text: str) -> list[str]:
+            vals = [v.strip() for v in text.split(",") if v.strip()]
+            bad = [v for v in vals if v not in allowed]
+            if not vals or bad:
+                raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(allowed)}; got {text!r}")
+            return vals
+        return parse
+
+    def positive(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--reps must be an integer >= 1, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"--reps must be an integer >= 1, got {text!r}")
+        return v
+
+    def device_pair(text: str) -> tuple[str, str]:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 2 or not all(p == "cpu" or p.startswith("cuda") for p in parts):
+            raise argparse.ArgumentTypeError(f"--devices must be PRODUCER,CONSUMER (cpu or cuda:N), got {text!r}")
+        for p in parts:
+            if p.startswith("cuda"):
+                try:
+                    d = torch.device(p)
+                except RuntimeError:
+                    raise argparse.ArgumentTypeError(f"--devices: {p!r} is not a device") from None
+                n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if (d.index or 0) >= n:
+                    raise argparse.ArgumentTypeError(f"--devices: {p} is not available here ({n} CUDA devices)")
+        if (parts[0] == "cpu") != (parts[1] == "cpu"):
+            raise argparse.ArgumentTypeError("--devices: both sides must be cpu, or both cuda")
+        return parts[0], parts[1]
+
+    doc = (__doc__ or "").split("\n\n")[0].replace("\n", " ")
+    ap = argparse.ArgumentParser(prog="python -m p2pkv.bench.request", description=doc)
+    ap.add_argument("--tokens", type=ints("--tokens", 1), default=[512, 2048, 10000],
+                    help="comma-separated prompt lengths in tokens (default 512,2048,10000)")
+    ap.add_argument("--transports", type=choices("--transports", TRANSPORTS), default=None,
+                    help="comma-separated: ipc, nccl, tcp, shm, auto (default: what this machine has)")
+    ap.add_argument("--paths", type=choices("--paths", PATHS), default=None,
+                    help=f"comma-separated: {', '.join(PATHS)} (default: all)")
+    ap.add_argument("--reps", type=positive, default=6, help="timed requests per row, after 2 warm-ups (default 6)")
+    ap.add_argument("--gaps", type=ints("--gaps", 1), default=[200],
+                    help="layer-wise gaps between layers, in microseconds (default 200)")
+    ap.add_argument("--devices", type=device_pair, default=None,
+                    help="PRODUCER,CONSUMER devices (default: cuda:0,cuda:1 with two GPUs, cuda:0,cuda:0 with one, "
+                         "else cpu,cpu)")
+    ap.add_argument("--out", default="", help="also write the rows as JSON to this file")
+    a = ap.parse_args(argv)
+    if a.out:
+        d = os.path.dirname(os.path.abspath(a.out))
+        if os.path.isdir(a.out) or not os.path.isdir(d) or not os.access(d, os.W_OK):
+            ap.error(f"--out {a.out!r}: not a writable file path")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m p2pkv.bench.request [--tokens 512,2048] [--transports ipc] [--out FILE]``."""
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m p2pkv.bench.request", description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="512,2048,10000", help="comma-separated prompt lengths")
-    ap.add_argument("--transports", default="nccl,ipc,auto", help="comma-separated: tcp, ipc, nccl, auto")
-    ap.add_argument("--paths", default="", help="comma-separated send paths (default: all)")
-    ap.add_argument("--reps", type=int, default=6)
-    ap.add_argument("--gaps", default="200,2000", help="layer-wise gaps in microseconds")
-    ap.add_argument("--devices", default="", help="producer,consumer devices (default: cuda:0,cuda:1)")
-    ap.add_argument("--out", default="", help="write the rows as JSON here")
-    a = ap.parse_args(argv)
+    a = _parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    devs = tuple(a.devices.split(",")) if a.devices else None
-    rows = bench_request([int(t) for t in a.tokens.split(",")], a.transports.split(","), a.reps,
-                         tuple(int(g) for g in a.gaps.split(",") if g), paths=a.paths.split(",") if a.paths else None,
-                         devices=devs, bar=lambda note: print("..", note, flush=True))
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devs = a.devices or (("cuda:0", "cuda:1") if ngpu >= 2 else ("cuda:0", "cuda:0") if ngpu else ("cpu", "cpu"))
+    transports = a.transports or (["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu else ["tcp", "shm"])
+    if devs[0] == "cpu" and not any(x in ("tcp", "shm") for x in transports):
+        print(f"python -m p2pkv.bench.request: error: --transports {','.join(transports)} needs a GPU; "
+              "this run is on the CPU (use tcp or shm)", flush=True)
+        return 2
+    rows = bench_request(a.tokens, transports, a.reps, tuple(a.gaps), paths=a.paths, devices=devs,
+                         bar=lambda note: print("..", note, flush=True))
     for r in rows:
         steps = r.pop("steps", None)
         print(json.dumps(r))
         if steps:
             for k, v in steps.items():
-                print(f"    {k:<28} p50 {v['p50_us']:>9} us  p90 {v['p90_us']:>9} us  (n={v['n']})")
-        r["steps"] = steps
+                print(f"    {k:<34} p50 {v['p50_us']:>9} us  p90 {v['p90_us']:>9} us  (n={v['n']})")
+            r["steps"] = steps
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

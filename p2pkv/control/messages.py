@@ -41,6 +41,14 @@ opost  seq, idx, ev                              one tensor of an IPC offer is w
 ogrant seq, offs?                                room reserved for the offer (offs: where, for IPC)
 oerr   seq, code, msg, drain?                    the offer failed (drain: its receives were posted anyway)
 odone  seq                                       every tensor of the offer landed
+fq     -                                         a same-host producer asks for the fast path (at its first request)
+fo     chan?, lease?, bell?, no?                 the fast path offered: channel locator, lease [offset, size],
+                                                 doorbell; or ``no``: why not
+fast   ok, msg, bell?                            the producer took (or refused) the fast path offered
+mq     -                                         a same-host reader asks for our registered memory regions
+mr     r?, no?                                   the regions: name -> {h: IPC handle, o, z, dt, sh, st}; or why not
+rdone  tid                                       the reader is done reading transfer ``tid`` (completes expose())
+ferr   seq, code, msg                            a fast-path request (header seq) was refused
 ====== ========================================= ==================================
 """
 
@@ -80,6 +88,13 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "nok": {"dir": (_STR, True)},
     "hok": {"eid": (_STR, True), "align": (_INT, True), "window": (_INT, True), "maxmsg": (_INT, True),
             "pool": (_INT, True), "caps": (_MAP, True)},
+    "fq": {},
+    "mq": {},
+    "mr": {"r": (_MAP, False), "no": (_STR, False)},
+    "rdone": {"tid": (_STR, True)},
+    "fo": {"chan": (_MAP, False), "lease": (_LIST, False), "bell": (_STR, False), "no": (_STR, False)},
+    "fast": {"ok": ((bool,), True), "msg": (_STR, True), "bell": (_STR, False)},
+    "ferr": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
     "ack": {"seq": (_INT, True)},
     "acks": {"seqs": (_LIST, True)},
     "nack": {"seq": (_INT, True), "code": (_STR, True), "msg": (_STR, True)},
@@ -101,9 +116,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "odone": {"seq": (_INT, True)},
 }
 REQUEST_TYPES = frozenset({"hello", "data", "creq", "cret", "pull", "pdone", "abort", "ping", "bye", "nccl",
-                           "offer", "oabort", "ofin", "odata", "opost"})
+                           "offer", "oabort", "ofin", "odata", "opost", "fast", "fq", "mq", "rdone"})
 REPLY_TYPES = frozenset({"hok", "ack", "acks", "nack", "grant", "crev", "pdata", "perr", "pong", "err", "abort", "nok",
-                         "ogrant", "oerr", "odone"})
+                         "ogrant", "oerr", "odone", "ferr", "fo", "mr"})
 TYPES = frozenset(_SCHEMA)
 _NONNEG_INTS = ("seq", "n", "need", "want", "pid", "align", "window", "maxmsg", "pool", "idx", "ev")
 

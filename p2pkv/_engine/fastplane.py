@@ -1,0 +1,544 @@
+"""The engine's same-host fast path as one object (see :mod:`p2pkv._engine.fastpath`).
+
+:class:`FastPlane` is what the engine calls at the points where the fast path begins and
+ends: the handshake (a consumer offers a lease and a channel, a producer accepts it), the
+caller's ``send_request``, the consumer's reads of its channels (by any waiting thread, and
+by the I/O thread when a producer rings the doorbell), timers, and the end of sessions and
+peers. It also keeps the index that lets :meth:`Engine.recv_request` find a request by
+transfer id, whichever path (fast, TCP or NCCL offer) announced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import (DuplicateKey, P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError,
+                      error_from_code)
+from ..keys import TransferKey
+from ..mailbox import Slot
+from ..request import ItemSpec, RequestHandle, Watcher
+from ..transport.shm import ShmChannel, open_memfd
+from .fastpath import MIN_LEASE, CudaMover, FastIncoming, FastRx, FastTx, HostMover, LeaseItem
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from .state import _Peer, _Session
+
+log = logging.getLogger("p2pkv")
+
+__all__ = ["FastPlane", "OfferRecord"]
+
+_MAX_RECORDS = 65536  # transfer ids remembered for recv_request (oldest dropped first)
+
+
+class OfferRecord:
+    """A request announced by an ordinary offer (TCP, NCCL): only its layout, for recv_request."""
+
+    __slots__ = ("transfer_id", "specs", "t_arrived")
+
+    def __init__(self, tid: str, specs: list[ItemSpec]):
+        self.transfer_id = tid
+        self.specs = specs
+        self.t_arrived = time.monotonic()
+
+
+class FastPlane:
+    """Leases, channels, the doorbell and the request index of one engine."""
+
+    def __init__(self, eng: Engine):
+        self._eng = eng
+        self.rx: dict[bytes, FastRx] = {}           # consumer: by session ident
+        self._rx_list: list[FastRx] = []            # a snapshot for lock-free iteration by pollers
+        self._quarantine: list[tuple[float, FastRx]] = []  # ended sessions whose lease may still be written
+        self._index: OrderedDict[str, list[Any]] = OrderedDict()  # tid -> records (FastIncoming/OfferRecord)
+        self._lock = threading.Lock()               # the index and the rx snapshot
+        self._poll_lock = threading.Lock()          # one reader of the channels at a time
+        self._bell: socket.socket | None = None     # consumer: woken by producers (abstract Unix socket)
+        self._bell_name = ""
+        self._bell_out: socket.socket | None = None  # producer: rings consumers' doorbells
+        self._done_watcher: Watcher | None = None    # producer: completes requests after their copies
+        self._spinning = 0                           # our threads polling the channels right now
+        self._wanted: set[str] = set()               # peers a request wanted the path to before their handshake
+
+    # ------------------------------------------------------------------ common
+    @property
+    def bell_fd(self) -> int | None:
+        return self._bell.fileno() if self._bell is not None else None
+
+    def can_offer(self, caps: Any) -> bool:
+        """Whether a session with ``caps`` can use the fast path into this engine."""
+        eng = self._eng
+        if not isinstance(caps, dict) or caps.get("host") != eng._host:
+            return False
+        theirs = caps.get("transports") if isinstance(caps.get("transports"), list) else []
+        if eng._cuda:
+            return (eng._ipc_handle is not None and caps.get("cuda") is True and "ipc" in theirs
+                    and eng._cfg.transport in ("auto", "ipc"))
+        return eng._shm_arena is not None and "shm" in theirs
+
+    # ------------------------------------------------------------------ consumer side
+    def offer(self, sess: _Session) -> dict[str, Any] | None:
+        """At a same-host peer's hello (I/O thread): a lease of our pool and a channel, or None."""
+        eng = self._eng
+        if not self.can_offer(sess.caps) or eng._closed:
+            return None
+        have = self.rx.get(sess.ident)
+        if have is not None:  # asked again: the same offer while it is not taken, never a second lease
+            return None if have.accepted else have.offer
+        size = min(eng._cfg.effective_credit_bytes, eng._pool.capacity // 2)
+        if size < MIN_LEASE and eng._pool.capacity >= 2 * MIN_LEASE:
+            size = MIN_LEASE
+        size -= size % 256
+        if size <= 0:
+            return None
+        lease = eng._pool.try_alloc(size)
+        if lease is None:
+            log.info("no pool room for a fast-path lease for %s: it uses the ordinary path", sess)
+            return None
+        try:
+            chan = ShmChannel.create()
+            self._ensure_bell()
+        except (OSError, P2pkvError) as exc:
+            lease.release()
+            log.warning("cannot make a shared-memory channel for %s: %s", sess, exc)
+            return None
+        rx = FastRx(sess.ident, sess.eid, chan, lease, eng._pool.arena, eng._cfg.max_message_bytes,
+                    4 * eng._cfg.timeout_s)
+        with self._lock:
+            old = self.rx.pop(sess.ident, None)
+            self.rx[sess.ident] = rx
+            self._rx_list = list(self.rx.values())
+        if old is not None:
+            self._end_rx(old, PeerLost("peer said hello again"))
+        eng._stats.add("fast_leases")
+        rx.offer = {"chan": chan.locator(), "lease": [lease.offset, lease.size], "bell": self._bell_name}
+        return rx.offer
+
+    def _ensure_bell(self) -> None:
+        if self._bell is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            name = f"\0p2pkv-bell-{os.getpid()}-{secrets.token_hex(12)}"
+            s.bind(name)
+            s.setblocking(False)
+            self._bell = s
+            self._bell_name = name[1:]
+            self._eng._poller.register(s.fileno(), 1)  # zmq.POLLIN
+
+    def drain_bell(self) -> None:
+        s = self._bell
+        if s is None:
+            return
+        try:
+            while True:
+                s.recv(64)
+        except (BlockingIOError, OSError):
+            pass
+        for peer in list(self._eng._peers.values()):  # a consumer may have rung: verdicts to read
+            if peer.fast is not None and peer.fast.reqs:
+                peer.fast.check_all()
+
+    def _ringer(self, addr: str) -> Any:
+        if self._bell_out is None:
+            self._bell_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._bell_out.setblocking(False)
+        out = self._bell_out
+
+        def ring() -> None:
+            try:
+                out.sendto(b"r", addr)
+            except OSError:
+                pass  # full or gone: the other side's own polling still finds the work
+
+        return ring
+
+    def on_fast_msg(self, sess: _Session, msg: dict[str, Any]) -> None:
+        """The producer's answer to our offer (I/O thread)."""
+        rx = self.rx.get(sess.ident)
+        if rx is None:
+            return
+        if msg.get("ok") is True:
+            bell = msg.get("bell")
+            if isinstance(bell, str) and bell.startswith("p2pkv-bell-") and len(bell) <= 100:
+                rx.ring_producer = self._ringer("\0" + bell)
+            rx.accepted = True
+            return
+        log.info("%s did not take the fast path: %s", sess, str(msg.get("msg", ""))[:200])
+        with self._lock:
+            self.rx.pop(sess.ident, None)
+            self._rx_list = list(self.rx.values())
+        self._end_rx(rx, PeerLost("the producer refused the fast path"), quarantine=False)
+
+    def poll(self) -> None:
+        """Read every channel and deliver what it announced (any thread; cheap when idle)."""
+        rxs = self._rx_list
+        if not rxs:
+            return
+        if not self._poll_lock.acquire(blocking=False):
+            return  # another thread is reading: it delivers for us too
+        try:
+            for rx in rxs:
+                if not rx.accepted or rx.closed or not rx.chan.pending_records():
+                    continue
+                incs, bad = rx.drain()
+                for inc in incs:
+                    self._deliver(rx, inc)
+                for seq, err in bad:
+                    self._refuse(rx, seq, err)
+                if incs:
+                    rx.ring_producer()  # its verdicts are in
+        finally:
+            self._poll_lock.release()
+
+    def spin(self, delta: int) -> None:
+        """A thread of ours starts (+1) or stops (-1) polling the channels: producers need not ring us."""
+        with self._lock:
+            self._spinning += delta
+            n = self._spinning
+            rxs = self._rx_list
+        for rx in rxs:
+            if not rx.closed:
+                rx.chan.set_waiters(n)
+
+    def _deliver(self, rx: FastRx, inc: FastIncoming) -> None:
+        """One record into the index, O(1) in the number of tensors (refused whole if it cannot be taken)."""
+        eng = self._eng
+        tid = inc.transfer_id
+        err = eng._inbox.tid_error(tid)
+        if err is not None and not isinstance(err, TransferAborted):
+            err = None  # a lost sender of earlier data does not refuse new data
+        if err is None:
+            with self._lock:
+                for rec in self._index.get(tid, ()):
+                    names = rec.layout.nameset if isinstance(rec, FastIncoming) else {s.name for s in rec.specs}
+                    if isinstance(rec, FastIncoming) and not rec.listed:
+                        continue
+                    if names & inc.layout.nameset:
+                        err = DuplicateKey("data for this key is already waiting or on its way",
+                                           key=f"{tid}/{min(names & inc.layout.nameset)}")
+                        break
+                if err is None:
+                    held = eng._inbox.names_of(tid)
+                    if held and held & inc.layout.nameset:
+                        err = DuplicateKey("data for this key is already waiting unclaimed",
+                                           key=f"{tid}/{min(held & inc.layout.nameset)}")
+                if err is None:
+                    lst = self._index.get(tid)
+                    if lst is None:
+                        lst = self._index[tid] = []
+                    lst.append(inc)
+                    self._index.move_to_end(tid)
+                    while len(self._index) > _MAX_RECORDS:
+                        _, old = self._index.popitem(last=False)
+                        for r in old:
+                            if isinstance(r, FastIncoming):
+                                r.unlist()
+        if err is not None:
+            inc.unlist()
+            rx.verdict(inc, err)
+            self._refuse(rx, inc.seq, err)
+            return
+        eng._inbox.expect(tid, rx.ident)
+        rx.verdict(inc, None)
+        eng._stats.add("requests_received_fast")
+
+    def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
+        eng = self._eng
+        eng._stats.add("fast_refused")
+        if isinstance(err, ProtocolError):
+            log.warning("fast-path header from %s refused: %s", rx.eid, err.message)
+        eng._submit(("fast_ferr", rx.ident, seq, err), force=True)
+
+    def note_offer(self, tid: str, specs: list[ItemSpec]) -> None:
+        """An ordinary offer was accepted (I/O thread): remember its layout for recv_request."""
+        with self._lock:
+            lst = self._index.get(tid)
+            if lst is None:
+                lst = self._index[tid] = []
+            lst.append(OfferRecord(tid, specs))
+            while len(self._index) > _MAX_RECORDS:
+                _, old = self._index.popitem(last=False)
+                for r in old:
+                    if isinstance(r, FastIncoming):
+                        r.unlist()
+
+    def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
+        """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
+        with self._lock:
+            lst = self._index.get(tid)
+            if not lst:
+                return None
+            for i, rec in enumerate(lst):
+                if isinstance(rec, FastIncoming):
+                    taken = rec.take(names)
+                    if taken is None:
+                        continue
+                    if not rec.listed:
+                        del lst[i]
+                else:
+                    if names is not None and not set(names) <= {s.name for s in rec.specs}:
+                        continue
+                    del lst[i]
+                    taken = None
+                if not lst:
+                    del self._index[tid]
+                return rec, taken
+        return None
+
+    def claim_key(self, key: TransferKey) -> Slot | None:
+        """Take one tensor of a same-host request by key (``recv``/``claim``), if it was announced."""
+        with self._lock:
+            lst = self._index.get(key.transfer_id)
+            if not lst:
+                return None
+            for j, rec in enumerate(lst):
+                if not isinstance(rec, FastIncoming) or key.name not in rec.avail:
+                    continue
+                if rec.take([key.name]) is None:
+                    continue
+                if not rec.listed:
+                    del lst[j]
+                    if not lst:
+                        del self._index[key.transfer_id]
+                break
+            else:
+                return None
+        i = rec.layout.index[key.name]
+        spec = rec.layout.specs[i]
+
+        def ready() -> bool:
+            if rec.landed(i):
+                return True
+            rec.check()
+            return False
+
+        return Slot(key, LeaseItem(rec, i), spec.dtype, spec.shape, rec.rx.ident, ready)
+
+    def forget(self, tid: str) -> None:
+        """``tid`` was aborted: its announced requests go (their room once nothing of them is held)."""
+        with self._lock:
+            recs = self._index.pop(tid, [])
+        for rec in recs:
+            if isinstance(rec, FastIncoming):
+                rec.error = rec.error or TransferAborted("transfer aborted", key=tid)
+                rec.unlist()
+
+    def session_lost(self, sess: _Session, reason: str) -> None:
+        """A session ended (I/O thread): its requests fail; its lease waits until nothing can write it."""
+        with self._lock:
+            rx = self.rx.pop(sess.ident, None)
+            self._rx_list = list(self.rx.values())
+        if rx is not None:
+            self._end_rx(rx, PeerLost(f"sending peer {sess.eid} lost: {reason}"),
+                         quarantine=reason != "peer closed its engine")
+
+    def _end_rx(self, rx: FastRx, err: P2pkvError, quarantine: bool = True) -> None:
+        rx.lost = err
+        rx.close()
+        # a producer that is only silent may still be copying into the lease: keep it out of the pool
+        # for a while; one that said goodbye (or refused) synchronized its copies first
+        until = time.monotonic() + (self._eng._cfg.timeout_s if quarantine else 0.0)
+        self._quarantine.append((until, rx))
+
+    def tick(self, now: float) -> None:
+        """Timers (I/O thread): deadlines of stream waits, old index entries, quarantined leases."""
+        for rx in self._rx_list:
+            if rx.waits:
+                rx.release_waits(now)
+        if self._quarantine:
+            keep = []
+            for until, rx in self._quarantine:
+                if until <= now and rx.held <= 0:
+                    rx.lease.release()
+                    rx.dispose()
+                else:
+                    keep.append((until, rx))
+            self._quarantine = keep
+        ttl = self._eng._cfg.ttl_s
+        gone: list[Any] = []
+        with self._lock:
+            while self._index:
+                tid, lst = next(iter(self._index.items()))
+                if lst and lst[-1].t_arrived > now - ttl:
+                    break
+                del self._index[tid]
+                gone.extend(lst)
+        for rec in gone:  # announced, never (wholly) taken: evicted like unclaimed data
+            if isinstance(rec, FastIncoming) and rec.listed:
+                names = list(rec.avail)
+                rec.unlist()
+                self._eng._inbox.note_evicted(rec.transfer_id, names)
+                self._eng._stats.add("evicted", len(names))
+
+    # ------------------------------------------------------------------ producer side
+    def accept(self, peer: _Peer, info: Any) -> None:
+        """The consumer's answer to our ``fq``: a lease and a channel, or why not (I/O thread)."""
+        eng = self._eng
+        if isinstance(info, dict) and "no" in info:
+            log.info("fast path to %s not offered: %s", peer.addr, str(info["no"])[:200])
+            return
+        try:
+            if not isinstance(info, dict) or not isinstance(info.get("lease"), list) or len(info["lease"]) != 2:
+                raise ProtocolError("malformed fast-path offer")
+            off, size = info["lease"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, size)) or \
+                    size < 256 or off + size > int(peer.pool):
+                raise ProtocolError("fast-path lease outside the peer's pool")
+            bell = info.get("bell")
+            if not isinstance(bell, str) or not bell.startswith("p2pkv-bell-") or len(bell) > 100:
+                raise ProtocolError("malformed fast-path doorbell")
+            if not self.can_offer(peer.caps) or (eng._cuda and peer.xport != "ipc"):
+                raise TransportError("this engine does not use the fast path to that peer")
+            chan = ShmChannel.open(info["chan"])
+        except P2pkvError as exc:
+            self._answer(peer, False, str(exc.message))
+            return
+        try:
+            mover: Any
+            if eng._cuda:
+                arena = eng._peer_out_arena(peer)
+                mover = CudaMover(eng._device, arena.tensor.data_ptr(), chan)
+            else:
+                mover = HostMover(self._peer_host_arena(peer), chan)
+        except (P2pkvError, OSError, RuntimeError) as exc:
+            chan.close()
+            self._answer(peer, False, f"{type(exc).__name__}: {exc}"[:300])
+            return
+        try:
+            self._ensure_bell()
+        except OSError as exc:
+            chan.close()
+            mover.close()
+            self._answer(peer, False, f"no doorbell: {exc}")
+            return
+        tx = FastTx(peer.addr, chan, off, size, mover, self._ringer("\0" + bell), self._on_done)
+        old = peer.fast
+        peer.fast = tx
+        if old is not None:
+            old.close(PeerLost("the peer restarted its session", peer=peer.addr))
+        self._answer(peer, True, "")
+
+    def _peer_host_arena(self, peer: _Peer) -> torch.Tensor:
+        import mmap
+
+        loc = peer.caps.get("shm")
+        size = loc.get("size") if isinstance(loc, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size != int(peer.pool):
+            raise ProtocolError("the peer offered no shared-memory arena of its pool's size")
+        fd = open_memfd(loc, size, prefix="p2pkv-arena")
+        try:
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        peer.shm_map = mm  # kept alive with the peer
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+    def _answer(self, peer: _Peer, ok: bool, why: str) -> None:
+        from ..control.messages import encode
+
+        if not ok:
+            log.info("fast path to %s not used: %s", peer.addr, why)
+        try:
+            peer.sock.send(encode("fast", ok=ok, msg=why[:300], **({"bell": self._bell_name} if ok else {})))
+            peer.last_tx = time.monotonic()
+        except Exception:  # the peer is going away: its loss is handled elsewhere
+            pass
+
+    def _on_done(self, event: Any, callback: Any) -> None:
+        w = self._done_watcher
+        if w is None:
+            w = self._done_watcher = Watcher(self._eng._device, name=f"p2pkv-fast-{self._eng.port}")
+        w.add(event, callback)
+
+    def start(self, peer_addr: str, req: RequestHandle) -> bool:
+        """Try to send ``req`` by the fast path (the caller's thread). The first request to a same-host
+        peer asks for the path (lease and channel) and goes the ordinary way itself."""
+        peer = self._eng._peers.get(peer_addr)
+        tx = peer.fast if peer is not None and peer.ready else None
+        if tx is None:
+            if peer is None or not peer.ready:
+                self._wanted.add(peer_addr)  # asked for once the handshake is done (on_ready)
+            elif not peer.fast_asked:
+                self._eng._submit(("fast_ask", peer_addr))
+            return False
+        if tx.closed:
+            return False
+        if isinstance(self._eng._inbox.error_for(req.key(0)), TransferAborted):
+            return False  # the ordinary path fails it with the abort's error
+        return tx.start(req)
+
+    def on_ready(self, peer: _Peer) -> None:
+        """The handshake with ``peer`` is done (I/O thread): ask for the fast path if a request wanted it."""
+        if peer.addr in self._wanted:
+            self._wanted.discard(peer.addr)
+            self.ask(peer)
+
+    def ask(self, peer: _Peer) -> None:
+        """Ask ``peer`` for a lease and a channel (I/O thread), once, if it can be used at all."""
+        if peer.fast_asked or peer.fast is not None or not peer.ready:
+            return
+        if not self.can_offer(peer.caps) or (self._eng._cuda and peer.xport != "ipc"):
+            return
+        from ..control.messages import encode
+
+        peer.fast_asked = True
+        peer.sock.send(encode("fq"))
+        peer.last_tx = time.monotonic()
+
+    def on_ferr(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        tx = peer.fast
+        if tx is not None:
+            tx.fail(msg["seq"], error_from_code(msg["code"], msg["msg"], peer=peer.addr))
+
+    def abort_tid(self, tid: str, reason: str) -> None:
+        for peer in list(self._eng._peers.values()):
+            if peer.fast is not None:
+                peer.fast.abort_tid(tid, reason)
+
+    def stats(self) -> dict[str, int]:
+        rxs = self._rx_list
+        return {"leases": len(rxs), "lease_bytes": sum(rx.lease_size for rx in rxs),
+                "held": sum(rx.held for rx in rxs),
+                "quarantined_bytes": sum(rx.lease_size for _, rx in self._quarantine)}
+
+    def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:
+        tx = peer.fast
+        if tx is not None:
+            peer.fast = None
+            tx.close(err)
+
+    def tick_tx(self, now: float) -> None:
+        for peer in list(self._eng._peers.values()):
+            if peer.fast is not None and peer.fast.reqs:
+                peer.fast.check_all()  # also if a doorbell ring was lost
+                peer.fast.tick(now)
+
+    def close(self) -> None:
+        """Engine close (after the I/O thread stopped)."""
+        for peer in list(self._eng._peers.values()):
+            self.peer_lost(peer, PeerLost("engine closed"))
+        for rx in list(self.rx.values()):
+            rx.lost = PeerLost("engine closed")
+            rx.close()
+            rx.lease.release()  # the pool itself goes now
+            rx.dispose()
+        for _, rx in self._quarantine:
+            rx.lease.release()
+            rx.dispose()
+        self.rx.clear()
+        self._rx_list = []
+        self._quarantine = []
+        if self._done_watcher is not None:
+            self._done_watcher.close()
+        for s in (self._bell, self._bell_out):
+            if s is not None:
+                s.close()
+        self._bell = self._bell_out = None

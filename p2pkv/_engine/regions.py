@@ -1,0 +1,297 @@
+"""One-sided reads between engines of one host: registered memory, remote views, read notifications.
+
+A producer registers tensors once (:meth:`Engine.register_memory`, e.g. vLLM's KV caches); a
+same-host consumer maps them once (:meth:`Engine.remote_memory`, CUDA IPC of their
+allocations) and copies what it needs straight out of them with its own kernels, then tells
+the producer it is done (:meth:`Engine.read_done`), which completes the producer's
+:meth:`Engine.expose` handle for that transfer id. This is what NIXL's READ does for vLLM's
+NixlConnector: one copy, from the producer's blocks into the consumer's, nothing staged.
+
+Regions are only served to sessions of this host, only when CUDA IPC is used between the two
+engines. A consumer maps whole allocations of the producer (CUDA IPC shares allocations), so
+it could read more than the registered tensors: register only memory a same-host peer may see.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import _tensors as T
+from ..errors import (InvalidKey, InvalidTensor, P2pkvError, PeerLost, ProtocolError, TransferAborted,
+                      TransferTimeout, TransportError)
+from ..keys import TransferKey
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from .state import _Peer, _Session
+
+log = logging.getLogger("p2pkv")
+
+__all__ = ["Regions", "ExposeHandle", "MAX_REGIONS"]
+
+MAX_REGIONS = 4096
+_MAX_EXPOSED = 65536
+
+
+class ExposeHandle:
+    """The producer's handle of one transfer readable by peers (:meth:`Engine.expose`).
+
+    ``wait()`` returns once a peer reported it read it; ``done()``, ``error``.
+    """
+
+    __slots__ = ("transfer_id", "deadline", "_event", "_error", "t_start", "readers")
+
+    def __init__(self, transfer_id: str, timeout: float):
+        self.transfer_id = transfer_id
+        self.t_start = time.monotonic()
+        self.deadline = self.t_start + timeout
+        self._event = threading.Event()
+        self._error: P2pkvError | None = None
+        self.readers: list[str] = []
+
+    @property
+    def error(self) -> P2pkvError | None:
+        return self._error
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a peer read the transfer (or it failed: its error is raised).
+
+        Raises
+        ------
+        TransferTimeout, TransferAborted, EngineClosed
+        """
+        if not self._event.wait(timeout):
+            raise TransferTimeout(f"no peer reported reading {self.transfer_id} within {timeout:.3g}s",
+                                  key=self.transfer_id)
+        if self._error is not None:
+            raise self._error
+
+    def _finish(self, err: P2pkvError | None = None) -> bool:
+        if self._event.is_set():
+            return False
+        self._error = err
+        self._event.set()
+        return True
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else "failed" if self._error else "done"
+        return f"<ExposeHandle {self.transfer_id} {state}>"
+
+
+class _Region:
+    __slots__ = ("tensor", "handle", "alloc_off", "alloc_size")
+
+    def __init__(self, tensor: torch.Tensor, handle: bytes, alloc_off: int, alloc_size: int):
+        self.tensor = tensor
+        self.handle = handle
+        self.alloc_off = alloc_off
+        self.alloc_size = alloc_size
+
+
+class Regions:
+    """Registered memory (producer), remote views (consumer) and read notifications of one engine."""
+
+    def __init__(self, eng: Engine):
+        self._eng = eng
+        self._lock = threading.Lock()
+        self._mine: dict[str, _Region] = {}
+        self._exposed: dict[str, ExposeHandle] = {}
+        self._waiters: dict[str, list[Any]] = {}      # peer addr -> callers waiting for its regions
+        self._remote: dict[str, dict[str, torch.Tensor]] = {}  # peer addr -> name -> view
+        self._maps: dict[str, dict[bytes, Any]] = {}   # peer addr -> allocation handle -> mapping
+
+    # ------------------------------------------------------------------ producer
+    def register(self, name: str, tensor: torch.Tensor) -> None:
+        eng = self._eng
+        TransferKey("x", name)  # validates the name
+        t = T.check_tensor(tensor, f"register_memory({name!r})") if tensor.is_contiguous() else tensor
+        if not isinstance(t, torch.Tensor) or t.device != eng._device or not eng._cuda:
+            raise InvalidTensor(f"register_memory({name!r}): a tensor on this engine's CUDA device ({eng._device}) "
+                                f"is needed, got {getattr(t, 'device', type(t).__name__)}")
+        T.dtype_name(t.dtype)
+        from ..transport import cudadrv
+
+        try:
+            import cupy
+
+            cudadrv.use_device(eng._device)
+            base, size = cudadrv.address_range(t.data_ptr())
+            handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+        except Exception as exc:  # expandable segments, no CuPy, a driver that refuses
+            raise TransportError(f"register_memory({name!r}): its allocation cannot be shared through CUDA IPC "
+                                 f"({type(exc).__name__}: {exc}); allocate it without expandable segments") from None
+        with self._lock:
+            if name not in self._mine and len(self._mine) >= MAX_REGIONS:
+                raise InvalidKey(f"at most {MAX_REGIONS} registered regions per engine")
+            self._mine[name] = _Region(t, handle, t.data_ptr() - base, size)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._mine.pop(name, None)
+
+    def describe(self) -> dict[str, Any]:
+        """What a same-host reader needs to map every region (sent on its session only)."""
+        with self._lock:
+            out = {}
+            for name, r in self._mine.items():
+                t = r.tensor
+                out[name] = {"h": r.handle, "o": r.alloc_off, "z": r.alloc_size, "dt": T.dtype_name(t.dtype),
+                             "sh": list(t.shape), "st": list(t.stride())}
+            return out
+
+    def expose(self, tid: str, timeout: float) -> ExposeHandle:
+        h = ExposeHandle(tid, timeout)
+        with self._lock:
+            old = self._exposed.get(tid)
+            if old is not None and not old.done():
+                from ..errors import DuplicateKey
+
+                raise DuplicateKey("this transfer is exposed already and not yet read", key=tid)
+            if len(self._exposed) >= _MAX_EXPOSED:
+                self._expire_locked(time.monotonic(), force=True)
+            self._exposed[tid] = h
+        return h
+
+    def on_read_done(self, sess: _Session, tid: str) -> None:
+        """A peer says it read ``tid`` (I/O thread)."""
+        with self._lock:
+            h = self._exposed.pop(tid, None)
+        if h is not None:
+            h.readers.append(sess.eid)
+            if h._finish():
+                self._eng._stats.add("reads_done")
+
+    def abort(self, tid: str, reason: str) -> None:
+        with self._lock:
+            h = self._exposed.pop(tid, None)
+        if h is not None:
+            h._finish(TransferAborted(reason, key=tid))
+
+    def _expire_locked(self, now: float, force: bool = False) -> list[ExposeHandle]:
+        late = [h for h in self._exposed.values() if h.deadline < now or (force and h.done())]
+        for h in late:
+            self._exposed.pop(h.transfer_id, None)
+        return late
+
+    def tick(self, now: float) -> None:
+        with self._lock:
+            late = self._expire_locked(now)
+        for h in late:
+            h._finish(TransferTimeout("no peer reported reading the transfer before its deadline",
+                                      key=h.transfer_id))
+
+    # ------------------------------------------------------------------ consumer
+    def on_regions(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        """The producer's answer to ``mq`` (I/O thread): map what it registered."""
+        regs = msg.get("r")
+        err: P2pkvError | None = None
+        views: dict[str, torch.Tensor] = {}
+        try:
+            if isinstance(msg.get("no"), str):
+                raise TransportError(f"the peer serves no memory regions: {msg['no'][:200]}", peer=peer.addr)
+            if not isinstance(regs, dict) or len(regs) > MAX_REGIONS:
+                raise ProtocolError("malformed memory regions", peer=peer.addr)
+            views = self._map(peer, regs)
+        except P2pkvError as exc:
+            err = exc
+        except Exception as exc:  # a driver error mapping the peer's memory
+            err = TransportError(f"cannot map the peer's memory: {type(exc).__name__}: {exc}", peer=peer.addr)
+        with self._lock:
+            if err is None:
+                self._remote[peer.addr] = views
+            waiters = self._waiters.pop(peer.addr, [])
+        for w in waiters:
+            w.error = err
+            w.event.set()
+
+    def _map(self, peer: _Peer, regs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        eng = self._eng
+        local = self._local_regions(peer)
+        if local is not None:
+            return {n: r.tensor for n, r in local.items() if n in regs}
+        from ..transport.cuda import IpcMapping
+
+        maps = self._maps.setdefault(peer.addr, {})
+        views = {}
+        for name, d in regs.items():
+            if not isinstance(name, str) or not isinstance(d, dict):
+                raise ProtocolError("malformed memory region", peer=peer.addr)
+            h, off, size, dt = d.get("h"), d.get("o"), d.get("z"), d.get("dt")
+            sh, st = d.get("sh"), d.get("st")
+            if not isinstance(h, bytes) or len(h) != 64 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   and v >= 0 for v in (off, size)):
+                raise ProtocolError(f"memory region {name!r:.60} is malformed", peer=peer.addr)
+            dtype = T.dtype_from_name(dt)
+            shape = T.check_shape(sh)
+            stride = T.check_shape(st)
+            if len(stride) != len(shape):
+                raise ProtocolError(f"memory region {name!r:.60}: strides do not match its shape", peer=peer.addr)
+            esize = torch.empty((), dtype=dtype).element_size()
+            span = (sum((s - 1) * k for s, k in zip(shape, stride, strict=True)) + 1) * esize if all(shape) else 0
+            if off % esize or off + span > size:
+                raise ProtocolError(f"memory region {name!r:.60} lies outside its allocation", peer=peer.addr)
+            m = maps.get(h)
+            if m is None:
+                m = maps[h] = IpcMapping(h, size, eng._device)
+            raw = m.view(0, size)
+            views[name] = torch.as_strided(raw.view(dtype), shape, stride, off // esize)
+        return views
+
+    def _local_regions(self, peer: _Peer) -> dict[str, _Region] | None:
+        """An engine of this very process: its registered tensors, read directly (CUDA IPC cannot open a
+        handle of its own process)."""
+        from .state import _LOCAL_ENGINES
+
+        other = _LOCAL_ENGINES.get(peer.eid) if peer.eid else None
+        if other is None or not self._eng._is_local_peer(peer):
+            return None
+        with other._regions._lock:
+            return dict(other._regions._mine)
+
+    def views(self, peer: str) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            return self._remote.get(peer)
+
+    def add_waiter(self, peer: str, w: Any) -> bool:
+        """Queue a caller for ``peer``'s regions; True if a request must be sent."""
+        with self._lock:
+            lst = self._waiters.setdefault(peer, [])
+            lst.append(w)
+            return len(lst) == 1
+
+    def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:
+        with self._lock:
+            self._remote.pop(peer.addr, None)
+            maps = self._maps.pop(peer.addr, {})
+            waiters = self._waiters.pop(peer.addr, [])
+        for m in maps.values():
+            m.close()
+        for w in waiters:
+            w.error = err
+            w.event.set()
+
+    def close(self) -> None:
+        with self._lock:
+            exposed, self._exposed = list(self._exposed.values()), {}
+            peers = list(self._maps)
+        for h in exposed:
+            from ..errors import EngineClosed
+
+            h._finish(EngineClosed("engine closed", key=h.transfer_id))
+        for p in peers:
+            for m in self._maps.pop(p, {}).values():
+                m.close()
+        self._remote.clear()
+        self._mine.clear()
+
+
+def peer_lost_error(addr: str) -> P2pkvError:
+    return PeerLost("connection to the peer closed", peer=addr)

@@ -1,0 +1,200 @@
+"""Batched copies and GPU-side flags (``csrc/batch_copy.cu``), for the request data plane.
+
+:class:`BatchCopier` moves many ``(src_ptr, dst_ptr, nbytes)`` segments in ONE
+kernel launch (a request's 32 layers cost one launch, not 32 copies), writes
+64-bit flags after the work queued before them (:meth:`BatchCopier.signal`),
+and makes a stream wait for a flag with a deadline on the GPU's own clock
+(:meth:`BatchCopier.wait`), so a GPU-side wait can never hang a stream.
+
+Compiled at run time through CuPy's NVRTC on first use; importing this module
+touches no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from ..errors import TransportError
+
+__all__ = ["BatchCopier", "copier_for", "UNIT_BYTES"]
+
+UNIT_BYTES = 8192           # must match csrc/batch_copy.cu
+_SEG_WORDS = 4              # src, dst, nbytes, unit0 (int64 each)
+_RING = 32                  # segment tables in flight per copier
+_SLOT_SEGS = 4096           # segments per ring slot (128 KiB)
+_THREADS = 256
+
+_copiers: dict[int, BatchCopier] = {}
+_copiers_lock = threading.Lock()
+
+
+def _source() -> str:
+    try:
+        from importlib.resources import files
+
+        return (files("p2pkv.csrc") / "batch_copy.cu").read_text()
+    except Exception:
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "..", "..", "csrc", "batch_copy.cu")) as f:
+            return f.read()
+
+
+def copier_for(device: torch.device) -> BatchCopier:
+    """The process-wide copier of ``device`` (built on first use)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    c = _copiers.get(idx)
+    if c is None:
+        with _copiers_lock:
+            c = _copiers.get(idx)
+            if c is None:
+                c = BatchCopier(torch.device("cuda", idx))
+                _copiers[idx] = c
+    return c
+
+
+class BatchCopier:
+    """Launches ``p2pkv_batch_copy``, ``p2pkv_signal`` and ``p2pkv_wait`` on one device (thread-safe)."""
+
+    def __init__(self, device: torch.device):
+        import cupy
+
+        self.device = device
+        self._lock = threading.Lock()
+        with cupy.cuda.Device(device.index):
+            mod = cupy.RawModule(code=_source(), options=("--std=c++17",))
+            self._copy = mod.get_function("p2pkv_batch_copy")
+            self._signal = mod.get_function("p2pkv_signal")
+            self._set_flags = mod.get_function("p2pkv_set_flags")
+            self._wait = mod.get_function("p2pkv_wait")
+            self._now = mod.get_function("p2pkv_globaltimer_now")
+        self._sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # segment tables: pinned host slots copied to device slots; a slot is reused once the
+        # kernel that read it has run (its event)
+        self._host = torch.empty(_RING * _SLOT_SEGS * _SEG_WORDS, dtype=torch.int64, pin_memory=True)
+        self._hostnp = self._host.numpy()
+        self._dev = torch.empty(_RING * _SLOT_SEGS * _SEG_WORDS, dtype=torch.int64, device=device)
+        self._events: list[Any] = [None] * _RING
+        self._next = 0
+        self._streams: dict[int, Any] = {}
+        self._clock_offset_ns: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _cupy_stream(self, stream: torch.cuda.Stream) -> Any:
+        ptr = stream.cuda_stream
+        s = self._streams.get(ptr)
+        if s is None:
+            import cupy
+
+            s = cupy.cuda.ExternalStream(ptr, self.device.index)
+            if len(self._streams) > 256:
+                self._streams.clear()
+            self._streams[ptr] = s
+        return s
+
+    def _slot(self) -> int:
+        i = self._next
+        self._next = (i + 1) % _RING
+        ev = self._events[i]
+        if ev is not None:
+            ev.synchronize()  # a kernel queued _RING launches ago still reads this slot: wait for it
+        return i
+
+    # ------------------------------------------------------------------ copies
+    def copy(self, segs: list[tuple[int, int, int]], stream: torch.cuda.Stream,
+             flags: list[tuple[int, int]] | None = None) -> None:
+        """Copy every ``(src_ptr, dst_ptr, nbytes)`` segment in one launch queued on ``stream``; then
+        (a second, tiny launch) write each ``(address, value)`` of ``flags`` once every copy is done."""
+        import cupy
+        import numpy as np
+
+        n = len(segs)
+        nf = len(flags) if flags else 0
+        if n == 0 and nf == 0:
+            return
+        words = n * _SEG_WORDS + 2 * nf
+        table = np.empty(words, dtype=np.int64)
+        total = 0
+        if n:
+            arr = table[: n * _SEG_WORDS].reshape(n, _SEG_WORDS)
+            arr[:, :3] = segs
+            if (arr[:, 2] < 0).any():
+                raise TransportError("a copy segment has a negative size")
+            units = (arr[:, 2] + (UNIT_BYTES - 1)) // UNIT_BYTES
+            arr[0, 3] = 0
+            if n > 1:
+                np.cumsum(units[:-1], out=arr[1:, 3])
+            total = int(units.sum())
+        if nf:
+            table[n * _SEG_WORDS:] = np.array(flags, dtype=np.uint64).view(np.int64).reshape(-1)
+        cs = self._cupy_stream(stream)
+        with self._lock:
+            keep = None
+            if words <= _SLOT_SEGS * _SEG_WORDS:
+                i = self._slot()
+                base = i * _SLOT_SEGS * _SEG_WORDS
+                self._hostnp[base:base + words] = table
+                dev_ptr = self._dev.data_ptr() + base * 8
+                cupy.cuda.runtime.memcpyAsync(dev_ptr, self._host.data_ptr() + base * 8, words * 8,
+                                              cupy.cuda.runtime.memcpyHostToDevice, stream.cuda_stream)
+            else:  # a very long table: a one-off upload kept until the kernels have run
+                i = -1
+                keep = torch.from_numpy(table).to(self.device, non_blocking=False)
+                dev_ptr = keep.data_ptr()
+            if total:
+                warps = _THREADS // 32
+                grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
+                self._copy((grid,), (_THREADS,), (np.uint64(dev_ptr), np.int32(n), np.int64(total)), stream=cs)
+            if nf:
+                self._set_flags(((nf + 255) // 256,), (256,),
+                                (np.uint64(dev_ptr + n * _SEG_WORDS * 8), np.int32(nf)), stream=cs)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            if i >= 0:
+                self._events[i] = ev
+            elif keep is not None:
+                ev.synchronize()
+
+    # ------------------------------------------------------------------ flags
+    def signal(self, flag_ptr: int, value: int, stream: torch.cuda.Stream) -> None:
+        """Write the 64-bit ``value`` to ``flag_ptr`` after the work queued on ``stream`` before it."""
+        import numpy as np
+
+        self._signal((1,), (1,), (np.uint64(flag_ptr), np.uint64(value)), stream=self._cupy_stream(stream))
+
+    def wait(self, flag_ptr: int, value: int, deadline: float, status_ptr: int, stream: torch.cuda.Stream) -> None:
+        """Hold ``stream`` until ``*flag_ptr == value`` or ``deadline`` (``time.monotonic``) passes; on a
+        timeout the kernel writes 1 to ``*status_ptr`` and the stream goes on."""
+        import numpy as np
+
+        dl = self.gpu_time_ns(deadline)
+        self._wait((1,), (1,), (np.uint64(flag_ptr), np.uint64(value), np.uint64(dl), np.uint64(status_ptr)),
+                   stream=self._cupy_stream(stream))
+
+    def gpu_time_ns(self, monotonic_s: float) -> int:
+        """The GPU's global timer value at the host time ``monotonic_s``."""
+        if self._clock_offset_ns is None:
+            self._clock_offset_ns = self._measure_offset()
+        return max(0, int(monotonic_s * 1e9) + self._clock_offset_ns)
+
+    def _measure_offset(self) -> int:
+        import numpy as np
+
+        out = torch.zeros(1, dtype=torch.int64, device=self.device)
+        s = torch.cuda.Stream(self.device)
+        best = None
+        for _ in range(5):
+            t0 = time.monotonic_ns()
+            self._now((1,), (1,), (np.uint64(out.data_ptr()),), stream=self._cupy_stream(s))
+            s.synchronize()
+            t1 = time.monotonic_ns()
+            g = int(out.item())
+            off = g - (t0 + t1) // 2
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, off)
+        assert best is not None
+        return best[1]
