@@ -121,6 +121,10 @@ class RecvRequest:
         """
         deadline = self._wait_deadline(timeout)
         self._until(self._complete, deadline, "every tensor")
+        err = self._eng._inbox.tid_error(self.transfer_id)
+        if isinstance(err, TransferAborted):  # aborted after it landed: its data is not to be used
+            self._fail(err)
+            raise err
         if self._state is RecvState.ARRIVING:
             self._state = RecvState.LANDED
             self.t_landed = time.monotonic()
