@@ -294,3 +294,24 @@ def test_block_view_layouts():
     assert block_view(torch.zeros(10, 4, 16, 8), 10).shape == (10, 4, 16, 8)
     assert block_view(torch.zeros(20, 4, 8, 8), 10).shape == (10, 2, 4, 8, 8)  # kernel blocks
     assert block_view(torch.zeros(2, 20, 8, 4, 8), 10).shape == (10, 2, 2, 8, 4, 8)
+
+
+def test_read_mode_needs_cuda_caches_and_a_port():
+    """Mode 'read' (the decode side copies straight out of the producer's registered cache) is refused
+    where it cannot work: a producer without a fixed port, or with CPU caches."""
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+    from p2pkv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="read"):
+        P2pkvConnector(F.VllmConfig(F.KVTransferConfig("kv_producer", {"mode": "read"})), KVConnectorRole.WORKER,
+                       F.KVCacheConfig(num_blocks=8))
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    w = P2pkvConnector(F.VllmConfig(F.KVTransferConfig("kv_producer", {"mode": "read", "port": port})),
+                       KVConnectorRole.WORKER, F.KVCacheConfig(num_blocks=8))
+    try:
+        with pytest.raises(ConfigError, match="CUDA"):
+            w.register_kv_caches({n: torch.zeros(2, 8, 16, 8, 128, dtype=torch.bfloat16) for n in F.LAYERS})
+    finally:
+        w.shutdown()

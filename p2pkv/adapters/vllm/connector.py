@@ -92,7 +92,8 @@ __all__ = ["P2pkvConnector", "P2pkvConnectorMetadata", "SaveSpec", "LoadSpec", "
 _ADAPTER_KEYS = {"mode", "load_timeout_s", "rank", "tp_size", "num_blocks", "loader_threads", "fingerprint",
                  "kv_layout", "decode_tp_size"}
 _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_REPETITION")
-_MODES = ("push", "pull")
+_MODES = ("push", "pull", "read")
+_MAX_REMOTE_IDS = 1 << 20  # block ids a producer may name in its params (they come from clients)
 _SEEN_TIDS = 1 << 16  # transfer ids remembered to refuse reuse
 _WAIT_SLICE_S = 0.5  # push loads re-check the producer's liveness this often
 _RELEASE_TIMEOUT_S = 5.0  # telling a producer to free a transfer nobody will load waits this long at most
@@ -139,6 +140,7 @@ class LoadSpec:
     src_tp: int = 0  # the producer's TP size (0: the same as ours)
     src_block: int = 0  # the producer's block size (0: the same as ours)
     refuse: str | None = None  # the scheduler refused this load (reuse, incompatibility): fail it at once
+    remote_ids: list[list[int]] = field(default_factory=list)  # mode 'read': the producer's blocks per group
 
 
 @dataclass
@@ -188,6 +190,20 @@ def _per_group(block_ids: Any) -> list[list[int]]:
     if isinstance(block_ids, (tuple, list)) and block_ids and isinstance(block_ids[0], (list, tuple)):
         return [list(g) for g in block_ids]
     return [list(block_ids)]
+
+
+def _remote_ids(p: dict[str, Any], groups: int) -> list[list[int]] | None:
+    """The producer's block ids per KV-cache group (mode 'read'), checked; None if absent or malformed."""
+    v = p.get("remote_block_ids")
+    if not isinstance(v, list) or len(v) != groups:
+        return None
+    total = 0
+    for ids in v:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in ids):
+            return None
+        total += len(ids)
+    return v if total <= _MAX_REMOTE_IDS else None
 
 
 def _int_param(p: dict[str, Any], name: str, default: int, most: int = _MAX_TP) -> int:
@@ -344,7 +360,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         self.is_consumer = kv_role in ("kv_consumer", "kv_both")
         self.mode = extra.get("mode", "push")
         if self.mode not in _MODES:
-            raise ConfigError(f"kv_connector_extra_config.mode must be 'push' or 'pull', got {self.mode!r}")
+            raise ConfigError(f"kv_connector_extra_config.mode must be 'push', 'pull' or 'read', got {self.mode!r}")
         engine_fields = {k: v for k, v in extra.items() if k not in _ADAPTER_KEYS}
         nixl_host = os.environ.get(_NIXL_HOST_ENV, "").strip()
         if nixl_host and "host" not in engine_fields and "advertise_host" not in engine_fields:
@@ -352,8 +368,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             # there and tell decode engines to come there
             engine_fields["host"] = nixl_host
         self._engine_cfg = EngineConfig.from_dict(engine_fields)  # validates early, in every process
-        if self.is_producer and self.mode == "pull" and not self._engine_cfg.port:
-            raise ConfigError(f"a pull-mode producer (kv_role {kv_role}) needs a fixed port in "
+        if self.is_producer and self.mode in ("pull", "read") and not self._engine_cfg.port:
+            raise ConfigError(f"a {self.mode}-mode producer (kv_role {kv_role}) needs a fixed port in "
                               f"kv_connector_extra_config (e.g. \"port\": 14579): decode engines fetch from it")
         self.load_timeout_s = float(extra.get("load_timeout_s", self._engine_cfg.timeout_s))
         self.loader_threads = int(extra.get("loader_threads", 2))
@@ -516,9 +532,9 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             dst_tp = _int_param(p, "decode_tp_size", src_tp)
             mode = p.get("mode") or self.mode
             if mode not in _MODES:
-                return src_tp, src_block, f"kv_transfer_params mode must be 'push' or 'pull', got {mode!r:.40}"
+                return src_tp, src_block, f"kv_transfer_params mode must be 'push', 'pull' or 'read', got {mode!r:.40}"
             addr = _address(p)
-            if addr is None and mode == "pull":
+            if addr is None and mode in ("pull", "read"):
                 return src_tp, src_block, ("its kv_transfer_params name no producer address (remote_host, "
                                            "remote_port) to pull from")
             fp_raw = p.get("p2pkv_fingerprint")
@@ -531,6 +547,13 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             if dst_tp != self.tp_size:
                 return src_tp, src_block, (f"the producer prepared the KV for decode TP size {dst_tp}; this engine "
                                            f"is TP size {self.tp_size} (set decode_tp_size in the prefill request)")
+            if mode == "read":
+                if src_tp != self.tp_size or src_block != self.block_size:
+                    return src_tp, src_block, (f"mode 'read' copies blocks as they are: the producer's TP {src_tp} / "
+                                               f"block {src_block} must equal this engine's {self.tp_size} / "
+                                               f"{self.block_size} (use mode 'pull')")
+                if _remote_ids(p, len(self.groups)) is None:
+                    return src_tp, src_block, "mode 'read' needs the producer's remote_block_ids in kv_transfer_params"
         except P2pkvError as exc:
             return self.tp_size, self.block_size, str(exc)
         return src_tp, src_block, None
@@ -564,7 +587,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             self._pending_loads.append(LoadSpec(rid, tid or "", ids, self._computed.get(rid, 0),
                                                 p.get("mode") or self.mode, host if isinstance(host, str) else None,
                                                 port if isinstance(port, int) else None,
-                                                len(request.prompt_token_ids), src_tp, src_block, refuse))
+                                                len(request.prompt_token_ids), src_tp, src_block, refuse,
+                                                _remote_ids(p, len(self.groups)) or []))
         elif p.get("do_remote_decode"):
             prev = self._produced_tids.get(tid)
             if prev is not None and prev != rid:
@@ -654,9 +678,11 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             dst_tp = _int_param(p, "decode_tp_size", self.decode_tp_size)
             mode = p.get("mode") or self.mode
             if mode not in _MODES:
-                raise ConfigError(f"kv_transfer_params mode must be 'push' or 'pull', got {mode!r:.40}")
+                raise ConfigError(f"kv_transfer_params mode must be 'push', 'pull' or 'read', got {mode!r:.40}")
             addr = _address(p)
             ids = self._save_blocks(rid, self._prompt_len[rid])
+            if mode == "read" and any(g.windowed for g in self.groups):
+                mode = "pull"  # vLLM may free a window's older blocks before the decode side reads them
         except ConfigError as exc:
             log.error("request %s: %s; its KV is not handed off", rid, exc)
             self._refused_saves.add(rid)
@@ -676,6 +702,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                             "\"mode\": \"pull\" in kv_connector_extra_config to make that the default)", rid)
             mode = "pull"
         p["mode"] = mode  # what request_finished tells the decode side
+        if mode == "read":
+            p["_p2pkv_read_ids"] = ids  # the decode side copies straight out of these blocks
         self._saved.add(rid)
         meta.saves.append(SaveSpec(rid, p["transfer_id"], ids, mode, addr[0] if addr else None,
                                    addr[1] if addr else None, dst_tp))
@@ -745,7 +773,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                       "remote_host": host if cfg.port else None, "remote_port": cfg.port or None,
                       "remote_tp_size": self.tp_size, "remote_block_size": self.block_size,
                       "decode_tp_size": dst_tp, "mode": p.get("mode") or self.mode,
-                      "p2pkv_fingerprint": self.fingerprint.to_dict()}
+                      "p2pkv_fingerprint": self.fingerprint.to_dict(),
+                      **({"remote_block_ids": p["_p2pkv_read_ids"]} if p.get("mode") == "read" else {})}
 
     # ================================================================== worker side
     def _rank(self) -> int:
@@ -788,6 +817,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             caches[name] = block_view(t, self.num_blocks)
             layer_group[name] = g
         self._caches, self._layer_group = caches, layer_group
+        self._registered = False
         self._group_layers = {}
         for name, g in layer_group.items():
             self._group_layers.setdefault(g, []).append(name)
@@ -813,6 +843,13 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             log.info("p2pkv engine for TP rank %d listening on %s", self.rank, self._engine.address)
         if device != "cpu" and first is not None:
             self._stream = torch.cuda.Stream(first.device)
+        if self.is_producer and self.mode == "read":
+            if device == "cpu":
+                raise ConfigError("mode 'read' needs CUDA KV caches (a same-host decode engine copies straight out "
+                                  "of them through CUDA IPC); use mode 'pull' on CPU")
+            for name, c in caches.items():  # once: decode engines map them and copy their blocks themselves
+                self._engine.register_memory(name, c)
+            self._registered = True
 
     @property
     def engine(self) -> Any:
@@ -1015,6 +1052,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         src_block = spec.src_block or self.block_size
         if not self._caches:
             return 0
+        if spec.mode == "read":
+            return self._read_layers(spec, deadline)
         for g, geom in self._geoms.items():
             if (src_tp != self.tp_size or src_block != self.groups[g].block_size) and not geom.convertible:
                 raise ConfigError(f"this cache layout {geom.rest} cannot be converted from TP {src_tp} / block "
@@ -1084,6 +1123,44 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 self._stream.synchronize()  # the loader thread waits, never the forward stream
         return nbytes
 
+    def _read_layers(self, spec: LoadSpec, deadline: float) -> int:
+        """Mode 'read': copy the prompt's blocks straight out of the producer's KV caches (mapped here once,
+        through CUDA IPC) into this engine's blocks: every layer of every group in one kernel launch, then
+        tell the producer it may free them. Nothing is packed, staged or unpacked."""
+        import numpy as np
+
+        from ...kernels.batch import copier_for
+        from ...kernels.blocks import block_segments
+
+        eng = self._engine
+        assert eng is not None
+        peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
+        views = eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
+        parts = []
+        nbytes = 0
+        for g, names in self._group_layers.items():
+            first, end, targets = self._targets(spec, g)
+            remote = spec.remote_ids[g] if g < len(spec.remote_ids) else []
+            src_ids = remote[first:end]
+            if len(src_ids) != len(targets):
+                raise ShapeMismatch(f"{spec.transfer_id}: the producer names {len(remote)} blocks of KV-cache group "
+                                    f"{g}; this engine needs blocks {first}..{end}")
+            missing = [n for n in names if n not in views]
+            if missing:
+                raise ConfigError(f"{spec.transfer_id}: the producer registered no cache for {missing[0]} (is it in "
+                                  "mode 'read', with the same model?)")
+            srcs = [views[n] for n in names]
+            dsts = [self._caches[n] for n in names]
+            parts.append(block_segments(srcs, src_ids, dsts, targets))
+        segs = np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.int64)
+        if len(segs):
+            nbytes = int(segs[:, 2].sum())
+            s = self._stream if self._stream is not None else torch.cuda.current_stream(self._device())
+            copier_for(self._device()).copy(segs, s)
+            s.synchronize()  # the loader thread waits, never the forward stream
+        eng.read_done(peer, spec.transfer_id)
+        return nbytes
+
     def _claim(self, stack: contextlib.ExitStack, key: TransferKey, producer: str | None, deadline: float) -> Any:
         """Wait for a pushed piece; check between slices that the producer still listens."""
         eng = self._engine
@@ -1118,7 +1195,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         head_dim = self._head_dims[g]
         for plan in plans:
             st = plan.state
-            if st.failed or plan.spec.mode == "pull":
+            if st.failed or plan.spec.mode != "push":
                 continue
             try:
                 packed = pack(cache, plan.ids[g])
@@ -1243,8 +1320,16 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def wait_for_save(self) -> None:
         """Pull mode: pack this step's hand-offs and give them to the publisher thread in one job; never
-        waits on the GPU. Push sends are already queued. request_finished delays freeing the blocks until
-        get_finished reports the hand-off done."""
+        waits on the GPU. Push sends are already queued. Read mode: the blocks stay where they are; the
+        hand-off is done when the decode engine says it copied them. request_finished delays freeing the
+        blocks until get_finished reports the hand-off done."""
+        for plan in self._save_plans:
+            st = plan.state
+            if plan.spec.mode == "read" and not st.failed:
+                try:
+                    st.handles.append(self._engine.expose(st.transfer_id, timeout=self._engine_cfg.ttl_s))
+                except P2pkvError as exc:
+                    self._save_failed(st, f"exposing {st.transfer_id} failed: {exc}")
         self._pack_pull_plans()
         self._flush_publishes()
         self._save_plans = []
