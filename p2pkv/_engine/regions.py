@@ -34,7 +34,7 @@ log = logging.getLogger("p2pkv")
 
 __all__ = ["Regions", "ExposeHandle", "MAX_REGIONS"]
 
-MAX_REGIONS = 4096
+MAX_REGIONS = 256  # per engine: all of them travel in one control message (64 KiB)
 _MAX_EXPOSED = 65536
 
 
@@ -137,15 +137,12 @@ class Regions:
         with self._lock:
             self._mine.pop(name, None)
 
-    def describe(self) -> dict[str, Any]:
-        """What a same-host reader needs to map every region (sent on its session only)."""
+    def describe(self) -> list[list[Any]]:
+        """What a same-host reader needs to map every region (sent on its session only):
+        ``[name, IPC handle, offset in its allocation, allocation size, dtype, shape, strides]`` each."""
         with self._lock:
-            out = {}
-            for name, r in self._mine.items():
-                t = r.tensor
-                out[name] = {"h": r.handle, "o": r.alloc_off, "z": r.alloc_size, "dt": T.dtype_name(t.dtype),
-                             "sh": list(t.shape), "st": list(t.stride())}
-            return out
+            return [[name, r.handle, r.alloc_off, r.alloc_size, T.dtype_name(r.tensor.dtype), list(r.tensor.shape),
+                     list(r.tensor.stride())] for name, r in self._mine.items()]
 
     def expose(self, tid: str, timeout: float) -> ExposeHandle:
         h = ExposeHandle(tid, timeout)
@@ -197,7 +194,7 @@ class Regions:
         try:
             if isinstance(msg.get("no"), str):
                 raise TransportError(f"the peer serves no memory regions: {msg['no'][:200]}", peer=peer.addr)
-            if not isinstance(regs, dict) or len(regs) > MAX_REGIONS:
+            if not isinstance(regs, list) or len(regs) > MAX_REGIONS:
                 raise ProtocolError("malformed memory regions", peer=peer.addr)
             views = self._map(peer, regs)
         except P2pkvError as exc:
@@ -212,20 +209,19 @@ class Regions:
             w.error = err
             w.event.set()
 
-    def _map(self, peer: _Peer, regs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _map(self, peer: _Peer, regs: list[Any]) -> dict[str, torch.Tensor]:
         eng = self._eng
+        if not all(isinstance(d, list) and len(d) == 7 and isinstance(d[0], str) for d in regs):
+            raise ProtocolError("malformed memory region", peer=peer.addr)
         local = self._local_regions(peer)
         if local is not None:
-            return {n: r.tensor for n, r in local.items() if n in regs}
+            names = {d[0] for d in regs}
+            return {n: r.tensor for n, r in local.items() if n in names}
         from ..transport.cuda import IpcMapping
 
         maps = self._maps.setdefault(peer.addr, {})
         views = {}
-        for name, d in regs.items():
-            if not isinstance(name, str) or not isinstance(d, dict):
-                raise ProtocolError("malformed memory region", peer=peer.addr)
-            h, off, size, dt = d.get("h"), d.get("o"), d.get("z"), d.get("dt")
-            sh, st = d.get("sh"), d.get("st")
+        for name, h, off, size, dt, sh, st in regs:
             if not isinstance(h, bytes) or len(h) != 64 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                    and v >= 0 for v in (off, size)):
                 raise ProtocolError(f"memory region {name!r:.60} is malformed", peer=peer.addr)
