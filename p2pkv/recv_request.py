@@ -122,7 +122,10 @@ class RecvRequest:
         deadline = self._wait_deadline(timeout)
         self._until(self._complete, deadline, "every tensor")
         err = self._eng._inbox.tid_error(self.transfer_id)
-        if isinstance(err, TransferAborted):  # aborted after it landed: its data is not to be used
+        if self._fast is not None and self._fast.error is not None:
+            err = self._fast.error  # a flag written by our own watchdog (deadline, lost peer), not by the data
+        if isinstance(err, TransferAborted) or (err is not None and self._fast is not None and
+                                                 err is self._fast.error):  # its data is not to be used
             self._fail(err)
             raise err
         if self._state is RecvState.ARRIVING:

@@ -189,12 +189,13 @@ class FastPlane:
                 if not rx.accepted or rx.closed or not rx.chan.pending_records():
                     continue
                 incs, bad = rx.drain()
+                refused = bool(bad)
                 for inc in incs:
-                    self._deliver(rx, inc)
+                    refused = not self._deliver(rx, inc) or refused
                 for seq, err in bad:
                     self._refuse(rx, seq, err)
-                if incs:
-                    rx.ring_producer()  # its verdicts are in
+                if refused:
+                    rx.ring_producer()  # a refusal: the producer learns at once (acceptances it reads itself)
         finally:
             self._poll_lock.release()
 
@@ -208,7 +209,7 @@ class FastPlane:
             if not rx.closed:
                 rx.chan.set_waiters(n)
 
-    def _deliver(self, rx: FastRx, inc: FastIncoming) -> None:
+    def _deliver(self, rx: FastRx, inc: FastIncoming) -> bool:
         """One record into the index, O(1) in the number of tensors (refused whole if it cannot be taken)."""
         eng = self._eng
         tid = inc.transfer_id
@@ -245,10 +246,11 @@ class FastPlane:
             inc.unlist()
             rx.verdict(inc, err)
             self._refuse(rx, inc.seq, err)
-            return
+            return False
         eng._inbox.expect(tid, rx.ident)
         rx.verdict(inc, None)
         eng._stats.add("requests_received_fast")
+        return True
 
     def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
         eng = self._eng
