@@ -46,7 +46,8 @@ fo     chan?, lease?, bell?, no?                 the fast path offered: channel 
                                                  doorbell; or ``no``: why not
 fast   ok, msg, bell?                            the producer took (or refused) the fast path offered
 mq     -                                         a same-host reader asks for our registered memory regions
-mr     r?, no?                                   the regions: name -> {h: IPC handle, o, z, dt, sh, st}; or why not
+mr     r?, no?                                   the regions: {h: [IPC handle, ...], e: [[name, handle index,
+                                                 offset, allocation size, dtype, shape, strides], ...]}; or why not
 rdone  tid                                       the reader is done reading transfer ``tid`` (completes expose())
 ferr   seq, code, msg                            a fast-path request (header seq) was refused
 ====== ========================================= ==================================
