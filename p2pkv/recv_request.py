@@ -144,7 +144,7 @@ class RecvRequest:
         i = self._fast_idx.get(name)
         s = stream
         if i is not None and dev.type == "cuda":
-            rec = self._fast
+            rec = self._record()
             if not rec.landed(i):
                 from ._engine.fastpath import FLAG_SHIFT
                 from .transport import cudadrv
@@ -237,6 +237,16 @@ class RecvRequest:
             self._error = err
             self._eng._stats.add("recv_requests_failed")
 
+    def _released(self) -> bool:
+        return self._state is RecvState.RELEASED
+
+    def _record(self) -> Any:
+        """The same-host record this handle took (it is gone once the handle is released)."""
+        rec = self._fast
+        if rec is None:
+            raise P2pkvError("request handle used after release", key=self.transfer_id)
+        return rec
+
     def _until(self, cond: Any, deadline: float, what: str) -> None:
         """Spin (then poll) until ``cond()``; raise the request's error or a timeout."""
         if self._state is RecvState.RELEASED:
@@ -262,6 +272,8 @@ class RecvRequest:
                 if spinning and n % _CHECK_EVERY:
                     continue  # spinning: the data is on its way
                 now = time.monotonic()
+                if self._released():  # by another thread
+                    raise P2pkvError("request handle released while waiting", key=self.transfer_id)
                 if self._progress():
                     last = now
                     if not spinning and spin_s > 0:
@@ -317,7 +329,11 @@ class RecvRequest:
 
         specs = rec.specs
         if isinstance(rec, FastIncoming):
-            self._fast = rec
+            with self._lock:
+                if self._state is RecvState.RELEASED:  # released by another thread meanwhile
+                    rec.unref()
+                    return False
+                self._fast = rec
             idx = rec.layout.index
             self._order = list(taken)
             self._fast_idx = {n: idx[n] for n in taken}
@@ -331,7 +347,10 @@ class RecvRequest:
                 if self._names is None or s.name in self._names:
                     self._specs[s.name] = s
         _trace.mark("rx.header", self.transfer_id)
-        self._state = RecvState.ARRIVING
+        with self._lock:
+            if self._state is RecvState.RELEASED:
+                return False
+            self._state = RecvState.ARRIVING
         if self._outs is not None:
             for name, out in self._outs.items():
                 spec = self._specs.get(name)
@@ -367,7 +386,8 @@ class RecvRequest:
             return True
         i = self._fast_idx.get(name)
         if i is not None:
-            return bool(self._fast.landed(i))
+            rec = self._fast
+            return rec is not None and bool(rec.landed(i))
         slot = self._slots.get(name)
         if slot is None:
             return False
@@ -381,7 +401,8 @@ class RecvRequest:
 
     def _complete(self) -> bool:
         if self._fast_all:
-            return bool(self._fast.all_landed())
+            rec = self._fast
+            return rec is not None and bool(rec.all_landed())
         if not self._order:
             return False
         return all(self._landed(name) for name in self._order)
@@ -390,7 +411,13 @@ class RecvRequest:
         v = self._views.get(name)
         if v is None:
             i = self._fast_idx.get(name)
-            v = self._fast.view(i) if i is not None else self._slots[name].tensor()
+            if i is not None:
+                v = self._record().view(i)
+            else:
+                slot = self._slots.get(name)
+                if slot is None:
+                    raise P2pkvError("request handle used after release", key=self.transfer_id)
+                v = slot.tensor()
             self._views[name] = v
         return v
 
