@@ -582,3 +582,58 @@ def test_send_many_of_a_non_iterable_is_a_typed_error(shm_pair):
         req2.send_all(None)  # type: ignore[arg-type]
     prod.abort("nm")
     prod.abort("nm2")
+
+
+def _ipc_holder(q: Any, done: Any) -> None:
+    """Another process's CUDA allocation (1 MiB asked; the allocator's segment may be larger) and its
+    IPC handle, kept alive until ``done``."""
+    import cupy
+
+    from p2pkv.transport import cudadrv
+
+    dev = torch.device("cuda:0")
+    cudadrv.use_device(dev)
+    t = torch.zeros(MiB, dtype=torch.uint8, device=dev)
+    base, size = cudadrv.address_range(t.data_ptr())
+    q.put((bytes(cupy.cuda.runtime.ipcGetMemHandle(base)), size, t.data_ptr() - base))
+    done.wait(120)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_forged_region_size_past_the_allocation_is_refused():
+    """A producer that claims its allocation is larger than it is would have the reader make views past
+    the mapping (reading them faults and kills the reader's CUDA context): the driver's size decides."""
+    ctx = mp.get_context("spawn")
+    q, done = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_ipc_holder, args=(q, done))
+    p.start()
+    try:
+        handle, size, off = q.get(timeout=120)
+        cfg = dict(timeout_s=30.0, peer_timeout_s=15.0, heartbeat_s=0.5, pool_bytes=64 * MiB, device="cuda:0")
+        with Engine(**cfg) as cons:
+            fake = FakeEngine()
+            try:
+                lie = {"h": [handle], "e": [["r", 0, off, 4 * size, "uint8", [4 * size - off], [1]]]}
+                th = threading.Thread(target=_serve_regions, args=(fake, lie))
+                th.start()
+                with pytest.raises(ProtocolError, match="allocation"):
+                    cons.remote_memory(fake.address, timeout=20)
+                th.join(20)
+                # the session stays: its next mq gets the truth
+                honest = {"h": [handle], "e": [["r", 0, off, size, "uint8", [MiB], [1]]]}
+                res: dict[str, Any] = {}
+                t = threading.Thread(target=lambda: res.setdefault("v", _try(lambda: cons.remote_memory(
+                    fake.address, timeout=20))))
+                t.start()
+                sender, _, _ = fake.expect("mq", timeout=20)
+                fake.s.send_multipart([sender, encode("mr", r=honest)])
+                t.join(30)
+                views = res["v"]
+                assert isinstance(views, dict), views
+                assert views["r"].shape == (MiB,) and int(views["r"].sum()) == 0
+            finally:
+                fake.close()
+    finally:
+        done.set()
+        p.join(30)

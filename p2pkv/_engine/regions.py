@@ -310,6 +310,7 @@ class Regions:
         from ..transport import cudadrv
         from ..transport.cuda import IpcMapping
 
+        cudadrv.use_device(eng._device)
         maps = self._maps.setdefault(peer.addr, {})
         need: dict[bytes, int] = {}
         for h, _, size, _, _, _ in regs.values():
