@@ -22,7 +22,8 @@ import pytest
 import torch
 import zmq
 
-from p2pkv import (Engine, InvalidTensor, P2pkvError, PeerLost, ProtocolError, RequestLayout, TransferKey,
+from p2pkv import (Engine, InvalidKey, InvalidTensor, P2pkvError, PeerLost, ProtocolError, RequestLayout,
+                   ShapeMismatch, TransferKey,
                    TransferTimeout, TransportError)
 from p2pkv.control.messages import REPLY_TYPES, decode, encode
 from p2pkv.recv_request import RecvState
@@ -637,3 +638,23 @@ def test_forged_region_size_past_the_allocation_is_refused():
     finally:
         done.set()
         p.join(30)
+
+
+@pytest.mark.timeout(60)
+def test_outs_that_do_not_match_the_request_fail_the_wait(shm_pair):
+    """outs checked once the layout is known: a wrong shape or a name the request does not hold fails the
+    handle, and wait() says so (it returned as if all was well, or raised torch's RuntimeError)."""
+    prod, cons = shm_pair
+    data = layers(6, 3)
+    for i, (outs, err) in enumerate((({"layer0": torch.empty(3)}, ShapeMismatch),
+                                      ({"nope": torch.empty(3)}, InvalidKey))):
+        for early in (False, True):
+            tid = f"outs{i}{early}"
+            h = cons.recv_request(tid, outs=outs, timeout=5) if early else None
+            send_all(prod, cons.address, tid, data).wait(5)
+            h = h or cons.recv_request(tid, outs=outs, timeout=5)
+            with pytest.raises(err):
+                h.wait()
+            assert h.state is RecvState.FAILED
+            h.release()
+    settle(lambda: held(cons) == 0)
