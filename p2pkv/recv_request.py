@@ -253,9 +253,9 @@ class RecvRequest:
             raise P2pkvError("request handle used after release", key=self.transfer_id)
         if self._error is not None:
             raise self._error
-        if self._progress() and cond():
-            return
-        if cond():
+        if (self._progress() and cond()) or cond():
+            if self._error is not None:  # binding it just now found it cannot be taken (e.g. its outs)
+                raise self._error
             return
         eng = self._eng
         # a CPU producer copies with the CPU: spinning here would take a core from it
@@ -275,6 +275,8 @@ class RecvRequest:
                 if self._released():  # by another thread
                     raise P2pkvError("request handle released while waiting", key=self.transfer_id)
                 if self._progress():
+                    if self._error is not None:
+                        raise self._error
                     last = now
                     if not spinning and spin_s > 0:
                         spinning = True
@@ -299,6 +301,8 @@ class RecvRequest:
         finally:
             if spinning:
                 plane.spin(-1)
+        if self._error is not None:  # failed while it landed (bound with outs that do not fit)
+            raise self._error
 
     def _progress(self) -> bool:
         """Read the channels, bind the request, claim arrived tensors; True if anything changed."""
