@@ -658,3 +658,40 @@ def test_outs_that_do_not_match_the_request_fail_the_wait(shm_pair):
             assert h.state is RecvState.FAILED
             h.release()
     settle(lambda: held(cons) == 0)
+
+
+@pytest.mark.timeout(60)
+def test_producer_stops_using_a_withdrawn_path():
+    """A consumer that withdraws its offer after the producer took it (fo/no, as the consumer now answers a
+    late "fast ok") must not leave the producer writing headers nobody reads."""
+    pool = 64 * MiB
+    fd, tok = shm.create_memfd("p2pkv-arena", pool)
+    chan = shm.ShmChannel.create()
+    try:
+        with Engine(**dict(CFG, peer_timeout_s=8.0)) as prod:  # the fake answers no pings
+            fake = FakeEngine()
+            try:
+                th = threading.Thread(target=lambda: prod.send_request(fake.address, "x", [("a", torch.ones(4))]))
+                th.start()
+                ident, _, _ = fake.recv()
+                fake.s.send_multipart([ident, encode(
+                    "hok", eid="fake", align=256, window=pool // 2, maxmsg=2**31, pool=pool,
+                    caps={"host": prod._host, "transports": ["tcp", "shm"], "cuda": False,
+                          "shm": {"pid": os.getpid(), "fd": fd, "tok": tok, "size": pool}})])
+                th.join(10)
+                fake.expect("fq")
+                fake.s.send_multipart([ident, encode("fo", chan=chan.locator(), lease=[0, 16 * MiB],
+                                                     bell="p2pkv-bell-nobody")])
+                _, ans, _ = fake.expect("fast")
+                assert ans["ok"] is True
+                settle(lambda: prod._fast_ready(fake.address) is not None)
+                fake.s.send_multipart([ident, encode("fo", no="the fast-path offer was withdrawn")])
+                settle(lambda: prod._fast_ready(fake.address) is None, timeout=1.5)  # not by losing the peer
+                req = prod.send_request(fake.address, "y", [("a", torch.ones(4))])
+                assert req._fast is None  # the ordinary path
+                fake.expect("offer")
+            finally:
+                fake.close()
+    finally:
+        chan.close()
+        os.close(fd)
