@@ -346,8 +346,15 @@ class FastPlane:
             held = self._holders.get(tid)
         return None
 
+    def _aborted(self, tid: str) -> bool:
+        """``tid`` was aborted here (abort() marks it at once; its requests leave the index on the I/O
+        thread a little later, and must not be taken meanwhile)."""
+        return isinstance(self._eng._inbox.tid_error(tid), TransferAborted)
+
     def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
         """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
+        if self._index.get(tid) and self._aborted(tid):
+            return None
         with self._lock:
             lst = self._index.get(tid)
             if not lst:
@@ -373,6 +380,8 @@ class FastPlane:
 
     def claim_key(self, key: TransferKey) -> Slot | None:
         """Take one tensor of a same-host request by key (``recv``/``claim``), if it was announced."""
+        if self._index.get(key.transfer_id) and self._aborted(key.transfer_id):
+            return None
         with self._lock:
             lst = self._index.get(key.transfer_id)
             if not lst:
