@@ -36,7 +36,10 @@ setup(
         "proxy": ["aiohttp>=3.9"],
     },
     entry_points={"console_scripts": ["p2pkv-demo=p2pkv.demo:main", "p2pkv-bench=p2pkv.bench:main",
-                                      "p2pkv-proxy=p2pkv.proxy:main"]},
+                                      "p2pkv-proxy=p2pkv.proxy:main"],
+                  # SGLang (>= 0.5.23) loads this group in every process it starts: registers the "p2pkv"
+                  # transfer backend, so `sglang.launch_server --disaggregation-transfer-backend p2pkv` works.
+                  "sglang.srt.plugins": ["p2pkv=p2pkv.adapters.sglang:plugin"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

@@ -33,12 +33,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _side(role: str, device: str, port: int, num_blocks: int, conn) -> None:
+def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = "push") -> None:
     from tests import vllm_fakes as F
 
     from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
 
-    extra = dict(port=port, mode="push", timeout_s=60.0, pool_bytes=2 * L * 2 * num_blocks * BLOCK * HEADS * HEAD * 2
+    extra = dict(port=port, mode=mode, timeout_s=60.0, pool_bytes=2 * L * 2 * num_blocks * BLOCK * HEADS * HEAD * 2
                  + 2**28, transport=os.environ.get("P2PKV_BENCH_TRANSPORT", "auto"))
     cfg = F.VllmConfig(F.KVTransferConfig(role, extra))
     sched = P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig(num_blocks=num_blocks))
@@ -103,6 +103,9 @@ def main() -> int:
     ap.add_argument("--tokens", default="512,2048,10000")
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--mode", default="push", choices=("push", "pull", "read"),
+                    help="push: layer by layer while saving; pull: the decode side fetches packed copies; read: "
+                         "the decode side copies straight out of the producer's registered cache (same host, CUDA)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -112,8 +115,8 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     pp, cp = _port(), _port()
     (p_conn, p_child), (c_conn, c_child) = ctx.Pipe(), ctx.Pipe()
-    procs = [ctx.Process(target=_side, args=("kv_producer", dp, pp, num_blocks, p_child), daemon=True),
-             ctx.Process(target=_side, args=("kv_consumer", dc, cp, num_blocks, c_child), daemon=True)]
+    procs = [ctx.Process(target=_side, args=("kv_producer", dp, pp, num_blocks, p_child, a.mode), daemon=True),
+             ctx.Process(target=_side, args=("kv_consumer", dc, cp, num_blocks, c_child, a.mode), daemon=True)]
     for p in procs:
         p.start()
     assert p_conn.recv() == "ready" and c_conn.recv() == "ready"
@@ -134,7 +137,7 @@ def main() -> int:
             if r >= 2:
                 times.append(t1 - t0)
                 hosts.append(host)
-        row = {"what": f"vLLM adapter push {dp}->{dc}", "tokens": tok,
+        row = {"what": f"vLLM adapter {a.mode} {dp}->{dc}", "tokens": tok,
                "bytes": 2 * L * 2 * nblk * BLOCK * HEADS * HEAD, "ms": round(statistics.median(times) * 1e3, 3),
                "save_kv_layer_host_us_p50": round(statistics.median(hosts) * 1e6, 1)}
         rows.append(row)

@@ -78,7 +78,10 @@ class EngineConfig:
     auth_token:
         Optional shared secret; peers that do not present it are refused in the
         ZMQ handshake (ZMQ PLAIN mechanism: the token travels in clear text, so
-        use it on trusted networks only). Never shown by ``repr``.
+        use it on trusted networks only). PLAIN does not authenticate the server:
+        the engine hands the token to every address it dials, so any server it is
+        made to dial learns it. Beyond one trusted host use CURVE
+        (``curve_secret_key``; see docs/security.md). Never shown by ``repr``.
     curve_secret_key:
         This engine's ZMQ CURVE secret key (Z85, 40 characters; make a pair with
         ``zmq.curve_keypair()``). Turns on the strong mode: every connection is

@@ -602,6 +602,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         reason = "transfer aborted locally"
         for buf in self._inbox.abort(transfer_id, reason) + self._outbox.abort(transfer_id, reason):
             buf.release()  # complete data nobody is reading: no GPU work can still touch it
+        self._fast.forget(transfer_id)  # same-host requests announced for it: gone at once too
         self._submit(("abort", transfer_id, True))
 
     def stats(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._aborts import PeerTombs
 from .errors import P2pkvError, TransferAborted, TransferEvicted, TransferTimeout
 from .keys import TransferKey
 from .pool import Buffer
@@ -28,7 +29,7 @@ __all__ = ["Mailbox", "Slot"]
 
 MAX_TOMBSTONES = 100_000
 MAX_PEER_TOMBSTONES = 10_000  # abort records one peer can make here
-MAX_ABORTING_PEERS = 64  # peers whose abort records are kept (least recently aborting dropped first)
+MAX_PEER_TOMBSTONES_TOTAL = 100_000  # abort records of all peers (see p2pkv._aborts: never shared evenly)
 
 
 class Slot:
@@ -127,7 +128,7 @@ class Mailbox:
         self._waiting: dict[TransferKey, list] = {}  # key -> [Condition, waiter count]
         self._aborted = _Tombs()  # aborted here (by our own caller)
         # aborted by a peer: a budget per peer, so no peer's aborts can evict our or another's records
-        self._aborted_by: OrderedDict[object, _Tombs] = OrderedDict()
+        self._aborted_by = PeerTombs(MAX_PEER_TOMBSTONES_TOTAL, MAX_PEER_TOMBSTONES)
         self._evicted = _Tombs()
         self._lost = _Tombs()
         self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
@@ -289,31 +290,20 @@ class Mailbox:
                 w[0].notify_all()
 
     def _aborted_locked(self, tid: str) -> P2pkvError | None:
-        err = self._aborted.get(tid)
-        if err is None and self._aborted_by:
-            for tombs in self._aborted_by.values():
-                err = tombs.get(tid)
-                if err is not None:
-                    break
-        return err
+        return self._aborted.get(tid) or self._aborted_by.get(tid)
 
     def abort(self, tid: str, reason: str = "transfer aborted", src: object = None) -> list[Buffer]:
         """Drop every key of ``tid``; return their buffers for the caller to release.
 
         ``src`` names the peer that asked (None: our own caller); each peer's abort records
-        have their own budget (:data:`MAX_PEER_TOMBSTONES`, :data:`MAX_ABORTING_PEERS` peers).
+        have their own budget (:data:`MAX_PEER_TOMBSTONES` each, never evicted by peers holding
+        fewer records: see :class:`p2pkv._aborts.PeerTombs`).
         """
         with self._lock:
             if src is None:
-                tombs = self._aborted
+                self._aborted.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             else:
-                tombs = self._aborted_by.get(src)
-                if tombs is None:
-                    tombs = self._aborted_by[src] = _Tombs(MAX_PEER_TOMBSTONES)
-                    while len(self._aborted_by) > MAX_ABORTING_PEERS:
-                        self._aborted_by.popitem(last=False)
-                self._aborted_by.move_to_end(src)
-            tombs.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
+                self._aborted_by.put(src, tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             bufs = [self._drop_tid_locked(tid)]
             self._wake_tid_locked(tid)
         return bufs[0]
@@ -385,10 +375,8 @@ class Mailbox:
             for tid in [t for t, srcs in self._tid_src.items()
                         if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]
-            for tombs in (self._aborted, self._evicted, self._lost, *self._aborted_by.values()):
+            for tombs in (self._aborted, self._evicted, self._lost, self._aborted_by):
                 tombs.expire(now)
-            for src in [s for s, t in self._aborted_by.items() if not len(t)]:
-                del self._aborted_by[src]
         return out
 
     def fail_all(self, make_error: Callable[[], P2pkvError]) -> list[Buffer]:

@@ -1,6 +1,7 @@
 """XpYd disaggregation proxy for OpenAI-compatible servers (vLLM), built on aiohttp.
 
-``python -m p2pkv.proxy [--host 127.0.0.1] --port 8000 [--prefill URL[,P2PKV_HOST:PORT]] [--decode URL,P2PKV_HOST:PORT]``
+``python -m p2pkv.proxy [--host 127.0.0.1] --port 8000 [--prefill URL[,P2PKV_HOST:PORT]]
+[--decode URL,P2PKV_HOST:PORT]``
 
 For every ``/v1/completions`` or ``/v1/chat/completions`` request the proxy
 allocates ONE canonical ``transfer_id`` and hands it to both sides in
@@ -32,6 +33,12 @@ to make room), closes connections that do not send a request head within
 ``--header-timeout`` or a body within ``--body-timeout``, and bounds its
 connection pool to the instances. It never forwards the client's headers, the
 registration token or cookies to an instance.
+
+Every request it sends carries ``X-P2pkv-Proxy-Id``: the ids of the proxies the request went
+through, its own last. A request that arrives with the proxy's own id in it (an instance URL that
+leads back to it, directly or through other proxies) or that went through ``MAX_HOPS`` proxies is
+answered 508, and a request that came from another proxy gets one try per leg (no retries), so
+one client request fans out to a handful of upstream requests at most, whatever is registered.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -82,9 +90,13 @@ __all__ = [
 ]
 
 TOKEN_ENV = "P2PKV_PROXY_REGISTER_TOKEN"
-#: Header the proxy adds to every request it sends to an instance; a request that comes back
-#: carrying the proxy's own id is a loop (an instance URL that is really the proxy).
+#: Header carrying the ids of the proxies a request went through (comma-separated, oldest first).
+#: A proxy passes it on with its own id appended; a request that arrives with the proxy's own id
+#: in it is a loop (an instance URL that leads back to this proxy, also through other proxies),
+#: and one that went through ``MAX_HOPS`` proxies is refused: both with 508.
 HOP_HEADER = "X-P2pkv-Proxy-Id"
+MAX_HOPS = 3
+_HOP_ID = re.compile(r"[0-9a-f]{16}", re.ASCII)
 # ------------------------------------------------------------------ limits and connection guard
 @dataclass(frozen=True)
 class ProxyLimits:
@@ -393,14 +405,32 @@ def make_app(registry: Registry, timeout_s: float | None = None, *, register_tok
                 return None
         return bytes(buf)
 
-    hop = {HOP_HEADER: state.proxy_id}
+    def hops_of(request: web.Request) -> list[str] | None:
+        """The proxies the request went through (None: a malformed header)."""
+        hops = [h.strip() for v in request.headers.getall(HOP_HEADER, []) for h in v.split(",")]
+        if len(hops) > 2 * MAX_HOPS or not all(_HOP_ID.fullmatch(h) for h in hops):
+            return None
+        return hops
 
     def is_loop(r: Any) -> bool:
-        return r.status == 508 and r.headers.get(HOP_HEADER) == state.proxy_id
+        """A 508 from a proxy that found this proxy's id among the hops: our instance leads back here."""
+        if r.status != 508:
+            return False
+        return state.proxy_id in [h.strip() for v in r.headers.getall(HOP_HEADER, []) for h in v.split(",")]
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        if state.proxy_id in request.headers.getall(HOP_HEADER, []):
-            return error(508, "request loop: an instance URL points back at this proxy", **hop)
+        hops = hops_of(request)
+        if hops is None:
+            return error(400, f"malformed {HOP_HEADER} header: comma-separated 16-hex-digit proxy ids")
+        if state.proxy_id in hops:
+            return error(508, "request loop: an instance URL leads back to this proxy",
+                         **{HOP_HEADER: ",".join(hops)})
+        if len(hops) >= MAX_HOPS:
+            return error(508, f"request went through {len(hops)} proxies (at most {MAX_HOPS} hops)",
+                         **{HOP_HEADER: ",".join(hops)})
+        hop = {HOP_HEADER: ",".join([*hops, state.proxy_id])}
+        # A request from another proxy gets one try per leg: retries at every hop would multiply.
+        attempts = 8 if not hops else 1
         try:
             body = await read_json(request)
         except _ClientBodyError as exc:
@@ -411,7 +441,7 @@ def make_app(registry: Registry, timeout_s: float | None = None, *, register_tok
         path = request.path
         tid = new_transfer_id()
         # ---- prefill: one token, no streaming, told where the decode engine listens
-        for _ in range(8):
+        for _ in range(attempts):
             pre, dec = registry.pick("prefill"), registry.pick("decode")
             if pre is None or dec is None:
                 return error(503, "no healthy prefill or decode instance")
@@ -561,7 +591,8 @@ async def start_proxy(app: Any, host: str = "127.0.0.1", port: int = 0) -> Runni
     # keepalive_timeout in aiohttp starts when a connection opens (and after each response) and
     # closes it if no complete request head has arrived by then: the header timeout.
     runner = web.AppRunner(app, keepalive_timeout=lim.header_timeout_s, handler_cancellation=True,
-                           shutdown_timeout=5.0, lingering_time=min(2.0, lim.body_timeout_s), max_line_size=8190, max_field_size=8190, max_headers=100)
+                           shutdown_timeout=5.0, lingering_time=min(2.0, lim.body_timeout_s),
+                           max_line_size=8190, max_field_size=8190, max_headers=100)
     await runner.setup()
     state.guard.attach(runner.server)
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=min(lim.max_connections, 4096))

@@ -121,6 +121,14 @@ class RecvRequest:
         """
         deadline = self._wait_deadline(timeout)
         self._until(self._complete, deadline, "every tensor")
+        err = self._eng._inbox.tid_error(self.transfer_id)
+        rec = self._fast  # (None once released by another thread)
+        if rec is not None and rec.error is not None:
+            err = rec.error  # a flag written by our own watchdog (deadline, lost peer), not by the data
+        if isinstance(err, TransferAborted) or (err is not None and rec is not None and
+                                                 err is rec.error):  # its data is not to be used
+            self._fail(err)
+            raise err
         if self._state is RecvState.ARRIVING:
             self._state = RecvState.LANDED
             self.t_landed = time.monotonic()

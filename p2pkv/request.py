@@ -217,6 +217,8 @@ class RequestHandle:
     # ------------------------------------------------------------------ public
     @property
     def state(self) -> RequestState:
+        if self._fast is not None and not self._state.finished:
+            self._fast.poll(self)  # same-host path: copies and verdict are read when asked, no thread hop
         return self._state
 
     @property
@@ -224,6 +226,8 @@ class RequestHandle:
         return self._error
 
     def done(self) -> bool:
+        if self._fast is not None and not self._state.finished:
+            self._fast.poll(self)
         return self._state.finished
 
     def send(self, name: str, tensor: torch.Tensor) -> None:
@@ -319,7 +323,13 @@ class RequestHandle:
         PeerLost, TransferAborted, PoolExhausted, TransferTimeout, ...
             The error the request failed with.
         """
-        if not self._event.wait(timeout):
+        if self._fast is not None:
+            end = None if timeout is None else time.monotonic() + timeout
+            while not self.done():  # polls its copies and the consumer's verdict
+                if end is not None and time.monotonic() >= end:
+                    break
+                self._event.wait(2e-4)
+        if not self._event.wait(timeout if self._fast is None else 0):
             raise TransferTimeout(f"request still {self._state.value} after waiting {timeout:.3g}s",
                                   key=self.transfer_id, peer=self.peer)
         if self._error is not None:
@@ -349,6 +359,10 @@ class RequestHandle:
             self._event.set()
             self.offered.set()
         return True
+
+    def done_polled(self) -> bool:
+        """Finished (without polling the same-host path again)."""
+        return self._state.finished
 
     def key(self, i: int) -> TransferKey:
         return TransferKey(self.transfer_id, self.specs[i].name)

@@ -14,6 +14,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (soak); run with --runslow")
     config.addinivalue_line("markers", "vllm: needs the real vllm package")
     config.addinivalue_line("markers", "sglang: needs the real sglang package")
+    config.addinivalue_line("markers", "hostile2: attacks of issue 20 (run alone: -m hostile2)")
 
 
 def pytest_addoption(parser):

@@ -227,7 +227,7 @@ def test_unclaimed_data_evicted_after_ttl():
 def _hostile_records(lease_off: int, lease_size: int):
     """Headers a broken or hostile producer could write into its channel (each refused for its own reason:
     every one carries the next sequence number)."""
-    seq = iter(range(1, 100))
+    seq = iter(range(1000, 1100))  # never the honest producer's own sequence numbers (its refusals would fail them)
     item = ["x", "bfloat16", [4], 8, lease_off]
 
     def hdr(**kw):

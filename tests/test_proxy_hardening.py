@@ -645,3 +645,89 @@ def test_cli_slowloris_with_few_descriptors_keeps_answering() -> None:
             await dr.cleanup()
 
     run(scenario)
+
+
+# ------------------------------------------------------------------ two proxies in a loop (issue 20 item 10)
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.hostile2
+@pytest.mark.timeout(90)
+def test_two_proxies_registered_as_each_others_prefill_do_not_loop() -> None:
+    """Any token holder can register two proxies as each other's prefill instance. A request is
+    answered at once with an error naming the loop; the fan-out stays a handful of connections,
+    none held after the client leaves; honest requests keep working."""
+
+    async def scenario() -> None:
+        lim = ProxyLimits(timeout_s=5.0)
+        a, b = await Env().start(register=False, limits=lim), await Env().start(register=False, limits=lim)
+        for env in (a, b):
+            assert env.reg is not None
+            env.reg.register("decode", env.urls["D"], "127.0.0.1:14600")
+        async with aiohttp.ClientSession() as s:
+            for me, other in ((a, b), (b, a)):  # through the API, as a registrant would
+                st, js = await post(s, me.url + "/register", headers=AUTH,
+                                    json={"role": "prefill", "url": other.url, "p2pkv": "127.0.0.1:14700"})
+                assert st == 200, js
+            base = _fds()
+            peak = [base]
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                while not done.is_set():
+                    peak[0] = max(peak[0], _fds())
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.create_task(watch())
+            t0 = time.monotonic()
+            st, js = await asyncio.wait_for(post(s, a.url + "/v1/completions", json=COMPLETION), 30)
+            took = time.monotonic() - t0
+            # and a client that leaves at once: nothing it started stays behind
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(post(s, b.url + "/v1/completions", json=COMPLETION), 0.05)
+            await asyncio.sleep(1.0)
+            done.set()
+            await watcher
+            after = _fds()
+            print(f"item 10: answered {st} in {took * 1000:.0f} ms; descriptors +{peak[0] - base} at the peak, "
+                  f"+{after - base} after")
+            assert st in (502, 503, 508) and "error" in js, (st, js)
+            assert took < 3, f"the loop took {took:.1f}s to be refused"
+            assert peak[0] - base < 64, f"{peak[0] - base} descriptors for one looping request"
+            assert after - base < 16
+            # the loop is cut; once a real prefill instance is there, requests work again
+            for env in (a, b):
+                assert env.reg is not None
+                env.reg.register("prefill", env.urls["P"])
+            ok = 0
+            for _ in range(6):
+                st, js = await post(s, a.url + "/v1/completions", json=COMPLETION)
+                ok += st == 200 and js["choices"][0]["text"] == "D-out"
+            assert ok >= 3, "honest requests fail after the loop"
+        await a.close()
+        await b.close()
+
+    run(scenario)
+
+
+@pytest.mark.hostile2
+@pytest.mark.timeout(60)
+def test_the_hop_header_is_checked_and_bounded() -> None:
+    async def scenario() -> None:
+        env = await Env().start()
+        hop = proxy_mod.HOP_HEADER
+        async with aiohttp.ClientSession() as s:
+            st, js = await post(s, env.url + "/v1/completions", json=COMPLETION,
+                                headers={hop: ",".join(f"{i:016x}" for i in range(proxy_mod.MAX_HOPS))})
+            assert st == 508 and "hops" in js["error"]["message"], js
+            st, js = await post(s, env.url + "/v1/completions", json=COMPLETION, headers={hop: "not an id!"})
+            assert st == 400, js
+            st, js = await post(s, env.url + "/v1/completions", json=COMPLETION, headers={hop: "00000000000000aa"})
+            assert st == 200, js  # one proxy in front of this one is fine
+            # the instances see the hops so far, this proxy's id last
+            sent = [h for n, _, _, h, _ in env.seen if n == "P"][-1]
+            assert sent[hop].split(",")[0] == "00000000000000aa" and len(sent[hop].split(",")) == 2
+        await env.close()
+
+    run(scenario)

@@ -4,14 +4,20 @@ Two spawned processes play SGLang's prefill and decode schedulers: they call
 ``init`` / ``send`` / ``send_metadata`` / ``poll`` / ``abort`` / ``clear`` in the
 order ``sglang/srt/disaggregation/prefill.py`` and ``decode.py`` (0.5.23) do,
 and accept only the ``KVPoll`` states those loops accept at each point. The KV
-pool is raw memory handed over as pointers in ``KVArgs``, as SGLang does.
+pool is raw memory handed over as pointers in ``KVArgs``, filled field by field
+as SGLang's ``_init_kv_manager`` fills them on each side (the decode side has no
+head counts). The ordinary flow runs with p2pkv's default engine deadlines.
+In-process tests below cover what issue 22 found with real servers: a retry
+under the same room, the decode side giving up, a prefill restart, a bootstrap
+server that is away, ``send`` returning before the work, hostile metadata.
 Without sglang the backend's stand-in base classes are used; tests/test_sglang_real.py
 runs the same flows with the real package (classes taken from SGLang's own
-``get_kv_class`` after ``install()``).
+``get_kv_class`` after ``install()``), tests/test_sglang_e2e.py real servers.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -27,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pkv import ConfigError, EngineConfig, InvalidKey, P2pkvError
+from p2pkv import ConfigError, EngineConfig, InvalidKey, TransferAborted, TransferKey, TransferTimeout
 from p2pkv.adapters import sglang as sg
 from p2pkv.adapters.sglang import KVPoll
 
@@ -36,7 +42,12 @@ AUX_SLOTS, AUX_ITEM = 8, 48
 TIMEOUTS = dict(bootstrap_timeout_s=3.0, waiting_timeout_s=12.0, buffer_device="cpu")
 ENGINE = dict(host="127.0.0.1", port=0, timeout_s=5.0, peer_timeout_s=1.5, heartbeat_s=0.2, ttl_s=30.0,
               pool_bytes=32 * 2**20)
+# p2pkv's defaults (peer_timeout_s, heartbeat_s, timeout_s, ttl_s unset), only a smaller pool: what a user gets
+DEFAULT_ENGINE = dict(pool_bytes=32 * 2**20)
 MAX_POLL_S = 0.25  # poll() must never block
+# what SGLang's inflight queue accepts from a sender between send() and the end (prefill.py): the chunks are
+# queued for the backend's workers, so the state may still be WaitingForInput right after send()
+SENDING = {KVPoll.WaitingForInput, KVPoll.Transferring}
 
 
 def free_port() -> int:
@@ -46,11 +57,15 @@ def free_port() -> int:
 
 
 class Pool:
-    """A paged KV pool in raw memory plus SGLang's KVArgs describing it."""
+    """A paged KV pool in raw memory plus the KVArgs describing it, filled field by field as SGLang
+    0.5.23's ``_init_kv_manager`` fills them on each side (prefill.py / decode.py). In particular the
+    decode side never sets ``kv_head_num`` / ``total_kv_head_num`` (only its staging branch does, after
+    the manager is built): the backend must work without them."""
 
     def __init__(self, kv_args_cls: Any, *, seed: int | None, heads: int, total_heads: int, rank: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", side: str | None = None, attn_tp: int = 1):
         g = torch.Generator().manual_seed(seed) if seed is not None else None
+        side = side or ("prefill" if seed is not None else "decode")
         nbytes = NUM_PAGES * PAGE * heads * HEAD_BYTES
         self.kv = [torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8) if g is not None
                    else torch.zeros(nbytes, dtype=torch.uint8) for _ in range(2 * LAYERS)]
@@ -58,20 +73,30 @@ class Pool:
         self.kv = [t.to(device) for t in self.kv]
         self.aux = [t.to(device) for t in self.aux]
         a = kv_args_cls()
-        a.engine_rank = rank
+        # both sides (prefill.py / decode.py _init_kv_manager)
+        a.engine_rank = rank if side == "prefill" else rank % attn_tp
+        a.pp_rank = 0
+        a.system_dp_rank = 0
+        a.kv_cache_dtype_str = "bfloat16"
+        a.kv_layout = None
         a.kv_data_ptrs = [t.data_ptr() for t in self.kv]
         a.kv_data_lens = [t.numel() for t in self.kv]
         a.kv_item_lens = [PAGE * heads * HEAD_BYTES] * len(self.kv)
+        a.num_draft_entries = 0
+        a.kv_layer_ids = [i % LAYERS for i in range(2 * LAYERS)]
+        a.page_size = PAGE
         a.aux_data_ptrs = [t.data_ptr() for t in self.aux]
         a.aux_data_lens = [t.numel() for t in self.aux]
         a.aux_item_lens = [AUX_ITEM] * len(self.aux)
-        a.state_types = []
-        a.page_size = PAGE
-        a.kv_head_num = heads
-        a.total_kv_head_num = total_heads
+        a.state_types = []  # setup_state_kv_args: no hybrid-model state
+        a.ib_device = None
         a.gpu_id = torch.device(device).index or 0
-        a.system_dp_rank = 0
-        a.kv_cache_dtype_str = "bfloat16"
+        if side == "prefill":
+            a.rust_http_port = None
+            a.prefill_start_layer = 0
+            a.prefill_end_layer = LAYERS
+            a.kv_head_num = heads  # non-MLA only, and on the prefill side only
+            a.total_kv_head_num = total_heads
         self.args = a
         self.heads = heads
 
@@ -100,6 +125,11 @@ def classes(real: bool) -> dict[str, Any]:
     return dict(kvargs=get_kv_class(tb, KVClassType.KVARGS), manager=get_kv_class(tb, KVClassType.MANAGER),
                 sender=get_kv_class(tb, KVClassType.SENDER), receiver=get_kv_class(tb, KVClassType.RECEIVER),
                 server=get_kv_class(tb, KVClassType.BOOTSTRAP_SERVER), poll=RealPoll)
+
+
+def engine_for(scenario: str) -> dict[str, Any]:
+    """The ordinary flow runs with p2pkv's default deadlines; the kill flow with short liveness deadlines."""
+    return ENGINE if scenario == "kill" else DEFAULT_ENGINE
 
 
 def poll_until(obj: Any, done: set[int], allowed: set[int], deadline_s: float, stats: dict[str, float]) -> int:
@@ -146,7 +176,7 @@ def prefill_proc(real: bool, bport: int, rooms: list[int], scenario: str, q: Any
         server = C["server"]("127.0.0.1", bport)
         pool = Pool(C["kvargs"], seed=1234, heads=2, total_heads=2)
         mgr = C["manager"](pool.args, "prefill", server_args(bport), False,
-                           config=EngineConfig(**ENGINE), settings=sg.SglangSettings(**TIMEOUTS))
+                           config=EngineConfig(**engine_for(scenario)), settings=sg.SglangSettings(**TIMEOUTS))
         q.put(("ready", None))
         assert go.wait(60), "the decode process never came up"
         for room in rooms:
@@ -200,7 +230,7 @@ def decode_proc(real: bool, bport: int, rooms: list[int], scenario: str, q: Any,
         P = C["poll"]
         pool = Pool(C["kvargs"], seed=None, heads=2, total_heads=2)
         mgr = C["manager"](pool.args, "decode", server_args(bport), False,
-                           config=EngineConfig(**ENGINE), settings=sg.SglangSettings(**TIMEOUTS))
+                           config=EngineConfig(**engine_for(scenario)), settings=sg.SglangSettings(**TIMEOUTS))
         addr = f"127.0.0.1:{bport}"
         end = time.monotonic() + 20
         while scenario != "bootstrap_down" and not mgr.try_ensure_parallel_info(addr):
@@ -425,7 +455,7 @@ def _drive(senders: list[Any], receivers: list[tuple[Any, list[int], int]], ppag
         for s in senders:
             s.send(np.asarray(chunk), None)
     for s in senders:
-        assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, {KVPoll.Transferring}, 20, stats) == KVPoll.Success, \
+        assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success, \
             failure(s)
     for r, _, _ in receivers:
         assert poll_until(r, {KVPoll.Success, KVPoll.Failed}, {KVPoll.WaitingForInput, KVPoll.Transferring}, 20,
@@ -449,7 +479,8 @@ def test_different_tp_sizes_slice_heads(p_tp, d_tp):
             for pp in ppools:
                 for j in range(2):
                     pp.aux_row(j, 1).fill_(40 + j)
-            dpools = [Pool(sg.KVArgs, seed=None, heads=dh, total_heads=total, rank=r) for r in range(d_tp)]
+            dpools = [Pool(sg.KVArgs, seed=None, heads=dh, total_heads=total, rank=r, attn_tp=d_tp)
+                      for r in range(d_tp)]
             pm = [_mgr(pp, "prefill", bport, p_tp) for pp in ppools]
             dm = [_mgr(dp, "decode", bport, d_tp) for dp in dpools]
             mgrs = pm + dm
@@ -504,7 +535,7 @@ def test_prefill_dp_rank_picks_the_dp_worker():
             s.init(len(ppages), 0)
             for chunk in chunks_of(ppages):
                 s.send(np.asarray(chunk), None)
-            assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, {KVPoll.Transferring}, 20, stats) == KVPoll.Success
+            assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success
             assert poll_until(r, {KVPoll.Success, KVPoll.Failed}, {KVPoll.WaitingForInput, KVPoll.Transferring}, 20,
                               stats) == KVPoll.Success, failure(r)
             src = workers[1][0]
@@ -523,7 +554,7 @@ def test_sender_fails_when_decode_never_sends_metadata():
             s = sg.P2pkvKVSender(m, f"127.0.0.1:{bport}", 8)
             st = poll_until(s, {KVPoll.Failed}, {KVPoll.Bootstrapping}, 5, {})
             assert st == KVPoll.Failed
-            with pytest.raises(sg.TransferTimeout, match="no KV metadata from decode rank 0"):
+            with pytest.raises(TransferTimeout, match="no KV metadata from decode rank 0"):
                 s.failure_exception()
         finally:
             m.close()
@@ -535,7 +566,7 @@ def test_sender_fails_when_scheduler_never_sends_a_chunk():
     bport = free_port()
     with sg.P2pkvBootstrapServer("127.0.0.1", bport):
         pm = _mgr(Pool(sg.KVArgs, seed=1, heads=2, total_heads=2), "prefill", bport, waiting_timeout_s=0.5)
-        dm = _mgr(Pool(sg.KVArgs, seed=None, heads=2, total_heads=2), "decode", bport, waiting_timeout_s=0.5)
+        dm = _mgr(Pool(sg.KVArgs, seed=None, heads=2, total_heads=2), "decode", bport, waiting_timeout_s=3.0)
         try:
             s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", 9)
             r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 9)
@@ -546,18 +577,12 @@ def test_sender_fails_when_scheduler_never_sends_a_chunk():
             s.init(4, 0)
             assert poll_until(s, {KVPoll.Failed}, {KVPoll.WaitingForInput}, 5, {}) == KVPoll.Failed
             assert "sent no KV chunk" in failure(s)
-            # the receiver waits for chunk 0 no longer than waiting_timeout_s either
-            assert poll_until(r, {KVPoll.Failed}, {KVPoll.WaitingForInput}, 5, {}) == KVPoll.Failed
+            # the receiver waits for chunk 0 no longer than its waiting_timeout_s either (or hears of the abort)
+            assert poll_until(r, {KVPoll.Failed}, {KVPoll.WaitingForInput}, 10, {}) == KVPoll.Failed
             assert "TransferTimeout" in failure(r) or "TransferAborted" in failure(r)
         finally:
             pm.close()
             dm.close()
-
-
-@pytest.mark.timeout(30)
-def test_prefill_registration_without_bootstrap_server_fails():
-    with pytest.raises(P2pkvError, match="could not register with the SGLang bootstrap server"):
-        _mgr(Pool(sg.KVArgs, seed=1, heads=2, total_heads=2), "prefill", free_port(), bootstrap_timeout_s=0.5)
 
 
 @pytest.mark.timeout(30)
@@ -566,14 +591,32 @@ def test_bootstrap_server_rejects_bad_registrations():
     import urllib.error
     import urllib.request
 
+    good = {"v": 2, "dp_rank": 0, "tp_rank": 0, "dp_size": 1, "tp_size": 1, "address": "127.0.0.1:5",
+            "page_size": 4, "kv_head_num": 2, "total_kv_head_num": 2, "is_mla": False, "item_lens": [256],
+            "aux_item_lens": [48], "kv_cache_dtype": "bf16", "instance": "abc"}
+    bad = [b"not json", b"[1, 2]", b"\xff\xfe", json.dumps({"dp_rank": 0}).encode()]
+    for change in ({"v": 1}, {"tp_rank": 1}, {"dp_rank": -1}, {"tp_size": 0}, {"address": "nowhere"},
+                   {"address": 5}, {"page_size": True}, {"item_lens": []}, {"item_lens": [0]},
+                   {"item_lens": "256"}, {"is_mla": "no"}, {"instance": ""}, {"kv_head_num": 2.0}):
+        bad.append(json.dumps({**good, **change}).encode())
     with sg.P2pkvBootstrapServer("127.0.0.1", 0) as srv:
-        for body in (b"not json", json.dumps({"dp_rank": 0}).encode()):
+        for body in bad:
             req = urllib.request.Request(f"http://{srv.address}/register", data=body, method="PUT")
             with pytest.raises(urllib.error.HTTPError) as ei:
                 urllib.request.urlopen(req, timeout=5)
-            assert ei.value.code == 400
+            assert ei.value.code == 400, body[:80]
+        # an oversized body is refused before it is read (the client may see the refusal or a reset connection)
+        req = urllib.request.Request(f"http://{srv.address}/register", data=b"x" * (2 << 20), method="PUT")
+        with pytest.raises((urllib.error.HTTPError, ConnectionError, urllib.error.URLError)) as ei:
+            urllib.request.urlopen(req, timeout=5)
+        assert not isinstance(ei.value, urllib.error.HTTPError) or ei.value.code == 400
         with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
             assert json.loads(resp.read()) == {"ranks": {}}
+        req = urllib.request.Request(f"http://{srv.address}/register", data=json.dumps(good).encode(), method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
+            assert json.loads(resp.read()) == {"ranks": {"0": {"0": good}}}
 
 
 def test_layout_mismatch_is_a_typed_failure():
@@ -670,7 +713,7 @@ def test_cuda_pools_on_two_gpus(p_tp, d_tp):
             ph, dh = total // p_tp, total // d_tp
             ppools = [Pool(sg.KVArgs, seed=200 + q, heads=ph, total_heads=total, rank=q, device="cuda:0")
                       for q in range(p_tp)]
-            dpools = [Pool(sg.KVArgs, seed=None, heads=dh, total_heads=total, rank=r, device="cuda:1")
+            dpools = [Pool(sg.KVArgs, seed=None, heads=dh, total_heads=total, rank=r, device="cuda:1", attn_tp=d_tp)
                       for r in range(d_tp)]
             pm = [_mgr(pp, "prefill", bport, p_tp) for pp in ppools]
             dm = [_mgr(dp, "decode", bport, d_tp) for dp in dpools]
@@ -694,3 +737,321 @@ def test_cuda_pools_on_two_gpus(p_tp, d_tp):
         finally:
             for m in mgrs:
                 m.close()
+
+
+# ----------------------------------------------------------------------------- issue 22: SGLang as it really runs
+def _pair(bport: int, *, engine: dict[str, Any] | None = None, p_settings: dict[str, Any] | None = None,
+          d_settings: dict[str, Any] | None = None) -> tuple[Pool, sg.P2pkvKVManager, Pool, sg.P2pkvKVManager]:
+    """A prefill and a decode manager (KVArgs as SGLang fills them on each side) in this process."""
+    cfg = EngineConfig(**(engine or ENGINE))
+    pp = Pool(sg.KVArgs, seed=7, heads=2, total_heads=2, side="prefill")
+    dp = Pool(sg.KVArgs, seed=None, heads=2, total_heads=2, side="decode")
+    pm = sg.P2pkvKVManager(pp.args, "prefill", server_args(bport), False, config=cfg,
+                           settings=sg.SglangSettings(**dict(TIMEOUTS, **(p_settings or {}))))
+    dm = sg.P2pkvKVManager(dp.args, "decode", server_args(bport), False, config=cfg,
+                           settings=sg.SglangSettings(**dict(TIMEOUTS, **(d_settings or {}))))
+    return pp, pm, dp, dm
+
+
+def _one_request(pm: sg.P2pkvKVManager, dm: sg.P2pkvKVManager, bport: int, room: int, pp: Pool, dp: Pool,
+                 seed: int = 0) -> None:
+    """One whole request, driven as SGLang's two schedulers drive it; asserts the pages arrived bit-exact."""
+    ppages, dpages = req_pages(seed or room, 12)
+    s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+    r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", room)
+    _drive([s], [(r, dpages, 1)], ppages)
+    assert all(torch.equal(dp.pages(i)[dpages], pp.pages(i)[ppages]) for i in range(2 * LAYERS))
+    s.clear()
+    r.clear()
+
+
+def test_decode_kvargs_without_head_counts_learn_them_from_the_prefill():
+    """Defect 1: SGLang's decode side sets no kv_head_num / total_kv_head_num; the decode manager must start
+    and learn the head count (max(1, total // attn_tp)) from the prefill ranks' registrations."""
+    dpool = Pool(sg.KVArgs, seed=None, heads=1, total_heads=2, side="decode", rank=1, attn_tp=2)
+    assert not hasattr(dpool.args, "kv_head_num") and not hasattr(dpool.args, "total_kv_head_num")
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pm = _mgr(Pool(sg.KVArgs, seed=1, heads=2, total_heads=2, side="prefill"), "prefill", bport)
+        dm = _mgr(dpool, "decode", bport, tp=2)
+        try:
+            assert dm.kv_head_num is None and dm.total_kv_head_num is None
+            end = time.monotonic() + 10
+            while not dm.try_ensure_parallel_info(f"127.0.0.1:{bport}"):
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            assert (dm.kv_head_num, dm.total_kv_head_num, dm.bytes_per_head()) == (1, 2, HEAD_BYTES)
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+def test_default_engine_settings_move_a_request():
+    """Defect 2: with p2pkv's default EngineConfig (peer_timeout_s=None) every decode transfer failed."""
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport, engine=DEFAULT_ENGINE)
+        try:
+            assert pm.engine.config.peer_timeout_s is None and dm.engine.config.peer_timeout_s is None
+            _one_request(pm, dm, bport, 5, pp, dp)
+        finally:
+            pm.close()
+            dm.close()
+
+
+def test_plugin_entry_point_is_declared_and_never_raises():
+    """Defect 3: SGLang 0.5.23 loads the `sglang.srt.plugins` entry-point group in every process it starts."""
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "p2pkv"]
+    assert [ep.value for ep in eps] == ["p2pkv.adapters.sglang:plugin"], "reinstall p2pkv (pip install -e .)"
+    assert eps[0].load() is sg.plugin
+    if not sg.HAVE_SGLANG:
+        assert sg.plugin() is None  # without sglang: logged, not raised (a plugin must not take SGLang down)
+        assert not sg.installed()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["after_metadata", "before_prefill_sender"])
+def test_retry_with_the_same_room_works(when):
+    """Behaviour 4: an attempt that failed or was aborted does not block a retry under the same bootstrap_room
+    (as with Mooncake); late data of the old attempt is still refused."""
+    bport = free_port()
+    room = 31
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            stats: dict[str, float] = {}
+            r1 = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", room)
+            r1.init(0)
+            poll_until(r1, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            r1.send_metadata(np.arange(12), 1, None)
+            if when == "after_metadata":
+                s1 = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+                poll_until(s1, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            else:  # the prefill never got attempt 1: its metadata waits there unclaimed
+                end = time.monotonic() + 10
+                while not r1._meta_sent:
+                    assert time.monotonic() < end
+                    time.sleep(0.01)
+            r1.abort()
+            r1.clear()
+            # the decode's abort reaches the prefill engine before SGLang could answer the client (and anyone
+            # retry): wait for that order here too
+            end = time.monotonic() + 10
+            while True:
+                try:
+                    pm.engine.recv(TransferKey(r1.tid, "probe"), timeout=0)
+                except TransferAborted:
+                    break
+                except TransferTimeout:
+                    assert time.monotonic() < end
+                    time.sleep(0.01)
+            if when == "after_metadata":
+                assert poll_until(s1, {KVPoll.Failed}, SENDING, 10, stats) == KVPoll.Failed
+                s1.clear()
+                # the old attempt's id stays refused on the decode side: late data cannot land in its pages
+                h = pm.engine.send(dm.engine.address, TransferKey(r1.tid, "p0/d0/c0"),
+                                   torch.zeros(3, dtype=torch.int64))
+                with pytest.raises(TransferAborted):
+                    h.wait(timeout=10)
+            _one_request(pm, dm, bport, room, pp, dp)  # attempt 2, same room
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["abort_after_metadata", "abort_before_metadata", "decode_deadline"])
+def test_decode_giving_up_fails_the_prefill_sender_at_once(how):
+    """Behaviour 5: the prefill sender hears of the decode side giving up (abort or its own deadline) at once,
+    not after its own waiting timeout (60 s here)."""
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        d_set = {"waiting_timeout_s": 1.0} if how == "decode_deadline" else {}
+        _, pm, _, dm = _pair(bport, p_settings={"waiting_timeout_s": 60.0, "bootstrap_timeout_s": 60.0},
+                             d_settings=d_set)
+        try:
+            stats: dict[str, float] = {}
+            s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", 41)
+            r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 41)
+            r.init(0)
+            poll_until(r, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            if how == "abort_before_metadata":
+                assert s.poll() == KVPoll.Bootstrapping
+                t0 = time.monotonic()
+                r.abort()
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.Bootstrapping}, 20, stats) == KVPoll.Failed
+            else:
+                r.send_metadata(np.arange(12), 1, None)
+                poll_until(s, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+                s.init(12, 1)  # ... and the prefill scheduler has not computed anything yet
+                t0 = time.monotonic()
+                if how == "abort_after_metadata":
+                    r.abort()
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.WaitingForInput}, 20, stats) == KVPoll.Failed
+            assert time.monotonic() - t0 < 15.0  # far inside the sender's own 60 s deadlines
+            assert "TransferAborted" in failure(s) and "decode rank 0 gave up" in failure(s), failure(s)
+            assert stats["max_poll_s"] < MAX_POLL_S
+            s.clear()
+            r.clear()
+            assert settled_use(pm.engine) == 0 and settled_use(dm.engine) == 0
+        finally:
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(90)
+def test_prefill_restarted_first_request_after_works():
+    """Behaviour 6: the decode side caches the prefill ranks' addresses; after the prefill server restarted
+    (new engine, new port, same bootstrap port) the first request re-resolves and works."""
+    bport = free_port()
+    pp, pm, dp, dm = _pair(bport, engine=DEFAULT_ENGINE)
+    server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+    pm2 = None
+    try:
+        _one_request(pm, dm, bport, 51, pp, dp)
+        old = pm.engine.address
+        pm.close()
+        server.close()
+        server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+        pp2 = Pool(sg.KVArgs, seed=8, heads=2, total_heads=2, side="prefill")
+        pm2 = sg.P2pkvKVManager(pp2.args, "prefill", server_args(bport), False, config=EngineConfig(**DEFAULT_ENGINE),
+                                settings=sg.SglangSettings(**TIMEOUTS))
+        assert pm2.registrar is not None and pm2.registrar.registered.wait(10)
+        assert pm2.engine.address != old
+        assert f"127.0.0.1:{bport}" in dm.prefill_info_table  # the stale entry is still cached
+        _one_request(pm2, dm, bport, 52, pp2, dp)
+    finally:
+        for m in (pm, dm, pm2):
+            if m is not None:
+                m.close()
+        server.close()
+
+
+@pytest.mark.timeout(90)
+def test_bootstrap_server_down_at_prefill_start_warns_and_carries_on(caplog):
+    """Behaviour 7: no bootstrap server when the prefill rank starts: a warning, never an exception (that took the
+    prefill server down); it registers once the bootstrap server is there."""
+    bport = free_port()
+    caplog.set_level(logging.WARNING, logger="p2pkv.sglang")
+    pp, pm, dp, dm = _pair(bport, p_settings={"register_warn_s": 0.3})
+    server = None
+    try:
+        assert pm.registrar is not None and not pm.registrar.registered.is_set()
+        end = time.monotonic() + 30
+        while "could not register with the SGLang bootstrap server" not in caplog.text:
+            assert time.monotonic() < end, caplog.text
+            time.sleep(0.05)
+        server = sg.P2pkvBootstrapServer("127.0.0.1", bport)
+        assert pm.registrar.registered.wait(30)
+        _one_request(pm, dm, bport, 61, pp, dp)
+    finally:
+        pm.close()
+        dm.close()
+        if server is not None:
+            server.close()
+
+
+@pytest.mark.timeout(60)
+def test_send_queues_the_work_and_returns(monkeypatch):
+    """Behaviour 8: send() runs on SGLang's scheduler thread: it queues the chunk and returns; gathering the pages
+    (pack) runs on the backend's worker threads."""
+    from p2pkv.adapters.sglang import sender as sender_mod
+
+    gate = threading.Event()
+    threads: list[int] = []
+    real_pack = sender_mod.pack
+
+    def slow_pack(*a: Any, **kw: Any) -> Any:
+        threads.append(threading.get_ident())
+        assert gate.wait(30)
+        return real_pack(*a, **kw)
+
+    monkeypatch.setattr(sender_mod, "pack", slow_pack)
+    bport = free_port()
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            ppages, dpages = req_pages(71, 12)
+            s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", 71)
+            r = sg.P2pkvKVReceiver(dm, f"127.0.0.1:{bport}", 71)
+            stats: dict[str, float] = {}
+            r.init(0)
+            poll_until(r, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            r.send_metadata(np.asarray(dpages), 1, None)
+            poll_until(s, {KVPoll.WaitingForInput}, {KVPoll.Bootstrapping}, 10, stats)
+            s.init(len(ppages), 1)
+            for chunk in chunks_of(ppages):
+                s.send(np.asarray(chunk), None)  # returns although every pack is held at the gate
+                assert s.poll() in SENDING
+            assert not gate.is_set()
+            gate.set()
+            assert poll_until(s, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success, failure(s)
+            assert poll_until(r, {KVPoll.Success, KVPoll.Failed}, SENDING, 20, stats) == KVPoll.Success, failure(r)
+            assert threads and threading.get_ident() not in threads
+            assert all(torch.equal(dp.pages(i)[dpages], pp.pages(i)[ppages]) for i in range(2 * LAYERS))
+        finally:
+            gate.set()
+            pm.close()
+            dm.close()
+
+
+@pytest.mark.timeout(60)
+def test_hostile_metadata_fails_only_its_request():
+    """A peer pushing garbage under a room's metadata key: that request fails with a ProtocolError naming the
+    problem; the manager serves the next request."""
+    from p2pkv.adapters.sglang import _wire
+
+    bport = free_port()
+    room = 81
+    with sg.P2pkvBootstrapServer("127.0.0.1", bport):
+        pp, pm, dp, dm = _pair(bport)
+        try:
+            key = TransferKey(sg.transfer_id_for_room(room), "meta/p0/d0")
+            bad = [b"not json", b'{"v": 2, "kind": "meta", "tid": "sglang-9.x", "n_dst": 1, "dst_rank": 0}',
+                   _wire.json_tensor({"v": 2, "kind": "meta", "tid": f"sglang-{room}.a1", "n_dst": 1,
+                                      "dst_rank": 0, "addr": "nowhere", "n_pages": 1, "heads": None, "aux": False,
+                                      "prefix_len": 0, "bytes_per_head": 0, "n_buffers": 0}).numpy().tobytes()]
+            for i, raw in enumerate(bad):
+                s = sg.P2pkvKVSender(pm, f"127.0.0.1:{bport}", room)
+                dm.engine.send(pm.engine.address, key, torch.frombuffer(bytearray(raw), dtype=torch.uint8)).wait(10)
+                assert poll_until(s, {KVPoll.Failed}, {KVPoll.Bootstrapping}, 10, {}) == KVPoll.Failed, i
+                assert "ProtocolError" in failure(s), failure(s)
+                s.clear()
+            _one_request(pm, dm, bport, room + 1, pp, dp)
+        finally:
+            pm.close()
+            dm.close()
+
+
+def test_metadata_parser_refuses_what_it_cannot_use():
+    from p2pkv import ProtocolError
+    from p2pkv.adapters.sglang import _wire
+
+    key = TransferKey("sglang-5", "meta/p0/d0")
+    good = _wire.DecodeMeta(kind="meta", tid="sglang-5.ab1", dst_rank=1, n_dst=2, addr="127.0.0.1:5",
+                            n_pages=3, heads=(0, 1), aux=True, prefix_len=0, bytes_per_head=32, n_buffers=6)
+    assert _wire.decode_meta(_wire.encode_meta(good), key, 5) == good
+    for change in ({"v": 1}, {"kind": "x"}, {"tid": "sglang-6.ab1"}, {"tid": "sglang-5.AB!"}, {"dst_rank": 2},
+                   {"n_dst": 0}, {"addr": "x"}, {"heads": [2, 1]}, {"heads": [0]}, {"aux": 1}, {"n_pages": -1},
+                   {"n_pages": True}):
+        with pytest.raises(ProtocolError):
+            _wire.decode_meta(_wire.json_tensor({**good.to_dict(), **change}), key, 5)
+    with pytest.raises(ProtocolError):
+        _wire.decode_meta(torch.zeros(70000, dtype=torch.uint8), key, 5)
+    assert sg.attempt_transfer_id(5, "ab1") == "sglang-5.ab1"
+    with pytest.raises(InvalidKey):
+        sg.attempt_transfer_id(5, "a.b")
+
+
+def test_launcher_without_sglang_prints_an_install_hint_and_exits_2():
+    """Issue 23: no 27-line ModuleNotFoundError: one line saying what to install, exit status 2."""
+    if sg.HAVE_SGLANG:
+        pytest.skip("sglang is installed here")
+    out = subprocess.run([sys.executable, "-m", "p2pkv.adapters.sglang.launch", "--model-path", "m"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install" in lines[0] and "sglang" in lines[0], out.stderr

@@ -146,6 +146,7 @@ def test_push_with_vllm_request_id_forms(consumer_pair, forms):
     p, conn = _start_prefill(prod_id, tid, prompt, [5, 9, 2, 40, 41, 7, 63], "push", port, seed=3)
     assert conn.poll(60)
     kind, params = conn.recv()
+    assert kind == "params"
     decode_side(dec_id, params, prompt, [11, 0, 30, 31, 12, 50, 8], 3, consumer)
     assert conn.recv()[0] == "sent"
     _finish(p, conn)
@@ -173,14 +174,58 @@ def test_prefix_cache_hit_on_consumer_keeps_local_blocks(consumer_pair):
     _finish(p, conn)
 
 
-def test_requests_without_transfer_params_are_local(consumer_pair):
+def test_requests_without_disaggregation_are_local(consumer_pair):
     (consumer, _) = consumer_pair("push")
-    sched, worker, _ = consumer
-    for params in (None, {}, {"do_remote_prefill": True}, {"transfer_id": "", "do_remote_prefill": True}):
+    sched, _, _ = consumer
+    for params in (None, {}, {"transfer_id": new_transfer_id()}, {"do_remote_prefill": False}):
         req = F.Request("cmpl-local", [1, 2, 3], params)
         assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        sched.update_state_after_alloc(req, F.KVCacheBlocks([1]), 0)
         assert sched.request_finished(req, ([1],)) == (False, None)
     assert sched.build_connector_meta(F.SchedulerOutput()).loads == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("params,why", [
+    ({"do_remote_prefill": True}, "name no transfer_id"),
+    ({"transfer_id": "", "do_remote_prefill": True}, "transfer_id is not valid"),
+    ({"transfer_id": 7, "do_remote_prefill": True, "mode": "pull"}, "transfer_id is not valid"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull"}, "no producer address"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull", "remote_host": None,
+      "remote_port": None}, "no producer address"),
+    # params come from clients: hostile values are refused by name, cheaply
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "pull", "remote_host": 5,
+      "remote_port": "80"}, "remote_host/remote_port must be"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "mode": "teleport"}, "mode must be"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "remote_tp_size": 10**9}, "remote_tp_size must"),
+    ({"transfer_id": new_transfer_id(), "do_remote_prefill": True, "remote_block_size": -16},
+     "remote_block_size must"),
+])
+def test_decode_request_that_cannot_get_its_remote_prefill_fails_loudly(consumer_pair, caplog, params, why):
+    """Asked for a remote prefill it cannot get: a failed load (vLLM's kv_load_failure_policy applies) with
+    an error naming why, never a silent local recompute."""
+    import logging
+
+    (consumer, _) = consumer_pair("push")
+    sched, worker, _ = consumer
+    caplog.set_level(logging.WARNING, logger="p2pkv.vllm")
+    req = F.Request("cmpl-broken-1", list(range(32)), params)
+    assert sched.get_num_new_matched_tokens(req, 0) == (32, True)
+    sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2]), 32)
+    meta = sched.build_connector_meta(F.SchedulerOutput())
+    assert len(meta.loads) == 1 and why in meta.loads[0].refuse
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    deadline = time.monotonic() + 10
+    failed = set()
+    while "cmpl-broken-1" not in failed:
+        failed |= worker.get_transfer_results(set()).failed_recving
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker.get_block_ids_with_load_errors() == {1, 2}
+    assert any(r.levelno >= logging.ERROR and why in r.getMessage() for r in caplog.records)
+    req.status = "FINISHED_ERROR"
+    assert sched.request_finished(req, ([1, 2],)) == (False, None)
 
 
 def test_n_greater_than_one_loads_once(consumer_pair):
@@ -197,7 +242,7 @@ def test_n_greater_than_one_loads_once(consumer_pair):
 
 @pytest.mark.timeout(60)
 def test_lost_producer_reports_load_errors_not_a_hang(consumer_pair):
-    (consumer, port) = consumer_pair("push", load_timeout_s=2.0)
+    (consumer, _) = consumer_pair("push", load_timeout_s=2.0)
     params = {"transfer_id": new_transfer_id(), "do_remote_prefill": True}
     t0 = time.monotonic()
     errors = decode_side("cmpl-q-1", params, 48, [4, 5, 6], 1, consumer, expect_ok=False)
@@ -249,3 +294,24 @@ def test_block_view_layouts():
     assert block_view(torch.zeros(10, 4, 16, 8), 10).shape == (10, 4, 16, 8)
     assert block_view(torch.zeros(20, 4, 8, 8), 10).shape == (10, 2, 4, 8, 8)  # kernel blocks
     assert block_view(torch.zeros(2, 20, 8, 4, 8), 10).shape == (10, 2, 2, 8, 4, 8)
+
+
+def test_read_mode_needs_cuda_caches_and_a_port():
+    """Mode 'read' (the decode side copies straight out of the producer's registered cache) is refused
+    where it cannot work: a producer without a fixed port, or with CPU caches."""
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+    from p2pkv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="read"):
+        P2pkvConnector(F.VllmConfig(F.KVTransferConfig("kv_producer", {"mode": "read"})), KVConnectorRole.WORKER,
+                       F.KVCacheConfig(num_blocks=8))
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    w = P2pkvConnector(F.VllmConfig(F.KVTransferConfig("kv_producer", {"mode": "read", "port": port})),
+                       KVConnectorRole.WORKER, F.KVCacheConfig(num_blocks=8))
+    try:
+        with pytest.raises(ConfigError, match="CUDA"):
+            w.register_kv_caches({n: torch.zeros(2, 8, 16, 8, 128, dtype=torch.bfloat16) for n in F.LAYERS})
+    finally:
+        w.shutdown()

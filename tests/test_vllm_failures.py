@@ -64,7 +64,9 @@ def test_gone_producer_fails_the_pull_at_once_per_request(consumer):
     _, results = H.load(inst, "cmpl-g-1", _producer_params(new_transfer_id(), dead), 40, [1, 2, 3])
     assert time.monotonic() - t0 < 5, "a refused connection must fail the load now, not at load_timeout_s"
     assert results[0].failed_recving == {"cmpl-g-1"} and "cmpl-g-1" in results[0].finished_recving
-    assert inst[1][0].get_block_ids_with_load_errors() == set()  # reported per request, not as block ids
+    # vLLM 0.33's base class: failed block ids no later than the pass that reports the request finished
+    assert inst[1][0].get_block_ids_with_load_errors() == {1, 2, 3}
+    assert inst[1][0].get_block_ids_with_load_errors() == set()  # handed over once
 
 
 @pytest.mark.timeout(60)
@@ -249,6 +251,7 @@ def test_save_path_host_time_is_small():
     meta, w, caches = _bound_producer("push")
     try:
         w.engine.send = lambda peer, key, t, **kw: _DoneHandle()
+        w.engine.send_request = lambda peer, tid, layout, **kw: None  # per-tensor sends (stubbed above)
         w.bind_connector_metadata(meta)
         name = H.LAYERS4[0]
         cache = w._caches[name]
@@ -263,6 +266,7 @@ def test_save_path_host_time_is_small():
             packs.append(t1 - t0)
             saves.append(t2 - t1)
         pack_us, save_us = _median_us(packs), _median_us(saves)
+        assert not w._save_plans[0].state.failed  # the hand-off really ran every time
         w.wait_for_save()
     finally:
         w.shutdown()
@@ -346,7 +350,7 @@ def test_producer_preempted_before_its_hand_off_uses_the_reallocated_blocks():
         cached.resumed_req_ids = {"cmpl-pre-1"}
         meta = sched.build_connector_meta(F.SchedulerOutput(scheduled_cached_reqs=cached,
                                                             num_scheduled_tokens={"cmpl-pre-1": 64}))
-        assert [s.block_ids for s in meta.saves] == [[9, 10, 11, 12]]
+        assert [s.block_ids for s in meta.saves] == [[[9, 10, 11, 12]]]
     finally:
         workers[0].shutdown()
 
@@ -389,3 +393,219 @@ def test_producer_killed_after_prefill_fails_the_pull_at_once():
         cons[1][0].shutdown()
         if p.is_alive():
             p.kill()
+
+
+# ----------------------------------------------------------------------------- releases, NIXL-style routers
+def _prefill_here(prod, req_id, params, ntok, blocks, geo=None):
+    """Run one prefill request through an in-process producer instance; returns the decode request's params
+    (as a router receives them: JSON) once the hand-off is done."""
+    import json
+
+    geo = geo or H.Geo()
+    sched, workers, caches = prod
+    req = F.Request(req_id, list(range(ntok)), params)
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    sched.update_state_after_alloc(req, F.KVCacheBlocks(blocks), 0)
+    so = F.SchedulerOutput(num_scheduled_tokens={req_id: ntok})
+    so.scheduled_new_reqs.append(F.NewRequestData(req_id, req.prompt_token_ids, (list(blocks),), 0))
+    meta = sched.build_connector_meta(so)
+    assert len(meta.saves) == 1
+    for rank, (w, c) in enumerate(zip(workers, caches, strict=True)):
+        H.fill(geo, rank, c, blocks, ntok)
+        w.bind_connector_metadata(meta)
+        for name in H.LAYERS4:
+            w.save_kv_layer(name, c[name], None)
+        w.wait_for_save()
+        w.clear_connector_metadata()
+    req.status = "FINISHED_LENGTH_CAPPED"
+    delay, out = sched.request_finished(req, (list(blocks),))
+    assert delay is True
+    deadline = time.monotonic() + 30
+    for w in workers:
+        while req_id not in (w.get_finished({req_id})[0] or set()):
+            assert time.monotonic() < deadline, "hand-off never finished"
+            time.sleep(0.01)
+    return json.loads(json.dumps(out))
+
+
+def _held(prod) -> int:
+    return prod[1][0].engine.stats()["outbox"]["held"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["never-asked", "asked-no-blocks", "all-cached-here", "refused"])
+def test_decode_request_that_never_loads_frees_the_producers_copy(consumer, how):
+    """A decode request cancelled before it was ever scheduled (or whose whole prompt was cached on the
+    decode side, or whose load was refused: an incompatible fingerprint) tells the producer to free its
+    parked KV now, not at ttl_s (as NixlConnector does)."""
+    prod = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull", port=_free_port(), ttl_s=300.0))
+    try:
+        sched, workers, _ = consumer("pull")
+        params = _prefill_here(prod, "cmpl-rel-p", {"do_remote_decode": True}, 40, [7, 8, 9])
+        assert _held(prod) == len(H.LAYERS4)
+        req = F.Request("cmpl-rel-d", list(range(40)), params)
+        if how == "asked-no-blocks":  # vLLM looked at it, found no room, then the client went away
+            assert sched.get_num_new_matched_tokens(req, 0) == (40, True)
+        elif how == "all-cached-here":
+            assert sched.get_num_new_matched_tokens(req, 40) == (0, False)
+            sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2, 3]), 0)
+        elif how == "refused":
+            params["p2pkv_fingerprint"]["head_size"] *= 2
+            req, results = H.load((sched, workers, None), "cmpl-rel-d", params, 40, [1, 2, 3])
+            assert results[0].failed_recving == {"cmpl-rel-d"}
+        req.status = {"all-cached-here": "FINISHED_STOPPED", "refused": "FINISHED_ERROR"}.get(how, "FINISHED_ABORTED")
+        assert sched.request_finished(req, ([],)) == (False, None)
+        meta = sched.build_connector_meta(F.SchedulerOutput())
+        assert [r.transfer_id for r in meta.releases] == [params["transfer_id"]] and not meta.loads
+        workers[0].bind_connector_metadata(meta)
+        workers[0].start_load_kv(None)
+        workers[0].clear_connector_metadata()
+        deadline = time.monotonic() + 20
+        while _held(prod):
+            assert time.monotonic() < deadline, "the producer still holds the transfer"
+            time.sleep(0.02)
+        # the transfer id is spent: a request that comes with it later is refused, loudly
+        _, results = H.load((sched, workers, None), "cmpl-rel-d2", params, 40, [4, 5, 6])
+        assert results[0].failed_recving == {"cmpl-rel-d2"}
+    finally:
+        prod[1][0].shutdown()
+
+
+def test_a_loading_sibling_is_not_released(consumer):
+    sched, _, _ = consumer()
+    params = _producer_params(new_transfer_id(), 1)
+    a, b = F.Request("0_cmpl-sr-1", list(range(40)), params), F.Request("1_cmpl-sr-1", list(range(40)), params)
+    sched.get_num_new_matched_tokens(a, 0)
+    sched.get_num_new_matched_tokens(b, 0)
+    b.status = "FINISHED_ABORTED"
+    sched.request_finished(b, ([],))  # the sibling goes; the one that loads stays
+    assert sched.build_connector_meta(F.SchedulerOutput()).releases == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("prod_mode", ["pull", "push"])
+def test_nixl_style_router_producer_allocates_the_transfer_id(caplog, prod_mode):
+    """A router written for NixlConnector sends the prefill request {"do_remote_decode": true, "remote_host":
+    null, ...} (no transfer id, no decode address) and copies the prefill response's kv_transfer_params into
+    the decode request verbatim: the producer names the transfer itself and returns everything the decode
+    side needs (a push-mode producer hands such a request off in pull mode, warning once)."""
+    caplog.set_level(logging.WARNING, logger="p2pkv.vllm")
+    geo = H.Geo()
+    prod = H.make_instance("kv_both", geo, dict(FAST, mode=prod_mode, port=_free_port()))
+    cons = H.make_instance("kv_both", geo, dict(FAST, mode="pull", port=_free_port()))
+    nixl = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+            "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    try:
+        tids = set()
+        for i in range(2):
+            rid = f"cmpl-{i}abc-0123"  # a router sends the same X-Request-Id to both instances
+            params = _prefill_here(prod, rid, dict(nixl), 40, [7, 8, 9])
+            tid = params["transfer_id"]
+            assert tid.startswith("xfer-") and "abc" not in tid and tid not in tids
+            tids.add(tid)
+            assert params["do_remote_prefill"] is True and params["mode"] == "pull"
+            assert params["remote_port"] == prod[1][0].engine.port
+            _, results = H.load(cons, rid, params, 40, [20, 21, 22])
+            assert not results[0].failed_recving
+            H.check(geo, 0, cons[2][0], [20, 21, 22], 40)
+        warned = [r for r in caplog.records if "without the decode engine's address" in r.getMessage()]
+        assert len(warned) == (1 if prod_mode == "push" else 0)  # once per cause, not per request
+    finally:
+        prod[1][0].shutdown()
+        cons[1][0].shutdown()
+
+
+def test_producer_with_no_way_to_hand_off_says_so(caplog):
+    """Push mode, no decode address in the request and no fixed port to be pulled from: an error once per
+    cause, no hand-off; a pull-mode producer without a fixed port is refused at start."""
+    from p2pkv import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a fixed port"):
+        H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull"))
+    sched, workers, _ = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="push"))
+    try:
+        for i in range(3):
+            rid = f"cmpl-np-{i}"
+            req = F.Request(rid, list(range(20)), {"do_remote_decode": True})
+            sched.get_num_new_matched_tokens(req, 0)
+            sched.update_state_after_alloc(req, F.KVCacheBlocks([1, 2]), 0)
+            so = F.SchedulerOutput(num_scheduled_tokens={rid: 20})
+            so.scheduled_new_reqs.append(F.NewRequestData(rid, req.prompt_token_ids, ([1, 2],), 0))
+            assert sched.build_connector_meta(so).saves == []
+            assert sched.request_finished(req, ([1, 2],)) == (False, None)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "NOT handed off" in r.getMessage()]
+        assert len(errors) == 1
+    finally:
+        workers[0].shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_releases_to_silent_producers_never_delay_a_load(consumer):
+    """Releases dial the producer named in a request's params (clients choose them): many to an address
+    that accepts connections and never answers must not hold up a real load (their own thread, bounded)."""
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    prod = H.make_instance("kv_producer", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
+    try:
+        inst = consumer("pull")
+        sched, workers, _ = inst
+        params = _prefill_here(prod, "cmpl-sil-p", {"do_remote_decode": True}, 40, [7, 8, 9])
+        for i in range(20):
+            req = F.Request(f"cmpl-sil-{i}", list(range(40)), _producer_params(new_transfer_id(),
+                                                                               silent.getsockname()[1]))
+            req.status = "FINISHED_ABORTED"
+            sched.request_finished(req, ([],))
+        meta = sched.build_connector_meta(F.SchedulerOutput())
+        assert len(meta.releases) == 20
+        workers[0].bind_connector_metadata(meta)
+        workers[0].start_load_kv(None)
+        workers[0].clear_connector_metadata()
+        t0 = time.monotonic()
+        _, results = H.load(inst, "cmpl-sil-d", params, 40, [1, 2, 3])
+        assert not results[0].failed_recving and time.monotonic() - t0 < 15
+        H.check(H.Geo(), 0, inst[2][0], [1, 2, 3], 40)
+    finally:
+        stop.set()
+        prod[1][0].shutdown()
+        th.join(5)
+        for c in accepted:
+            c.close()
+        silent.close()
+
+
+def test_an_instance_keeps_the_address_its_nixl_deployment_gave_it(monkeypatch):
+    """Switched from NixlConnector: VLLM_NIXL_SIDE_CHANNEL_HOST (the address a NIXL deployment gives each
+    instance) is where p2pkv listens and what decode engines are told, unless the extra config says."""
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    sched, workers, _ = H.make_instance("kv_both", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
+    try:
+        assert workers[0].engine.address.startswith("127.0.0.1:")
+        params = _prefill_here((sched, workers, _), "cmpl-nh-1", {"do_remote_decode": True}, 20, [1, 2])
+        assert params["remote_host"] == "127.0.0.1"
+    finally:
+        workers[0].shutdown()
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "10.1.2.3")
+    from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
+
+    cfg = F.VllmConfig(F.KVTransferConfig("kv_both", dict(FAST, mode="pull", port=14579)))
+    assert P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig())._engine_cfg.host == "10.1.2.3"
+    cfg = F.VllmConfig(F.KVTransferConfig("kv_both", dict(FAST, mode="pull", port=14579, host="0.0.0.0",
+                                                          advertise_host="node-7")))
+    c = P2pkvConnector(cfg, KVConnectorRole.SCHEDULER, F.KVCacheConfig())
+    assert (c._engine_cfg.host, c._engine_cfg.advertise_host) == ("0.0.0.0", "node-7")  # the config wins

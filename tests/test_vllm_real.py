@@ -138,7 +138,7 @@ def test_real_schedulers_disaggregated_request_end_to_end():
         out = cons_s.schedule()
         meta = out.kv_connector_metadata
         assert len(meta.loads) == 1 and meta.loads[0].transfer_id == tid
-        dblocks = meta.loads[0].block_ids
+        dblocks = meta.loads[0].block_ids[0]
         cons_w.bind_connector_metadata(meta)
         cons_w.start_load_kv(None)
         cons_w.clear_connector_metadata()

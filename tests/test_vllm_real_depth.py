@@ -200,7 +200,7 @@ def _decode(cons: Side, params, prompt):
 
     _wait(step, "consumer load")
     eco = cons.sched.update_from_output(out, _mro(out, finished_recving=got[0], failed_recving=got[1]))
-    return dreq, meta.loads[0].block_ids, got[1], eco
+    return dreq, meta.loads[0].block_ids[0], got[1], eco
 
 
 def _check(cons: Side, dblocks, ntok):
@@ -470,7 +470,7 @@ def test_real_schedulers_tp_ranks_in_their_own_processes(mode, ptp, ctp):
         out2 = cons.sched.schedule()
         assert dreq.request_id in [r.req_id for r in out2.scheduled_new_reqs] + list(
             out2.scheduled_cached_reqs.req_ids)
-        assert cons.all("check", meta.loads[0].block_ids, len(prompt)) == ["ok"] * ctp
+        assert cons.all("check", meta.loads[0].block_ids[0], len(prompt)) == ["ok"] * ctp
     finally:
         prod.close()
         cons.close()

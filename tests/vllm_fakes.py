@@ -52,10 +52,14 @@ class Request:
 
 
 class KVCacheBlocks:
-    def __init__(self, ids: list[int]):
+    """A request's blocks: one list (one KV-cache group) or a tuple of lists (one per group)."""
+
+    def __init__(self, ids: Any):
         self._ids = ids
 
     def get_block_ids(self) -> tuple[list[int], ...]:
+        if isinstance(self._ids, tuple):
+            return tuple(list(g) for g in self._ids)
         return (list(self._ids),)
 
 
@@ -105,6 +109,21 @@ class AttnSpec:
     num_kv_heads: int
     head_size: int
     dtype: Any = torch.bfloat16
+
+
+@dataclass
+class SlidingWindowSpec(AttnSpec):
+    sliding_window: int = 0
+
+
+@dataclass
+class ChunkedLocalAttentionSpec(AttnSpec):
+    attention_chunk_size: int = 0
+
+
+@dataclass
+class MambaSpec:
+    block_size: int = 16
 
 
 @dataclass

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ..pool import Buffer, BufferPool
     from ..request import Incoming
     from ..stats import Stats
-    from .state import _ParkedPull, _Peer, _Session
+    from .pull import _ParkedPulls
+    from .state import _Peer, _Session
 
 
 class _EngineBase:
@@ -58,7 +59,7 @@ class _EngineBase:
     _peer_by_sock: dict[zmq.Socket, _Peer]
     _peer_by_mon: dict[zmq.Socket, _Peer]
     _sessions: dict[bytes, _Session]
-    _parked: list[_ParkedPull]
+    _parked: _ParkedPulls  # (a property of _PullPath; Engine.__init__ assigns a list, converted)
     _pending_acks: dict[bytes, list[int]]
     _tracked: list[tuple[zmq.MessageTracker, Buffer]]
     _lent: dict[tuple[bytes, int], tuple[Buffer, float]]

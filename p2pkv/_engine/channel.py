@@ -17,16 +17,17 @@ import zmq
 
 from .. import _trace
 from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, TransferAborted,
+from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolError, TransferAborted,
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN, _ZAP_ENDPOINT, _ConnectWaiter,
-                    _Peer, _local_proof,
-                    _Session, _drain, _seq_of, _valid_seq, _zmq_endpoint, log,
-                    parse_address)
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _Accepted, _fd_ceiling,
+                    _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
+                    _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
+                    _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
+                    _valid_seq, _zmq_endpoint, log, parse_address)
 from .base import _EngineBase
 
 
@@ -52,7 +53,8 @@ class _Channel(_EngineBase):
             # a blocking send would wait forever (zmq.Again is raised instead; the monitor reports why)
             sock.setsockopt(zmq.SNDTIMEO, 0)
             sock.setsockopt(zmq.RCVHWM, _DEALER_RCVHWM)
-            sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            rid = uuid.uuid4().bytes
+            sock.setsockopt(zmq.ROUTING_ID, rid)
             sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes + 65536)
             sock.setsockopt(zmq.RECONNECT_IVL, 50)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -75,6 +77,7 @@ class _Channel(_EngineBase):
                 raise TransportError(f"cannot open a connection to {addr}: {exc}", peer=addr) from None
             raise InvalidAddress(f"cannot connect to {addr!r:.100}: {exc}") from None
         peer = _Peer(addr, sock, mon)
+        peer.rid = rid
         self._peers[addr] = peer
         self._peer_by_sock[sock] = peer
         self._peer_by_mon[mon] = peer
@@ -90,10 +93,34 @@ class _Channel(_EngineBase):
 
     def _is_self(self, peer: _Peer) -> bool:
         """True when ``peer`` is this very engine (it dialed itself): its id alone is a claim anyone
-        can make, so the caps must also carry the proof only this process can compute."""
-        proof = peer.caps.get("local") if isinstance(peer.caps, dict) else None
-        return (peer.eid == self.eid and isinstance(proof, str)
-                and hmac.compare_digest(proof, _local_proof(self.eid)))
+        can make, so the connection itself must end at our own listening socket (see _LocalLink)."""
+        link = peer.caps.get("local") if isinstance(peer.caps, dict) else None
+        return peer.eid == self.eid and isinstance(link, _LocalLink) and link.holds(self.eid)
+
+    def _check_local_peer(self, peer: _Peer) -> None:
+        """After a handshake: mark ``peer`` as an engine of this process if the other end of our TCP
+        connection is held by that engine (the kernel's addresses, not a claim), and tell it so."""
+        peer.caps.pop("local", None)
+        ends = peer.end
+        if ends is None or _LOCAL_ENDS.get((ends[1], ends[0])) != peer.eid:
+            return
+        peer.caps["local"] = _LocalLink(peer.eid)
+        _LOCAL_DIALS[(peer.eid, peer.rid)] = self.eid
+
+    def _forget_peer_end(self, peer: _Peer) -> None:
+        if peer.end is not None and _LOCAL_ENDS.get(peer.end) == self.eid:
+            del _LOCAL_ENDS[peer.end]
+        peer.end = None
+        peer.fd = -1
+        if peer.eid and _LOCAL_DIALS.get((peer.eid, peer.rid)) == self.eid:
+            del _LOCAL_DIALS[(peer.eid, peer.rid)]
+
+    def _release_local_ends(self) -> None:
+        """On close: forget the connection ends this engine held."""
+        for peer in self._peers.values():
+            self._forget_peer_end(peer)
+        for fd in list(self._accepted().ends):
+            self._forget_accepted(fd)
 
     def _hello(self) -> dict[str, Any]:
         hello = {"eid": self.eid, "host": self._host, "pid": os.getpid(), "dev": str(self._device),
@@ -203,6 +230,7 @@ class _Channel(_EngineBase):
             elif e == zmq.EVENT_DISCONNECTED:
                 self._conns = max(0, self._conns - 1)
                 self._conn_fds.pop(evt["value"], None)
+                self._forget_accepted(evt["value"])
                 # Which session was it? ZMQ does not say: probe them all shortly (a routed send
                 # to a closed connection fails), so a killed sender is noticed at once.
                 if self._sessions and not self._probe_due:
@@ -220,9 +248,145 @@ class _Channel(_EngineBase):
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._lose_session(sess, "its connection closed")
 
+    def _accepted(self) -> _Accepted:
+        acc: _Accepted | None = self.__dict__.get("_accepted_conns")
+        if acc is None:
+            acc = self.__dict__["_accepted_conns"] = _Accepted()
+            self.__dict__.update(_fd_ceiling=_fd_ceiling(), _conn_cap=_MAX_CONNS_TOTAL, _conn_cap_t=0.0)
+        return acc
+
+    def _forget_accepted(self, fd: int) -> None:
+        ends = self._accepted().drop(fd)
+        if ends is not None and _LOCAL_ENDS.get(ends) == self.eid:
+            del _LOCAL_ENDS[ends]
+
+    def _shed_accepted(self, fd: int) -> None:
+        ends = self._accepted().ends.get(fd)
+        self._forget_accepted(fd)
+        if _shutdown_fd(fd, ends):
+            self._stats.add("connections_shed")
+
+    def _cap_connections(self, fd: int) -> bool:
+        """Keep the connections into our ROUTER within their caps: ``_MAX_CONNS_PER_HOST`` per remote
+        address, and in all below ``_MAX_CONNS_TOTAL`` and the descriptor ceiling (the descriptors
+        above it stay free for the rest of the process, e.g. dialing out). Over the total, a
+        connection from the address holding the most goes: the new one, unless another address
+        holds more (then that one's newest goes, so an address holding fewer can always connect).
+        False if ``fd`` itself was shut down."""
+        acc = self._accepted()
+        host = acc.ends[fd][1][0]
+        if acc.count(host) > _MAX_CONNS_PER_HOST:
+            self._shed_accepted(fd)
+            return False
+        st = self.__dict__
+        ceiling = st["_fd_ceiling"]
+        if fd >= ceiling:  # every descriptor below is in use: hold no more connections than now
+            st["_conn_cap"] = min(st["_conn_cap"], len(acc) - 1)
+        if len(acc) > st["_conn_cap"]:
+            now = time.monotonic()
+            if now - st["_conn_cap_t"] >= 1.0:  # descriptors may have been freed elsewhere: look again
+                st["_conn_cap_t"] = now
+                used = _fds_in_use()
+                if used is not None:
+                    st["_conn_cap"] = min(_MAX_CONNS_TOTAL, len(acc) + ceiling - used)
+        if len(acc) <= st["_conn_cap"]:
+            return True
+        heavy = acc.heaviest()
+        if heavy == host or acc.count(heavy) <= acc.count(host):
+            self._shed_accepted(fd)
+            return False
+        self._shed_accepted(next(reversed(acc.by_host[heavy])))
+        return True
+
+    def _note_message(self, frame: zmq.Frame, ident: bytes) -> None:
+        """A whole message came from the connection ``frame`` names: note (at most every 2 ms per
+        connection) how much ZMQ had taken from it by now: its baseline for _check_buffered."""
+        acc = self.__dict__.get("_accepted_conns")
+        if acc is None:
+            return
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        t = acc.base_t.get(fd)
+        if t is None and fd not in acc.ends:
+            return  # (its ACCEPTED event is not read yet)
+        now = time.monotonic()
+        acc.last[fd] = now
+        if t is None or now - t >= 0.002:
+            taken = _zmq_consumed(fd)
+            if taken is not None:
+                acc.base[fd] = taken
+                acc.base_t[fd] = now
+        acc.ident[fd] = ident
+
+    def _check_peer_buffered(self, now: float) -> None:
+        """Like the check below, for the peers we dialed: what an honest one has in flight to us is
+        the data of our pulls, at most ``max_message_bytes`` each; a peer whose connection holds
+        more of a message it does not finish is dropped (its work fails with ProtocolError)."""
+        for peer in list(self._peers.values()):
+            if peer.fd < 0 or now - peer.last_rx < 0.02:
+                continue
+            taken = _zmq_consumed(peer.fd)
+            if taken is None or peer.end is None or _fd_ends(peer.fd) != peer.end:
+                continue
+            limit = self._cfg.max_message_bytes * max(1, len(peer.pulls)) + _BUFFER_SLACK
+            held = taken - peer.rx_base
+            if held > limit:
+                self._stats.add("connections_overbuffered")
+                msg = f"peer sent an unfinished message of {held} bytes (at most {limit} may be in flight)"
+                log.warning("dropping peer %s: %s", peer.addr, msg)
+                self._lose_peer(peer, lambda msg=msg, a=peer.addr: ProtocolError(msg, peer=a))
+
+    def _check_buffered(self, now: float) -> None:
+        """Drop the connections that make ZMQ hold messages they never finish: ZMQ hands a message
+        over only once all its frames arrived and buffers the frames until then (MAXMSGSIZE caps
+        each frame, not their number). What honest peers have in flight to us is paid by credit
+        or reservations in our pool, so all connections together may hold at most the pool's
+        size + ``_BUFFER_SLACK`` unread; beyond, the one holding the most is dropped, until
+        within. A connection that delivered a whole message in the last 20 ms is not in an endless
+        one (its messages are sequential) and is not judged. Looked at every 250 ms, and at once
+        when our memory grew by 8 MiB."""
+        acc = self.__dict__.get("_accepted_conns") or _Accepted()
+        st = self.__dict__
+        rss = _rss_bytes()
+        if now - st.get("_buf_scan_t", 0.0) < 0.25 and rss - st.get("_buf_scan_rss", 0) < 8 << 20:
+            return
+        st["_buf_scan_t"], st["_buf_scan_rss"] = now, rss
+        if self._peers:
+            self._check_peer_buffered(now)
+        limit = self._pool.capacity + _BUFFER_SLACK
+        held: dict[int, int] = {}
+        for fd in acc.ends:
+            if now - acc.last.get(fd, 0.0) >= 0.02:  # (else it is delivering whole messages)
+                taken = _zmq_consumed(fd)
+                if taken is not None and taken - acc.base.get(fd, 0) > 1 << 20:
+                    held[fd] = taken - acc.base.get(fd, 0)
+        total = sum(held.values())
+        for fd in sorted(held, key=held.__getitem__, reverse=True):
+            if total <= limit:
+                break
+            total -= held[fd]
+            ident = acc.ident.get(fd)
+            self._stats.add("connections_overbuffered")
+            log.warning("dropping a connection from %s: it made us hold %d bytes of a message it does not "
+                        "finish (all connections together may hold %d)", acc.ends[fd][1][0], held[fd], limit)
+            self._shed_accepted(fd)
+            sess = self._sessions.get(ident) if ident is not None else None
+            if sess is not None:
+                self._lose_session(sess, f"sent an unfinished message of {held[fd]} bytes")
+
     def _on_accepted(self, fd: int) -> None:
-        """Shut down a new connection when too many were opened within the handshake interval
-        (an idle-connection flood must not take every file descriptor of the process)."""
+        """Cap the connections (see _cap_connections); shut down a new connection when too many
+        were opened within the handshake interval (an idle-connection flood must not take every
+        file descriptor of the process)."""
+        ends = _fd_ends(fd)
+        if ends is None or ends[0][1] != self.port:
+            return  # the fd was closed (and maybe reused) meanwhile: ZMQ dropped that connection
+        self._accepted().add(fd, ends)
+        _LOCAL_ENDS[ends] = self.eid
+        if not self._cap_connections(fd):
+            return
         now = time.monotonic()
         window = min(self._cfg.effective_peer_timeout_s, 5.0)
         fds = self._conn_fds
@@ -250,7 +414,7 @@ class _Channel(_EngineBase):
 
     def _caps(self) -> dict[str, Any]:
         caps: dict[str, Any] = {"transports": ["tcp"], "align": ALIGN, "host": self._host, "cuda": self._cuda,
-                                "dev": str(self._device), "pid": os.getpid(), "local": _local_proof(self.eid)}
+                                "dev": str(self._device), "pid": os.getpid()}
         if self._ipc_handle is not None:
             caps["transports"].append("ipc")
             caps["ipc"] = {"handle": self._ipc_handle, "size": self._pool.capacity}
@@ -293,6 +457,7 @@ class _Channel(_EngineBase):
             holder.ipc_out = None
 
     def _close_peer(self, peer: _Peer) -> None:
+        self._forget_peer_end(peer)
         self._fast.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
         self._regions.peer_lost(peer, PeerLost("connection to the peer closed", peer=peer.addr))
         for h in peer.ipc_handles:
@@ -344,7 +509,11 @@ class _Channel(_EngineBase):
             except zmq.ZMQError as exc:  # pragma: no cover
                 log.warning("recv from %s failed: %s", peer.addr, exc)
                 return
-            peer.last_rx = time.monotonic()
+            now = peer.last_rx = time.monotonic()
+            if now - peer.rx_base_t >= 0.002 and peer.fd >= 0:  # a message boundary (see _check_buffered)
+                taken = _zmq_consumed(peer.fd)
+                if taken is not None:
+                    peer.rx_base, peer.rx_base_t = taken, now
             try:
                 msg = decode(hdr, REPLY_TYPES)
                 self._on_reply(peer, msg)
@@ -365,9 +534,15 @@ class _Channel(_EngineBase):
             if peer.ready and msg["eid"] != peer.eid:
                 self._lose_peer(peer, lambda: PeerLost("peer restarted", peer=peer.addr))
                 return
+            self._pump_monitor(peer)  # our connection's addresses (its CONNECTED event came before)
+            if self._peers.get(peer.addr) is not peer:
+                return
             peer.ready = True
+            if peer.eid and _LOCAL_DIALS.get((peer.eid, peer.rid)) == self.eid:
+                del _LOCAL_DIALS[(peer.eid, peer.rid)]
             peer.eid = msg["eid"]
             peer.caps = msg["caps"]
+            self._check_local_peer(peer)
             peer.window = msg["window"]
             peer.pool = msg["pool"]
             peer.maxmsg = msg["maxmsg"]
@@ -487,8 +662,18 @@ class _Channel(_EngineBase):
             if evt["event"] == zmq.EVENT_DISCONNECTED and peer.ready:
                 self._lose_peer(peer, lambda: PeerLost("connection to peer closed", peer=peer.addr))
                 return
+            if evt["event"] == zmq.EVENT_DISCONNECTED:
+                self._forget_peer_end(peer)
             if evt["event"] == zmq.EVENT_CONNECTED:
                 peer.connects += 1
+                if peer.end is not None and _LOCAL_ENDS.get(peer.end) == self.eid:
+                    del _LOCAL_ENDS[peer.end]
+                ends = _fd_ends(evt["value"])
+                peer.end = ends if ends is not None and ends[1][1] == parse_address(peer.addr)[1] else None
+                peer.fd, peer.rx_base, peer.rx_base_t = -1, 0, 0.0
+                if peer.end is not None:
+                    _LOCAL_ENDS[peer.end] = self.eid
+                    peer.fd = int(evt["value"])
                 if peer.connects > 1 and not peer.ready:
                     # a reconnect before the handshake finished (the listener shed or lost our first
                     # connection): our hello may have gone with it, so say it again
@@ -508,9 +693,11 @@ class _Channel(_EngineBase):
         r = self._router
         for _ in range(256):
             try:
-                ident = r.recv(zmq.NOBLOCK)
+                first = r.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            ident = first.bytes
+            self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
             hdr = r.recv()
@@ -562,6 +749,7 @@ class _Channel(_EngineBase):
         t = msg["t"]
         sess = self._sessions.get(ident)
         if t == "hello":
+            self._pump_router_monitor()  # our end of its connection is known before we answer
             tok = self._cfg.auth_token
             if tok is not None and not (isinstance(msg.get("tok"), str)
                                         and hmac.compare_digest(msg["tok"].encode(), tok.encode())):
@@ -570,7 +758,11 @@ class _Channel(_EngineBase):
                 return
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
-            self._sessions[ident] = _Session(ident, msg["eid"], msg["caps"])
+            caps = msg["caps"]
+            # whether it is an engine of this process is looked up when it matters (see _LocalLink),
+            # never taken from what it sent
+            caps["local"] = _LocalLink(msg["eid"], listener=self.eid, rid=ident)
+            self._sessions[ident] = _Session(ident, msg["eid"], caps)
             self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
@@ -638,7 +830,8 @@ class _Channel(_EngineBase):
             return
         del self._sessions[sess.ident]
         self._fast.session_lost(sess, reason)
-        self._parked = [pp for pp in self._parked if pp.sess is not sess]
+        for pp in self._parked.of_session(sess):
+            self._parked.remove(pp)
         self._release_gpu_state(sess)  # aborted communicators end their posted receives
         lost = PeerLost(f"sending peer {sess.eid} lost: {reason}")
         for inc in [i for i in self._incoming.values() if i.sess is sess]:

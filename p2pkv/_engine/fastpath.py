@@ -394,11 +394,22 @@ class FastTx:
             req.last_event = ev
             req.next_post += len(idxs)
             complete = req.next_post >= len(req.specs)
-        if complete:
-            if ev is None:
-                self.copied(req)
-            else:
-                self._on_done(ev, lambda: self.copied(req))
+        if complete and ev is None:
+            self.copied(req)  # CPU copies are done already
+        # CUDA: finished when asked (done/state/wait poll the last copy's event) or at the I/O thread's tick,
+        # not by a thread woken per request (each wake-up took the GIL from the caller's next request)
+
+    def poll(self, req: RequestHandle) -> None:
+        """Finish ``req`` if its copies are done and the consumer took it (any thread; cheap)."""
+        if req.done_polled():
+            return
+        if not req.acked and req.next_post >= len(req.specs):
+            ev = req.last_event
+            if ev is None or ev.query():
+                req.keep = []
+                req.acked = True
+        if req.acked:
+            self.check(req)
 
     def copied(self, req: RequestHandle) -> None:
         """Every copy of ``req`` is done (the watcher thread): DONE once the consumer accepted it too."""
@@ -409,7 +420,7 @@ class FastTx:
     def check(self, req: RequestHandle) -> None:
         """Finish ``req`` if its copies are done and the consumer's verdict is in (any thread)."""
         flags = self.chan.flags
-        if flags is None or req.done():
+        if flags is None or req.done_polled():
             return
         v = int(flags[req.flag0 + len(req.specs)])
         if v >> FLAG_SHIFT != req.seq:
@@ -433,7 +444,7 @@ class FastTx:
             req._engine._stats.add("requests_failed")
 
     def check_all(self) -> None:
-        """Look at every request waiting for a verdict (the I/O thread, woken by the consumer's bell)."""
+        """Look at every request waiting for its copies or verdict (the I/O thread: its tick, or the bell)."""
         with self.lock:
             reqs = list(self.reqs.values())
             flags = self.chan.flags
@@ -443,7 +454,7 @@ class FastTx:
                         del self._orphans[seq]
                         self._flags.give(slot, 1)
         for r in reqs:
-            self.check(r)
+            self.poll(r)
 
     def fail(self, seq: int, err: P2pkvError) -> None:
         with self.lock:

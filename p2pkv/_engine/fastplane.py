@@ -218,12 +218,13 @@ class FastPlane:
                 if not rx.accepted or rx.closed or not rx.chan.pending_records():
                     continue
                 incs, bad = rx.drain()
+                refused = bool(bad)
                 for inc in incs:
-                    self._deliver(rx, inc)
+                    refused = not self._deliver(rx, inc) or refused
                 for seq, err in bad:
                     self._refuse(rx, seq, err)
-                if incs:
-                    rx.ring_producer()  # its verdicts are in
+                if refused:
+                    rx.ring_producer()  # a refusal: the producer learns at once (acceptances it reads itself)
                 if not rx.closed and rx.chan.pending_records():
                     more = True
         finally:
@@ -248,7 +249,7 @@ class FastPlane:
             if not rx.closed:
                 rx.chan.set_waiters(n)
 
-    def _deliver(self, rx: FastRx, inc: FastIncoming) -> None:
+    def _deliver(self, rx: FastRx, inc: FastIncoming) -> bool:
         """One record into the index, O(1) in the number of tensors (refused whole if it cannot be taken)."""
         eng = self._eng
         tid = inc.transfer_id
@@ -271,10 +272,11 @@ class FastPlane:
             inc.unlist()
             rx.verdict(inc, err)
             self._refuse(rx, inc.seq, err)
-            return
+            return False
         eng._inbox.expect(tid, rx.ident)
         rx.verdict(inc, None)
         eng._stats.add("requests_received_fast")
+        return True
 
     def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
         eng = self._eng
@@ -346,15 +348,8 @@ class FastPlane:
             held = self._holders.get(tid)
         return None
 
-    def _aborted(self, tid: str) -> bool:
-        """``tid`` was aborted here (abort() marks it at once; its requests leave the index on the I/O
-        thread a little later, and must not be taken meanwhile)."""
-        return isinstance(self._eng._inbox.tid_error(tid), TransferAborted)
-
     def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
         """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
-        if self._index.get(tid) and self._aborted(tid):
-            return None
         with self._lock:
             lst = self._index.get(tid)
             if not lst:
@@ -380,8 +375,6 @@ class FastPlane:
 
     def claim_key(self, key: TransferKey) -> Slot | None:
         """Take one tensor of a same-host request by key (``recv``/``claim``), if it was announced."""
-        if self._index.get(key.transfer_id) and self._aborted(key.transfer_id):
-            return None
         with self._lock:
             lst = self._index.get(key.transfer_id)
             if not lst:

@@ -246,13 +246,7 @@ class _ProgressLoop(_EngineBase):
             for seq, pull in [(s, p) for s, p in peer.pulls.items() if p.key.transfer_id == tid]:
                 del peer.pulls[seq]
                 pull.finish(error=TransferAborted(reason, key=pull.key))
-        keep = []
-        for pp in self._parked:
-            if pp.key.transfer_id == tid:
-                self._reply(pp.sess.ident, "perr", seq=pp.seq, code="aborted", msg=reason)
-            else:
-                keep.append(pp)
-        self._parked = keep
+        self._abort_parked(tid, reason)
         if broadcast:
             for peer in tell_peers:
                 if self._peers.get(peer.addr) is peer:
@@ -271,7 +265,7 @@ class _ProgressLoop(_EngineBase):
             tids.popitem(last=False)
 
     def _session_carries(self, sess: Any, tid: str) -> bool:
-        return (tid in sess.tids or any(pp.sess is sess and pp.key.transfer_id == tid for pp in self._parked)
+        return (tid in sess.tids or any(pp.sess is sess for pp in self._parked.for_tid(tid))
                 or any(i.sess is sess and i.transfer_id == tid for i in self._incoming.values()))
 
     def _tick_gpu(self, now: float) -> None:
@@ -304,11 +298,7 @@ class _ProgressLoop(_EngineBase):
                     sess.nccl.pop(direction).abort()
         if self._retry_parked:
             self._retry_parked = False
-            keep = []
-            for pp in self._parked:
-                if not self._try_serve(pp):
-                    keep.append(pp)
-            self._parked = keep
+            self._retry_parked_pulls()
         if self._lent:
             for k in [k for k, (_, dl) in self._lent.items() if dl < now]:
                 self._lent.pop(k)[0].release()
@@ -369,19 +359,13 @@ class _ProgressLoop(_EngineBase):
         self._regions.tick(now)
         if self._probe_due:
             self._probe_sessions(now)
+        self._check_buffered(now)
         if any(s.creq is not None for s in self._sessions.values()):
             self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:
-            keep = []
-            for pp in self._parked:
-                if pp.deadline < now:
-                    self._reply(pp.sess.ident, "perr", seq=pp.seq, code="timeout",
-                                msg="the key was not published before the pull's deadline")
-                else:
-                    keep.append(pp)
-            self._parked = keep
+            self._expire_parked(now)
         if self._tracked:
             still = []
             for tracker, buf in self._tracked:
@@ -459,6 +443,7 @@ class _ProgressLoop(_EngineBase):
         for _, buf in self._tracked:
             buf.release()
         self._tracked = []
+        self._release_local_ends()
         for peer in list(self._peers.values()):
             self._close_peer(peer)
         self._fast.close()

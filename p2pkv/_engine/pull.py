@@ -4,8 +4,11 @@ CUDA IPC or NCCL; a pull may come before the publish and waits until its deadlin
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import zmq
@@ -22,8 +25,118 @@ from .state import (_ParkedPull, _Peer, _local_arena,
 from .base import _EngineBase
 
 
+#: Pulls one session may have waiting here for their keys to be published; beyond, a pull is
+#: refused at once (the puller gets ``PoolExhausted``). ``Engine.pull`` blocks its caller, so an
+#: honest peer has about as many waiting as it has threads pulling.
+MAX_PARKED_PER_SESSION = 1024
+
+
+_K = TypeVar("_K")
+
+
+def _unindex(index: dict[_K, dict[_ParkedPull, None]], k: _K, pp: _ParkedPull) -> None:
+    pps = index.get(k)
+    if pps is not None:
+        pps.pop(pp, None)
+        if not pps:
+            del index[k]
+
+
+class _ParkedPulls:
+    """The pulls waiting for their key to be published, indexed by key (served on publish), by
+    transfer id (aborts), by session (its cap, its loss) and by deadline (expired in order): every
+    operation costs O(log n) at most, so many waiting pulls cannot slow the I/O thread down."""
+
+    def __init__(self, items: Iterable[_ParkedPull] = ()) -> None:
+        self._by_key: dict[TransferKey, dict[_ParkedPull, None]] = {}
+        self._by_tid: dict[str, dict[_ParkedPull, None]] = {}
+        self._by_sess: dict[_Session, dict[_ParkedPull, None]] = {}
+        self._heap: list[tuple[float, int, _ParkedPull]] = []
+        self._order = itertools.count()
+        for pp in items:
+            self.add(pp)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_sess.values()) if self._by_sess else 0
+
+    def __bool__(self) -> bool:
+        return bool(self._by_sess)
+
+    def __iter__(self) -> Iterator[_ParkedPull]:
+        return iter([pp for pps in self._by_sess.values() for pp in pps])
+
+    def count(self, sess: _Session) -> int:
+        pps = self._by_sess.get(sess)
+        return len(pps) if pps is not None else 0
+
+    def add(self, pp: _ParkedPull) -> None:
+        self._by_key.setdefault(pp.key, {})[pp] = None
+        self._by_tid.setdefault(pp.key.transfer_id, {})[pp] = None
+        self._by_sess.setdefault(pp.sess, {})[pp] = None
+        heapq.heappush(self._heap, (pp.deadline, next(self._order), pp))
+        if len(self._heap) > 64 and len(self._heap) > 4 * len(self):  # drop entries of pulls gone
+            self._heap = [h for h in self._heap if self._has(h[2])]
+            heapq.heapify(self._heap)
+
+    append = add
+
+    def _has(self, pp: _ParkedPull) -> bool:
+        pps = self._by_sess.get(pp.sess)
+        return pps is not None and pp in pps
+
+    def remove(self, pp: _ParkedPull) -> None:
+        _unindex(self._by_key, pp.key, pp)
+        _unindex(self._by_tid, pp.key.transfer_id, pp)
+        _unindex(self._by_sess, pp.sess, pp)
+
+    def for_key(self, key: TransferKey) -> list[_ParkedPull]:
+        return list(self._by_key.get(key, ()))
+
+    def for_tid(self, tid: str) -> list[_ParkedPull]:
+        return list(self._by_tid.get(tid, ()))
+
+    def of_session(self, sess: _Session) -> list[_ParkedPull]:
+        return list(self._by_sess.get(sess, ()))
+
+    def expired(self, now: float) -> list[_ParkedPull]:
+        """Remove and return the pulls whose deadline passed."""
+        out = []
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            pp = heapq.heappop(heap)[2]
+            if self._has(pp):
+                self.remove(pp)
+                out.append(pp)
+        return out
+
+
 class _PullPath(_EngineBase):
     """Mixin of :class:`p2pkv.Engine` (shares its state; see :mod:`p2pkv._engine.base`)."""
+
+    # Engine.__init__ assigns a plain list: kept as the indexed structure.
+    @property
+    def _parked(self) -> _ParkedPulls:
+        parked: _ParkedPulls = self.__dict__["_parked_pulls"]
+        return parked
+
+    @_parked.setter
+    def _parked(self, value: Iterable[_ParkedPull]) -> None:
+        self.__dict__["_parked_pulls"] = value if isinstance(value, _ParkedPulls) else _ParkedPulls(value)
+
+    def _expire_parked(self, now: float) -> None:
+        for pp in self._parked.expired(now):
+            self._reply(pp.sess.ident, "perr", seq=pp.seq, code="timeout",
+                        msg="the key was not published before the pull's deadline")
+
+    def _abort_parked(self, tid: str, reason: str) -> None:
+        for pp in self._parked.for_tid(tid):
+            self._parked.remove(pp)
+            self._reply(pp.sess.ident, "perr", seq=pp.seq, code="aborted", msg=reason)
+
+    def _retry_parked_pulls(self) -> None:
+        for pp in list(self._parked):
+            if self._try_serve(pp):
+                self._parked.remove(pp)
 
     def _cmd_pull(self, addr: str, item: _PullItem) -> None:
         peer = self._get_peer(addr)
@@ -200,8 +313,15 @@ class _PullPath(_EngineBase):
                         f"got {to!r}")
             return
         pp = _ParkedPull(sess, seq, key, time.monotonic() + min(to, self._cfg.timeout_s * 4), dt, sh, x)
-        if not self._try_serve(pp):
-            self._parked.append(pp)
+        if self._try_serve(pp):
+            return
+        if self._parked.count(sess) >= MAX_PARKED_PER_SESSION:
+            self._stats.add("pulls_refused")
+            self._reply(sess.ident, "perr", seq=seq, code="pool_exhausted",
+                        msg=f"too many pulls from this peer wait here for their keys to be published "
+                            f"(at most {MAX_PARKED_PER_SESSION}); pull it again later")
+            return
+        self._parked.add(pp)
 
     def _try_serve(self, pp: _ParkedPull) -> bool:
         """Serve a pull if its key is published; True when answered (data or error)."""
@@ -276,10 +396,7 @@ class _PullPath(_EngineBase):
         return True
 
     def _serve_parked(self, key: TransferKey) -> None:
-        keep = []
-        for pp in self._parked:
-            if pp.key == key and self._try_serve(pp):
-                continue
-            keep.append(pp)
-        self._parked = keep
+        for pp in self._parked.for_key(key):
+            if self._try_serve(pp):
+                self._parked.remove(pp)
 

@@ -43,13 +43,13 @@ log = logging.getLogger("p2pkv")
 
 __all__ = ["Regions", "ExposeHandle", "MAX_REGIONS"]
 
-MAX_REGIONS = 4096
+MAX_REGIONS = 256  # per engine: all of them travel in one control message (64 KiB)
 _MAX_EXPOSED = 65536
 _HANDLE_BYTES = 64  # a cudaIpcMemHandle_t
-# A region as described to readers, one ``mr`` message for all of them: ``{"h": [handle, ...],
-# "e": [[name, handle index, offset in the allocation, allocation size, dtype, shape, strides], ...]}``
-# (handles shared by regions of one allocation are sent once; a list, not a map, so that more than the
-# decoder's 64 map entries fit: vLLM registers one KV cache per layer).
+# The regions as described to readers, one ``mr`` message for all of them (a list, not a map: a control
+# map holds at most 64 entries and vLLM registers one KV cache per layer): ``[name, IPC handle, offset in
+# its allocation, allocation size, dtype, shape, strides]`` each. Their names are what can make it
+# outgrow one message: a registration that would is refused.
 _DESCRIBE_LIMIT = MAX_HEADER_BYTES - 1024
 
 RegionSpec = tuple[bytes, int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
@@ -164,20 +164,15 @@ class Regions:
         with self._lock:
             self._mine.pop(name, None)
 
-    def describe(self) -> dict[str, Any]:
-        """What a same-host reader needs to map every region (sent on its session only)."""
+    def describe(self) -> list[list[Any]]:
+        """What a same-host reader needs to map every region (sent on its session only):
+        ``[name, IPC handle, offset in its allocation, allocation size, dtype, shape, strides]`` each."""
         with self._lock:
             return self._describe_locked()
 
-    def _describe_locked(self) -> dict[str, Any]:
-        handles: dict[bytes, int] = {}
-        entries = []
-        for name, r in self._mine.items():
-            t = r.tensor
-            hi = handles.setdefault(r.handle, len(handles))
-            entries.append([name, hi, r.alloc_off, r.alloc_size, T.dtype_name(t.dtype), list(t.shape),
-                            list(t.stride())])
-        return {"h": list(handles), "e": entries}
+    def _describe_locked(self) -> list[list[Any]]:
+        return [[name, r.handle, r.alloc_off, r.alloc_size, T.dtype_name(r.tensor.dtype), list(r.tensor.shape),
+                 list(r.tensor.stride())] for name, r in self._mine.items()]
 
     def expose(self, tid: str, timeout: float) -> ExposeHandle:
         h = ExposeHandle(tid, timeout)
@@ -258,7 +253,7 @@ class Regions:
 
     @staticmethod
     def parse(r: Any) -> dict[str, RegionSpec]:
-        """Check a region description (see :func:`Regions.describe`) without mapping anything:
+        """Check a region description (see :meth:`describe`) without mapping anything:
         ``{name: (handle, offset, allocation size, dtype, shape, strides)}``.
 
         Raises
@@ -266,26 +261,24 @@ class Regions:
         ProtocolError
             Anything malformed, or a view that would reach outside its allocation.
         """
-        if not isinstance(r, dict) or set(r) != {"h", "e"} or not isinstance(r["h"], list) \
-                or not isinstance(r["e"], list) or len(r["h"]) > MAX_REGIONS or len(r["e"]) > MAX_REGIONS:
+        if not isinstance(r, list) or len(r) > MAX_REGIONS:
             raise ProtocolError("malformed memory regions")
-        handles = r["h"]
-        if not all(isinstance(h, bytes) and len(h) == _HANDLE_BYTES for h in handles):
-            raise ProtocolError("malformed memory region handle")
         out: dict[str, RegionSpec] = {}
-        for e in r["e"]:
+        for e in r:
             if not isinstance(e, list) or len(e) != 7:
                 raise ProtocolError("memory regions are [name, handle, offset, size, dtype, shape, strides]")
-            name, hi, off, size, dt, sh, st = e
+            name, h, off, size, dt, sh, st = e
             try:
                 if not isinstance(name, str):
                     raise InvalidKey("a region name must be a str")
                 TransferKey("x", name)
                 if name in out:
                     raise InvalidKey(f"memory region {name!r:.60} is described twice")
-                if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hi, off, size)) \
-                        or not 0 <= hi < len(handles) or not 0 <= off < 2**62 or not 0 <= size < 2**62:
-                    raise InvalidKey(f"memory region {name!r:.60} has a bad handle index, offset or size")
+                if not isinstance(h, bytes) or len(h) != _HANDLE_BYTES:
+                    raise InvalidKey(f"memory region {name!r:.60} has a malformed handle")
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, size)) \
+                        or not 0 <= off < 2**62 or not 0 <= size < 2**62:
+                    raise InvalidKey(f"memory region {name!r:.60} has a bad offset or size")
                 dtype = T.dtype_from_name(dt)
                 shape = T.check_shape(sh)
                 stride = T.check_shape(st)
@@ -297,7 +290,7 @@ class Regions:
             span = (sum((s - 1) * k for s, k in zip(shape, stride, strict=True)) + 1) * esize if all(shape) else 0
             if off % esize or off + span > size:
                 raise ProtocolError(f"memory region {name!r:.60} lies outside its allocation")
-            out[name] = (handles[hi], off, size, dtype, shape, stride)
+            out[name] = (h, off, size, dtype, shape, stride)
         return out
 
     def _map(self, peer: _Peer, regs: dict[str, RegionSpec]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,9 @@ _ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are
 _ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
 _DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
 _MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
+_MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
+_MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
+_BUFFER_SLACK = 16 << 20    # what a connection may have ZMQ hold beyond the pool's size (headers, framing)
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN = b"p2pkv"
 _PLAIN_USER = b"p2pkv"
@@ -174,6 +177,11 @@ class _Peer:
         self.ipc_handles: list[bytes] = []
         self.ipc_next = 0
         self.copy_stream: Any = None
+        self.rid = b""                          # our ZMQ routing id on this connection
+        self.end: tuple[Any, Any] | None = None  # (local, remote) address of the current TCP connection
+        self.fd = -1                            # its descriptor (ZMQ's), and what ZMQ had taken from
+        self.rx_base = 0                        # it at a recent message boundary, and when
+        self.rx_base_t = 0.0
         self.fast: Any = None                   # FastTx: the same-host fast path (p2pkv._engine.fastpath)
         self.fast_asked = False                 # we asked the peer for it (fq) once
         self.mq_pending = False                 # a caller waits for its memory regions (mq after the handshake)
@@ -233,33 +241,185 @@ import weakref as _weakref  # noqa: E402
 _LOCAL_ENGINES: _weakref.WeakValueDictionary[str, Any] = _weakref.WeakValueDictionary()
 # Interprocess events of engines in this process, by IPC handle: a process cannot open its own handle.
 _LOCAL_EVENTS: dict[bytes, Any] = {}
-# A per-process secret: an engine proves it lives in this process by an HMAC of its id under it
-# (sent in its caps as "local"), so a remote peer claiming a local engine's id cannot make us
-# read or write that engine's arena directly.
-_PROCESS_KEY = [os.urandom(32)]
+
+# Which peers live in this process is decided from what the kernel says about the connection,
+# never from anything a peer sends (a value sent to one peer can be replayed by it, and a
+# challenge answered by a local engine can be relayed by a peer in the middle):
+# - every TCP connection end an engine of this process holds, (local, remote) -> its engine id.
+#   A connection whose other end is in this table is between two engines of this process.
+# - (listener's engine id, dialer's ZMQ routing id) -> dialer's engine id: written by a dialer
+#   once the table above proved that its connection ends at that listener. The listener finds
+#   its session (keyed by that routing id) here; a stranger reusing the routing id cannot, as the
+#   ROUTER refuses a second connection with a routing id in use and the id is random.
+_Endpoint = tuple[str, int]
+_LOCAL_ENDS: dict[tuple[_Endpoint, _Endpoint], str] = {}
+_LOCAL_DIALS: dict[tuple[str, bytes], str] = {}
 
 
-def _local_proof(eid: str) -> str:
-    import hashlib
-    import hmac
+class _LocalLink:
+    """Our own mark in a peer's or session's caps (``caps["local"]``) that it is engine ``eid`` of
+    this process; only ever put there by this process's code, never decoded from the wire."""
 
-    return hmac.new(_PROCESS_KEY[0], eid.encode(), hashlib.sha256).hexdigest()[:32]
+    __slots__ = ("eid", "listener", "rid")
+
+    def __init__(self, eid: str, listener: str | None = None, rid: bytes = b""):
+        self.eid = eid
+        self.listener = listener  # set on the listening side: checked against _LOCAL_DIALS when used
+        self.rid = rid
+
+    def holds(self, eid: str) -> bool:
+        if eid != self.eid:
+            return False
+        return self.listener is None or _LOCAL_DIALS.get((self.listener, self.rid)) == eid
+
+    def __repr__(self) -> str:
+        return f"_LocalLink({self.eid})"
+
+
+def _plain_ip(host: Any) -> str:
+    """``::ffff:a.b.c.d`` (an IPv4 peer of a dual-stack socket) as ``a.b.c.d``: both ends agree."""
+    host = str(host)
+    return host[7:] if host.lower().startswith("::ffff:") and "." in host else host
+
+
+def _fd_ends(fd: int) -> tuple[_Endpoint, _Endpoint] | None:
+    """``(local, remote)`` address of the TCP socket ``fd`` (ZMQ's: looked at, never closed)."""
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        local, remote = sock.getsockname(), sock.getpeername()
+        if not isinstance(local, tuple) or not isinstance(remote, tuple):
+            return None
+        return (_plain_ip(local[0]), int(local[1])), (_plain_ip(remote[0]), int(remote[1]))
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _fd_ceiling() -> int:
+    """Descriptors at or above this number are kept free for the rest of the process (dialing
+    out, files): an accepted connection that gets one is shut down at once."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(16, soft - max(32, soft // 8))
+
+
+def _fds_in_use() -> int | None:
+    """Descriptors open in this process (Linux), or None when that cannot be told."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # (less the one listing it)
+    except OSError:
+        return None
+
+
+def _shutdown_fd(fd: int, ends: tuple[_Endpoint, _Endpoint] | None) -> bool:
+    """Shut down ZMQ's TCP socket ``fd`` (ZMQ then drops that connection and closes the fd), but
+    only if it still is the connection ``ends`` (a closed fd may be reused by anything)."""
+    if ends is None or _fd_ends(fd) != ends:
+        return False
+    sock = _socket.socket(fileno=fd)
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+def _zmq_consumed(fd: int) -> int | None:
+    """Bytes ZMQ has taken from TCP socket ``fd`` so far (received by the kernel less those still
+    queued in it), or None where the kernel does not say (Linux >= 4.1 does)."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+        if len(info) < 136:
+            return None
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return int.from_bytes(info[128:136], "little") - queued  # tcpi_bytes_received
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Accepted:
+    """The connections into our ROUTER, by descriptor and by remote address (for their caps), and
+    what ZMQ had taken from each when a whole message of it was last read (see _check_buffered)."""
+
+    def __init__(self) -> None:
+        self.ends: dict[int, tuple[_Endpoint, _Endpoint]] = {}
+        self.by_host: dict[str, dict[int, None]] = {}  # remote address -> fds, oldest first
+        self.base: dict[int, int] = {}       # fd -> bytes ZMQ had taken at a recent message boundary
+        self.base_t: dict[int, float] = {}   # fd -> when that was measured
+        self.ident: dict[int, bytes] = {}    # fd -> routing id of its messages (its session)
+        self.last: dict[int, float] = {}     # fd -> when its last whole message was read
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, fd: int, ends: tuple[_Endpoint, _Endpoint]) -> None:
+        self.drop(fd)
+        self.ends[fd] = ends
+        self.by_host.setdefault(ends[1][0], {})[fd] = None
+
+    def drop(self, fd: int) -> tuple[_Endpoint, _Endpoint] | None:
+        self.base.pop(fd, None)
+        self.base_t.pop(fd, None)
+        self.ident.pop(fd, None)
+        self.last.pop(fd, None)
+        ends = self.ends.pop(fd, None)
+        if ends is not None:
+            fds = self.by_host[ends[1][0]]
+            del fds[fd]
+            if not fds:
+                del self.by_host[ends[1][0]]
+        return ends
+
+    def count(self, host: str) -> int:
+        fds = self.by_host.get(host)
+        return len(fds) if fds is not None else 0
+
+    def heaviest(self) -> str:
+        return max(self.by_host, key=lambda h: len(self.by_host[h]))
 
 
 def _local_arena(eid: str, caps: Any) -> torch.Tensor | None:
-    """The arena of engine ``eid`` if it really is an engine of this process (its caps prove it)."""
-    import hmac
-
+    """The arena of engine ``eid`` if it really is an engine of this process (see _LocalLink)."""
     arena = _LOCAL_ARENAS.get(eid)
-    if arena is None or not isinstance(caps, dict) or not isinstance(caps.get("local"), str):
+    if arena is None or not isinstance(caps, dict):
         return None
-    return arena if hmac.compare_digest(caps["local"], _local_proof(eid)) else None
+    link = caps.get("local")
+    return arena if isinstance(link, _LocalLink) and link.holds(eid) else None
 
 
 def _forget_local_arenas() -> None:
-    """After fork: the parent's engines are not ours, and the child gets its own secret."""
+    """After fork: the parent's engines and connections are not ours."""
     _LOCAL_ARENAS.clear()
-    _PROCESS_KEY[0] = os.urandom(32)
+    _LOCAL_ENDS.clear()
+    _LOCAL_DIALS.clear()
 
 
 # ----------------------------------------------------------------------------- engine

@@ -68,7 +68,8 @@ def bench_recv(sizes: list[int], rounds: int = 5, per_round: int = 8,
     ctx = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
     for size in sizes:
-        cfg = dict(timeout_s=60.0, pool_bytes=max(64 * MiB, 8 * size), credit_bytes=max(64 * MiB, 8 * size))
+        cfg: dict[str, Any] = dict(timeout_s=60.0, pool_bytes=max(64 * MiB, 8 * size),
+                                   credit_bytes=max(64 * MiB, 8 * size))
         q, cq = ctx.Queue(), ctx.Queue()
         srv_q = ctx.Queue()
         srv = ctx.Process(target=_raw_server, args=(srv_q, size), daemon=True)

@@ -46,8 +46,8 @@ fo     chan?, lease?, bell?, no?                 the fast path offered: channel 
                                                  doorbell; or ``no``: why not
 fast   ok, msg, bell?                            the producer took (or refused) the fast path offered
 mq     -                                         a same-host reader asks for our registered memory regions
-mr     r?, no?                                   the regions: {h: [IPC handle, ...], e: [[name, handle index,
-                                                 offset, allocation size, dtype, shape, strides], ...]}; or why not
+mr     r?, no?                                   the regions: [name, IPC handle, offset, allocation size, dtype, shape,
+                                                 strides] each; or why not
 rdone  tid                                       the reader is done reading transfer ``tid`` (completes expose())
 ferr   seq, code, msg                            a fast-path request (header seq) was refused
 ====== ========================================= ==================================
@@ -91,7 +91,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
             "pool": (_INT, True), "caps": (_MAP, True)},
     "fq": {},
     "mq": {},
-    "mr": {"r": (_MAP, False), "no": (_STR, False)},
+    "mr": {"r": (_LIST, False), "no": (_STR, False)},
     "rdone": {"tid": (_STR, True)},
     "fo": {"chan": (_MAP, False), "lease": (_LIST, False), "bell": (_STR, False), "no": (_STR, False)},
     "fast": {"ok": ((bool,), True), "msg": (_STR, True), "bell": (_STR, False)},

@@ -105,9 +105,10 @@ class BatchCopier:
         return i
 
     # ------------------------------------------------------------------ copies
-    def copy(self, segs: list[tuple[int, int, int]], stream: torch.cuda.Stream,
+    def copy(self, segs: Any, stream: torch.cuda.Stream,
              flags: list[tuple[int, int]] | None = None) -> None:
-        """Copy every ``(src_ptr, dst_ptr, nbytes)`` segment in one launch queued on ``stream``; then
+        """Copy every ``(src_ptr, dst_ptr, nbytes)`` segment (a list, or an ``[n, 3]`` int64 array) in one
+        launch queued on ``stream``; then
         (a second, tiny launch) write each ``(address, value)`` of ``flags`` once every copy is done."""
         import cupy
         import numpy as np

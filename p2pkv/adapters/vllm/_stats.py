@@ -19,11 +19,11 @@ def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return 0.0
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 @dataclass
-class P2pkvKVConnectorStats(KVConnectorStats):  # type: ignore[misc]
+class P2pkvKVConnectorStats(KVConnectorStats):
     """Per-interval counters and load latencies of one or more workers.
 
     ``data`` holds plain ints and a list of load latencies in seconds, so it
@@ -37,10 +37,10 @@ class P2pkvKVConnectorStats(KVConnectorStats):  # type: ignore[misc]
         self.data.setdefault("load_latency_s", [])
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
         self.__post_init__()
 
-    def aggregate(self, other: KVConnectorStats) -> "P2pkvKVConnectorStats":
+    def aggregate(self, other: KVConnectorStats) -> P2pkvKVConnectorStats:
         od = other.data if other is not None else {}
         for k in _COUNTERS:
             self.data[k] = int(self.data.get(k, 0)) + int(od.get(k, 0) or 0)
