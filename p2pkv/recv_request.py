@@ -122,10 +122,11 @@ class RecvRequest:
         deadline = self._wait_deadline(timeout)
         self._until(self._complete, deadline, "every tensor")
         err = self._eng._inbox.tid_error(self.transfer_id)
-        if self._fast is not None and self._fast.error is not None:
-            err = self._fast.error  # a flag written by our own watchdog (deadline, lost peer), not by the data
-        if isinstance(err, TransferAborted) or (err is not None and self._fast is not None and
-                                                 err is self._fast.error):  # its data is not to be used
+        rec = self._fast  # (None once released by another thread)
+        if rec is not None and rec.error is not None:
+            err = rec.error  # a flag written by our own watchdog (deadline, lost peer), not by the data
+        if isinstance(err, TransferAborted) or (err is not None and rec is not None and
+                                                 err is rec.error):  # its data is not to be used
             self._fail(err)
             raise err
         if self._state is RecvState.ARRIVING:
@@ -151,7 +152,7 @@ class RecvRequest:
         i = self._fast_idx.get(name)
         s = stream
         if i is not None and dev.type == "cuda":
-            rec = self._fast
+            rec = self._record()
             if not rec.landed(i):
                 from ._engine.fastpath import FLAG_SHIFT
                 from .transport import cudadrv
@@ -244,15 +245,25 @@ class RecvRequest:
             self._error = err
             self._eng._stats.add("recv_requests_failed")
 
+    def _released(self) -> bool:
+        return self._state is RecvState.RELEASED
+
+    def _record(self) -> Any:
+        """The same-host record this handle took (it is gone once the handle is released)."""
+        rec = self._fast
+        if rec is None:
+            raise P2pkvError("request handle used after release", key=self.transfer_id)
+        return rec
+
     def _until(self, cond: Any, deadline: float, what: str) -> None:
         """Spin (then poll) until ``cond()``; raise the request's error or a timeout."""
         if self._state is RecvState.RELEASED:
             raise P2pkvError("request handle used after release", key=self.transfer_id)
         if self._error is not None:
             raise self._error
-        if self._progress() and cond():
-            return
-        if cond():
+        if (self._progress() and cond()) or cond():
+            if self._error is not None:  # binding it just now found it cannot be taken (e.g. its outs)
+                raise self._error
             return
         eng = self._eng
         # a CPU producer copies with the CPU: spinning here would take a core from it
@@ -269,7 +280,11 @@ class RecvRequest:
                 if spinning and n % _CHECK_EVERY:
                     continue  # spinning: the data is on its way
                 now = time.monotonic()
+                if self._released():  # by another thread
+                    raise P2pkvError("request handle released while waiting", key=self.transfer_id)
                 if self._progress():
+                    if self._error is not None:
+                        raise self._error
                     last = now
                     if not spinning and spin_s > 0:
                         spinning = True
@@ -294,6 +309,8 @@ class RecvRequest:
         finally:
             if spinning:
                 plane.spin(-1)
+        if self._error is not None:  # failed while it landed (bound with outs that do not fit)
+            raise self._error
 
     def _progress(self) -> bool:
         """Read the channels, bind the request, claim arrived tensors; True if anything changed."""
@@ -324,7 +341,11 @@ class RecvRequest:
 
         specs = rec.specs
         if isinstance(rec, FastIncoming):
-            self._fast = rec
+            with self._lock:
+                if self._state is RecvState.RELEASED:  # released by another thread meanwhile
+                    rec.unref()
+                    return False
+                self._fast = rec
             idx = rec.layout.index
             self._order = list(taken)
             self._fast_idx = {n: idx[n] for n in taken}
@@ -338,7 +359,10 @@ class RecvRequest:
                 if self._names is None or s.name in self._names:
                     self._specs[s.name] = s
         _trace.mark("rx.header", self.transfer_id)
-        self._state = RecvState.ARRIVING
+        with self._lock:
+            if self._state is RecvState.RELEASED:
+                return False
+            self._state = RecvState.ARRIVING
         if self._outs is not None:
             for name, out in self._outs.items():
                 spec = self._specs.get(name)
@@ -374,7 +398,8 @@ class RecvRequest:
             return True
         i = self._fast_idx.get(name)
         if i is not None:
-            return bool(self._fast.landed(i))
+            rec = self._fast
+            return rec is not None and bool(rec.landed(i))
         slot = self._slots.get(name)
         if slot is None:
             return False
@@ -388,7 +413,8 @@ class RecvRequest:
 
     def _complete(self) -> bool:
         if self._fast_all:
-            return bool(self._fast.all_landed())
+            rec = self._fast
+            return rec is not None and bool(rec.all_landed())
         if not self._order:
             return False
         return all(self._landed(name) for name in self._order)
@@ -397,7 +423,13 @@ class RecvRequest:
         v = self._views.get(name)
         if v is None:
             i = self._fast_idx.get(name)
-            v = self._fast.view(i) if i is not None else self._slots[name].tensor()
+            if i is not None:
+                v = self._record().view(i)
+            else:
+                slot = self._slots.get(name)
+                if slot is None:
+                    raise P2pkvError("request handle used after release", key=self.transfer_id)
+                v = slot.tensor()
             self._views[name] = v
         return v
 

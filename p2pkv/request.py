@@ -259,7 +259,13 @@ class RequestHandle:
         InvalidKey, InvalidTensor, ShapeMismatch, P2pkvError
             As :meth:`send`; nothing is sent when any of them is refused.
         """
-        pairs = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+        if isinstance(tensors, dict):
+            pairs = list(tensors.items())
+        elif isinstance(tensors, (str, bytes, torch.Tensor)) or not hasattr(tensors, "__iter__"):
+            raise InvalidTensor(f"send_many takes {{name: tensor}} or (name, tensor) pairs, got "
+                                f"{type(tensors).__name__}", key=self.transfer_id)
+        else:
+            pairs = list(tensors)
         idxs, ts = [], []
         for entry in pairs:
             if not isinstance(entry, (tuple, list)) or len(entry) != 2:

@@ -74,6 +74,8 @@ MIN_LEASE = 16 << 20     # a lease smaller than this is not worth a channel
 # repeated layout costs the consumer O(1) whatever its number of tensors.
 _HEADER_KEYS = frozenset({"s", "t", "L", "o", "f", "d"})
 MAX_LAYOUTS = 64         # layout ids per channel (the producer evicts the least recently used)
+DRAIN_RECORDS = 256      # header records read per channel and call (see FastRx.drain)
+DRAIN_BYTES = 64 << 10
 
 
 def flag_value(seq: int, i: int) -> int:
@@ -140,7 +142,8 @@ class RangeSet:
 class FastLayout:
     """A request layout as both sides of a channel use it: tensors back to back from one offset."""
 
-    __slots__ = ("specs", "names", "index", "nameset", "sizes", "rel", "total", "n", "steps", "wire", "key")
+    __slots__ = ("specs", "names", "index", "nameset", "sizes", "rel", "total", "n", "steps", "wire", "key",
+                 "max_nbytes")
 
     def __init__(self, specs: list[ItemSpec]):
         self.specs = specs
@@ -158,6 +161,7 @@ class FastLayout:
         self.steps = np.arange(1, self.n + 1, dtype=np.uint64)  # flag value = (seq << 16) | (i + 1)
         self.wire = [[sp.name, T.dtype_name(sp.dtype), list(sp.shape), sp.nbytes] for sp in specs]
         self.key = (self.names, tuple((sp.dtype, sp.shape) for sp in specs))
+        self.max_nbytes = max((sp.nbytes for sp in specs), default=0)
 
     @classmethod
     def from_wire(cls, items: Any, max_bytes: int) -> FastLayout:
@@ -263,8 +267,10 @@ class FastTx:
     """The producer's side of the fast path to one peer (thread-safe: callers and the I/O thread)."""
 
     def __init__(self, peer_addr: str, chan: ShmChannel, lease_off: int, lease_size: int, mover: Any,
-                 doorbell: Callable[[], None], on_done: Callable[[Any, Callable[[], None]], None]):
+                 doorbell: Callable[[], None], on_done: Callable[[Any, Callable[[], None]], None],
+                 max_bytes: int = 2**62):
         self.peer_addr = peer_addr
+        self.max_bytes = max_bytes       # the consumer's max_message_bytes: a bigger tensor takes the ordinary path
         self.chan = chan
         self.lease_off = lease_off
         self.lease_size = lease_size
@@ -278,17 +284,25 @@ class FastTx:
         self._layout_ids: OrderedDict[Any, int] = OrderedDict()  # layout -> id the consumer knows it by
         self.reqs: dict[int, RequestHandle] = {}
         self._orphans: dict[int, int] = {}  # seq -> verdict slot of requests failed before their verdict
+        # Room handed to requests and not handed back yet: start in the lease -> (size, first flag, flags).
+        # The free ring is written by the consumer: only an entry that matches one of these exactly is
+        # taken back (duplicates, overlaps and garbage there must not make us hand one range out twice).
+        self._out: dict[int, tuple[int, int, int]] = {}
+        self.bad_frees = 0
         self.closed = False
         self.sent_requests = 0
 
-
     def _reclaim(self) -> None:
+        """Take back the room the consumer handed back (under the lock). Raises ProtocolError if the
+        free ring's positions are corrupt."""
         for off, size, f0, nf in self.chan.take_frees().tolist():
             rel = off - self.lease_off
-            if rel >= 0 and rel + size <= self.lease_size and size > 0:
-                self._space.give(rel, size)
-            if nf and f0 >= 0 and f0 + nf <= NFLAGS:
-                self._flags.give(f0, nf)
+            if self._out.get(rel) != (size, f0, nf):
+                self.bad_frees += 1
+                continue
+            del self._out[rel]
+            self._space.give(rel, size)
+            self._flags.give(f0, nf)
 
     def start(self, req: RequestHandle, wait_s: float = 0.002) -> bool:
         """Place ``req`` in the lease and announce it; False when it does not fit (the caller then
@@ -299,14 +313,19 @@ class FastTx:
             lay = req.layout = FastLayout(req.specs)
         total = lay.total
         n = lay.n
-        if total > self.lease_size or n + 1 > NFLAGS:
-            return False
+        if total > self.lease_size or n + 1 > NFLAGS or lay.max_nbytes > self.max_bytes:
+            return False  # the ordinary path takes it (and reports what the consumer thinks of it)
         give_up = time.monotonic() + min(wait_s, max(0.0, req.deadline - time.monotonic()))
+        broken: ProtocolError | None = None
         while True:
             with self.lock:
                 if self.closed:
                     return False
-                self._reclaim()
+                try:
+                    self._reclaim()
+                except ProtocolError as exc:
+                    broken = exc
+                    break
                 start = self._space.take(total)
                 f0 = self._flags.take(n + 1) if start is not None else None  # + the verdict slot
                 if start is not None and f0 is None:
@@ -317,6 +336,10 @@ class FastTx:
             if time.monotonic() >= give_up:
                 return False
             time.sleep(2e-5)
+        if broken is not None:  # the consumer scribbled over its side of the channel: stop using it
+            log.warning("fast path to %s closed: %s", self.peer_addr, broken.message)
+            self.close(ProtocolError(f"the fast path's channel is corrupt: {broken.message}", peer=self.peer_addr))
+            return False
         with self.lock:
             key = lay.key
             lid = self._layout_ids.get(key)
@@ -337,6 +360,7 @@ class FastTx:
                     del self._layout_ids[k]
             self._layout_ids[key] = lid
             self._layout_ids.move_to_end(key)
+            self._out[start] = (total, f0, n)
             self._seq += 1
             seq = self._seq
             base = self.lease_off + start
@@ -437,6 +461,9 @@ class FastTx:
             req = self.reqs.pop(seq, None)
             if req is not None and len(self._orphans) < NFLAGS:
                 self._orphans[seq] = req.flag0 + len(req.specs)  # its verdict slot, freed once written
+            if req is not None and isinstance(err, ProtocolError) and req.layout is not None:
+                # the consumer could not read its header: the next request of this layout defines it again
+                self._layout_ids.pop(req.layout.key, None)
         state = RequestState.ABORTED if isinstance(err, TransferAborted) else RequestState.FAILED
         if req is not None and req._set(state, err):
             req._engine._stats.add("requests_failed")
@@ -656,30 +683,40 @@ class FastRx:
         self.closed = False
         self.ring_producer: Callable[[], None] = lambda: None  # the producer's doorbell
         self.offer: dict[str, Any] = {}  # what the producer was offered (sent again if it asks again)
+        self.t_offered = time.monotonic()  # an offer not taken within timeout_s is withdrawn
         self.waits: list[tuple[int, int, float, FastIncoming]] = []  # stream waits to release on failure
         self.held = 0                    # lease bytes held by delivered requests
         self._last_seq = 0               # headers must come in increasing sequence (no replays)
         self.requests_in = 0
 
     def drain(self) -> tuple[list[FastIncoming], list[tuple[int, P2pkvError]]]:
-        """Read new header records: ``(requests, refusals)`` where a refusal is ``(seq, error)``."""
+        """Read new header records: ``(requests, refusals)`` where a refusal is ``(seq, error)``.
+
+        Reads at most :data:`DRAIN_RECORDS` records and about :data:`DRAIN_BYTES` bytes per call (a
+        header can cost the consumer milliseconds: a new 2048-tensor layout), so that no thread, the
+        I/O thread least of all, is held for long by a producer that floods its ring; the rest is read
+        by the next call. A ring whose positions make no sense ends this channel (once).
+        """
         if self.closed or not self.accepted:
             return [], []
         with self.lock:
             if self.closed:
                 return [], []
             try:
-                recs = self.chan.take_records()
+                recs = self.chan.take_records(DRAIN_RECORDS, DRAIN_BYTES)
             except ProtocolError as exc:
-                self.lost = exc
-                return [], [(-1, exc)]
-            out, bad = [], []
-            for rec in recs:
-                try:
-                    out.append(self._parse(rec))
-                except P2pkvError as exc:
-                    bad.append((self._seq_of(rec), exc))
-            return out, bad
+                broken = exc
+            else:
+                out, bad = [], []
+                for rec in recs:
+                    try:
+                        out.append(self._parse(rec))
+                    except P2pkvError as exc:
+                        bad.append((self._seq_of(rec), exc))
+                return out, bad
+        self.lost = broken
+        self.close()  # requests not landed yet fail with this error; landed ones stay claimable
+        return [], [(-1, broken)]
 
     @staticmethod
     def _seq_of(rec: bytes) -> int:
@@ -703,6 +740,9 @@ class FastRx:
         if not isinstance(lid, int) or isinstance(lid, bool) or not 0 <= lid < MAX_LAYOUTS:
             raise ProtocolError("fast-path header has a bad layout id")
         if "l" in m:  # a definition holds whatever else is wrong with this header: the producer counts on it
+            # ... and one we refuse leaves the id undefined: a later header naming it must not be read
+            # with the layout the id had before (the producer no longer means that one)
+            self._layouts.pop(lid, None)
             lay = FastLayout.from_wire(m["l"], self._maxmsg)
             self._layouts[lid] = lay
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**47:

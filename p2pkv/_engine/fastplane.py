@@ -43,12 +43,17 @@ _MAX_RECORDS = 65536  # transfer ids remembered for recv_request (oldest dropped
 class OfferRecord:
     """A request announced by an ordinary offer (TCP, NCCL): only its layout, for recv_request."""
 
-    __slots__ = ("transfer_id", "specs", "t_arrived")
+    __slots__ = ("transfer_id", "specs", "t_arrived", "names")
 
     def __init__(self, tid: str, specs: list[ItemSpec]):
         self.transfer_id = tid
         self.specs = specs
         self.t_arrived = time.monotonic()
+        self.names = tuple(s.name for s in specs)
+
+
+def _names_of(rec: Any) -> tuple[str, ...]:
+    return rec.layout.names if isinstance(rec, FastIncoming) else rec.names
 
 
 class FastPlane:
@@ -60,6 +65,10 @@ class FastPlane:
         self._rx_list: list[FastRx] = []            # a snapshot for lock-free iteration by pollers
         self._quarantine: list[tuple[float, FastRx]] = []  # ended sessions whose lease may still be written
         self._index: OrderedDict[str, list[Any]] = OrderedDict()  # tid -> records (FastIncoming/OfferRecord)
+        # tid -> tensor name -> the records in the index that hold it: a new request's duplicate check
+        # costs O(its tensors), not O(the requests already announced under its transfer id)
+        self._holders: dict[str, dict[str, list[Any]]] = {}
+        self._no_offer: set[bytes] = set()          # sessions not offered a lease again (withdrawn, refused)
         self._lock = threading.Lock()               # the index and the rx snapshot
         self._poll_lock = threading.Lock()          # one reader of the channels at a time
         self._bell: socket.socket | None = None     # consumer: woken by producers (abstract Unix socket)
@@ -94,11 +103,19 @@ class FastPlane:
         have = self.rx.get(sess.ident)
         if have is not None:  # asked again: the same offer while it is not taken, never a second lease
             return None if have.accepted else have.offer
-        size = min(eng._cfg.effective_credit_bytes, eng._pool.capacity // 2)
-        if size < MIN_LEASE and eng._pool.capacity >= 2 * MIN_LEASE:
-            size = MIN_LEASE
+        if sess.ident in self._no_offer:  # its offer was withdrawn or refused: the ordinary path it is
+            return None
+        # Leases (live, and ended ones still quarantined) never hold more than half the pool, however
+        # many same-host peers ask: the ordinary path, and the credit it grants, keep the other half.
+        cap = eng._pool.capacity
+        want = min(eng._cfg.effective_credit_bytes, cap // 2)
+        if want < MIN_LEASE and cap >= 2 * MIN_LEASE:
+            want = MIN_LEASE
+        left = cap // 2 - self._lease_bytes()
+        size = min(want, left)
         size -= size % 256
-        if size <= 0:
+        if size <= 0 or (size < want and size < MIN_LEASE):
+            log.info("fast-path leases hold half the pool already: %s uses the ordinary path", sess)
             return None
         lease = eng._pool.try_alloc(size)
         if lease is None:
@@ -121,7 +138,11 @@ class FastPlane:
             self._end_rx(old, PeerLost("peer said hello again"))
         eng._stats.add("fast_leases")
         rx.offer = {"chan": chan.locator(), "lease": [lease.offset, lease.size], "bell": self._bell_name}
+        rx.t_offered = time.monotonic()
         return rx.offer
+
+    def _lease_bytes(self) -> int:
+        return sum(rx.lease_size for rx in self.rx.values()) + sum(rx.lease_size for _, rx in self._quarantine)
 
     def _ensure_bell(self) -> None:
         if self._bell is None:
@@ -163,7 +184,9 @@ class FastPlane:
     def on_fast_msg(self, sess: _Session, msg: dict[str, Any]) -> None:
         """The producer's answer to our offer (I/O thread)."""
         rx = self.rx.get(sess.ident)
-        if rx is None:
+        if rx is None or rx.accepted:
+            if rx is None and msg.get("ok") is True:  # too late: tell it to stop using what it mapped
+                self._eng._reply(sess.ident, "fo", no="the fast-path offer was withdrawn (not taken in time)")
             return
         if msg.get("ok") is True:
             bell = msg.get("bell")
@@ -172,10 +195,15 @@ class FastPlane:
             rx.accepted = True
             return
         log.info("%s did not take the fast path: %s", sess, str(msg.get("msg", ""))[:200])
+        self._withdraw(rx, PeerLost("the producer refused the fast path"))
+
+    def _withdraw(self, rx: FastRx, err: P2pkvError) -> None:
+        """End an offer that was refused or never taken (I/O thread); that session is not offered another."""
         with self._lock:
-            self.rx.pop(sess.ident, None)
+            self.rx.pop(rx.ident, None)
             self._rx_list = list(self.rx.values())
-        self._end_rx(rx, PeerLost("the producer refused the fast path"), quarantine=False)
+        self._no_offer.add(rx.ident)
+        self._end_rx(rx, err, quarantine=False)
 
     def poll(self) -> None:
         """Read every channel and deliver what it announced (any thread; cheap when idle)."""
@@ -184,6 +212,7 @@ class FastPlane:
             return
         if not self._poll_lock.acquire(blocking=False):
             return  # another thread is reading: it delivers for us too
+        more = False
         try:
             for rx in rxs:
                 if not rx.accepted or rx.closed or not rx.chan.pending_records():
@@ -196,8 +225,19 @@ class FastPlane:
                     self._refuse(rx, seq, err)
                 if refused:
                     rx.ring_producer()  # a refusal: the producer learns at once (acceptances it reads itself)
+                if not rx.closed and rx.chan.pending_records():
+                    more = True
         finally:
             self._poll_lock.release()
+        if more:  # what one call may read was read: the I/O thread comes back for the rest at once
+            self._wake_self()
+
+    def _wake_self(self) -> None:
+        if self._bell_name:
+            try:
+                self._ringer("\0" + self._bell_name)()
+            except OSError:
+                pass
 
     def spin(self, delta: int) -> None:
         """A thread of ours starts (+1) or stops (-1) polling the channels: producers need not ring us."""
@@ -218,30 +258,16 @@ class FastPlane:
             err = None  # a lost sender of earlier data does not refuse new data
         if err is None:
             with self._lock:
-                for rec in self._index.get(tid, ()):
-                    names = rec.layout.nameset if isinstance(rec, FastIncoming) else {s.name for s in rec.specs}
-                    if isinstance(rec, FastIncoming) and not rec.listed:
-                        continue
-                    if names & inc.layout.nameset:
-                        err = DuplicateKey("data for this key is already waiting or on its way",
-                                           key=f"{tid}/{min(names & inc.layout.nameset)}")
-                        break
+                dup = self._held_name(tid, inc.layout.names)
+                if dup is not None:
+                    err = DuplicateKey("data for this key is already waiting or on its way", key=f"{tid}/{dup}")
                 if err is None:
                     held = eng._inbox.names_of(tid)
                     if held and held & inc.layout.nameset:
                         err = DuplicateKey("data for this key is already waiting unclaimed",
                                            key=f"{tid}/{min(held & inc.layout.nameset)}")
                 if err is None:
-                    lst = self._index.get(tid)
-                    if lst is None:
-                        lst = self._index[tid] = []
-                    lst.append(inc)
-                    self._index.move_to_end(tid)
-                    while len(self._index) > _MAX_RECORDS:
-                        _, old = self._index.popitem(last=False)
-                        for r in old:
-                            if isinstance(r, FastIncoming):
-                                r.unlist()
+                    self._add_locked(tid, inc)
         if err is not None:
             inc.unlist()
             rx.verdict(inc, err)
@@ -261,16 +287,66 @@ class FastPlane:
 
     def note_offer(self, tid: str, specs: list[ItemSpec]) -> None:
         """An ordinary offer was accepted (I/O thread): remember its layout for recv_request."""
+        rec = OfferRecord(tid, specs)
         with self._lock:
-            lst = self._index.get(tid)
-            if lst is None:
-                lst = self._index[tid] = []
-            lst.append(OfferRecord(tid, specs))
-            while len(self._index) > _MAX_RECORDS:
-                _, old = self._index.popitem(last=False)
-                for r in old:
-                    if isinstance(r, FastIncoming):
-                        r.unlist()
+            self._held_name(tid, rec.names, stop=False)  # supersedes dead same-host requests of these names
+            self._add_locked(tid, rec)
+
+    # ------------------------------------------------------------------ the index (under self._lock)
+    def _add_locked(self, tid: str, rec: Any) -> None:
+        lst = self._index.get(tid)
+        if lst is None:
+            lst = self._index[tid] = []
+        lst.append(rec)
+        self._index.move_to_end(tid)
+        held = self._holders.setdefault(tid, {})
+        for nm in _names_of(rec):
+            held.setdefault(nm, []).append(rec)
+        while len(self._index) > _MAX_RECORDS:
+            old_tid, old = self._index.popitem(last=False)
+            self._holders.pop(old_tid, None)
+            for r in old:
+                if isinstance(r, FastIncoming):
+                    r.unlist()
+
+    def _drop_locked(self, tid: str, rec: Any) -> None:
+        """``rec`` holds its names no more (taken whole, or superseded)."""
+        held = self._holders.get(tid)
+        if held is None:
+            return
+        for nm in _names_of(rec):
+            hs = held.get(nm)
+            if hs is not None:
+                hs[:] = [h for h in hs if h is not rec]
+                if not hs:
+                    del held[nm]
+        if not held:
+            del self._holders[tid]
+
+    def _pop_tid_locked(self, tid: str) -> list[Any]:
+        self._holders.pop(tid, None)
+        return self._index.pop(tid, [])
+
+    def _held_name(self, tid: str, names: tuple[str, ...], stop: bool = True) -> str | None:
+        """A name of ``names`` that a request in the index holds (O(len(names))), or None. A same-host
+        request that can no longer land (its producer was lost, its deadline passed) holds nothing:
+        it is dropped, so that the producer's retry (or another producer) can send those names again.
+        ``stop=False``: look at every name (to drop such requests) and return None."""
+        held = self._holders.get(tid)
+        for nm in names:
+            hs = held.get(nm) if held else None
+            if not hs:
+                continue
+            for h in list(hs):
+                if isinstance(h, FastIncoming) and (not h.listed or h.failed() is not None):
+                    h.unlist()  # its room goes back once nothing of it is held
+                    self._drop_locked(tid, h)
+                    continue
+                if stop:
+                    return nm
+                break
+            held = self._holders.get(tid)
+        return None
 
     def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
         """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
@@ -285,13 +361,15 @@ class FastPlane:
                         continue
                     if not rec.listed:
                         del lst[i]
+                        self._drop_locked(tid, rec)
                 else:
-                    if names is not None and not set(names) <= {s.name for s in rec.specs}:
+                    if names is not None and not set(names) <= set(rec.names):
                         continue
                     del lst[i]
+                    self._drop_locked(tid, rec)
                     taken = None
                 if not lst:
-                    del self._index[tid]
+                    self._pop_tid_locked(tid)
                 return rec, taken
         return None
 
@@ -308,8 +386,9 @@ class FastPlane:
                     continue
                 if not rec.listed:
                     del lst[j]
+                    self._drop_locked(key.transfer_id, rec)
                     if not lst:
-                        del self._index[key.transfer_id]
+                        self._pop_tid_locked(key.transfer_id)
                 break
             else:
                 return None
@@ -327,7 +406,7 @@ class FastPlane:
     def forget(self, tid: str) -> None:
         """``tid`` was aborted: its announced requests go (their room once nothing of them is held)."""
         with self._lock:
-            recs = self._index.pop(tid, [])
+            recs = self._pop_tid_locked(tid)
         for rec in recs:
             if isinstance(rec, FastIncoming):
                 rec.error = rec.error or TransferAborted("transfer aborted", key=tid)
@@ -335,6 +414,7 @@ class FastPlane:
 
     def session_lost(self, sess: _Session, reason: str) -> None:
         """A session ended (I/O thread): its requests fail; its lease waits until nothing can write it."""
+        self._no_offer.discard(sess.ident)
         with self._lock:
             rx = self.rx.pop(sess.ident, None)
             self._rx_list = list(self.rx.values())
@@ -346,15 +426,19 @@ class FastPlane:
         rx.lost = err
         rx.close()
         # a producer that is only silent may still be copying into the lease: keep it out of the pool
-        # for a while; one that said goodbye (or refused) synchronized its copies first
-        until = time.monotonic() + (self._eng._cfg.timeout_s if quarantine else 0.0)
+        # for a while; one that said goodbye (or refused, or never took the offer) writes nothing there
+        until = time.monotonic() + (self._eng._cfg.timeout_s if quarantine and rx.accepted else 0.0)
         self._quarantine.append((until, rx))
 
     def tick(self, now: float) -> None:
-        """Timers (I/O thread): deadlines of stream waits, old index entries, quarantined leases."""
+        """Timers (I/O thread): deadlines of stream waits, offers never taken, old index entries,
+        quarantined leases."""
         for rx in self._rx_list:
             if rx.waits:
                 rx.release_waits(now)
+            if not rx.accepted and now - rx.t_offered > self._eng._cfg.timeout_s:
+                log.info("fast-path offer to %s withdrawn: not taken within %.3gs", rx.eid, self._eng._cfg.timeout_s)
+                self._withdraw(rx, PeerLost("the fast-path offer was not taken in time"))
         if self._quarantine:
             keep = []
             for until, rx in self._quarantine:
@@ -371,8 +455,7 @@ class FastPlane:
                 tid, lst = next(iter(self._index.items()))
                 if lst and lst[-1].t_arrived > now - ttl:
                     break
-                del self._index[tid]
-                gone.extend(lst)
+                gone.extend(self._pop_tid_locked(tid))
         for rec in gone:  # announced, never (wholly) taken: evicted like unclaimed data
             if isinstance(rec, FastIncoming) and rec.listed:
                 names = list(rec.avail)
@@ -386,6 +469,8 @@ class FastPlane:
         eng = self._eng
         if isinstance(info, dict) and "no" in info:
             log.info("fast path to %s not offered: %s", peer.addr, str(info["no"])[:200])
+            if peer.fast is not None:  # withdrawn after we took it: the consumer reads that channel no more
+                self.peer_lost(peer, PeerLost("the peer withdrew the fast path", peer=peer.addr))
             return
         try:
             if not isinstance(info, dict) or not isinstance(info.get("lease"), list) or len(info["lease"]) != 2:
@@ -421,7 +506,8 @@ class FastPlane:
             mover.close()
             self._answer(peer, False, f"no doorbell: {exc}")
             return
-        tx = FastTx(peer.addr, chan, off, size, mover, self._ringer("\0" + bell), self._on_done)
+        tx = FastTx(peer.addr, chan, off, size, mover, self._ringer("\0" + bell), self._on_done,
+                    max_bytes=int(peer.maxmsg) or 2**62)
         old = peer.fast
         peer.fast = tx
         if old is not None:

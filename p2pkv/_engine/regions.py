@@ -10,6 +10,14 @@ NixlConnector: one copy, from the producer's blocks into the consumer's, nothing
 Regions are only served to sessions of this host, only when CUDA IPC is used between the two
 engines. A consumer maps whole allocations of the producer (CUDA IPC shares allocations), so
 it could read more than the registered tensors: register only memory a same-host peer may see.
+
+What is checked, and what is not: the reader checks every region a producer describes (its
+handle, dtype, shape and strides must lie inside the allocation, whose real size the driver
+reports once it is mapped), maps only what it asked for, and never caches an unsolicited
+description. ``read_done`` completes an :meth:`Engine.expose` handle only from a session that
+could have read the memory (a CUDA engine of this host); which of those peers reads which
+transfer is not known to the producer, so a same-host CUDA peer can complete another reader's
+handle (name the reader in the transfer id, or use the push path, where that matters).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import _tensors as T
+from ..control.messages import MAX_HEADER_BYTES, encode
 from ..errors import (InvalidKey, InvalidTensor, P2pkvError, PeerLost, ProtocolError, TransferAborted,
                       TransferTimeout, TransportError)
 from ..keys import TransferKey
@@ -36,6 +45,14 @@ __all__ = ["Regions", "ExposeHandle", "MAX_REGIONS"]
 
 MAX_REGIONS = 256  # per engine: all of them travel in one control message (64 KiB)
 _MAX_EXPOSED = 65536
+_HANDLE_BYTES = 64  # a cudaIpcMemHandle_t
+# The regions as described to readers, one ``mr`` message for all of them (a list, not a map: a control
+# map holds at most 64 entries and vLLM registers one KV cache per layer): ``[name, IPC handle, offset in
+# its allocation, allocation size, dtype, shape, strides]`` each. Their names are what can make it
+# outgrow one message: a registration that would is refused.
+_DESCRIBE_LIMIT = MAX_HEADER_BYTES - 1024
+
+RegionSpec = tuple[bytes, int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
 
 
 class ExposeHandle:
@@ -131,7 +148,17 @@ class Regions:
         with self._lock:
             if name not in self._mine and len(self._mine) >= MAX_REGIONS:
                 raise InvalidKey(f"at most {MAX_REGIONS} registered regions per engine")
+            old = self._mine.get(name)
             self._mine[name] = _Region(t, handle, t.data_ptr() - base, size)
+            nbytes = len(encode("mr", r=self._describe_locked()))
+            if nbytes > _DESCRIBE_LIMIT:  # readers get every region in one message
+                if old is None:
+                    del self._mine[name]
+                else:
+                    self._mine[name] = old
+                raise InvalidKey(f"register_memory({name!r}): {len(self._mine) + (old is None)} regions take "
+                                 f"{nbytes} bytes to describe, over {_DESCRIBE_LIMIT}; register fewer, larger "
+                                 "tensors (e.g. one KV cache holding every layer)")
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -141,8 +168,11 @@ class Regions:
         """What a same-host reader needs to map every region (sent on its session only):
         ``[name, IPC handle, offset in its allocation, allocation size, dtype, shape, strides]`` each."""
         with self._lock:
-            return [[name, r.handle, r.alloc_off, r.alloc_size, T.dtype_name(r.tensor.dtype), list(r.tensor.shape),
-                     list(r.tensor.stride())] for name, r in self._mine.items()]
+            return self._describe_locked()
+
+    def _describe_locked(self) -> list[list[Any]]:
+        return [[name, r.handle, r.alloc_off, r.alloc_size, T.dtype_name(r.tensor.dtype), list(r.tensor.shape),
+                 list(r.tensor.stride())] for name, r in self._mine.items()]
 
     def expose(self, tid: str, timeout: float) -> ExposeHandle:
         h = ExposeHandle(tid, timeout)
@@ -158,7 +188,14 @@ class Regions:
         return h
 
     def on_read_done(self, sess: _Session, tid: str) -> None:
-        """A peer says it read ``tid`` (I/O thread)."""
+        """A peer says it read ``tid`` (I/O thread): only a peer that could have read our memory (a CUDA
+        engine of this host, to which regions are served) completes a handle."""
+        eng = self._eng
+        caps = sess.caps
+        if not (eng._cuda and isinstance(caps, dict) and caps.get("host") == eng._host and caps.get("cuda") is True):
+            eng._stats.add("reads_refused")
+            log.warning("read_done for %s from %s ignored: it cannot have read this engine's memory", tid, sess)
+            return
         with self._lock:
             h = self._exposed.pop(tid, None)
         if h is not None:
@@ -188,15 +225,20 @@ class Regions:
     # ------------------------------------------------------------------ consumer
     def on_regions(self, peer: _Peer, msg: dict[str, Any]) -> None:
         """The producer's answer to ``mq`` (I/O thread): map what it registered."""
-        regs = msg.get("r")
+        with self._lock:
+            asked = bool(self._waiters.get(peer.addr))
+        if not asked:  # nobody asked: mapping it would map more of the peer's memory here each time
+            self._eng._stats.add("protocol_errors")
+            log.warning("memory regions from %s that nobody asked for: ignored", peer.addr)
+            return
         err: P2pkvError | None = None
         views: dict[str, torch.Tensor] = {}
         try:
             if isinstance(msg.get("no"), str):
                 raise TransportError(f"the peer serves no memory regions: {msg['no'][:200]}", peer=peer.addr)
-            if not isinstance(regs, list) or len(regs) > MAX_REGIONS:
-                raise ProtocolError("malformed memory regions", peer=peer.addr)
-            views = self._map(peer, regs)
+            views = self._map(peer, self.parse(msg.get("r")))
+        except ProtocolError as exc:
+            err = ProtocolError(exc.message, peer=peer.addr)
         except P2pkvError as exc:
             err = exc
         except Exception as exc:  # a driver error mapping the peer's memory
@@ -209,37 +251,92 @@ class Regions:
             w.error = err
             w.event.set()
 
-    def _map(self, peer: _Peer, regs: list[Any]) -> dict[str, torch.Tensor]:
-        eng = self._eng
-        if not all(isinstance(d, list) and len(d) == 7 and isinstance(d[0], str) for d in regs):
-            raise ProtocolError("malformed memory region", peer=peer.addr)
-        local = self._local_regions(peer)
-        if local is not None:
-            names = {d[0] for d in regs}
-            return {n: r.tensor for n, r in local.items() if n in names}
-        from ..transport.cuda import IpcMapping
+    @staticmethod
+    def parse(r: Any) -> dict[str, RegionSpec]:
+        """Check a region description (see :meth:`describe`) without mapping anything:
+        ``{name: (handle, offset, allocation size, dtype, shape, strides)}``.
 
-        maps = self._maps.setdefault(peer.addr, {})
-        views = {}
-        for name, h, off, size, dt, sh, st in regs:
-            if not isinstance(h, bytes) or len(h) != 64 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                   and v >= 0 for v in (off, size)):
-                raise ProtocolError(f"memory region {name!r:.60} is malformed", peer=peer.addr)
-            dtype = T.dtype_from_name(dt)
-            shape = T.check_shape(sh)
-            stride = T.check_shape(st)
+        Raises
+        ------
+        ProtocolError
+            Anything malformed, or a view that would reach outside its allocation.
+        """
+        if not isinstance(r, list) or len(r) > MAX_REGIONS:
+            raise ProtocolError("malformed memory regions")
+        out: dict[str, RegionSpec] = {}
+        for e in r:
+            if not isinstance(e, list) or len(e) != 7:
+                raise ProtocolError("memory regions are [name, handle, offset, size, dtype, shape, strides]")
+            name, h, off, size, dt, sh, st = e
+            try:
+                if not isinstance(name, str):
+                    raise InvalidKey("a region name must be a str")
+                TransferKey("x", name)
+                if name in out:
+                    raise InvalidKey(f"memory region {name!r:.60} is described twice")
+                if not isinstance(h, bytes) or len(h) != _HANDLE_BYTES:
+                    raise InvalidKey(f"memory region {name!r:.60} has a malformed handle")
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, size)) \
+                        or not 0 <= off < 2**62 or not 0 <= size < 2**62:
+                    raise InvalidKey(f"memory region {name!r:.60} has a bad offset or size")
+                dtype = T.dtype_from_name(dt)
+                shape = T.check_shape(sh)
+                stride = T.check_shape(st)
+            except (InvalidKey, InvalidTensor) as exc:
+                raise ProtocolError(f"malformed memory region: {exc.message}") from None
             if len(stride) != len(shape):
-                raise ProtocolError(f"memory region {name!r:.60}: strides do not match its shape", peer=peer.addr)
+                raise ProtocolError(f"memory region {name!r:.60}: strides do not match its shape")
             esize = torch.empty((), dtype=dtype).element_size()
             span = (sum((s - 1) * k for s, k in zip(shape, stride, strict=True)) + 1) * esize if all(shape) else 0
             if off % esize or off + span > size:
-                raise ProtocolError(f"memory region {name!r:.60} lies outside its allocation", peer=peer.addr)
-            m = maps.get(h)
-            if m is None:
-                m = maps[h] = IpcMapping(h, size, eng._device)
-            raw = m.view(0, size)
-            views[name] = torch.as_strided(raw.view(dtype), shape, stride, off // esize)
-        return views
+                raise ProtocolError(f"memory region {name!r:.60} lies outside its allocation")
+            out[name] = (h, off, size, dtype, shape, stride)
+        return out
+
+    def _map(self, peer: _Peer, regs: dict[str, RegionSpec]) -> dict[str, torch.Tensor]:
+        eng = self._eng
+        local = self._local_regions(peer)
+        if local is not None:
+            return {n: r.tensor for n, r in local.items() if n in regs}
+        if not eng._cuda:
+            raise TransportError("reading a peer's memory needs a CUDA engine", peer=peer.addr)
+        from ..transport import cudadrv
+        from ..transport.cuda import IpcMapping
+
+        cudadrv.use_device(eng._device)
+        maps = self._maps.setdefault(peer.addr, {})
+        need: dict[bytes, int] = {}
+        for h, _, size, _, _, _ in regs.values():
+            need[h] = max(need.get(h, 0), size)
+        opened: list[bytes] = []
+        try:
+            for h, size in need.items():
+                m = maps.get(h)
+                if m is None:
+                    m = maps[h] = IpcMapping(h, size, eng._device)
+                    opened.append(h)
+                    base, real = cudadrv.address_range(m.ptr)
+                    if base != m.ptr or real < size:  # views past the mapping would fault
+                        raise ProtocolError(f"a memory region claims an allocation of {size} bytes; the driver "
+                                            f"mapped {real}", peer=peer.addr)
+                elif m.nbytes < size:
+                    raise ProtocolError("a memory region claims more of an allocation than before", peer=peer.addr)
+            views = {}
+            for name, (h, off, _, dtype, shape, stride) in regs.items():
+                esize = torch.empty((), dtype=dtype).element_size()
+                span = (sum((s - 1) * k for s, k in zip(shape, stride, strict=True)) + 1) * esize if all(shape) else 0
+                if not span:
+                    views[name] = torch.empty(shape, dtype=dtype, device=eng._device)
+                    continue
+                raw = maps[h].view(off, span)
+                views[name] = torch.as_strided(raw.view(dtype), shape, stride)
+            return views
+        except BaseException:
+            for h in opened:
+                m = maps.pop(h, None)
+                if m is not None:
+                    m.close()
+            raise
 
     def _local_regions(self, peer: _Peer) -> dict[str, _Region] | None:
         """An engine of this very process: its registered tensors, read directly (CUDA IPC cannot open a

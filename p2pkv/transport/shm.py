@@ -223,17 +223,19 @@ class ShmChannel:
         u[_W_HW] = w + need
         return True
 
-    def take_records(self, limit: int = 1024) -> list[bytes]:
-        """Consumer: the records written since the last call (at most ``limit``)."""
+    def take_records(self, limit: int = 1024, max_bytes: int = HRING_BYTES) -> list[bytes]:
+        """Consumer: the records written since the last call (at most ``limit`` records and, past the
+        first, ``max_bytes`` bytes of them; the rest stay for the next call)."""
         u = self._u64
         w, r = int(u[_W_HW]), int(u[_W_HR])
         if w == r:
             return []
         if w < r or w - r > HRING_BYTES:
             raise ProtocolError("shared-memory header ring positions are corrupt")
-        out = []
+        out: list[bytes] = []
         ring = self._ring
-        while r < w and len(out) < limit:
+        taken = 0
+        while r < w and len(out) < limit and (not out or taken < max_bytes):
             pos = r % HRING_BYTES
             n, crc = _REC.unpack_from(ring, pos)
             if n == _WRAP:
@@ -246,6 +248,7 @@ class ShmChannel:
             if zlib.crc32(payload) != crc:
                 break  # not visible whole yet (weakly ordered CPUs): read it next time
             out.append(payload)
+            taken += need
             r += need
         u[_W_HR] = r
         return out
