@@ -138,8 +138,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._setup_router_security()
             # Finite queues per connection: a peer that floods requests is pushed back by TCP
             # (RCVHWM) and one that never reads its replies loses them (SNDHWM; SNDTIMEO=0 so
-            # the I/O thread never blocks on a full queue). ZMQ heartbeats notice a dead
-            # connection even when we never dialed that peer ourselves.
+            # the I/O thread never blocks on a full queue). TCP keepalive notices a dead
+            # connection even when we never dialed that peer ourselves (see _set_keepalive).
             self._router.setsockopt(zmq.SNDHWM, _ROUTER_SNDHWM)
             self._router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
             self._router.setsockopt(zmq.SNDTIMEO, 0)

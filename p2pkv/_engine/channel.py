@@ -130,12 +130,17 @@ class _Channel(_EngineBase):
         return hello
 
     def _set_keepalive(self, sock: zmq.Socket) -> None:
-        """ZMQ heartbeats and TCP keepalive: a dead or killed peer's connection closes within
-        ``peer_timeout_s`` on both sides, also where we never dialed it ourselves."""
+        """TCP keepalive: a dead host's connection closes within about ``peer_timeout_s`` +
+        3 ``heartbeat_s`` on both sides, also where we never dialed that peer ourselves (a killed
+        process's connection closes at once; a live but silent peer is dropped by our own pings).
+
+        No ZMQ heartbeats (ZMQ_HEARTBEAT_IVL): with a receive high-water mark, libzmq 4.3 aborts
+        the whole process (``Assertion failed: !_io_error``, libzmq issues 3937 and 4364) when a
+        connection whose input is stopped by the high-water mark is closed and the heartbeat timer
+        then fires; any authenticated peer could do that to us by flooding requests that take time
+        to handle and disconnecting. Its heartbeats would also cut a live connection whose input is
+        held back that way."""
         cfg = self._cfg
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(1000 * cfg.effective_heartbeat_s)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(1000 * cfg.effective_peer_timeout_s)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(1000 * cfg.effective_peer_timeout_s)))
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(cfg.effective_peer_timeout_s)))
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(cfg.effective_heartbeat_s)))
