@@ -126,6 +126,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._cmds = deque()
         self._mem_dirty = False
         self._want_mem = False  # credit, an offer or a staged send waits for pool memory
+        self._starved_t = 0.0   # when credit or an offer last waited for room (see _revoke_idle_credit)
         self._host = _host_id()
         self._init_gpu_plane()
 

@@ -23,7 +23,8 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _Accepted, _fd_ceiling,
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK,
+                    _Accepted, _fd_ceiling,
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
@@ -695,8 +696,15 @@ class _Channel(_EngineBase):
                 return
 
     def _pump_router(self) -> None:
+        """Handle the messages waiting at our ROUTER, for at most ``_ROUTER_PASS_S`` (or 256 of them):
+        ZMQ hands them over fair-queued, one connection's after another's, so a peer whose messages
+        cost much (large offers) delays another's by about one of its own; the bound lets the rest of
+        the loop (acks, callers' commands, replies from the peers we dialed, timers) run in between."""
         r = self._router
+        end = time.perf_counter() + _ROUTER_PASS_S
         for _ in range(256):
+            if time.perf_counter() > end:
+                break  # the poller reports the rest at once
             try:
                 first = r.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -793,8 +801,13 @@ class _Channel(_EngineBase):
             sess.creq_t = time.monotonic()
             self._grant_credit()
         elif t == "cret":
-            sess.outstanding -= min(msg["n"], sess.outstanding)
-            sess.revoking = 0.0
+            if sess.revoking:
+                # the answer to our crev: whatever it says, the revoked credit is gone (the data the
+                # peer sent on it came before this answer)
+                sess.revoked = 0
+                sess.revoking = 0.0
+            else:  # credit it had no use for (unasked)
+                sess.outstanding -= min(msg["n"], sess.outstanding)
             self._grant_credit()
         elif t == "pull":
             self._on_pull(sess, msg)
