@@ -126,6 +126,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._cmds = deque()
         self._mem_dirty = False
         self._want_mem = False  # credit, an offer or a staged send waits for pool memory
+        self._starved_t = 0.0   # when credit or an offer last waited for room (see _revoke_idle_credit)
         self._host = _host_id()
         self._init_gpu_plane()
 
@@ -138,8 +139,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             self._setup_router_security()
             # Finite queues per connection: a peer that floods requests is pushed back by TCP
             # (RCVHWM) and one that never reads its replies loses them (SNDHWM; SNDTIMEO=0 so
-            # the I/O thread never blocks on a full queue). ZMQ heartbeats notice a dead
-            # connection even when we never dialed that peer ourselves.
+            # the I/O thread never blocks on a full queue). TCP keepalive notices a dead
+            # connection even when we never dialed that peer ourselves (see _set_keepalive).
             self._router.setsockopt(zmq.SNDHWM, _ROUTER_SNDHWM)
             self._router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
             self._router.setsockopt(zmq.SNDTIMEO, 0)

@@ -134,6 +134,7 @@ class Mailbox:
         self._tid_src: dict[str, dict[object, float]] = {}  # every sender of a transfer -> last seen
         self._posted: dict[TransferKey, list[Any]] = {}  # key -> [the caller's tensor or None, taken]
         self.bytes_held = 0
+        self._held_by: dict[object, int] = {}  # src -> bytes of its data waiting unclaimed
         self.evictions = 0
 
     # ---------------------------------------------------------------- producer side
@@ -153,6 +154,8 @@ class Mailbox:
             self._slots[key] = Slot(key, buf, dtype, shape, src, ready)
             self._by_tid.setdefault(tid, set()).add(key)
             self.bytes_held += buf.size
+            if src is not None and buf.size:
+                self._held_by[src] = self._held_by.get(src, 0) + buf.size
             self._evicted.pop(key)
             if src is not None:
                 self._tid_src.setdefault(tid, {})[src] = time.monotonic()
@@ -184,6 +187,17 @@ class Mailbox:
             if not keys:
                 del self._by_tid[slot.key.transfer_id]
         self.bytes_held -= slot.buf.size
+        if slot.src is not None and slot.buf.size:
+            left = self._held_by.get(slot.src, 0) - slot.buf.size
+            if left > 0:
+                self._held_by[slot.src] = left
+            else:
+                self._held_by.pop(slot.src, None)
+
+    def held_by(self, src: object) -> int:
+        """Bytes of the data ``src`` delivered that wait here unclaimed (what it holds of our pool)."""
+        with self._lock:
+            return self._held_by.get(src, 0)
 
     def error_for(self, key: TransferKey) -> P2pkvError | None:
         with self._lock:
@@ -386,6 +400,7 @@ class Mailbox:
             self._slots.clear()
             self._by_tid.clear()
             self.bytes_held = 0
+            self._held_by.clear()
             self._wake_tid_locked(None)
         return out
 

@@ -99,15 +99,18 @@ class Buffer:
     context manager.
     """
 
-    __slots__ = ("_pool", "offset", "size", "nbytes", "_data", "_released", "overflow", "__weakref__")
+    __slots__ = ("_pool", "offset", "size", "nbytes", "_data", "_arena", "_released", "overflow", "__weakref__")
 
-    def __init__(self, pool: "BufferPool", offset: int, size: int, nbytes: int, data: torch.Tensor,
-                 overflow: bool = False):
+    def __init__(self, pool: "BufferPool", offset: int, size: int, nbytes: int, data: torch.Tensor | None,
+                 overflow: bool = False, arena: torch.Tensor | None = None):
         self._pool = pool
         self.offset = offset
         self.size = size
         self.nbytes = nbytes
+        # the bytes: ``data``, or (None) a view of ``arena`` made on first use; slicing a tensor
+        # costs microseconds, and a buffer released unused (a request given up) never needs it
         self._data = data
+        self._arena = arena
         self._released = False
         self.overflow = overflow
 
@@ -116,7 +119,13 @@ class Buffer:
         """The buffer's bytes as a flat ``uint8`` tensor."""
         if self._released:
             raise P2pkvError("buffer used after release")
-        return self._data
+        d = self._data
+        if d is None:
+            arena = self._arena
+            if arena is None:  # (released by another thread meanwhile)
+                raise P2pkvError("buffer used after release")
+            d = self._data = arena[self.offset:self.offset + self.nbytes]
+        return d
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
         """The buffer reinterpreted as a contiguous tensor of ``dtype`` and ``shape``."""
@@ -230,7 +239,7 @@ class BufferPool:
                 self.high_water = max(self.high_water, self.in_use)
                 self.allocs += 1
                 self._live += 1
-                return Buffer(self, start, size, nbytes, arena[start:start + nbytes])
+                return Buffer(self, start, size, nbytes, None, arena=arena)
             if overflow:
                 self.overflow_allocs += 1
                 self.overflow_in_use += size
@@ -280,7 +289,7 @@ class BufferPool:
                 self._ext.give(buf.offset, buf.size)
                 self.in_use -= buf.size
             self._live -= 1
-            buf._data = torch.empty(0, dtype=torch.uint8)
+            buf._data = buf._arena = None  # (its view of the arena goes)
             self._cond.notify_all()
         if self._on_free is not None:
             self._on_free()
@@ -289,6 +298,14 @@ class BufferPool:
     def free_bytes(self) -> int:
         with self._cond:
             return self._ext.free_bytes
+
+    @property
+    def room(self) -> int:
+        """Free bytes less what overflow allocations hold outside the arena: an overflow buffer
+        stands in for arena room that fragmentation kept from it, so it uses up as much room as
+        if it had been placed (what may still be promised to senders; at least 0)."""
+        with self._cond:
+            return max(0, self._ext.free_bytes - self.overflow_in_use)
 
     def stats(self) -> dict[str, float]:
         with self._cond:

@@ -50,6 +50,7 @@ from . import _tensors as T
 from . import _trace
 from .errors import InvalidTensor, P2pkvError, ShapeMismatch, TransferTimeout
 from .keys import TransferKey, validate_transfer_id
+from .pool import BufferPool
 
 log = logging.getLogger("p2pkv")
 
@@ -373,10 +374,10 @@ class Incoming:
 
     __slots__ = ("sess", "seq", "transfer_id", "specs", "x", "deadline", "bufs", "landed", "events", "failed",
                  "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm", "eager",
-                 "refusal")
+                 "refusal", "need", "sizes")
 
     def __init__(self, sess: Any, seq: int, transfer_id: str, specs: list[ItemSpec], x: str, deadline: float,
-                 evs: list[bytes] | None):
+                 evs: list[bytes] | None, keys: list[TransferKey] | None = None):
         self.sess = sess
         self.seq = seq
         self.transfer_id = transfer_id
@@ -387,7 +388,7 @@ class Incoming:
         self.landed = [False] * len(specs)
         self.events: list[Any] = []
         self.failed = False
-        self.keys = [TransferKey(transfer_id, s.name) for s in specs]
+        self.keys = keys if keys is not None else [TransferKey(transfer_id, s.name) for s in specs]
         self.nbytes = sum(s.nbytes for s in specs)
         self.t_arrived = time.monotonic()
         self.evs = evs or []               # the producer's interprocess event handles (IPC)
@@ -398,6 +399,8 @@ class Incoming:
         self.comm: Any = None
         self.eager = False                 # paid from credit: must be admitted, its data already moves
         self.refusal: Any = None           # an eager offer refused: drained in its turn, then answered
+        self.need = sum(BufferPool.footprint(s.nbytes) for s in specs)  # pool bytes it takes once admitted
+        self.sizes: list[int] = [s.nbytes for s in specs]  # (a refused eager offer has sizes, no specs)
 
     @property
     def admitted(self) -> bool:
@@ -453,6 +456,31 @@ class Watcher:
         self._q.put(None)
         if join and self._thread is not threading.current_thread():
             self._thread.join(10)
+
+
+def offer_sizes(msg_items: Any, max_bytes: int) -> list[int]:
+    """The byte size of each item of an ``offer``, checked in one cheap pass (no object is built per
+    item): enough to refuse an offer that can never fit, or that the sender has no room for, before
+    :func:`wire_items` parses it in full.
+
+    Raises
+    ------
+    ProtocolError, InvalidTensor
+    """
+    from .errors import ProtocolError
+
+    if not isinstance(msg_items, list) or not 0 < len(msg_items) <= MAX_ITEMS:
+        got = len(msg_items) if isinstance(msg_items, list) else type(msg_items).__name__
+        raise ProtocolError(f"an offer holds 1..{MAX_ITEMS} items, got {got}")
+    sizes = []
+    for it in msg_items:
+        n = it[3] if isinstance(it, list) and len(it) == 4 else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ProtocolError("offer items are [name, dtype, shape, nbytes], nbytes an int >= 0")
+        if n > max_bytes:
+            raise InvalidTensor(f"offer item of {n} bytes exceeds max_message_bytes={max_bytes}")
+        sizes.append(n)
+    return sizes
 
 
 def wire_items(msg_items: Sequence[Any], max_bytes: int) -> list[ItemSpec]:

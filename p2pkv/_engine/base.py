@@ -52,6 +52,7 @@ class _EngineBase:
     _wake_sent: bool
     _mem_dirty: bool
     _want_mem: bool
+    _starved_t: float  # when credit or an offer last waited for pool room (idle credit is then revoked)
     _next_expire: float
     _next_tick: float
     # peers we dial, sessions of peers that dial us

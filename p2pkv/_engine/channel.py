@@ -23,7 +23,8 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _Accepted, _fd_ceiling,
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK,
+                    _Accepted, _fd_ceiling,
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
@@ -130,12 +131,17 @@ class _Channel(_EngineBase):
         return hello
 
     def _set_keepalive(self, sock: zmq.Socket) -> None:
-        """ZMQ heartbeats and TCP keepalive: a dead or killed peer's connection closes within
-        ``peer_timeout_s`` on both sides, also where we never dialed it ourselves."""
+        """TCP keepalive: a dead host's connection closes within about ``peer_timeout_s`` +
+        3 ``heartbeat_s`` on both sides, also where we never dialed that peer ourselves (a killed
+        process's connection closes at once; a live but silent peer is dropped by our own pings).
+
+        No ZMQ heartbeats (ZMQ_HEARTBEAT_IVL): with a receive high-water mark, libzmq 4.3 aborts
+        the whole process (``Assertion failed: !_io_error``, libzmq issues 3937 and 4364) when a
+        connection whose input is stopped by the high-water mark is closed and the heartbeat timer
+        then fires; any authenticated peer could do that to us by flooding requests that take time
+        to handle and disconnecting. Its heartbeats would also cut a live connection whose input is
+        held back that way."""
         cfg = self._cfg
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(1000 * cfg.effective_heartbeat_s)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(1000 * cfg.effective_peer_timeout_s)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(1000 * cfg.effective_peer_timeout_s)))
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(cfg.effective_peer_timeout_s)))
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(cfg.effective_heartbeat_s)))
@@ -690,8 +696,15 @@ class _Channel(_EngineBase):
                 return
 
     def _pump_router(self) -> None:
+        """Handle the messages waiting at our ROUTER, for at most ``_ROUTER_PASS_S`` (or 256 of them):
+        ZMQ hands them over fair-queued, one connection's after another's, so a peer whose messages
+        cost much (large offers) delays another's by about one of its own; the bound lets the rest of
+        the loop (acks, callers' commands, replies from the peers we dialed, timers) run in between."""
         r = self._router
+        end = time.perf_counter() + _ROUTER_PASS_S
         for _ in range(256):
+            if time.perf_counter() > end:
+                break  # the poller reports the rest at once
             try:
                 first = r.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -788,8 +801,13 @@ class _Channel(_EngineBase):
             sess.creq_t = time.monotonic()
             self._grant_credit()
         elif t == "cret":
-            sess.outstanding -= min(msg["n"], sess.outstanding)
-            sess.revoking = 0.0
+            if sess.revoking:
+                # the answer to our crev: whatever it says, the revoked credit is gone (the data the
+                # peer sent on it came before this answer)
+                sess.revoked = 0
+                sess.revoking = 0.0
+            else:  # credit it had no use for (unasked)
+                sess.outstanding -= min(msg["n"], sess.outstanding)
             self._grant_credit()
         elif t == "pull":
             self._on_pull(sess, msg)

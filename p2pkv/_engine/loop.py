@@ -360,7 +360,7 @@ class _ProgressLoop(_EngineBase):
         if self._probe_due:
             self._probe_sessions(now)
         self._check_buffered(now)
-        if any(s.creq is not None for s in self._sessions.values()):
+        if self._sessions:
             self._revoke_idle_credit(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")

@@ -13,7 +13,7 @@ import zmq
 from .. import _tensors as T
 from .. import _trace
 from ..control.messages import encode
-from ..errors import (InvalidTensor,
+from ..errors import (DuplicateKey, InvalidTensor,
                       P2pkvError, PoolExhausted, ProtocolError, TransferAborted,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
@@ -21,7 +21,7 @@ from ..keys import TransferKey
 from ..mailbox import DirectBuffer
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
-from .state import (_MAX_CREDIT_VIOLATIONS, _Peer,
+from .state import (_MAX_CREDIT_VIOLATIONS, _TICK_S, _Peer,
                     _SendItem, _Session, log)
 from .base import _EngineBase
 
@@ -267,20 +267,22 @@ class _PushPath(_EngineBase):
             nack(TransportError("no NCCL communicator with this peer"))
             return
         fp = BufferPool.footprint(n)
-        if fp > sess.outstanding:
+        if fp > sess.credit:
             # Credit is enforced, not only counted: data beyond what we granted is refused (never
             # allocated outside the pool), and a peer that keeps doing it loses its session.
-            self._stats.add("credit_violations")
-            sess.violations += 1
-            nack(ProtocolError(f"data of {fp} pool bytes beyond the credit granted to this peer "
-                               f"({sess.outstanding} bytes left): ask for credit (creq) first"))
-            if sess.violations >= _MAX_CREDIT_VIOLATIONS:
-                self._reply(ident, "err", code="protocol",
-                            msg=f"{sess.violations} credit violations: session dropped")
-                self._lose_session(sess, "credit violations")
+            err = ProtocolError(f"data of {fp} pool bytes beyond the credit granted to this peer "
+                                f"({sess.credit} bytes left): ask for credit (creq) first")
+            if not self._credit_violation(sess, err):
+                nack(err)
             return
-        sess.outstanding -= fp
+        sess.spend(fp)
         sess.last_use = time.monotonic()
+        if key in self._incoming_keys:
+            # a whole request reserved this key: its data comes with that request (odata), from
+            # the session that offered it, and from nowhere else
+            nack(DuplicateKey("this key belongs to a request on its way (send_request): data for it comes "
+                              "only with that request", key=key))
+            return
         if x == "tcp" and not self._cuda and self._recv_posted(sess, key, dtype, shape, seq, nack):
             return
         try:
@@ -350,6 +352,10 @@ class _PushPath(_EngineBase):
     def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
                seq: int, nack, x: str) -> None:
         """Put a fully received tensor in the inbox and ack it, or release it and nack why not."""
+        if key in self._incoming_keys:  # (a request reserved the key while this tensor moved on a GPU)
+            buf.release()
+            nack(DuplicateKey("this key belongs to a request on its way (send_request)", key=key))
+            return
         err = self._inbox.deliver(key, buf, dtype, shape, src=sess.ident)
         if err is not None:
             buf.release()
@@ -427,43 +433,83 @@ class _PushPath(_EngineBase):
         done.tkey = key  # type: ignore[attr-defined]
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
+    def _credit_violation(self, sess: _Session, err: P2pkvError) -> bool:
+        """Count data or an eager offer beyond the credit granted to ``sess``; a session that keeps
+        doing it is dropped (True: it was, and told why)."""
+        self._stats.add("credit_violations")
+        sess.violations += 1
+        if sess.violations < _MAX_CREDIT_VIOLATIONS:
+            return False
+        self._reply(sess.ident, "err", code="protocol",
+                    msg=f"{sess.violations} credit violations (the last: {err.message[:200]}): session dropped")
+        self._lose_session(sess, "credit violations")
+        return True
+
+    def _charge(self, sess: _Session) -> int:
+        """Pool bytes ``sess`` holds or may still make us hold; its credit window bounds it. Its
+        credit (also revoked credit not answered yet), its eager offers not admitted yet, its
+        admitted requests, and its data waiting unclaimed in the inbox (until a caller claims it)."""
+        return (sess.outstanding + sess.revoked + sess.eager_held + sess.reserved
+                + self._inbox.held_by(sess.ident))
+
+    def _room(self) -> int:
+        """Pool bytes that may still be promised: the arena's free bytes, less what overflow buffers
+        hold outside it, less what is promised but not allocated yet (credit, revoked credit that may
+        still be used, eager offers not admitted yet). May be negative (memory taken by others)."""
+        promised = sum(s.outstanding + s.revoked + s.eager_held for s in self._sessions.values())
+        return self._pool.room - promised
+
     def _grant_credit(self) -> None:
+        """Answer the waiting credit requests (oldest first) from the room no one was promised,
+        each within what its session's window leaves (see _charge)."""
         waiting = sorted((s for s in self._sessions.values() if s.creq is not None), key=lambda s: s.creq_t)
         if not waiting:
             return
-        available = self._pool.free_bytes - sum(s.outstanding for s in self._sessions.values())
+        room = self._room()
         window = self._cfg.effective_credit_bytes
         now = time.monotonic()
         for sess in waiting:
-            need, want = sess.creq  # type: ignore[misc]
-            g = min(available, window - sess.outstanding, max(want, need, window // 4))
+            if sess.revoking or sess.creq is None:
+                continue  # granted once it answered our revocation (or that timed out)
+            need, want = sess.creq
+            own = window - self._charge(sess)
+            if need > own:
+                # its own window is full (credit, requests, data it left unclaimed): it waits for
+                # itself, never in front of other sessions
+                self._want_mem = True
+                continue
+            g = min(room, own, max(want, need, window // 4))
             if g < need:
                 self._want_mem = True
+                self._starved_t = now  # idle credit held elsewhere is taken back for it
                 if now - sess.creq_t > self._cfg.effective_peer_timeout_s:
                     break  # waited long enough: later requesters wait behind it (no starvation of big ones)
                 continue  # others that fit are served meanwhile
             sess.outstanding += g
-            available -= g
+            room -= g
             sess.creq = None
             sess.last_use = now
             self._reply(sess.ident, "grant", n=g)
 
     def _revoke_idle_credit(self, now: float) -> None:
-        """While some sender waits for credit, ask sessions that hold credit unused for a while
-        to give it back (``crev``, answered by ``cret``); one that ignores the request loses
-        that credit after ``peer_timeout_s`` (data sent on it later is then refused)."""
+        """While credit or an offer waits for room, take back the credit that sessions left unused
+        for a while (``crev``). It is taken at once: from then on only data the peer sent before it
+        saw the revocation may still come on it (``revoked``), until the peer answers (``cret``,
+        whatever it says) or ``peer_timeout_s`` passed; then it is free for others. A session
+        being revoked gets no new credit until then."""
         cfg = self._cfg
         idle = 4 * cfg.effective_heartbeat_s
+        starved = now - self._starved_t < 2 * _TICK_S + 0.05
         for sess in list(self._sessions.values()):
-            if sess.outstanding <= 0 or sess.creq is not None:
-                continue
             if sess.revoking:
                 if now - sess.revoking > cfg.effective_peer_timeout_s:
                     self._stats.add("credit_revoked")
-                    sess.outstanding = 0
+                    sess.revoked = 0  # never answered: data on it is refused from now on
                     sess.revoking = 0.0
                     self._mem_dirty = True  # grant the freed room
-            elif now - sess.last_use > idle:
+            elif (starved or now - sess.blocked_t < 2 * _TICK_S + 0.05) and sess.outstanding > 0 \
+                    and now - sess.last_use > idle:
                 sess.revoking = now
+                sess.revoked += sess.outstanding
                 self._reply(sess.ident, "crev", n=sess.outstanding)
-
+                sess.outstanding = 0

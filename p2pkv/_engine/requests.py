@@ -19,11 +19,11 @@ from ..errors import (DuplicateKey, InvalidKey, InvalidTensor,
                       P2pkvError, PeerLost, PoolExhausted, ProtocolError, TransferAborted,
                       TransferTimeout, TransportError, error_from_code)
 from ..keys import TransferKey, validate_transfer_id
-from ..pool import BufferPool
-from ..request import Incoming, RequestHandle, RequestState, Watcher, wire_items
+from ..pool import Buffer, BufferPool
+from ..request import Incoming, ItemSpec, RequestHandle, RequestState, Watcher, offer_sizes, wire_items
 from ..transport import tcp
-from .state import (_IPC_EVENTS, _LOCAL_EVENTS, _LocalArena, _Peer, _local_arena,
-                    _Session, log)
+from .state import (_IPC_EVENTS, _LOCAL_EVENTS, _MAX_QUEUED_ITEMS, _MAX_QUEUED_OFFERS, _OFFER_ITEMS_BURST,
+                    _OFFER_ITEMS_PER_S, _LocalArena, _Peer, _local_arena, _Session, log)
 from .base import _EngineBase
 
 
@@ -434,74 +434,87 @@ class _RequestPath(_EngineBase):
             for r in stale:
                 peer.reqs.pop(r.seq, None)
     def _on_offer(self, sess: _Session, msg: dict[str, Any]) -> None:
-        self._note_tid(sess, msg["tid"])  # abort() tells only the sessions that carried the transfer
+        """An offer. What can refuse it cheaply is decided first, from one pass over its items that
+        builds no object per item (its size, the session's credit and caps), so that a refused offer
+        costs the I/O thread little whatever it holds; only an offer that may be taken is parsed in full."""
         seq = msg["seq"]
-
         eager = msg.get("eager") is True
-
-        def refuse(exc: P2pkvError) -> None:
-            self._stats.add("offers_refused")
-            drain = {}
-            if eager:  # its data already moves: take it in and throw it away, never shift it
-                drain = {"drain": True}
-                self._drain_refused(sess, msg)
-            self._reply(sess.ident, "oerr", seq=seq, code=exc.code, msg=exc.message[:500], **drain)
-
-        try:
-            tid = validate_transfer_id(msg["tid"])
-            specs = wire_items(msg["items"], self._cfg.max_message_bytes)
-        except P2pkvError as exc:
-            refuse(exc)
-            return
         x = msg["x"]
+        cfg = self._cfg
+        refusal: P2pkvError | None = None
+        sizes: list[int] | None = None
+        try:
+            sizes = offer_sizes(msg["items"], cfg.max_message_bytes)
+        except P2pkvError as exc:
+            refusal = exc
+        need = sum(BufferPool.footprint(n) for n in sizes) if sizes is not None else 0
+        if eager and sizes is not None:
+            # its data already moves on credit, as data messages do: checked (and paid) first
+            credit = sess.credit
+            if need > credit:
+                # the producer paid it from credit it believed it had: spent here too, so the two
+                # sides stay in step; and counted, as data beyond credit is (the session is dropped)
+                sess.spend(credit)
+                err = ProtocolError(f"eager offer of {need} bytes beyond the {credit} bytes of credit granted "
+                                    "to this peer: ask for credit (creq) first")
+                if not self._credit_violation(sess, err):
+                    self._refuse_eager(sess, seq, x, sizes, err)
+                return
+            sess.spend(need)  # from here on a refusal spends it too: the producer paid it
+            sess.last_use = time.monotonic()
         evs = msg.get("evs")
-        if x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) or \
-                (x == "nccl" and (not self._nccl_ok or sess.nccl.get("req") is None)) or \
-                (x == "ipc" and (not isinstance(evs, list) or not evs or len(evs) > 1024 or
-                                 not all(isinstance(e, bytes) and len(e) == 64 for e in evs))):
-            refuse(ProtocolError(f"transport {x!r:.20} is not available for requests on this engine"))
-            return
-        if (sess.ident, seq) in self._incoming:
-            refuse(ProtocolError(f"offer seq {seq} is already in use"))
-            return
-        keys = [TransferKey(tid, s.name) for s in specs]
-        to = msg["to"]
-        to = min(float(to), self._cfg.timeout_s * 4) if to == to and to >= 0 else 0.0
-        # a little after the producer's own deadline, so its error (which knows why) wins
-        inc = Incoming(sess, seq, tid, specs, x, time.monotonic() + to + 0.25, evs)
-        need = sum(BufferPool.footprint(s.nbytes) for s in specs)
-        limit = min(self._cfg.effective_credit_bytes, self._pool.capacity)
-        err = self._inbox.error_for(keys[0])
-        refusal: P2pkvError | None = err if isinstance(err, TransferAborted) else None
+        if refusal is None and (x not in ("tcp", "ipc", "nccl") or (x != "tcp" and not self._cuda) or
+                                (x == "nccl" and (not self._nccl_ok or sess.nccl.get("req") is None)) or
+                                (x == "ipc" and (not isinstance(evs, list) or not evs or len(evs) > 1024 or
+                                                 not all(isinstance(e, bytes) and len(e) == 64 for e in evs)))):
+            refusal = ProtocolError(f"transport {x!r:.20} is not available for requests on this engine")
+        if refusal is None and (sess.ident, seq) in self._incoming:
+            refusal = ProtocolError(f"offer seq {seq} is already in use")
+        limit = min(cfg.effective_credit_bytes, self._pool.capacity)
+        if refusal is None and need > limit:
+            refusal = PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
+                                    f"{cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)")
+        if refusal is None and sizes is not None and (len(sess.offers) >= _MAX_QUEUED_OFFERS or
+                                                      sess.queued_items() + len(sizes) > _MAX_QUEUED_ITEMS):
+            refusal = PoolExhausted(f"too many requests from this peer wait for room here ({len(sess.offers)} "
+                                    f"requests of {sess.queued_items()} tensors; at most {_MAX_QUEUED_OFFERS} "
+                                    f"and {_MAX_QUEUED_ITEMS}): retry once some are done")
+        if refusal is None and sizes is not None and not sess.take_offer_budget(len(sizes), time.monotonic()):
+            self._stats.add("offers_over_budget")
+            refusal = PoolExhausted(f"this peer offers tensors faster than the {_OFFER_ITEMS_PER_S} a second "
+                                    f"(bursts of {_OFFER_ITEMS_BURST}) this engine takes from one peer: retry later")
+        tid = ""
+        specs: list[ItemSpec] = []
+        keys: list[TransferKey] = []
+        if refusal is None:
+            try:
+                tid = validate_transfer_id(msg["tid"])
+                self._note_tid(sess, tid)  # abort() tells only the sessions that carried the transfer
+                gone = self._inbox.tid_error(tid)
+                if isinstance(gone, TransferAborted):
+                    raise gone
+                specs = wire_items(msg["items"], cfg.max_message_bytes)
+                keys = [TransferKey(tid, s.name) for s in specs]
+            except P2pkvError as exc:
+                refusal = exc
         for k in keys if refusal is None else ():
             if k in self._incoming_keys or self._inbox.has(k):
                 refusal = DuplicateKey("data for this key is already waiting or on its way", key=k)
                 break
-        if refusal is None and need > limit:
-            refusal = PoolExhausted(f"request of {need} bytes can never fit the receiver (credit window "
-                                    f"{self._cfg.effective_credit_bytes}, pool {self._pool.capacity} bytes)")
-        if eager and refusal is None:
-            if need > sess.outstanding:
-                self._stats.add("credit_violations")
-                refusal = ProtocolError(f"eager offer of {need} bytes exceeds the {sess.outstanding} bytes of credit")
-            else:
-                sess.outstanding -= need  # the room reserved as credit now belongs to this request
-        if refusal is not None and eager:
-            # the producer paid this request out of its credit: the refusal spends it here too, or the
-            # two sides' credit would drift apart until the producer could never send again
-            sess.outstanding -= min(need, sess.outstanding)
         if refusal is not None:
-            if not eager:
-                refuse(refusal)
-                return
-            # its data already moves: refused in its turn, after the offers before it, so that the
-            # receives that take its data in (and throw it away) are posted in the sender's order
-            inc.refusal = refusal
-            inc.failed = True
-            sess.offers.append(inc)
-            self._admit()
+            if eager:
+                self._refuse_eager(sess, seq, x, sizes, refusal)
+            else:
+                self._stats.add("offers_refused")
+                self._reply(sess.ident, "oerr", seq=seq, code=refusal.code, msg=refusal.message[:500])
             return
-        inc.eager = eager
+        to = msg["to"]
+        to = min(float(to), cfg.timeout_s * 4) if to == to and to >= 0 else 0.0
+        # a little after the producer's own deadline, so its error (which knows why) wins
+        inc = Incoming(sess, seq, tid, specs, x, time.monotonic() + to + 0.25, evs, keys)
+        if eager:
+            inc.eager = True
+            sess.eager_held += inc.need  # paid from its credit, held for it until admitted
         sess.offers.append(inc)
         self._incoming[(sess.ident, seq)] = inc
         self._incoming_keys.update(keys)
@@ -510,8 +523,28 @@ class _RequestPath(_EngineBase):
         _trace.mark("rx.offer", tid)
         self._admit()
 
+    def _refuse_eager(self, sess: _Session, seq: int, x: Any, sizes: list[int] | None, err: P2pkvError) -> None:
+        """Refuse an eager offer, whose data already moves. TCP frames of an offer we do not hold are
+        dropped as they come. NCCL sends are posted already: their receives (into scratch) are posted
+        in their turn, after those of the session's offers before it, so that both sides stay in the
+        sender's order; where that cannot be (sizes unknown, too many refusals waiting) the
+        communicator ends instead."""
+        if x == "nccl" and sess.nccl.get("req") is not None:
+            if sizes is not None and len(sess.offers) < _MAX_QUEUED_OFFERS:
+                inc = Incoming(sess, seq, "", [], x, 0.0, None)
+                inc.sizes = sizes
+                inc.refusal = err
+                inc.failed = True
+                sess.offers.append(inc)
+                self._admit()
+                return
+            self._end_session_comm(sess, "req", ProtocolError("refused an eager offer that cannot be drained"))
+        self._stats.add("offers_refused")
+        self._reply(sess.ident, "oerr", seq=seq, code=err.code, msg=err.message[:500], drain=True)
+
     def _admit(self) -> None:
         """Grant waiting offers that fit, oldest first within a session; one session cannot block another."""
+        room = self._room()
         for sess in list(self._sessions.values()):
             while sess.offers:
                 inc = sess.offers[0]
@@ -523,43 +556,63 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
-                if not self._admit_one(sess, inc):
+                took = self._admit_one(sess, inc, room)
+                if took is None:
                     break
+                room -= took
                 sess.offers.popleft()
 
-    def _admit_one(self, sess: _Session, inc: Incoming) -> bool:
+    def _admit_one(self, sess: _Session, inc: Incoming, room: int) -> int | None:
+        """Admit ``inc`` (reserve its room, grant it); None if it must wait, else the pool room it took
+        that was not promised before. An ordinary offer needs room in its session's window (what the
+        session holds in all: credit, requests, unclaimed data; see _charge) and in the pool beyond
+        what is promised to others. An eager one was paid from credit: its room is promised already."""
         comm = None
         if inc.x == "nccl":
             comm = sess.nccl.get("req")
             state = comm.poll() if comm is not None else "failed"
             if state == "init":
-                return False
+                return None
             if state != "ready":
                 self._fail_incoming(inc, TransportError("no NCCL communicator for requests"))
-                return True
-        need = sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
-        if not inc.eager and sess.reserved + sess.outstanding + need > self._cfg.effective_credit_bytes:
-            self._want_mem = True
-            return False
-        bufs = []
+                return 0
+        need = inc.need
+        eager = inc.eager
+        if not eager:
+            if need > self._cfg.effective_credit_bytes - self._charge(sess):
+                self._want_mem = True
+                sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
+                return None
+            if need > room:
+                self._want_mem = True
+                self._starved_t = time.monotonic()  # idle credit held anywhere is taken back for it
+                return None
+        # within the room counted above, fragmentation of the arena is covered by overflow buffers
+        # (they count against that room: BufferPool.room); CUDA IPC needs places in the arena
+        overflow = inc.x != "ipc"
+        bufs: list[Buffer] = []
         for s in inc.specs:
-            try:  # an eager request's room was reserved as credit: only fragmentation can refuse it
-                b = self._pool.try_alloc(s.nbytes, overflow=inc.eager)
-            except PoolExhausted as exc:
-                b = None
+            try:
+                b = self._pool.try_alloc(s.nbytes, overflow=overflow)
+            except PoolExhausted as exc:  # a real out-of-memory
                 for b2 in bufs:
                     b2.release()
-                self._refuse_admitted_eager(sess, inc, exc)
-                return True
+                if eager:
+                    self._refuse_admitted_eager(sess, inc, exc)
+                else:
+                    self._fail_incoming(inc, exc)
+                return 0
             if b is None:
                 for b2 in bufs:
                     b2.release()
                 self._want_mem = True
-                return False
+                return None
             bufs.append(b)
         inc.bufs = bufs
         inc.comm = comm
-        inc.eager = False  # admitted: from here on it is an ordinary granted request
+        if eager:
+            inc.eager = False  # admitted: from here on it is an ordinary granted request
+            sess.eager_held -= need
         sess.reserved += need
         sess.admitted[inc.seq] = inc
         offs = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
@@ -576,20 +629,7 @@ class _RequestPath(_EngineBase):
                     watcher.add(ev, lambda i=i: self._landed(inc, i))
             except P2pkvError as exc:
                 self._end_session_comm(sess, "req", exc)
-        return True
-
-    def _drain_refused(self, sess: _Session, msg: dict[str, Any]) -> None:
-        """An eager offer we refuse: its NCCL sends are posted already; receive them into scratch."""
-        if msg.get("x") != "nccl":
-            return  # TCP frames of an unknown offer are drained as they come
-        items = msg.get("items")
-        for it in items if isinstance(items, list) else []:
-            n = it[3] if isinstance(it, list) and len(it) == 4 else None
-            if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self._cfg.max_message_bytes:
-                self._drain_nccl(sess, n, "req")
-            else:  # sizes we cannot trust: end the communicator on both sides instead
-                self._end_session_comm(sess, "req", ProtocolError("refused an eager offer that cannot be drained"))
-                return
+        return 0 if eager else need
 
     def _refuse_in_turn(self, sess: _Session, inc: Incoming) -> bool:
         """Refuse an eager offer at its turn: receive its tensors into scratch, tell the producer to drain."""
@@ -597,8 +637,8 @@ class _RequestPath(_EngineBase):
             comm = sess.nccl.get("req")
             if comm is not None and comm.poll() == "init":
                 return False
-            for s in inc.specs:
-                self._drain_nccl(sess, s.nbytes, "req")
+            for n in inc.sizes:
+                self._drain_nccl(sess, n, "req")
         err = inc.refusal
         assert err is not None
         self._stats.add("offers_refused")
@@ -610,6 +650,9 @@ class _RequestPath(_EngineBase):
         self._forget_incoming(inc)
         with inc.lock:
             inc.failed = True
+        if inc.eager:
+            inc.eager = False
+            sess.eager_held -= inc.need
         if inc.x == "nccl":
             for s in inc.specs:
                 self._drain_nccl(sess, s.nbytes, "req")
@@ -651,7 +694,7 @@ class _RequestPath(_EngineBase):
     def _request_done(self, inc: Incoming) -> None:
         sess = inc.sess
         if sess.admitted.pop(inc.seq, None) is not None:
-            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+            sess.reserved -= inc.need  # its data waits in the inbox now, charged to it until claimed
         self._forget_incoming(inc)
         if self._sessions.get(sess.ident) is sess:
             self._reply(sess.ident, "odone", seq=inc.seq)
@@ -678,7 +721,10 @@ class _RequestPath(_EngineBase):
             b.release()
         sess = inc.sess
         if sess.admitted.pop(inc.seq, None) is not None:
-            sess.reserved -= sum(BufferPool.footprint(s.nbytes) for s in inc.specs)
+            sess.reserved -= inc.need
+        if inc.eager:  # paid from credit and never admitted: the room held for it is free again
+            inc.eager = False
+            sess.eager_held -= inc.need
         if not inc.quarantine:
             self._forget_incoming(inc)
         else:

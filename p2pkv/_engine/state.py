@@ -28,7 +28,15 @@ _IPC_EVENTS = 64  # interprocess events per peer signalling IPC request writes (
 _ROUTER_SNDHWM = 10_000  # replies queued per connection before further ones are dropped
 _ROUTER_RCVHWM = 1_000   # requests queued per connection before TCP pushes the peer back
 _DEALER_RCVHWM = 10_000  # replies queued from one peer we dialed
-_MAX_CREDIT_VIOLATIONS = 8  # data messages beyond granted credit before the session is dropped
+_ROUTER_PASS_S = 0.005   # time one loop pass spends on requests at the ROUTER before the rest of the loop runs
+_MAX_CREDIT_VIOLATIONS = 8  # data messages or eager offers beyond granted credit before the session is dropped
+_MAX_QUEUED_OFFERS = 256    # offers of one session waiting for room (more are refused at once)
+_MAX_QUEUED_ITEMS = 16384   # ... and their tensors in all (8 offers of the largest size)
+# Tensors one session may offer (taken in for a full parse and admission, each costing the I/O thread
+# some microseconds) per second, and in a burst: beyond that its offers are refused at once, so that
+# it cannot take more than its share of the I/O thread by offering and aborting many-tensor requests.
+_OFFER_ITEMS_PER_S = 8192
+_OFFER_ITEMS_BURST = 32768
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
 _BUFFER_SLACK = 16 << 20    # what a connection may have ZMQ hold beyond the pool's size (headers, framing)
@@ -205,11 +213,20 @@ class _Session:
         self.eid = eid
         self.caps = caps
         self.last_rx = time.monotonic()
+        # What this session may make us hold, in pool bytes (see _PushPath._charge): credit granted
+        # and not used yet, credit revoked (crev) and not answered yet (data sent before the peer saw
+        # the revocation may still come on it), eager offers paid from credit and not admitted yet,
+        # admitted requests (``reserved``), and its data waiting unclaimed in the inbox.
         self.outstanding = 0
+        self.revoked = 0
+        self.eager_held = 0
         self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids it sent or pulled (bounded)
         self.violations = 0                         # data messages refused for lack of credit
         self.last_use = self.last_rx                # last grant or data: credit idle since then
-        self.revoking = 0.0                         # when we asked for idle credit back (crev), or 0
+        self.revoking = 0.0                         # when we took its idle credit back (crev), or 0
+        self.blocked_t = 0.0                        # when its window (its own credit) last held back its offer
+        self.offer_tokens = float(_OFFER_ITEMS_BURST)  # tensors it may still offer now (a token bucket)
+        self.offer_t = self.last_rx
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
@@ -220,6 +237,29 @@ class _Session:
         self.reserved = 0                           # pool bytes held by admitted requests
         self.watcher: Any = None                    # waits for this session's GPU landings
         self.ipc_events: dict[bytes, Any] = {}      # the peer's interprocess events, opened once
+
+    @property
+    def credit(self) -> int:
+        """Credit this session may still send on: granted and unused, revoked but not answered yet."""
+        return self.outstanding + self.revoked
+
+    def spend(self, n: int) -> None:
+        """Data or an eager offer of ``n`` pool bytes came on credit (revoked credit goes first: the
+        peer sent it before it saw the revocation). The caller checked ``n <= credit``."""
+        r = min(n, self.revoked)
+        self.revoked -= r
+        self.outstanding -= min(n - r, self.outstanding)
+
+    def take_offer_budget(self, n: int, now: float) -> bool:
+        """Take ``n`` tensors from the session's offer budget; False (nothing taken) if it has not that many."""
+        tokens = min(float(_OFFER_ITEMS_BURST), self.offer_tokens + (now - self.offer_t) * _OFFER_ITEMS_PER_S)
+        self.offer_t = now
+        ok = tokens >= n
+        self.offer_tokens = tokens - n if ok else tokens
+        return ok
+
+    def queued_items(self) -> int:
+        return sum(len(inc.specs) for inc in self.offers)
 
     def __repr__(self) -> str:
         return f"session({self.eid or self.ident.hex()})"
