@@ -13,10 +13,11 @@ for the TTL, so a late caller gets the precise error instead of a timeout.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -223,12 +224,13 @@ class Mailbox:
             if src is None:
                 tombs = self._aborted
             else:
-                tombs = self._aborted_by.get(src)
-                if tombs is None:
-                    tombs = self._aborted_by[src] = _Tombs(MAX_PEER_TOMBSTONES)
+                peer_tombs = self._aborted_by.get(src)
+                if peer_tombs is None:
+                    peer_tombs = self._aborted_by[src] = _Tombs(MAX_PEER_TOMBSTONES)
                     while len(self._aborted_by) > MAX_ABORTING_PEERS:
                         self._aborted_by.popitem(last=False)
                 self._aborted_by.move_to_end(src)
+                tombs = peer_tombs
             tombs.put(tid, self.tomb_s, lambda: TransferAborted(reason, key=tid))
             bufs = [self._drop_tid_locked(tid)]
             self._wake_tid_locked(tid)
@@ -296,8 +298,8 @@ class Mailbox:
                 out.append(slot.buf)
                 self.evictions += 1
                 k = slot.key
-                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
-                    f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
+                self._evicted.put(k, self.tomb_s, functools.partial(
+                    TransferEvicted, f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
             for tid in [t for t, srcs in self._tid_src.items()
                         if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]
