@@ -268,7 +268,7 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
 class RemoteEngine:
     """An engine in its own process. ``cfg`` is passed to ``Engine(**cfg)``."""
 
-    def __init__(self, start_timeout: float = 60.0, method: str = "spawn", **cfg: Any):
+    def __init__(self, start_timeout: float = 180.0, method: str = "spawn", **cfg: Any):
         """``method='forkserver'`` starts children from a preloaded server: much faster when
         a test starts many engines (the server imports torch once)."""
         ctx: Any = mp.get_context(method)  # spawn / forkserver / fork: each has .Process and .Pipe
