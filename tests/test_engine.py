@@ -395,3 +395,19 @@ def test_send_with_zero_timeout_never_calls_a_reachable_peer_unreachable(pair):
     assert h.error is None or "unreachable" not in str(h.error), h.error
     a.send(b.address, K("z", "1"), torch.ones(2)).wait(5)  # the peer is reachable
     assert torch.equal(b.recv(K("z", "1"), timeout=5), torch.ones(2))
+
+
+def test_every_counter_the_engine_counts_is_declared():
+    """A counter the engine's code adds must be in p2pkv.stats.ENGINE_COUNTERS (so stats() has it
+    from the start, and docs/api.md describes it)."""
+    import pathlib
+    import re
+
+    from p2pkv.stats import ENGINE_COUNTERS
+
+    root = pathlib.Path(p2pkv.__file__).parent
+    names = set()
+    for path in [root / "engine.py", *sorted((root / "_engine").glob("*.py"))]:
+        names |= set(re.findall(r'_stats\.add\(\s*"([a-z_]+)"', path.read_text()))
+    assert names, "no counters found: the pattern no longer matches the code"
+    assert names <= set(ENGINE_COUNTERS), sorted(names - set(ENGINE_COUNTERS))

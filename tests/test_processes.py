@@ -42,8 +42,8 @@ def procs():
 
 
 @pytest.mark.timeout(600)
-def test_push_50_requests_x_32_layers_recv_before_and_after(procs):
-    _push_recv_before_and_after(procs, 50)
+def test_push_24_requests_x_32_layers_recv_before_and_after(procs):
+    _push_recv_before_and_after(procs, 24)
 
 
 @pytest.mark.soak
@@ -76,8 +76,8 @@ def _push_recv_before_and_after(procs, n: int) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_pull_50_requests_x_32_layers(procs):
-    _pull_before_and_after_publish(procs, 50)
+def test_pull_24_requests_x_32_layers(procs):
+    _pull_before_and_after_publish(procs, 24)
 
 
 @pytest.mark.soak

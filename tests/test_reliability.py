@@ -84,8 +84,8 @@ FAULT = dict(timeout_s=10.0, peer_timeout_s=1.0, heartbeat_s=0.1, pool_bytes=64 
 
 
 @pytest.mark.timeout(600)
-def test_kill_peer_10_times_and_restart_on_same_address():
-    _kill_and_restart(10)
+def test_kill_peer_6_times_and_restart_on_same_address():
+    _kill_and_restart(6)
 
 
 @pytest.mark.soak
