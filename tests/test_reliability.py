@@ -75,8 +75,12 @@ def test_soak_1000_transfers_x_32_layers():
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_soak_long():
+    # 4 x 1,000 transfers x 32 layers of 4 KiB (128 MiB per run). The consumer takes keys in an
+    # order of its own, so everything may have to wait in a pool at once: the data must fit the
+    # 256 MiB pools (with 64 KiB layers, 2 GiB, the producer's publish rightly times out with
+    # PoolExhausted while the consumer waits for keys that come after it).
     for seed in range(2, 6):
-        _soak(1000, 32, 64 * 1024, seed=seed)
+        _soak(1000, 32, 4 * 1024, seed=seed)
 
 
 # ----------------------------------------------------------------------------- peer faults
@@ -123,10 +127,10 @@ def _kill_and_restart(rounds: int) -> None:
                     time.sleep(rng.random() * 0.05)
                     t0 = time.monotonic()
                     victim.kill()
+                    # PeerLost at once, or (when the victim died before it connected) the recv's deadline
                     with pytest.raises((PeerLost, TransferTimeout)):  # noqa: PT012 - any layer may be the one
                         for layer in range(64):
-                            survivor.recv(K(tid, f"model.layers.{layer}.self_attn"), timeout=FAULT["timeout_s"])
-                    # PeerLost at once, or (when the victim died before it connected) the recv's deadline
+                            survivor.recv(K(tid, f"model.layers.{layer}.self_attn"), timeout=3.0)
                     assert time.monotonic() - t0 <= FAULT["timeout_s"] + 15
                     survivor.abort(tid)
                 victim.close()
