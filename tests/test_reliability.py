@@ -104,6 +104,9 @@ def _kill_and_restart(rounds: int) -> None:
     with Engine(**FAULT) as survivor:
         victim = RemoteEngine(method="forkserver", **FAULT)
         port = int(victim.address.rsplit(":", 1)[1])
+        # A session first, as every later round has one (from its reconnect check): a peer killed
+        # before it answered our handshake fails sends at their deadline, not with PeerLost.
+        survivor.connect(victim.address, timeout=60)
         try:
             for round_ in range(rounds):
                 tid = f"fault-{round_}"
