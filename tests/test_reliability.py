@@ -277,9 +277,9 @@ def _fuzz_one(fuzz_target, frames) -> None:
         assert s["pool"]["in_use"] <= 4 * 2**20 and s["sessions"] <= 3 and s["internal_errors"] == 0, s
 
 
-@settings(max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=1_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(frames=_frames())
-def test_fuzz_control_plane_2000(fuzz_target, frames):
+def test_fuzz_control_plane_1000(fuzz_target, frames):
     _fuzz_one(fuzz_target, frames)
 
 
