@@ -453,11 +453,12 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
         return {"host_us": _us(med), "spread_us": _us(spread), "noisy": spread > med, "_s": med}
 
     def row(what: str, size: int, t: dict[str, Any], *bases: dict[str, Any], **kw: Any) -> Row:
-        """A row; figures derived from a noisy timing (its own, or a baseline's in ``bases``) are
-        left out: noise is not a result."""
-        noisy = bool(t.get("noisy")) or any(b.get("noisy") for b in bases)
-        if noisy:
+        """A row; figures derived from a noisy timing are left out (noise is not a result): all of
+        them when its own timing is noisy, the ratios and speedups when a baseline's in ``bases`` is."""
+        if t.get("noisy"):
             kw = {k: (None if k in _DERIVED else v) for k, v in kw.items()}
+        elif any(b.get("noisy") for b in bases):
+            kw = {k: (None if k in _DERIVED and k != "gbps_rw" else v) for k, v in kw.items()}
         return _row("pack", what, size, preset=pname, tokens=tokens, backend=backend,
                     **{k: v for k, v in t.items() if k not in ("_s", "noisy")}, **kw,
                     **({"noisy": True} if t.get("noisy") else {}))
