@@ -16,7 +16,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["EngineConfig", "parse_size"]
+__all__ = ["MAX_TIMEOUT_S", "EngineConfig", "parse_size", "pool_memory_error"]
+
+MAX_TIMEOUT_S = 1e6  # about 11.6 days: a longer deadline is a bug (and overflows the OS's timers)
 
 _TRANSPORTS = ("auto", "tcp", "ipc", "nccl", "shm")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -156,8 +158,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is None and name in ("peer_timeout_s", "heartbeat_s"):
                 continue  # derived: see the effective_* properties
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
-                raise ConfigError(f"{name} must be a positive finite number of seconds, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_TIMEOUT_S:
+                raise ConfigError(f"{name} must be a positive number of seconds, at most 1e6 (about 11.6 days), "
+                                  f"got {v!r}")
             set_(name, float(v))
         if self.effective_heartbeat_s >= self.effective_peer_timeout_s:
             raise ConfigError(f"heartbeat_s ({self.effective_heartbeat_s}) must be smaller than peer_timeout_s "
@@ -314,3 +317,33 @@ def _coerce(name: str, value: Any, typ: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"{name}: cannot convert {value!r} to {typ.split(' ')[0]}") from exc
     return value
+
+
+def pool_memory_error(pool_bytes: int, device: Any, exc: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` for a pool of ``pool_bytes`` that ``device`` could not allocate
+    (``exc``: what the allocator raised), naming the size and what is free; ``None`` when ``exc``
+    is not an out-of-memory failure (the caller re-raises it)."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text.lower() or "can't allocate memory" in text.lower()):
+        return None
+    free = _free_bytes(device)
+    cuda = str(device).startswith("cuda")
+    where = "" if free is None else f"; {free / 1e9:.1f} GB {f'free on {device}' if cuda else 'of memory available'}"
+    return ConfigError(f"pool_bytes={pool_bytes} ({pool_bytes / 1e9:.1f} GB) cannot be allocated on {device}{where}: "
+                       "lower pool_bytes")
+
+
+def _free_bytes(device: Any) -> int | None:
+    try:
+        if str(device).startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except Exception:
+        pass
+    return None

@@ -19,7 +19,9 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,23 +35,39 @@ PRESET = "llama3-8b"
 MiB = 2**20
 _MIN_POOL = 256 * MiB
 _MAX_MESSAGE = 2 * 2**30  # EngineConfig's default max_message_bytes
+MAX_TIMEOUT_S = 1e6  # the engine's limit on any deadline (p2pkv.config.MAX_TIMEOUT_S)
+# multiprocessing waits in poll(), whose timeout is a C int of milliseconds: at most 2**31 - 1 ms
+_MAX_QUEUE_WAIT_S = 2_000_000.0
 
 
 class DemoError(Exception):
     """The demo could not run or finish; the message is one line for the user."""
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so that the children are stopped and nothing leaks."""
+
+
 def _orchestration_s(timeout: float) -> float:
     """Deadline of the demo's own hand-offs (process start, "request ready"), beyond ``timeout``:
     a side may wait for the other to start (importing torch takes seconds) or to finish a request."""
-    return max(120.0, 4 * timeout)
+    return min(max(120.0, 4 * timeout), _MAX_QUEUE_WAIT_S)
 
 
 def _take(qu: Any, timeout: float, what: str) -> Any:
-    try:
-        return qu.get(timeout=timeout)
-    except queue.Empty:
-        raise DemoError(f"{what} did not come within {timeout:g} s") from None
+    """The next item of ``qu`` within ``timeout``; in a child, give up at once when the demo's
+    main process is gone (killed), instead of waiting out the deadline."""
+    parent = mp.parent_process()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return qu.get(timeout=max(0.0, min(left, 0.5)))
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                raise DemoError("the demo's main process is gone") from None
+            if left <= 0.5:
+                raise DemoError(f"{what} did not come within {timeout:g} s") from None
 
 
 def _layer_key(tid: str, layer: int) -> Any:
@@ -202,6 +220,8 @@ def check_inputs(requests: int, tokens: int, device: str, timeout: float, preset
         raise ValueError(f"--tokens must be at least 1, got {tokens}")
     if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if timeout > MAX_TIMEOUT_S:
+        raise ValueError(f"--timeout must be at most 1e6 seconds (about 11.6 days), got {timeout:g}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ValueError(f"--device must be cpu, cuda or cuda:N (N = GPU index), got {device!r}")
     if device.startswith("cuda"):
@@ -258,7 +278,7 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
     go: Any = ctx.Queue()  # consumer -> producer: the consumer's clock runs
     cons = ctx.Process(target=_child, args=("consumer", _consumer, q, cfg, args, cons_ctl, ready, go),
                        name="consumer", daemon=True)
-    cons.start()
+    _start_quietly(cons)
     procs = [cons]
     result: dict[str, Any] = {}
     bar = None
@@ -267,7 +287,7 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
         msg = _get(q, _orchestration_s(timeout), procs)
         prod = ctx.Process(target=_child, args=("producer", _producer, q, cfg, args, msg[1], prod_ctl, ready, go),
                            name="producer", daemon=True)
-        prod.start()
+        _start_quietly(prod)
         procs.append(prod)
         bar = None if quiet else Progress(requests * len(modes), "moving KV", unit="request")
         while "bad" not in result or "lat" not in result:
@@ -308,6 +328,20 @@ def run(requests: int = 16, tokens: int = 512, mode: str = "both", device: str =
     if not quiet:
         print_table(summary)
     return summary
+
+
+def _start_quietly(proc: Any) -> None:
+    """Start a child that ignores SIGINT: Ctrl-C in a terminal reaches the whole process group,
+    and only this process should handle it (it stops the children), not print their tracebacks.
+    The disposition is inherited through spawn's exec and kept by the child's Python."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _us(x: float | None) -> float | None:
@@ -369,6 +403,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if v > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most 1e6 seconds (about 11.6 days), got {text!r}")
     return v
 
 
@@ -390,14 +426,17 @@ def main(argv: list[str] | None = None) -> int:
                          "(default both)")
     ap.add_argument("--device", default="cpu", help="where tensors and pools live: cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                    help="deadline of every wait, in seconds (default 60)")
+                    help="deadline of every wait, in seconds, at most 1e6 (default 60)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     a = ap.parse_args(argv)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        check_inputs(a.requests, a.tokens, a.device, a.timeout)
-    except ValueError as exc:
-        ap.error(str(exc))
-    try:
+        try:
+            check_inputs(a.requests, a.tokens, a.device, a.timeout)
+        except ValueError as exc:
+            ap.error(str(exc))
         s = run(a.requests, a.tokens, a.mode, a.device, a.timeout)
     except DemoError as exc:
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
@@ -405,7 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{ap.prog}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{ap.prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0 if s["mismatches"] == 0 else 1
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
 from ._engine.state import _LOCAL_ENGINES, _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
-from .config import EngineConfig
+from .config import EngineConfig, pool_memory_error
 from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferTimeout)
 from .handles import SendHandle
 from .keys import TransferKey, validate_transfer_id
@@ -111,14 +111,20 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         arena = None
         self._shm_loc: dict[str, Any] | None = None
         self._shm_fd = -1
-        if self._cuda:
-            from .transport.cuda import alloc_arena
+        try:
+            if self._cuda:
+                from .transport.cuda import alloc_arena
 
-            arena, self._arena_owner = alloc_arena(BufferPool.footprint(config.pool_bytes), self._device)
-        elif config.transport == "shm":
-            arena = self._shared_arena(BufferPool.footprint(config.pool_bytes))
+                arena, self._arena_owner = alloc_arena(BufferPool.footprint(config.pool_bytes), self._device)
+            elif config.transport == "shm":
+                arena = self._shared_arena(BufferPool.footprint(config.pool_bytes))
+            self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free, arena=arena)
+        except (RuntimeError, MemoryError) as exc:  # the allocator's own error: say what failed and what is free
+            err = pool_memory_error(config.pool_bytes, self._device, exc)
+            if err is None:
+                raise
+            raise err from None
         self._shm_arena = arena if self._shm_loc is not None else None
-        self._pool = BufferPool(config.pool_bytes, self._device, on_free=self._on_pool_free, arena=arena)
         self._pinned = (BufferPool(config.pinned_bytes, "cpu", pin_memory=True, prefault=False)
                         if self._cuda and config.pinned_bytes else None)
         self._inbox = Mailbox(config.ttl_s, name="inbox")

@@ -13,10 +13,12 @@ for the TTL, so a late caller gets the precise error instead of a timeout.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -233,10 +235,14 @@ class Mailbox:
     def note_evicted(self, tid: str, names: list[str]) -> None:
         """Tensors that waited elsewhere (a shared-memory record) were evicted: late claims say so."""
         with self._lock:
+            msg = f"data arrived but was not claimed within ttl_s={self.ttl_s:g}"
             for n in names:
                 k = TransferKey(tid, n)
-                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
-                    f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
+
+                def make(k: TransferKey = k) -> P2pkvError:
+                    return TransferEvicted(msg, key=k)
+
+                self._evicted.put(k, self.tomb_s, make)
             self.evictions += len(names)
             self._wake_tid_locked(tid)
 
@@ -384,8 +390,8 @@ class Mailbox:
                 out.append(slot.buf)
                 self.evictions += 1
                 k = slot.key
-                self._evicted.put(k, self.tomb_s, lambda k=k: TransferEvicted(
-                    f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
+                self._evicted.put(k, self.tomb_s, functools.partial(
+                    TransferEvicted, f"data arrived but was not claimed within ttl_s={self.ttl_s:g}", key=k))
             for tid in [t for t, srcs in self._tid_src.items()
                         if max(srcs.values(), default=0.0) < cutoff and t not in self._by_tid]:
                 del self._tid_src[tid]

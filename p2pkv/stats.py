@@ -5,7 +5,30 @@ from __future__ import annotations
 import threading
 from collections import defaultdict, deque
 
-__all__ = ["Stats", "percentile"]
+__all__ = ["ENGINE_COUNTERS", "ENGINE_LATENCIES", "Stats", "percentile"]
+
+# Every counter an engine's stats() reports, present (at 0) from the start: a caller may index any
+# of them on a fresh engine. Documented in docs/reference.md ("stats()").
+ENGINE_COUNTERS: tuple[str, ...] = (
+    # per-tensor push
+    "sends", "sends_done", "sends_failed", "bytes_sent", "sent_tcp", "sent_ipc", "sent_nccl",
+    "credit_requests", "credit_revoked",
+    # receiving
+    "tensors_received", "bytes_received", "received_tcp", "received_ipc", "received_nccl",
+    "recvs", "bytes_received_claimed", "evicted",
+    # publish / pull
+    "published", "pulls", "bytes_pulled", "pull_errors", "pulls_served", "bytes_served",
+    # whole requests
+    "requests", "requests_done", "requests_failed", "requests_eager",
+    "requests_received", "requests_failed_rx", "offers_refused", "drained_items",
+    # peers and connections
+    "connections", "connections_shed", "handshakes_refused", "auth_failures", "peers_lost", "sessions_lost",
+    "ipc_mappings", "nccl_comms", "aborts",
+    # misbehaving peers, and our own failures
+    "protocol_errors", "credit_violations", "nacks", "replies_suppressed", "internal_errors",
+)
+# Latency reservoirs (stats()["latency"][name]: count, p50_us, p99_us, max_us), likewise present from the start.
+ENGINE_LATENCIES: tuple[str, ...] = ("send", "recv_wait", "pull", "request")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -17,10 +40,19 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Stats:
-    def __init__(self, reservoir: int = 8192):
+    """Counters and latency reservoirs; ``counters`` and ``latencies`` name those reported (at zero)
+    before anything was counted (default: an engine's, :data:`ENGINE_COUNTERS` and
+    :data:`ENGINE_LATENCIES`). Other names are added when first counted."""
+
+    def __init__(self, reservoir: int = 8192, counters: tuple[str, ...] = ENGINE_COUNTERS,
+                 latencies: tuple[str, ...] = ENGINE_LATENCIES) -> None:
         self._lock = threading.Lock()
         self._counters: dict[str, int] = defaultdict(int)
         self._lat: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=reservoir))
+        for name in counters:
+            self._counters[name] = 0
+        for name in latencies:
+            self._lat[name] = deque(maxlen=reservoir)
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:

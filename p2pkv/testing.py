@@ -307,9 +307,15 @@ def _child(conn: Connection, cfg: dict[str, Any]) -> None:
 class RemoteEngine:
     """An engine in its own process. ``cfg`` is passed to ``Engine(**cfg)``."""
 
-    def __init__(self, start_timeout: float = 60.0, method: str = "spawn", **cfg: Any):
-        """``method='forkserver'`` starts children from a preloaded server: much faster when
-        a test starts many engines (the server imports torch once)."""
+    def __init__(self, start_timeout: float = 180.0, method: str | None = None, **cfg: Any):
+        """``method``: how the process starts. ``"forkserver"`` forks it from a server that has
+        imported torch and p2pkv once (a second or so instead of several: what a test suite that
+        starts many engines needs); ``"spawn"`` starts a fresh interpreter. Default: forkserver
+        where this process sees no CUDA device, else spawn (a fork and CUDA do not mix)."""
+        if method is None:
+            import torch
+
+            method = "spawn" if torch.cuda.is_available() else "forkserver"
         ctx: Any = mp.get_context(method)  # spawn / forkserver / fork: each has .Process and .Pipe
         if method == "forkserver":
             ctx.set_forkserver_preload(["torch", "zmq", "p2pkv", "p2pkv.testing"])

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -11,28 +10,22 @@ FAST = dict(timeout_s=5.0, peer_timeout_s=1.5, heartbeat_s=0.2, ttl_s=30.0, pool
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs one CUDA GPU")
     config.addinivalue_line("markers", "multi_gpu: needs two or more CUDA GPUs")
-    config.addinivalue_line("markers", "slow: long-running (soak); run with --runslow")
+    config.addinivalue_line("markers", "soak: long soak and stress runs; deselected by default (pytest.ini), "
+                            "run with `python -m pytest -m soak` (CI's soak stage)")
     config.addinivalue_line("markers", "vllm: needs the real vllm package")
     config.addinivalue_line("markers", "sglang: needs the real sglang package")
     config.addinivalue_line("markers", "hostile2: attacks of issue 20 (run alone: -m hostile2)")
-
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run slow (soak) tests")
 
 
 def pytest_collection_modifyitems(config, items):
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
-    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow")
     for item in items:
         if "gpu" in item.keywords and ngpu < 1:
             item.add_marker(skip_gpu)
         if "multi_gpu" in item.keywords and ngpu < 2:
             item.add_marker(skip_multi)
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(skip_slow)
 
 
 @pytest.fixture

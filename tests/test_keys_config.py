@@ -65,6 +65,10 @@ def test_config_defaults_and_derived():
     ({"device": "gpu"}, "device"),
     ({"timeout_s": 0}, "timeout_s"),
     ({"timeout_s": float("nan")}, "timeout_s"),
+    ({"timeout_s": float("inf")}, "timeout_s"),
+    ({"timeout_s": 1e7}, "timeout_s.*at most 1e6"),  # longer deadlines are refused (README: Guarantees)
+    ({"ttl_s": 2e6}, "ttl_s.*at most 1e6"),
+    ({"nccl_init_timeout_s": 1e300}, "nccl_init_timeout_s"),
     ({"ttl_s": -1}, "ttl_s"),
     ({"pool_bytes": 0}, "pool_bytes"),
     ({"pool_bytes": "lots"}, "pool_bytes"),
@@ -78,6 +82,11 @@ def test_config_defaults_and_derived():
 def test_config_validation(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         EngineConfig(**kw)
+
+
+def test_config_longest_timeout_is_accepted():
+    c = EngineConfig(timeout_s=1e6, ttl_s=1e6, peer_timeout_s=1e6, heartbeat_s=10)
+    assert c.timeout_s == 1e6 and c.ttl_s == 1e6
 
 
 def test_config_from_dict_coerces_and_rejects_unknown():

@@ -24,7 +24,7 @@ def test_unclosed_engine_is_collected_and_warns():
             e.send(peer.address, TransferKey("lc", "0"), torch.ones(4)).wait(5)
             ref = weakref.ref(e)
             del e
-            end = time.monotonic() + 10
+            end = time.monotonic() + 60
             while ref() is not None or threading.active_count() > base:
                 assert time.monotonic() < end, "the unclosed engine was not collected"
                 gc.collect()

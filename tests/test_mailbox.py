@@ -27,8 +27,8 @@ def test_claim_after_and_before_delivery():
     k2 = TransferKey("t", "b")
     threading.Timer(0.1, put, args=(mb, pool, k2, 3.0)).start()
     t0 = time.monotonic()
-    s = mb.claim(k2, 5)
-    assert time.monotonic() - t0 < 2
+    s = mb.claim(k2, 60)
+    assert time.monotonic() - t0 < 30  # woken by the delivery, not at the deadline
     assert s.tensor()[0].item() == 3.0
     s.buf.release()
 
@@ -65,7 +65,7 @@ def test_abort_frees_and_blocks_late_data_and_wakes_waiters():
 
     def waiter():
         try:
-            mb.claim(TransferKey("t", "z"), 5)
+            mb.claim(TransferKey("t", "z"), 60)
         except TransferAborted as e:
             got["e"] = e
 
@@ -73,7 +73,7 @@ def test_abort_frees_and_blocks_late_data_and_wakes_waiters():
     th.start()
     time.sleep(0.1)
     bufs = mb.abort("t")
-    th.join(3)
+    th.join(30)
     assert "e" in got
     assert len(bufs) == 1
     for b in bufs:
@@ -105,7 +105,7 @@ def test_source_lost_fails_missing_keeps_arrived():
 
     def waiter():
         try:
-            mb.claim(TransferKey("t", "l1"), 5)
+            mb.claim(TransferKey("t", "l1"), 60)
         except PeerLost as e:
             got["e"] = e
 
@@ -114,8 +114,8 @@ def test_source_lost_fails_missing_keeps_arrived():
     time.sleep(0.1)
     t0 = time.monotonic()
     assert mb.source_lost("peer1", lambda: PeerLost("gone")) == ["t"]
-    th.join(3)
-    assert "e" in got and time.monotonic() - t0 < 1
+    th.join(30)
+    assert "e" in got and time.monotonic() - t0 < 20  # woken at once, not at the 60 s deadline
     assert mb.claim(TransferKey("t", "l0"), 1).key.name == "l0"  # arrived data is kept
     with pytest.raises(TransferTimeout):
         mb.claim(TransferKey("other", "l1"), 0.1)  # other source unaffected

@@ -41,7 +41,7 @@ def test_exhaustion_is_typed_and_bounded():
     t0 = time.monotonic()
     with pytest.raises(PoolExhausted, match="within"):
         p.alloc(16, timeout=0.2)
-    assert 0.15 < time.monotonic() - t0 < 2
+    assert 0.15 < time.monotonic() - t0 < 10
     with pytest.raises(PoolExhausted, match="never fit"):
         p.alloc(8192, timeout=10)
     assert p.try_alloc(16) is None
@@ -54,7 +54,7 @@ def test_blocking_alloc_wakes_on_release():
     p = BufferPool(4096)
     a = p.alloc(4096)
     threading.Timer(0.1, a.release).start()
-    b = p.alloc(2048, timeout=5)
+    b = p.alloc(2048, timeout=60)
     b.release()
 
 

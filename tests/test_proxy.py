@@ -56,7 +56,8 @@ def test_proxy_routes_with_one_transfer_id_and_drops_dead_instances():
         proxy_runner, purl = await _serve(make_app(reg, register_token="t0ken-for-tests"))
         runners.append(proxy_runner)
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0ken-for-tests"}) as s:
-            for name, role, p2 in (("P1", "prefill", None), ("P2", "prefill", None), ("D1", "decode", "127.0.0.1:14600")):
+            regs = (("P1", "prefill", None), ("P2", "prefill", None), ("D1", "decode", "127.0.0.1:14600"))
+            for name, role, p2 in regs:
                 async with s.post(purl + "/register", json={"role": role, "url": urls[name], "p2pkv": p2}) as r:
                     assert r.status == 200
             async with s.post(purl + "/register", json={"role": "oops", "url": "x"}) as r:

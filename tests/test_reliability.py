@@ -1,4 +1,9 @@
-"""Reliability as a tested promise: soak, peer faults, slow and stuck peers, fuzzing, security."""
+"""Reliability as a tested promise: soak, peer faults, slow and stuck peers, fuzzing, security.
+
+The default run does a shorter version of each soak (CI's main stage); the full-length ones are
+marked ``soak`` (CI's soak stage: ``python -m pytest -m soak``). Deadlines are generous: these run
+on a loaded 2-core machine.
+"""
 
 import random
 import threading
@@ -18,7 +23,7 @@ from p2pkv.testing import RemoteEngine
 from .conftest import FAST
 
 K = TransferKey
-SOAK = dict(timeout_s=60.0, peer_timeout_s=3.0, heartbeat_s=0.25, pool_bytes=256 * 2**20)
+SOAK = dict(timeout_s=60.0, peer_timeout_s=5.0, heartbeat_s=0.25, ttl_s=900.0, pool_bytes=256 * 2**20)
 
 
 def _soak(n_tids: int, layers: int, nbytes: int, seed: int) -> None:
@@ -39,7 +44,7 @@ def _soak(n_tids: int, layers: int, nbytes: int, seed: int) -> None:
         assert res["bad"] == 0 and res["other"] == 0, res
         assert res["ok"] >= n_ok and res["ok"] + res["aborted"] == n_tids * layers, res
         assert set(out) <= {"done", "TransferAborted"}, out
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         for r in (prod, cons):
             while True:  # buffers, sockets and threads return to their starting values
                 st_ = r.call("stats")
@@ -57,30 +62,53 @@ def _soak(n_tids: int, layers: int, nbytes: int, seed: int) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_soak_200_transfers_x_32_layers():
+    _soak(200, 32, 256, seed=1)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1200)
 def test_soak_1000_transfers_x_32_layers():
     _soak(1000, 32, 256, seed=1)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_soak_long():
+    # 4 x 1,000 transfers x 32 layers of 4 KiB (128 MiB per run). The consumer takes keys in an
+    # order of its own, so everything may have to wait in a pool at once: the data must fit the
+    # 256 MiB pools (with 64 KiB layers, 2 GiB, the producer's publish rightly times out with
+    # PoolExhausted while the consumer waits for keys that come after it).
     for seed in range(2, 6):
-        _soak(1000, 32, 64 * 1024, seed=seed)
+        _soak(1000, 32, 4 * 1024, seed=seed)
 
 
 # ----------------------------------------------------------------------------- peer faults
 FAULT = dict(timeout_s=10.0, peer_timeout_s=1.0, heartbeat_s=0.1, pool_bytes=64 * 2**20)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
+def test_kill_peer_6_times_and_restart_on_same_address():
+    _kill_and_restart(6)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
 def test_kill_peer_50_times_and_restart_on_same_address():
+    _kill_and_restart(50)
+
+
+def _kill_and_restart(rounds: int) -> None:
     rng = random.Random(7)
     shape = (16 * 1024,)
     with Engine(**FAULT) as survivor:
         victim = RemoteEngine(method="forkserver", **FAULT)
         port = int(victim.address.rsplit(":", 1)[1])
+        # A session first, as every later round has one (from its reconnect check): a peer killed
+        # before it answered our handshake fails sends at their deadline, not with PeerLost.
+        survivor.connect(victim.address, timeout=60)
         try:
-            for round_ in range(50):
+            for round_ in range(rounds):
                 tid = f"fault-{round_}"
                 as_sender = round_ % 2 == 0  # alternate: the survivor sends, or receives
                 if as_sender:
@@ -96,25 +124,26 @@ def test_kill_peer_50_times_and_restart_on_same_address():
                             pass
                         assert h.done() and h.state in (TransferState.DONE, TransferState.FAILED)
                         assert h.state is TransferState.DONE or isinstance(h.error, PeerLost), h
-                    assert time.monotonic() - t0 <= FAULT["timeout_s"]
+                    assert time.monotonic() - t0 <= FAULT["timeout_s"]  # the closed connection fails them
                 else:
                     victim.start("send_many", survivor.address, [tid], rng.randint(1, 8), [1024], wait=False)
                     time.sleep(rng.random() * 0.05)
                     t0 = time.monotonic()
                     victim.kill()
+                    # PeerLost at once, or (when the victim died before it connected) the recv's deadline
                     with pytest.raises((PeerLost, TransferTimeout)):  # noqa: PT012 - any layer may be the one
                         for layer in range(64):
-                            survivor.recv(K(tid, f"model.layers.{layer}.self_attn"), timeout=FAULT["timeout_s"])
-                    assert time.monotonic() - t0 <= FAULT["timeout_s"] + 1
+                            survivor.recv(K(tid, f"model.layers.{layer}.self_attn"), timeout=3.0)
+                    assert time.monotonic() - t0 <= FAULT["timeout_s"] + 15
                     survivor.abort(tid)
                 victim.close()
                 victim = RemoteEngine(method="forkserver", port=port, **FAULT)
                 # the surviving engine talks to the restarted peer without being restarted itself
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 60
                 while True:
-                    h = survivor.send(victim.address, K(tid + "-after", "0"), torch.ones(8), timeout=3)
+                    h = survivor.send(victim.address, K(tid + "-after", "0"), torch.ones(8), timeout=5)
                     try:
-                        h.wait(5)
+                        h.wait(10)
                         break
                     except (PeerLost, TransferTimeout):
                         assert time.monotonic() < deadline
@@ -125,29 +154,29 @@ def test_kill_peer_50_times_and_restart_on_same_address():
 
 # ----------------------------------------------------------------------------- slow and stuck peers
 def test_producer_stalls_mid_request_receiver_times_out_and_frees():
-    cfg = dict(FAST, ttl_s=1.0)
+    cfg = dict(FAST, ttl_s=3.0)
     with Engine(**cfg) as prod, Engine(**cfg) as cons:
         for i in range(3):
-            prod.send(cons.address, K("stall", str(i)), torch.ones(1024)).wait(5)
+            prod.send(cons.address, K("stall", str(i)), torch.ones(1024)).wait(30)
+        assert cons.stats()["pool"]["in_use"] > 0  # held until claimed or until ttl_s
         t0 = time.monotonic()
         with pytest.raises(TransferTimeout):
             cons.recv(K("stall", "3"), timeout=0.5)  # the producer is alive but never sends it
-        assert time.monotonic() - t0 < 1.5
-        assert cons.stats()["pool"]["in_use"] > 0
-        deadline = time.monotonic() + 5
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 60
         while cons.stats()["pool"]["in_use"] and time.monotonic() < deadline:
             time.sleep(0.1)  # unclaimed layers of the stalled request expire
-        assert cons.stats()["pool"]["in_use"] == 0
+        assert cons.stats()["pool"]["in_use"] == 0 and cons.stats()["evicted"] == 3
 
 
 def test_consumer_never_claims_ttl_frees_and_sender_can_continue():
     cfg = dict(FAST, ttl_s=0.5, pool_bytes=1 << 20)
-    with Engine(**FAST) as prod, Engine(**cfg) as cons:
+    with Engine(**dict(FAST, timeout_s=60.0)) as prod, Engine(**cfg) as cons:
         for round_ in range(3):  # 3 x 0.75 MiB through a 1 MiB pool: only eviction makes room
             hs = [prod.send(cons.address, K(f"nc{round_}", str(i)), torch.zeros(96 * 1024, dtype=torch.uint8))
                   for i in range(8)]
             for h in hs:
-                h.wait(5)
+                h.wait(90)
             assert cons.stats()["pool"]["in_use"] <= cons.pool.capacity
             time.sleep(1.2)
         assert cons.stats()["evicted"] >= 16
@@ -155,7 +184,7 @@ def test_consumer_never_claims_ttl_frees_and_sender_can_continue():
 
 def test_full_receiver_bounded_memory_over_time():
     small = dict(FAST, pool_bytes=1 << 20)
-    with Engine(**FAST) as a, Engine(**small) as b:
+    with Engine(**dict(FAST, timeout_s=60.0)) as a, Engine(**small) as b:
         hs = [a.send(b.address, K("full", str(i)), torch.zeros(64 * 1024, dtype=torch.uint8)) for i in range(64)]
         peak = 0
         for _ in range(10):
@@ -163,9 +192,9 @@ def test_full_receiver_bounded_memory_over_time():
             time.sleep(0.05)
         assert peak <= b.pool.capacity
         for i in range(64):
-            b.recv(K("full", str(i)), timeout=5)
+            b.recv(K("full", str(i)), timeout=60)
         for h in hs:
-            h.wait(5)
+            h.wait(90)
         assert b.stats()["pool"]["overflow_allocs"] == 0
 
 
@@ -213,7 +242,7 @@ class _Fuzzer:
         self.s.setsockopt(zmq.LINGER, 0)
         self.s.connect(f"tcp://{address}")
         self.s.send(encode("hello", eid="fuzzer", host="h", pid=1, dev="cpu", caps={}))
-        assert self.s.poll(5000)
+        assert self.s.poll(60_000)
         self.s.recv_multipart()
         self.sent = 0
 
@@ -233,9 +262,7 @@ def fuzz_target():
     eng.close()
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(frames=_frames())
-def test_fuzz_control_plane_10000(fuzz_target, frames):
+def _fuzz_one(fuzz_target, frames) -> None:
     eng, peer, fz = fuzz_target
     fz.s.send_multipart(frames)
     fz.sent += 1
@@ -244,15 +271,28 @@ def test_fuzz_control_plane_10000(fuzz_target, frames):
             decode(f)
     if fz.sent % 500 == 0:  # valid traffic keeps flowing, memory stays bounded
         k = K(f"valid-{fz.sent}", "0")
-        peer.send(eng.address, k, torch.arange(16)).wait(5)
-        assert torch.equal(eng.recv(k, timeout=5), torch.arange(16))
+        peer.send(eng.address, k, torch.arange(16), timeout=60).wait(60)
+        assert torch.equal(eng.recv(k, timeout=60), torch.arange(16))
         s = eng.stats()
-        assert s["pool"]["in_use"] <= 4 * 2**20 and s["sessions"] <= 3 and s.get("internal_errors", 0) == 0, s
+        assert s["pool"]["in_use"] <= 4 * 2**20 and s["sessions"] <= 3 and s["internal_errors"] == 0, s
+
+
+@settings(max_examples=1_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(frames=_frames())
+def test_fuzz_control_plane_1000(fuzz_target, frames):
+    _fuzz_one(fuzz_target, frames)
+
+
+@pytest.mark.soak
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(frames=_frames())
+def test_fuzz_control_plane_10000(fuzz_target, frames):
+    _fuzz_one(fuzz_target, frames)
 
 
 def test_fuzz_target_survived(fuzz_target):
     eng, peer, _ = fuzz_target
-    peer.send(eng.address, K("after-fuzz", "0"), torch.ones(4)).wait(5)
+    peer.send(eng.address, K("after-fuzz", "0"), torch.ones(4), timeout=60).wait(60)
     assert torch.equal(eng.recv(K("after-fuzz", "0")), torch.ones(4))
     assert eng.stats().get("internal_errors", 0) == 0
 

@@ -32,7 +32,7 @@ class Raw:
     def send(self, *frames: bytes) -> None:
         self.s.send_multipart(list(frames))
 
-    def reply(self, timeout: float = 3.0) -> dict:
+    def reply(self, timeout: float = 30.0) -> dict:
         assert self.s.poll(int(timeout * 1000)), "no reply"
         frames = self.s.recv_multipart()
         return decode(frames[0])
@@ -64,8 +64,8 @@ def eng():
 
 def still_serves(e: Engine, peer: Engine, tag: str) -> None:
     t = torch.arange(100, dtype=torch.float32)
-    peer.send(e.address, TransferKey("ok-" + tag, "0"), t).wait(5)
-    assert torch.equal(e.recv(TransferKey("ok-" + tag, "0"), timeout=5), t)
+    peer.send(e.address, TransferKey("ok-" + tag, "0"), t, timeout=60).wait(60)
+    assert torch.equal(e.recv(TransferKey("ok-" + tag, "0"), timeout=60), t)
 
 
 def data_hdr(**over):

@@ -328,7 +328,10 @@ class _ProgressLoop(_EngineBase):
                 continue
             for item in [i for i in peer.queue if i.deadline < now]:
                 peer.queue.remove(item)
-                why = "no credit from the receiver (it is full)" if peer.ready else "peer unreachable"
+                why = ("no credit from the receiver in time (it is full, or did not answer)" if peer.ready else
+                       "connected, but the peer did not finish the handshake in time" if peer.connects else
+                       "peer unreachable" if now - peer.created >= cfg.effective_peer_timeout_s else
+                       "not connected to the peer yet")
                 self._finish_send(item, TransferState.FAILED, TransferTimeout(
                     f"send not started within its deadline: {why}", key=item.key, peer=peer.addr))
             for seq, item in [(s, i) for s, i in peer.inflight.items() if i.deadline < now]:

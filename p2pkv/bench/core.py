@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,11 +28,12 @@ import torch
 
 from .. import __version__
 from .._progress import Progress
-from .._timing import gpu_time, wall_time
+from .._timing import gpu_time
 from ..stats import percentile
 from ..synthetic import PRESETS
 
-__all__ = ["SUITES", "Suite", "gpu_time", "main", "parse_size", "run"]
+__all__ = ["SUITES", "BadOption", "NothingToRun", "Suite", "check_sizes", "gpu_time", "main", "parse_size",
+           "prepare_out_dir", "run"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -68,12 +70,16 @@ class Suite:
         ``(smoke, sizes) -> number of bar() calls`` (for the progress report).
     unavailable:
         ``() -> reason`` the suite cannot run on this machine, or ``None``.
+    size_range:
+        ``(smallest, largest)`` message size in bytes the suite measures, or ``None``
+        when it does not take ``--sizes`` (its cases are fixed).
     """
 
     name: str
     func: str
     steps: Callable[[bool, list[int]], int]
     unavailable: Callable[[], str | None] = lambda: None
+    size_range: tuple[int, int] | None = None
 
     def resolve(self) -> Callable[[bool, list[int], Bar], list[Row]]:
         """Import and return the suite's function."""
@@ -96,10 +102,12 @@ def _nccl_steps(smoke: bool, sizes: list[int]) -> int:
 #: Every suite, in the order ``--suite all`` runs them. To add one, write its
 #: function (in a module of this package) and add a line here.
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite("tcp", ".core:bench_tcp", lambda smoke, sizes: len([x for x in sizes if x <= 256 * MiB]) + 1),
+    Suite("tcp", ".core:bench_tcp", lambda smoke, sizes: len([x for x in sizes if x <= 256 * MiB]) + 1,
+          size_range=(1, 256 * MiB)),
     Suite("pack", ".core:bench_pack", lambda smoke, sizes: 3 * len(_pack_tokens(smoke))),
-    Suite("ipc", ".core:bench_ipc", lambda smoke, sizes: len([x for x in sizes if x >= 4 * KiB]), _no_gpu),
-    Suite("nccl", ".core:bench_nccl", _nccl_steps, _no_nccl),
+    Suite("ipc", ".core:bench_ipc", lambda smoke, sizes: len([x for x in sizes if x >= 4 * KiB]), _no_gpu,
+          size_range=(4 * KiB, 2 * GiB)),
+    Suite("nccl", ".core:bench_nccl", _nccl_steps, _no_nccl, size_range=(1, 2 * GiB)),
     Suite("request", ".request:suite_request", _request_steps),
     Suite("recv", ".recv:suite_recv", lambda smoke, sizes: 1 if smoke else 2),
 )}
@@ -230,14 +238,16 @@ def _measure_push(eng: Any, cons: Any, tid: str, tensor: torch.Tensor, n: int, l
 
 
 # ----------------------------------------------------------------------------- TCP
-def _zmq_server(q: Any, n_total: int, size: int) -> None:
+def _zmq_server(q: Any, biggest: int) -> None:
+    """The raw pyzmq baseline's server: acknowledges each pushed frame (read into one buffer), and
+    answers ``[b"pull", size]`` with ``size`` bytes. One server serves every size of a run."""
     import zmq
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     port = s.bind_to_random_port("tcp://127.0.0.1")
     q.put(port)
-    buf = memoryview(bytearray(max(size, 1)))
+    buf = memoryview(bytearray(max(biggest, 1)))
     try:
         while True:
             ident = s.recv()
@@ -245,6 +255,7 @@ def _zmq_server(q: Any, n_total: int, size: int) -> None:
             if hdr == b"stop":
                 break
             if hdr == b"pull":
+                size = int(s.recv())
                 s.send_multipart([ident, b"d", buf[:size]], copy=size < 65536)
                 continue
             s.recv_into(buf)
@@ -272,21 +283,21 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
     ctx = mp.get_context("spawn")
     cons = RemoteEngine(**cfg)
     prod_remote = RemoteEngine(**cfg)
+    # ---- the raw pyzmq baseline's server (same process layout: client here, server in a child)
+    q = ctx.Queue()
+    srv = ctx.Process(target=_zmq_server, args=(q, max(sizes, default=1)), daemon=True)
+    srv.start()
+    zc = zmq.Context()
+    d = zc.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
     try:
+        d.connect(f"tcp://127.0.0.1:{q.get(timeout=120)}")
         with Engine(**cfg) as eng:
             eng.connect(cons.address)
             for size in sizes:
                 n = _count_for(size, smoke, budget)
                 lat_n = 8 if smoke else 50
-                # ---- raw pyzmq baseline (same process layout: client here, server in a child)
-                q = ctx.Queue()
-                srv = ctx.Process(target=_zmq_server, args=(q, n, size), daemon=True)
-                srv.start()
-                port = q.get(timeout=60)
-                zc = zmq.Context()
-                d = zc.socket(zmq.DEALER)
-                d.setsockopt(zmq.LINGER, 0)
-                d.connect(f"tcp://127.0.0.1:{port}")
+                # ---- raw pyzmq baseline
                 a = memoryview(bytearray(max(size, 1)))[:size]
                 d.send_multipart([b"h", a])
                 d.recv()
@@ -307,13 +318,9 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
                 pull_lat = []
                 for _ in range(lat_n):
                     t1 = time.perf_counter()
-                    d.send(b"pull")
+                    d.send_multipart([b"pull", str(size).encode()])
                     d.recv_multipart()
                     pull_lat.append(time.perf_counter() - t1)
-                d.send(b"stop")
-                d.close(0)
-                zc.term()
-                srv.join(10)
                 rows.append(_row("tcp", "raw pyzmq push", size, gbps=raw_bw, **_lat(raw_lat)))
                 rows.append(_row("tcp", "raw pyzmq request/reply", size, **_lat(pull_lat)))
                 # ---- p2pkv push
@@ -363,6 +370,15 @@ def bench_tcp(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
                              gbps=total / at_once / 1e9))
             bar("tcp request")
     finally:
+        try:
+            d.send(b"stop", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        d.close(0)
+        zc.term()
+        srv.join(10)
+        if srv.is_alive():
+            srv.kill()
         cons.close()
         prod_remote.close()
     return rows
@@ -381,17 +397,26 @@ def bench_pack(smoke: bool, sizes: list[int], bar: Bar) -> list[Row]:
 
     On a GPU the CUDA kernels are timed with CUDA events (``gpu us``, plus the
     host's issue time); without one the torch fallback is timed on the CPU
-    (``host us`` is then the whole call). ``sizes`` is not used: the cases are
-    token counts of real models' layouts.
+    (``host us`` is then the whole call, on one thread, with its spread; a timing whose spread
+    exceeds its median is marked noisy and nothing is derived from it). ``sizes`` is not used: the
+    cases are token counts of real models' layouts.
     """
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     rows: list[Row] = []
-    for pname in ("llama3-8b", "llama3-70b-tp8", "deepseek-mla"):
-        for tokens in _pack_tokens(smoke):
-            rows.extend(_pack_case(pname, tokens, dev))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            bar(f"pack {pname} {tokens}")
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # One thread: with several, each call waits for torch's worker threads to get a CPU, and on
+        # a shared machine that wait (milliseconds) is most of what would be timed.
+        torch.set_num_threads(1)
+    try:
+        for pname in ("llama3-8b", "llama3-70b-tp8", "deepseek-mla"):
+            for tokens in _pack_tokens(smoke):
+                rows.extend(_pack_case(pname, tokens, dev))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                bar(f"pack {pname} {tokens}")
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -417,16 +442,27 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
     reps = (10 if nbytes > 256 * MiB else 30) if gpu else (5 if nbytes > 16 * MiB else 20)
 
     def timed(fn: Callable[[], Any], n: int = reps) -> dict[str, Any]:
-        """gpu_us and host_us on a GPU; host_us (the whole call) on the CPU; plus the seconds used."""
+        """gpu_us and host_us on a GPU; on the CPU host_us (the whole call: the median of ``n``
+        calls), spread_us (their p90 - p10) and noisy (the spread exceeds the median); plus the
+        seconds used."""
         if gpu:
             g, h = gpu_time(fn, n)
             return {"gpu_us": _us(g), "host_us": _us(h), "_s": g}
-        w = wall_time(fn, n)
-        return {"host_us": _us(w), "_s": w}
+        times = cpu_times(fn, n)
+        med = statistics.median(times)
+        spread = (percentile(times, 90) or 0.0) - (percentile(times, 10) or 0.0)
+        return {"host_us": _us(med), "spread_us": _us(spread), "noisy": spread > med, "_s": med}
 
-    def row(what: str, size: int, t: dict[str, Any], **kw: Any) -> Row:
+    def row(what: str, size: int, t: dict[str, Any], *bases: dict[str, Any], **kw: Any) -> Row:
+        """A row; figures derived from a noisy timing are left out (noise is not a result): all of
+        them when its own timing is noisy, the ratios and speedups when a baseline's in ``bases`` is."""
+        if t.get("noisy"):
+            kw = {k: (None if k in _DERIVED else v) for k, v in kw.items()}
+        elif any(b.get("noisy") for b in bases):
+            kw = {k: (None if k in _DERIVED and k != "gbps_rw" else v) for k, v in kw.items()}
         return _row("pack", what, size, preset=pname, tokens=tokens, backend=backend,
-                    **{k: v for k, v in t.items() if k != "_s"}, **kw)
+                    **{k: v for k, v in t.items() if k not in ("_s", "noisy")}, **kw,
+                    **({"noisy": True} if t.get("noisy") else {}))
 
     t_copy = timed(lambda: out.copy_(src))
     t_is = timed(lambda: torch.index_select(cache, 0, ids_idx, out=out))
@@ -440,10 +476,10 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
     rows = [
         row("copy (baseline)", nbytes, t_copy, gbps_rw=rw(t_copy)),
         row("torch index_select", nbytes, t_is, gbps_rw=rw(t_is)),
-        row("p2pkv pack", nbytes, t_pk, gbps_rw=rw(t_pk), ratio_to_copy=t_copy["_s"] / t_pk["_s"],
+        row("p2pkv pack", nbytes, t_pk, t_copy, t_is, gbps_rw=rw(t_pk), ratio_to_copy=t_copy["_s"] / t_pk["_s"],
             speedup_vs_index_select=t_is["_s"] / t_pk["_s"]),
         row("torch index_copy_", nbytes, t_ic, gbps_rw=rw(t_ic)),
-        row("p2pkv unpack", nbytes, t_up, gbps_rw=rw(t_up), ratio_to_copy=t_copy["_s"] / t_up["_s"],
+        row("p2pkv unpack", nbytes, t_up, t_copy, t_ic, gbps_rw=rw(t_up), ratio_to_copy=t_copy["_s"] / t_up["_s"],
             speedup_vs_index_copy=t_ic["_s"] / t_up["_s"]),
     ]
     if tokens <= (16384 if gpu else 1024):
@@ -461,10 +497,26 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
         # One launch vs L launches: on a GPU the slower of device and host time bounds each.
         slow_b = max(t_b["_s"], (t_b.get("host_us") or 0) / 1e6)
         slow_pl = max(t_pl["_s"], (t_pl.get("host_us") or 0) / 1e6)
-        rows.append(row(f"pack_layers, {p.layers} layers", nbytes * p.layers, t_b,
+        rows.append(row(f"pack_layers, {p.layers} layers", nbytes * p.layers, t_b, t_pl,
                         gbps_rw=rw(t_b, nbytes * p.layers), speedup_vs_index_select=slow_pl / slow_b))
         rows.append(row(f"index_select x{p.layers}", nbytes * p.layers, t_pl, gbps_rw=rw(t_pl, nbytes * p.layers)))
     return rows
+
+
+_DERIVED = ("gbps_rw", "ratio_to_copy", "speedup_vs_index_select", "speedup_vs_index_copy")
+
+
+def cpu_times(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> list[float]:
+    """Wall seconds of each of ``reps`` timed calls of a synchronous (CPU) ``fn``, after
+    ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 # ----------------------------------------------------------------------------- IPC
@@ -692,7 +744,8 @@ _COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
     ("p99 us", lambda r: r.get("p99_us")),
     ("op us", lambda r: r.get("per_op_us")),
     ("gpu us", lambda r: r.get("gpu_us")),
-    ("host us", lambda r: r.get("host_us", r.get("host_us_p50"))),
+    ("host us", lambda r: _noisy_mark(r, r.get("host_us", r.get("host_us_p50")))),
+    ("spread", lambda r: r.get("spread_us")),
     ("ms", lambda r: r.get("ms")),
     ("last us", lambda r: r.get("last_layer_us")),
     ("seconds", lambda r: r.get("seconds")),
@@ -704,7 +757,9 @@ _NOTES = {
     "GB/s r+w": "GB/s r+w counts bytes read and written",
     "ratio": "ratio: p2pkv's speed / its baseline's (1.0 = as fast)",
     "speedup": "speedup: p2pkv's kernel vs torch's index_select / index_copy_ (all layers vs one per layer)",
-    "host us": "host us: time the host spent issuing the call (on a CPU: the whole call)",
+    "host us": "host us: time the host spent issuing the call (on a CPU: the whole call, median)",
+    "spread": "spread: p90 - p10 of the timed calls, us\n"
+              "* after host us: the spread exceeds the median: noise, not a result (no GB/s, ratio, speedup)",
     "+us": "+us: host or per-operation time p2pkv adds to its baseline",
     "ms": "ms: a whole request, first send until the receiving process holds every layer (median)",
     "last us": "last us: layer-wise, from the last layer becoming ready until the receiver holds it",
@@ -741,8 +796,12 @@ def format_table(rows: list[Row], width: int = TABLE_WIDTH) -> list[str]:
         baselines = sorted({(r["what"], r["baseline"]) for r in rs if r.get("baseline") and ratio(r) is not None})
         for what, base in baselines:
             lines.append(f"  ratio of {what!r}: vs {base!r}"[:width])
-        lines.extend(f"  {_NOTES[h]}"[:width] for h in _NOTES if h in shown)
+        lines.extend(f"  {note}"[:width] for h in _NOTES if h in shown for note in _NOTES[h].splitlines())
     return lines
+
+
+def _noisy_mark(r: Row, x: Any) -> Any:
+    return f"{_f(x)}*" if r.get("noisy") and x is not None else x
 
 
 def _f(x: Any) -> str:
@@ -801,6 +860,50 @@ class NothingToRun(Exception):
     """Every requested suite is unavailable on this machine; nothing was measured or written."""
 
 
+class BadOption(ValueError):
+    """An option cannot work (a size no requested suite measures, an output folder that cannot be
+    written); found before anything ran. The message is one line, naming the option."""
+
+
+def check_sizes(suites: list[Suite], sizes: list[int]) -> None:
+    """Raise :class:`BadOption` when a size given with ``--sizes`` would not be measured by one of
+    ``suites`` (a size is never dropped silently), or when none of them takes sizes."""
+    takers = [s for s in suites if s.size_range is not None]
+    if not takers:
+        names = ", ".join(s.name for s in suites)
+        raise BadOption(f"--sizes: the {names} suite(s) do not take message sizes (tcp, ipc and nccl do)")
+    for s in takers:
+        assert s.size_range is not None
+        lo, hi = s.size_range
+        bad = [x for x in sizes if not lo <= x <= hi]
+        if bad:
+            raise BadOption(f"--sizes {_fmt_size(bad[0])}: the {s.name} suite measures sizes from "
+                            f"{_fmt_size(lo)} to {_fmt_size(hi)}; leave it out (--suite) or give sizes in that range")
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` if needed and check that bench.json can be written there, before any
+    suite runs; raise :class:`BadOption` naming the folder and why otherwise."""
+    if not out_dir or not out_dir.strip():
+        raise BadOption("--out: an empty path; give a folder, e.g. --out bench-results")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BadOption(f"--out {out_dir}: exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise BadOption(f"--out {out_dir}: cannot create the folder: {exc.strerror or exc}") from None
+    for name in ("bench.json", "bench.png"):
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise BadOption(f"--out {out_dir}: {name} there is a folder, so the results cannot be written")
+    probe = os.path.join(out_dir, f".bench-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise BadOption(f"--out {out_dir}: cannot write there: {exc.strerror or exc}") from None
+
+
 def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", sizes: list[int] | None = None,
         big: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``suites`` and write ``bench.json`` (and ``bench.png``) into ``out_dir``.
@@ -818,6 +921,9 @@ def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", 
         An unknown suite name.
     NothingToRun
         Every suite is unavailable here; ``out_dir`` is left as it was.
+    BadOption
+        A size in ``sizes`` that a suite to run does not measure, or an ``out_dir`` that cannot
+        be written; found before any suite runs.
     """
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     chosen = [SUITES[s] for s in suites]
@@ -826,11 +932,13 @@ def run(suites: list[str], smoke: bool = False, out_dir: str = "bench-results", 
     if not todo:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise NothingToRun(f"every requested suite is unavailable here ({why}); nothing was written")
+    if sizes:
+        check_sizes(todo, sizes)
+    prepare_out_dir(out_dir)
     info = env_info(argv or [])
     sz = sizes or _sizes(smoke, big)
     prog = Progress(sum(s.steps(smoke, sz) for s in todo), "bench", every_step=True)
     rows: list[Row] = []
-    os.makedirs(out_dir, exist_ok=True)
     json_path, png_path = os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.png")
     if os.path.exists(png_path):
         os.remove(png_path)  # an older run's plot must not sit beside this run's numbers
@@ -876,7 +984,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and counts: seconds, as CI runs it")
     ap.add_argument("--big", action="store_true", help="also 1 GiB messages")
     ap.add_argument("--sizes", type=_parse_sizes, default=None, metavar="BYTES",
-                    help="comma-separated message sizes in bytes; K, M, G suffixes are powers of 1024 "
+                    help="comma-separated message sizes in bytes for the tcp (up to 256M), ipc (4K..2G) "
+                         "and nccl (up to 2G) suites; K, M, G suffixes are powers of 1024 "
                          "(e.g. 4K,16M,1G; default 4K..256M)")
     ap.add_argument("--out", default="bench-results", metavar="DIR",
                     help="folder for bench.json and bench.png (default: bench-results)")
@@ -887,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     except NothingToRun as exc:
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except BadOption as exc:
+        ap.error(str(exc))
     m = res["meta"]
     gpus = ", ".join(m.get("gpus") or []) or "none"
     print(f"p2pkv bench {m['date']}  torch {m['torch']}  GPUs: {gpus}"

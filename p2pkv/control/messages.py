@@ -164,7 +164,7 @@ def decode(frame: bytes | memoryview, allowed: frozenset[str] = TYPES) -> dict[s
                 raise ProtocolError(f"{t!r} message lacks field {name!r}")
             continue
         val = msg[name]
-        if isinstance(val, bool) and bool not in types or not isinstance(val, types):
+        if (isinstance(val, bool) and bool not in types) or not isinstance(val, types):
             raise ProtocolError(f"{t!r} field {name!r} has type {type(val).__name__}")
         if name in _NONNEG_INTS and isinstance(val, int) and not 0 <= val < 2**63:
             raise ProtocolError(f"{t!r} field {name!r} out of range: {val}")

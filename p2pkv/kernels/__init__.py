@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class BlockIds:
     """
 
     __slots__ = ("host", "device", "num_blocks", "_dev", "_dev_unpack", "_host_unpack", "_pinned")
+    host: torch.Tensor
 
     def __init__(self, ids: Any, num_blocks: int, device: torch.device | str = "cpu"):
         d = torch.device(device)
@@ -77,7 +79,8 @@ class BlockIds:
                     raise InvalidBlockIds(f"block ids must be ints, got {type(x).__name__}: {x!r:.40}")
             host = torch.tensor(list(ids), dtype=torch.int64)
         else:
-            raise InvalidBlockIds(f"block ids must be a sequence of ints or an integer tensor, got {type(ids).__name__}")
+            raise InvalidBlockIds("block ids must be a sequence of ints or an integer tensor, "
+                                  f"got {type(ids).__name__}")
         if host.numel():
             lo, hi = int(host.min()), int(host.max())
             if lo < 0 or hi >= self.num_blocks:
@@ -212,7 +215,7 @@ def _source() -> str:
             return f.read()
 
 
-def _module(device: int):
+def _module(device: int) -> tuple[dict[tuple[str, int], Any], int]:
     mod = _modules.get(device)
     if mod is None:
         with _lock:
@@ -232,7 +235,7 @@ def _module(device: int):
     return mod
 
 
-def _stream(ptr: int):
+def _stream(ptr: int) -> Any:
     s = _streams.get(ptr)
     if s is None:
         import cupy
@@ -273,7 +276,7 @@ class _Plan:
 
     def __init__(self, layer: torch.Tensor):
         es = layer.element_size()
-        dims = [(s, st * es) for s, st in zip(layer.shape[1:], layer.stride()[1:]) if s != 1]
+        dims = [(s, st * es) for s, st in zip(layer.shape[1:], layer.stride()[1:], strict=True) if s != 1]
         run = es
         while dims and dims[-1][1] == run:
             run *= dims.pop()[0]

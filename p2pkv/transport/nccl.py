@@ -216,7 +216,7 @@ class Comm:
         except Exception as exc:
             if "InProgress" not in repr(exc):
                 self._fail(f"NCCL {what} failed: {exc}")
-                raise TransportError(self.error) from None
+                raise TransportError(self.error or f"NCCL {what} failed: {exc}") from None
         if self._needs_settle:
             self._settle(what)
 

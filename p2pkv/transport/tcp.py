@@ -8,9 +8,10 @@ host memory, or through one host frame and one host-to-device copy otherwise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import zmq
-
 
 __all__ = ["ZERO_COPY_MIN", "send_payload", "recv_payload_into"]
 
@@ -25,7 +26,7 @@ def send_payload(sock: zmq.Socket, payload: torch.Tensor) -> None:
     elif n < ZERO_COPY_MIN:
         sock.send(payload.numpy().tobytes())
     else:
-        sock.send(payload.numpy(), copy=False)
+        sock.send(_buffer(payload), copy=False)
 
 
 def recv_payload_into(sock: zmq.Socket, dst: torch.Tensor) -> int:
@@ -39,7 +40,7 @@ def recv_payload_into(sock: zmq.Socket, dst: torch.Tensor) -> int:
     if dst.device.type == "cpu":
         if n == 0:
             return len(sock.recv(copy=True))
-        return sock.recv_into(dst.numpy())
+        return sock.recv_into(_buffer(dst))
     frame = sock.recv(copy=False)
     size = len(frame.buffer)
     if size == n and n:
@@ -47,6 +48,12 @@ def recv_payload_into(sock: zmq.Socket, dst: torch.Tensor) -> int:
             _readonly_view(frame.buffer)
         dst.copy_(src)
     return size
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    """A writable view of a host uint8 tensor's bytes, shared with the tensor (no copy)."""
+    arr: Any = t.numpy()  # numpy's type stubs declare the buffer protocol only for Python >= 3.12
+    return memoryview(arr)
 
 
 def _readonly_view(buf: memoryview) -> torch.Tensor:
