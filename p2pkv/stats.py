@@ -20,9 +20,12 @@ ENGINE_COUNTERS: tuple[str, ...] = (
     "published", "pulls", "bytes_pulled", "pull_errors", "pulls_served", "bytes_served",
     # whole requests
     "requests", "requests_done", "requests_failed", "requests_eager",
-    "requests_received", "requests_failed_rx", "offers_refused", "drained_items",
+    "requests_received", "requests_failed_rx", "offers_refused", "drained_items", "offers_over_budget",
+    # the same-host fast path, recv_request, posted receives, one-sided reads
+    "requests_fast", "sent_fast", "requests_received_fast", "fast_leases", "fast_refused", "recv_requests",
+    "recv_requests_failed", "received_direct", "reads_done", "reads_refused",
     # peers and connections
-    "connections", "connections_shed", "handshakes_refused", "auth_failures", "peers_lost", "sessions_lost",
+    "connections", "connections_shed", "connections_overbuffered", "pulls_refused", "handshakes_refused", "auth_failures", "peers_lost", "sessions_lost",
     "ipc_mappings", "nccl_comms", "aborts",
     # misbehaving peers, and our own failures
     "protocol_errors", "credit_violations", "nacks", "replies_suppressed", "internal_errors",
