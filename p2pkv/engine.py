@@ -294,12 +294,19 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         Raises
         ------
         InvalidKey, InvalidTensor, InvalidAddress, EngineClosed
-            Bad arguments are refused before anything is queued.
+            Bad arguments are refused before anything is queued; so is a tensor over the receiver's
+            ``max_message_bytes`` when this engine knows the receiver already (else the handle
+            fails with ``InvalidTensor`` once the receiver's limit is known, before anything moves).
         """
         self._check_open()
         parse_address(peer)
         specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
         req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
+        known = self._peers.get(peer)  # a peer we talked to: its limit is known, so refused here at once
+        if known is not None and known.ready:
+            too_big = self._request_over_peer(known, req)
+            if too_big is not None:
+                raise too_big
         if isinstance(layout, RequestLayout):
             if layout.fast is None:
                 from ._engine.fastpath import FastLayout

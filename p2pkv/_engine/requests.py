@@ -107,6 +107,17 @@ class _RequestPath(_EngineBase):
         peer.req_waiting.append(req)
         self._pump_offers(peer)
 
+    def _request_over_peer(self, peer: _Peer, req: RequestHandle) -> InvalidTensor | None:
+        """The error for a request with a tensor over the receiver's ``max_message_bytes`` (``peer`` is
+        ready), or None. Each tensor travels as one message over TCP; one the receiver's ZMQ cannot take
+        drops the whole connection there, so such a request is refused before it is offered."""
+        limit = peer.maxmsg
+        for s in req.specs:
+            if s.nbytes > limit:
+                return InvalidTensor(f"tensor {s.name!r:.60} of {s.nbytes} bytes exceeds the receiver's "
+                                     f"max_message_bytes={limit}", key=req.transfer_id, peer=peer.addr)
+        return None
+
     def _request_transport(self, peer: _Peer) -> str:
         if not self._cuda or peer.xport not in ("ipc", "nccl"):
             return "tcp"
@@ -122,6 +133,11 @@ class _RequestPath(_EngineBase):
             req = peer.req_waiting[0]
             if req.done():
                 peer.req_waiting.popleft()
+                continue
+            too_big = self._request_over_peer(peer, req)
+            if too_big is not None:  # would go out as a message the receiver's ZMQ drops the connection for
+                peer.req_waiting.popleft()
+                req._set(RequestState.FAILED, too_big)
                 continue
             x = self._request_transport(peer)
             extra: dict[str, Any] = {}
