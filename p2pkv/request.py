@@ -374,7 +374,7 @@ class Incoming:
 
     __slots__ = ("sess", "seq", "transfer_id", "specs", "x", "deadline", "bufs", "landed", "events", "failed",
                  "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm", "eager",
-                 "refusal", "need", "sizes")
+                 "refusal", "need", "sizes", "record")
 
     def __init__(self, sess: Any, seq: int, transfer_id: str, specs: list[ItemSpec], x: str, deadline: float,
                  evs: list[bytes] | None, keys: list[TransferKey] | None = None):
@@ -401,6 +401,7 @@ class Incoming:
         self.refusal: Any = None           # an eager offer refused: drained in its turn, then answered
         self.need = sum(BufferPool.footprint(s.nbytes) for s in specs)  # pool bytes it takes once admitted
         self.sizes: list[int] = [s.nbytes for s in specs]  # (a refused eager offer has sizes, no specs)
+        self.record: Any = None            # its layout, listed for recv_request until taken or failed
 
     @property
     def admitted(self) -> bool:

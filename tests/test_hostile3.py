@@ -5,13 +5,16 @@ test also checks that honest peers keep being served. Run alone with ``-m hostil
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import torch
 
 from p2pkv import Engine, InvalidTensor, P2pkvError, RequestState, TransferKey
+from p2pkv.control.messages import encode
 
 from .conftest import FAST
+from .test_wire_robustness import Raw
 
 pytestmark = pytest.mark.hostile2
 
@@ -66,3 +69,58 @@ def test_a_request_tensor_over_the_receivers_max_message_is_refused_and_the_conn
         for k in ("connections", "sessions", "sessions_lost"):
             assert after[0][k] == before[0][k], k
         assert after[1]["peers_lost"] == before[1]["peers_lost"]
+
+
+# ----------------------------------------------------------------------------- stale offer records
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("bound_first", [False, True])
+def test_recv_request_binds_only_a_live_producers_offer(bound_first):
+    """A producer offers a request over TCP and dies before its data came; another producer (its
+    retry) sends the same transfer id with another layout. ``recv_request`` used to bind the dead
+    producer's record (its layout, names that never come) and fail or time out."""
+    with Engine(**FAST) as consumer, Engine(**FAST) as producer:
+        raw = Raw(consumer.address)
+        try:
+            raw.hello()
+            raw.send(encode("offer", seq=1, tid="T", items=[["a", "float32", [4], 16]], x="tcp", to=10.0))
+            rep = raw.reply(10)
+            assert rep["t"] == "ogrant", rep
+            if bound_first:  # a consumer already waiting on the dying producer's request
+                first = consumer.recv_request("T", timeout=10)
+                raw.close()
+                assert isinstance(_outcome(first.wait, 10), P2pkvError)
+                first.release()
+            else:
+                raw.close()
+            deadline = time.monotonic() + 10
+            while consumer.stats()["sessions_lost"] < 1:  # the consumer noticed the producer died
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            raw.close()
+        x = torch.arange(8, dtype=torch.float32)
+        req = producer.send_request(consumer.address, "T", [("b", x)])
+        req.send_all([x])
+        req.wait(10)
+        got = consumer.recv_request("T", timeout=10)
+        got.wait(10)
+        assert got.names == ["b"] and torch.equal(got.tensor("b"), x), got.names
+        got.release()
+
+
+def test_offer_records_of_a_lost_session_are_dropped():
+    with Engine(**FAST) as consumer:
+        raw = Raw(consumer.address)
+        try:
+            raw.hello()
+            for i in range(20):
+                raw.send(encode("offer", seq=i + 1, tid=f"L{i}", items=[["a", "float32", [4], 16]], x="tcp", to=10.0))
+            for _ in range(20):
+                assert raw.reply(10)["t"] == "ogrant"
+            assert consumer.stats()["fast"]["records"] == 20
+        finally:
+            raw.close()
+        deadline = time.monotonic() + 10
+        while consumer.stats()["fast"]["records"]:
+            assert time.monotonic() < deadline, consumer.stats()["fast"]
+            time.sleep(0.02)

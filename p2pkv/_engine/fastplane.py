@@ -43,13 +43,15 @@ _MAX_RECORDS = 65536  # transfer ids remembered for recv_request (oldest dropped
 class OfferRecord:
     """A request announced by an ordinary offer (TCP, NCCL): only its layout, for recv_request."""
 
-    __slots__ = ("transfer_id", "specs", "t_arrived", "names")
+    __slots__ = ("transfer_id", "specs", "t_arrived", "names", "sess", "listed")
 
-    def __init__(self, tid: str, specs: list[ItemSpec]):
+    def __init__(self, tid: str, specs: list[ItemSpec], sess: bytes = b""):
         self.transfer_id = tid
         self.specs = specs
         self.t_arrived = time.monotonic()
         self.names = tuple(s.name for s in specs)
+        self.sess = sess        # the session that offered it
+        self.listed = False     # in the index (recv_request may still take it)
 
 
 def _names_of(rec: Any) -> tuple[str, ...]:
@@ -77,6 +79,9 @@ class FastPlane:
         self._done_watcher: Watcher | None = None    # producer: completes requests after their copies
         self._spinning = 0                           # our threads polling the channels right now
         self._wanted: set[str] = set()               # peers a request wanted the path to before their handshake
+        # session ident -> its offer records in the index (insertion-ordered), and their count in all
+        self._sess_recs: dict[bytes, dict[OfferRecord, None]] = {}
+        self._n_records = 0
 
     # ------------------------------------------------------------------ common
     @property
@@ -285,12 +290,42 @@ class FastPlane:
             log.warning("fast-path header from %s refused: %s", rx.eid, err.message)
         eng._submit(("fast_ferr", rx.ident, seq, err), force=True)
 
-    def note_offer(self, tid: str, specs: list[ItemSpec]) -> None:
+    def note_offer(self, tid: str, specs: list[ItemSpec], sess: bytes = b"") -> OfferRecord:
         """An ordinary offer was accepted (I/O thread): remember its layout for recv_request."""
-        rec = OfferRecord(tid, specs)
+        rec = OfferRecord(tid, specs, sess)
         with self._lock:
             self._held_name(tid, rec.names, stop=False)  # supersedes dead same-host requests of these names
             self._add_locked(tid, rec)
+            rec.listed = True
+            self._sess_recs.setdefault(sess, {})[rec] = None
+            self._n_records += 1
+        return rec
+
+    def drop_offer(self, rec: OfferRecord) -> None:
+        """The request of ``rec`` failed before it completed (I/O thread): a recv_request must never bind
+        it (its producer's retry, or another producer, may send the transfer id again)."""
+        with self._lock:
+            if not rec.listed:
+                return  # taken, or gone already
+            tid = rec.transfer_id
+            lst = self._index.get(tid)
+            if lst is not None:
+                lst[:] = [r for r in lst if r is not rec]
+                if not lst:
+                    self._pop_tid_locked(tid)
+            self._drop_locked(tid, rec)
+            self._unlist_record_locked(rec)
+
+    def _unlist_record_locked(self, rec: Any) -> None:
+        if not isinstance(rec, OfferRecord) or not rec.listed:
+            return
+        rec.listed = False
+        self._n_records -= 1
+        mine = self._sess_recs.get(rec.sess)
+        if mine is not None:
+            mine.pop(rec, None)
+            if not mine:
+                del self._sess_recs[rec.sess]
 
     # ------------------------------------------------------------------ the index (under self._lock)
     def _add_locked(self, tid: str, rec: Any) -> None:
@@ -308,6 +343,8 @@ class FastPlane:
             for r in old:
                 if isinstance(r, FastIncoming):
                     r.unlist()
+                else:
+                    self._unlist_record_locked(r)
 
     def _drop_locked(self, tid: str, rec: Any) -> None:
         """``rec`` holds its names no more (taken whole, or superseded)."""
@@ -325,7 +362,10 @@ class FastPlane:
 
     def _pop_tid_locked(self, tid: str) -> list[Any]:
         self._holders.pop(tid, None)
-        return self._index.pop(tid, [])
+        recs = self._index.pop(tid, [])
+        for r in recs:
+            self._unlist_record_locked(r)
+        return recs
 
     def _held_name(self, tid: str, names: tuple[str, ...], stop: bool = True) -> str | None:
         """A name of ``names`` that a request in the index holds (O(len(names))), or None. A same-host
@@ -367,6 +407,7 @@ class FastPlane:
                         continue
                     del lst[i]
                     self._drop_locked(tid, rec)
+                    self._unlist_record_locked(rec)
                     taken = None
                 if not lst:
                     self._pop_tid_locked(tid)
@@ -594,7 +635,7 @@ class FastPlane:
     def stats(self) -> dict[str, int]:
         rxs = self._rx_list
         return {"leases": len(rxs), "lease_bytes": sum(rx.lease_size for rx in rxs),
-                "held": sum(rx.held for rx in rxs),
+                "held": sum(rx.held for rx in rxs), "records": self._n_records,
                 "quarantined_bytes": sum(rx.lease_size for _, rx in self._quarantine)}
 
     def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:

@@ -535,7 +535,7 @@ class _RequestPath(_EngineBase):
         self._incoming[(sess.ident, seq)] = inc
         self._incoming_keys.update(keys)
         self._inbox.expect(tid, sess.ident)
-        self._fast.note_offer(tid, specs)
+        inc.record = self._fast.note_offer(tid, specs, sess.ident)
         _trace.mark("rx.offer", tid)
         self._admit()
 
@@ -745,6 +745,8 @@ class _RequestPath(_EngineBase):
             self._forget_incoming(inc)
         else:
             self._incoming_keys.difference_update(inc.keys)
+        if inc.record is not None:  # a recv_request must not bind a request that will never complete
+            self._fast.drop_offer(inc.record)
         if keys_error:
             self._inbox.fail_transfer(inc.transfer_id, lambda: err.__class__(str(err.message), key=inc.transfer_id))
         if reply and self._sessions.get(sess.ident) is sess:
