@@ -52,6 +52,14 @@ def check_tensor(t: Any, what: str = "tensor") -> torch.Tensor:
     """Validate a tensor that p2pkv will read as raw bytes."""
     if not isinstance(t, torch.Tensor):
         raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    # a lazy negation or conjugation: its memory does not hold the values it reads as, and p2pkv
+    # moves (or writes) memory
+    if t.is_neg():
+        raise InvalidTensor(f"{what} is a negative-bit view (torch._neg_view): its memory holds the values "
+                            "negated; call .resolve_neg() first")
+    if t.is_conj():
+        raise InvalidTensor(f"{what} is a conjugate-bit view (.conj()): its memory holds the values "
+                            "unconjugated; call .resolve_conj() first")
     dtype_name(t.dtype)
     if t.device.type == "meta":
         raise InvalidTensor(f"{what} is a meta tensor (it has no data)")

@@ -296,7 +296,7 @@ class RequestHandle:
         ts = []
         for spec, t in zip(self.specs, tensors, strict=True):
             if not isinstance(t, torch.Tensor) or t.dtype != spec.dtype or t.shape != spec.shape \
-                    or not t.is_contiguous() or t.requires_grad:
+                    or not t.is_contiguous() or t.requires_grad or t.is_neg():
                 _, t = self._check_item(spec.name, t)  # the precise error (or a tensor it detaches)
             ts.append(t)
         self._engine._request_send_many(self, list(range(len(ts))), ts)

@@ -124,3 +124,51 @@ def test_offer_records_of_a_lost_session_are_dropped():
         while consumer.stats()["fast"]["records"]:
             assert time.monotonic() < deadline, consumer.stats()["fast"]
             time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- neg-bit and conj-bit views
+def _neg(t: torch.Tensor) -> torch.Tensor:
+    v = torch._neg_view(t)
+    assert v.is_neg()  # its memory holds the values negated: its raw bytes are not what it reads as
+    return v
+
+
+@pytest.mark.timeout(60)
+def test_neg_bit_views_are_refused_at_every_api_entry():
+    x = torch.arange(1, 9, dtype=torch.float32)
+    with Engine(**FAST) as a, Engine(**FAST) as b:
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            a.send(b.address, K("n", "send"), _neg(x))
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            a.publish(K("n", "pub"), _neg(x))
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            a.send_request(b.address, "n-layout", [("a", _neg(x))])
+        req = a.send_request(b.address, "n-req", [("a", torch.float32, (8,))])
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            req.send("a", _neg(x))
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            req.send_all([_neg(x)])
+        req.send("a", x)  # the request still completes with the honest tensor
+        req.wait(10)
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            b.recv(K("n-req", "a"), out=_neg(torch.empty(8)), timeout=5)
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            b.recv_request("n-req", outs={"a": _neg(torch.empty(8))})
+        assert torch.equal(b.recv(K("n-req", "a"), timeout=5), x)
+        a.publish(K("n", "pub"), x)
+        with pytest.raises(InvalidTensor, match="resolve_neg"):
+            b.pull(a.address, K("n", "pub"), out=_neg(torch.empty(8)), timeout=5)
+        assert torch.equal(b.pull(a.address, K("n", "pub"), timeout=5), x)
+        # the engines serve on
+        a.send(b.address, K("n", "ok"), x).wait(5)
+        assert torch.equal(b.recv(K("n", "ok"), timeout=5), x)
+
+
+def test_conj_bit_views_are_refused():
+    x = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    with Engine(**FAST) as a, Engine(**FAST) as b:
+        # complex tensors do not travel at all; a conj view is named as such (its bytes are not its values)
+        with pytest.raises(InvalidTensor, match="resolve_conj"):
+            a.send(b.address, K("c", "0"), x.conj())
+        with pytest.raises(InvalidTensor, match="resolve_conj"):
+            b.recv(K("c", "0"), out=x.conj(), timeout=1)
