@@ -172,3 +172,60 @@ def test_conj_bit_views_are_refused():
             a.send(b.address, K("c", "0"), x.conj())
         with pytest.raises(InvalidTensor, match="resolve_conj"):
             b.recv(K("c", "0"), out=x.conj(), timeout=1)
+
+
+# ----------------------------------------------------------------------------- offer records per session
+def _complete_tiny_requests(raw: Raw, prefix: str, n: int, batch: int = 200) -> int:
+    """Offer ``n`` one-byte requests and send their data (each completes; nobody takes them). Returns
+    how many were granted."""
+    granted = 0
+    for start in range(0, n, batch):
+        seqs = range(start + 1, min(n, start + batch) + 1)
+        for s in seqs:
+            raw.send(encode("offer", seq=s, tid=f"{prefix}{s}", items=[["a", "uint8", [1], 1]], x="tcp", to=20.0))
+        got = []
+        while len(got) < len(seqs):
+            rep = raw.reply(20)
+            if rep["t"] == "ogrant":
+                got.append(rep["seq"])
+            elif rep["t"] == "oerr":
+                got.append(None)
+        for s in got:
+            if s is not None:
+                raw.send(encode("odata", seq=s, idx=0, n=1), b"\1")
+                granted += 1
+    return granted
+
+
+@pytest.mark.timeout(120)
+def test_offer_records_are_capped_per_session_and_never_evict_anothers(monkeypatch):
+    from p2pkv._engine import fastplane
+
+    monkeypatch.setattr(fastplane, "_MAX_RECORDS", 3000)  # the total, made small to be reached quickly
+    monkeypatch.setattr(fastplane, "_MAX_SESSION_RECORDS", 2048)
+    with Engine(**dict(FAST, ttl_s=120.0, timeout_s=20.0, peer_timeout_s=10.0)) as consumer, \
+            Engine(**FAST) as producer:
+        x = torch.arange(4, dtype=torch.float32)
+        req = producer.send_request(consumer.address, "H", [("h", x)])  # an honest request, not taken yet
+        req.send_all([x])
+        req.wait(10)
+        raws = [Raw(consumer.address) for _ in range(2)]
+        try:
+            for i, raw in enumerate(raws):
+                raw.hello()
+                assert _complete_tiny_requests(raw, f"junk{i}-", 2500) == 2500
+            for raw in raws:
+                raw.send(encode("ping"))
+                while raw.reply(20)["t"] != "pong":
+                    pass
+            fast = consumer.stats()["fast"]
+            print("records", fast)
+            assert fast["records"] <= 3000 and fast["records_dropped"] >= 2000, fast
+            # the honest record survived both floods: recv_request learns its layout from it
+            got = consumer.recv_request("H", timeout=10)
+            got.wait(10)
+            assert got.names == ["h"] and torch.equal(got.tensor("h"), x)
+            got.release()
+        finally:
+            for raw in raws:
+                raw.close()

@@ -37,7 +37,10 @@ log = logging.getLogger("p2pkv")
 
 __all__ = ["FastPlane", "OfferRecord"]
 
-_MAX_RECORDS = 65536  # transfer ids remembered for recv_request (oldest dropped first)
+_MAX_RECORDS = 65536  # transfer ids remembered for recv_request (oldest dropped first); offer records in all
+# offer records one session may have listed: beyond, its own oldest goes (a consumer that takes requests
+# with recv/claim leaves them until ttl_s; one that uses recv_request takes them)
+_MAX_SESSION_RECORDS = 4096
 
 
 class OfferRecord:
@@ -82,6 +85,7 @@ class FastPlane:
         # session ident -> its offer records in the index (insertion-ordered), and their count in all
         self._sess_recs: dict[bytes, dict[OfferRecord, None]] = {}
         self._n_records = 0
+        self._records_dropped = 0  # listed records dropped to keep within the caps
 
     # ------------------------------------------------------------------ common
     @property
@@ -295,26 +299,41 @@ class FastPlane:
         rec = OfferRecord(tid, specs, sess)
         with self._lock:
             self._held_name(tid, rec.names, stop=False)  # supersedes dead same-host requests of these names
-            self._add_locked(tid, rec)
+            self._add_locked(tid, rec, cap=False)
             rec.listed = True
-            self._sess_recs.setdefault(sess, {})[rec] = None
+            mine = self._sess_recs.setdefault(sess, {})
+            mine[rec] = None
             self._n_records += 1
+            if len(mine) > _MAX_SESSION_RECORDS:  # the session pays with its own oldest record
+                self._evict_record_locked(next(iter(mine)))
+            if self._n_records > _MAX_RECORDS:
+                # over the total: the session holding the most pays (never one holding fewer, e.g. honest)
+                heaviest = max(self._sess_recs.values(), key=len)
+                self._evict_record_locked(next(iter(heaviest)))
+            self._cap_tids_locked()
         return rec
+
+    def _evict_record_locked(self, rec: OfferRecord) -> None:
+        self._records_dropped += 1
+        self._drop_record_locked(rec)
 
     def drop_offer(self, rec: OfferRecord) -> None:
         """The request of ``rec`` failed before it completed (I/O thread): a recv_request must never bind
         it (its producer's retry, or another producer, may send the transfer id again)."""
         with self._lock:
-            if not rec.listed:
-                return  # taken, or gone already
-            tid = rec.transfer_id
-            lst = self._index.get(tid)
-            if lst is not None:
-                lst[:] = [r for r in lst if r is not rec]
-                if not lst:
-                    self._pop_tid_locked(tid)
-            self._drop_locked(tid, rec)
-            self._unlist_record_locked(rec)
+            self._drop_record_locked(rec)
+
+    def _drop_record_locked(self, rec: OfferRecord) -> None:
+        if not rec.listed:
+            return  # taken, or gone already
+        tid = rec.transfer_id
+        lst = self._index.get(tid)
+        if lst is not None:
+            lst[:] = [r for r in lst if r is not rec]
+            if not lst:
+                self._pop_tid_locked(tid)
+        self._drop_locked(tid, rec)
+        self._unlist_record_locked(rec)
 
     def _unlist_record_locked(self, rec: Any) -> None:
         if not isinstance(rec, OfferRecord) or not rec.listed:
@@ -328,7 +347,7 @@ class FastPlane:
                 del self._sess_recs[rec.sess]
 
     # ------------------------------------------------------------------ the index (under self._lock)
-    def _add_locked(self, tid: str, rec: Any) -> None:
+    def _add_locked(self, tid: str, rec: Any, cap: bool = True) -> None:
         lst = self._index.get(tid)
         if lst is None:
             lst = self._index[tid] = []
@@ -337,6 +356,10 @@ class FastPlane:
         held = self._holders.setdefault(tid, {})
         for nm in _names_of(rec):
             held.setdefault(nm, []).append(rec)
+        if cap:
+            self._cap_tids_locked()
+
+    def _cap_tids_locked(self) -> None:
         while len(self._index) > _MAX_RECORDS:
             old_tid, old = self._index.popitem(last=False)
             self._holders.pop(old_tid, None)
@@ -636,6 +659,7 @@ class FastPlane:
         rxs = self._rx_list
         return {"leases": len(rxs), "lease_bytes": sum(rx.lease_size for rx in rxs),
                 "held": sum(rx.held for rx in rxs), "records": self._n_records,
+                "records_dropped": self._records_dropped,
                 "quarantined_bytes": sum(rx.lease_size for _, rx in self._quarantine)}
 
     def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:
