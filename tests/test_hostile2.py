@@ -720,7 +720,9 @@ def test_item1_overflow_buffers_use_up_the_room_credit_is_granted_from():
                 raw.close()
         print(f"item 1b: {before['in_use'] / MiB:.0f} MiB in the pool after the aborts; then "
               f"{pool['overflow_in_use'] / MiB:.0f} MiB held outside it, {pool['in_use'] / MiB:.0f} MiB in it")
-        assert before["in_use"] == 8 * MiB, before  # the attack took place as described
+        # the attack took place as described (the second session may hold a fair share only, a third of
+        # the pool while the first holds something: 8 + 5.3 MiB filled, half of each aborted)
+        assert before["in_use"] >= 6 * MiB, before
         assert pool["overflow_in_use"] > 0, pool  # fragmentation is covered by overflow buffers...
         assert pool["in_use"] + pool["overflow_in_use"] <= pool["capacity"], pool  # ...within the pool's size
 
@@ -769,9 +771,11 @@ def test_item3_revoked_credit_comes_back_whatever_the_holder_answers():
                     raw.send(encode("ping"))
 
         try:
-            for raw in raws:
+            for i, raw in enumerate(raws):
                 raw.hello()
-                assert _granted(raw, 8 * MiB - 4096)
+                # the first may hold its window; the second a fair share (a third of the pool, one more
+                # third being kept for a newcomer: see _limit)
+                assert _granted(raw, 8 * MiB - 4096 if i == 0 else 5 * MiB)
             holders = [threading.Thread(target=hold, args=(raw,), daemon=True) for raw in raws]
             for th in holders:
                 th.start()

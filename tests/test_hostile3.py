@@ -5,6 +5,7 @@ test also checks that honest peers keep being served. Run alone with ``-m hostil
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from p2pkv import Engine, InvalidTensor, P2pkvError, RequestState, TransferKey
 from p2pkv.control.messages import encode
 
 from .conftest import FAST
+from .test_hostile2 import _honest_sends
 from .test_wire_robustness import Raw
 
 pytestmark = pytest.mark.hostile2
@@ -229,3 +231,87 @@ def test_offer_records_are_capped_per_session_and_never_evict_anothers(monkeypat
         finally:
             for raw in raws:
                 raw.close()
+
+
+# ----------------------------------------------------------------------------- many sessions together
+class _Hog:
+    """A raw session holding as much of the pool as it is let: offers it never fills (re-offered as soon
+    as one is refused or expires, several queued at all times, of several sizes so that any freed room
+    is taken), a standing credit request for its whole window, every revocation answered with 0."""
+
+    SIZES = (8 * MiB - 4096, 4 * MiB - 4096, 2 * MiB - 4096, MiB - 4096, MiB // 2)
+
+    def __init__(self, address: str, to: float) -> None:
+        self.raw = Raw(address)
+        self.to = to
+        self.stop = threading.Event()
+        self.seq = 0
+        self.granted = 0   # offers granted (room reserved for them, never filled)
+        self.pending = 0   # offers sent and not answered yet
+        self.th = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.raw.hello()
+        self.raw.send(encode("creq", need=8 * MiB - 4096, want=8 * MiB - 4096))
+        self.th.start()
+
+    def _offer(self) -> None:
+        self.seq += 1
+        n = self.SIZES[self.seq % len(self.SIZES)]
+        self.raw.send(encode("offer", seq=self.seq, tid=f"hog-{id(self)}-{self.seq}", items=[["a", "uint8", [n], n]],
+                             x="tcp", to=self.to))
+        self.pending += 1
+
+    def _run(self) -> None:
+        from p2pkv.control.messages import decode
+
+        last_ping = 0.0
+        while not self.stop.is_set():
+            while self.pending < 6:
+                self._offer()
+            if self.raw.s.poll(50):
+                rep = decode(self.raw.s.recv_multipart()[0])
+                t = rep["t"]
+                if t == "ogrant":
+                    self.granted += 1
+                elif t == "oerr":
+                    self.pending -= 1  # refused or expired: offer again at once
+                elif t == "crev":
+                    self.raw.send(encode("cret", n=0))
+                elif t == "grant":
+                    self.raw.send(encode("creq", need=8 * MiB - 4096, want=8 * MiB - 4096))
+            now = time.monotonic()
+            if now - last_ping > 0.1:
+                self.raw.send(encode("ping"))
+                last_ping = now
+
+    def close(self) -> None:
+        self.stop.set()
+        self.th.join(5)
+        self.raw.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("offer_s", [6.0, 40.0])
+def test_two_sessions_holding_their_windows_cannot_starve_a_newcomer(offer_s):
+    """Two sessions each hold as much as their window lets them (unfilled offers re-offered as soon as
+    they expire, credit never given back): an honest sender that comes later still gets in, round after
+    round (before: 1/8 rounds in 30 s)."""
+    cfg = dict(FAST, pool_bytes=16 * MiB, timeout_s=10.0, peer_timeout_s=5.0)
+    with Engine(**cfg) as e, Engine(**FAST) as honest:
+        hogs = [_Hog(e.address, to=offer_s) for _ in range(2)]
+        try:
+            for h in hogs:
+                h.start()
+            time.sleep(2.0)  # the hogs hold what they can (credit and reserved offers)
+            held = e.stats()["pool"]["in_use"]
+            t0 = time.monotonic()
+            ok = _honest_sends(honest, e.address, "newcomer", n=8, nbytes=2 * MiB, timeout=8.0, claim=e)
+            took = time.monotonic() - t0
+            granted = [h.granted for h in hogs]
+        finally:
+            for h in hogs:
+                h.close()
+        print(f"many sessions: the hogs had {held / MiB:.1f} MiB of 16 in use (offers granted {granted}); "
+              f"{ok}/8 honest rounds of 2 MiB in {took:.1f} s")
+        assert ok == 8

@@ -452,6 +452,20 @@ class _PushPath(_EngineBase):
         return (sess.outstanding + sess.revoked + sess.eager_held + sess.reserved
                 + self._inbox.held_by(sess.ident))
 
+    def _holding(self) -> set[bytes]:
+        """The sessions that hold something of the pool (a charge, see _charge)."""
+        return {s.ident for s in self._sessions.values() if self._charge(s) > 0}
+
+    def _limit(self, sess: _Session, holding: set[bytes]) -> int:
+        """What ``sess`` may hold in all (its charge's bound; ``holding`` from _holding): its credit
+        window; and while other sessions hold something, a fair share of the pool that leaves one
+        share for a session holding nothing yet, ``pool // (others + 2)``. However many sessions hold
+        all they may, one that comes later finds room (what was taken before the others came goes
+        back as it is used, expires or is revoked)."""
+        window = self._cfg.effective_credit_bytes
+        others = len(holding) - (sess.ident in holding)
+        return window if others == 0 else min(window, self._pool.capacity // (others + 2))
+
     def _room(self) -> int:
         """Pool bytes that may still be promised: the arena's free bytes, less what overflow buffers
         hold outside it, less what is promised but not allocated yet (credit, revoked credit that may
@@ -467,12 +481,13 @@ class _PushPath(_EngineBase):
             return
         room = self._room()
         window = self._cfg.effective_credit_bytes
+        holding = self._holding()
         now = time.monotonic()
         for sess in waiting:
             if sess.revoking or sess.creq is None:
                 continue  # granted once it answered our revocation (or that timed out)
             need, want = sess.creq
-            own = window - self._charge(sess)
+            own = self._limit(sess, holding) - self._charge(sess)
             if need > own:
                 # its own window is full (credit, requests, data it left unclaimed): it waits for
                 # itself, never in front of other sessions
@@ -487,6 +502,7 @@ class _PushPath(_EngineBase):
                 continue  # others that fit are served meanwhile
             sess.outstanding += g
             room -= g
+            holding.add(sess.ident)
             sess.creq = None
             sess.last_use = now
             self._reply(sess.ident, "grant", n=g)

@@ -561,6 +561,7 @@ class _RequestPath(_EngineBase):
     def _admit(self) -> None:
         """Grant waiting offers that fit, oldest first within a session; one session cannot block another."""
         room = self._room()
+        holding = self._holding()
         for sess in list(self._sessions.values()):
             while sess.offers:
                 inc = sess.offers[0]
@@ -572,16 +573,17 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
-                took = self._admit_one(sess, inc, room)
+                took = self._admit_one(sess, inc, room, holding)
                 if took is None:
                     break
                 room -= took
+                holding.add(sess.ident)
                 sess.offers.popleft()
 
-    def _admit_one(self, sess: _Session, inc: Incoming, room: int) -> int | None:
+    def _admit_one(self, sess: _Session, inc: Incoming, room: int, holding: set[bytes]) -> int | None:
         """Admit ``inc`` (reserve its room, grant it); None if it must wait, else the pool room it took
         that was not promised before. An ordinary offer needs room in its session's window (what the
-        session holds in all: credit, requests, unclaimed data; see _charge) and in the pool beyond
+        session holds in all: credit, requests, unclaimed data; see _charge; bounded by _limit) and in the pool beyond
         what is promised to others. An eager one was paid from credit: its room is promised already."""
         comm = None
         if inc.x == "nccl":
@@ -595,7 +597,7 @@ class _RequestPath(_EngineBase):
         need = inc.need
         eager = inc.eager
         if not eager:
-            if need > self._cfg.effective_credit_bytes - self._charge(sess):
+            if need > self._limit(sess, holding) - self._charge(sess):
                 self._want_mem = True
                 sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
                 return None
