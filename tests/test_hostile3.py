@@ -178,24 +178,29 @@ def test_conj_bit_views_are_refused():
 
 # ----------------------------------------------------------------------------- offer records per session
 def _complete_tiny_requests(raw: Raw, prefix: str, n: int, batch: int = 200) -> int:
-    """Offer ``n`` one-byte requests and send their data (each completes; nobody takes them). Returns
-    how many were granted."""
+    """Offer ``n`` one-byte requests and send their data (each completes; nobody takes them), as a
+    producer does: an offer refused for now (the peer's share of the engine's time) is offered again
+    a little later. Returns how many were granted."""
     granted = 0
-    for start in range(0, n, batch):
-        seqs = range(start + 1, min(n, start + batch) + 1)
+    todo = list(range(1, n + 1))
+    deadline = time.monotonic() + 90
+    while todo and time.monotonic() < deadline:
+        seqs, todo = todo[:batch], todo[batch:]
         for s in seqs:
             raw.send(encode("offer", seq=s, tid=f"{prefix}{s}", items=[["a", "uint8", [1], 1]], x="tcp", to=20.0))
-        got = []
-        while len(got) < len(seqs):
+        answered = refused = 0
+        while answered < len(seqs):
             rep = raw.reply(20)
             if rep["t"] == "ogrant":
-                got.append(rep["seq"])
-            elif rep["t"] == "oerr":
-                got.append(None)
-        for s in got:
-            if s is not None:
-                raw.send(encode("odata", seq=s, idx=0, n=1), b"\1")
+                raw.send(encode("odata", seq=rep["seq"], idx=0, n=1), b"\1")
                 granted += 1
+                answered += 1
+            elif rep["t"] == "oerr":
+                todo.append(rep["seq"])  # refused for now: again later
+                answered += 1
+                refused += 1
+        if refused:
+            time.sleep(0.1)
     return granted
 
 
@@ -315,3 +320,109 @@ def test_two_sessions_holding_their_windows_cannot_starve_a_newcomer(offer_s):
         print(f"many sessions: the hogs had {held / MiB:.1f} MiB of 16 in use (offers granted {granted}); "
               f"{ok}/8 honest rounds of 2 MiB in {took:.1f} s")
         assert ok == 8
+
+
+# ----------------------------------------------------------------------------- the I/O thread's time per peer
+@pytest.mark.timeout(180)
+def test_a_peer_streaming_costly_offers_gets_a_bounded_share_of_the_io_thread():
+    """Offers of 2,048 tensors that are taken (and aborted at once) cost the I/O thread tens of ms each
+    on a loaded box; within the tensor budget a peer streaming them kept the thread busy for seconds,
+    so that honest peers found the engine silent (PeerLost) or their pushes waited that long. Now the
+    time the I/O thread spends on one peer's messages is budgeted: beyond its share, its offers are
+    refused at once."""
+    import zmq
+
+    from p2pkv.testing import RemoteEngine
+
+    items = [[f"t{i}", "uint8", [4], 4] for i in range(2048)]
+    with RemoteEngine(**dict(FAST, pool_bytes=16 * MiB)) as r, Engine(**FAST) as honest:
+        t = torch.arange(64, dtype=torch.float32)
+        honest.send(r.address, K("warm", "0"), t).wait(10)
+        raw = Raw(r.address)
+        stop = threading.Event()
+        sent = [0]
+
+        def stream() -> None:
+            seq = 0
+            t_end = time.monotonic() + 5.0
+            while not stop.is_set() and time.monotonic() < t_end:
+                seq += 1
+                try:
+                    raw.s.send(encode("offer", seq=seq, tid=f"io-{seq}", items=items, x="tcp", to=5.0), zmq.NOBLOCK)
+                    raw.s.send(encode("oabort", seq=seq, msg="given up"), zmq.NOBLOCK)
+                    sent[0] += 1
+                except zmq.Again:
+                    time.sleep(0.001)
+                while raw.s.poll(0):
+                    raw.s.recv_multipart()
+
+        try:
+            raw.hello()
+            th = threading.Thread(target=stream, daemon=True)
+            th.start()
+            ok, failed = 0, []
+            t_end = time.monotonic() + 5.0
+            i = 0
+            while time.monotonic() < t_end:
+                i += 1
+                try:
+                    honest.send(r.address, K(f"io-honest-{i}", "0"), t, timeout=10).wait(12)
+                    ok += 1
+                except P2pkvError as exc:
+                    failed.append(exc)
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            th.join(10)
+            raw.close()
+        st = r.call("stats")
+        print(f"io budget: {sent[0]} offers streamed, {st.get('requests_failed_rx', 0)} taken and aborted, "
+              f"{st.get('offers_over_budget', 0)} refused over budget; honest {ok} pushes, {len(failed)} failed")
+        assert not failed and honest.stats()["peers_lost"] == 0, failed[:3]
+        assert st.get("offers_over_budget", 0) > 0
+
+
+# ----------------------------------------------------------------------------- endless messages, per connection
+@pytest.mark.timeout(120)
+def test_an_endless_message_is_cut_at_what_its_session_may_have_in_flight():
+    """A connection in an endless message was cut only once all connections together held more than the
+    pool + 16 MiB (with a 64 MiB pool: 88-109 MiB sent per connection before the cut). What an honest
+    session has in flight is paid by its credit or reservations, so a connection is now cut once it
+    holds more than that + 8 MiB: a session without credit after a few MiB."""
+    from p2pkv.testing import RemoteEngine
+
+    from .test_hostile2 import Zmtp
+
+    tok = "endless-token"
+    cfg = dict(FAST, auth_token=tok, pool_bytes=64 * MiB, max_message_bytes=MiB, ttl_s=60.0)
+    with RemoteEngine(**cfg) as r, Engine(**dict(FAST, auth_token=tok)) as honest:
+        t = torch.arange(64, dtype=torch.float32)
+        honest.send(r.address, K("warm", "0"), t).wait(10)
+        cuts: list[int] = []
+
+        def attack() -> None:
+            frame = b"\7" * MiB
+            for _ in range(3):  # it reconnects after each cut
+                z = Zmtp(r.address, token=tok)
+                assert z.hello(tok)["t"] == "hok"
+                sent = 0
+                try:
+                    while sent < 400 * MiB:
+                        z.send(frame, more=True)
+                        sent += len(frame)
+                except OSError:
+                    cuts.append(sent)
+                finally:
+                    z.close()
+
+        th = threading.Thread(target=attack, daemon=True)
+        th.start()
+        i = 0
+        while th.is_alive():  # honest pushes go on meanwhile, each delivered
+            i += 1
+            honest.send(r.address, K(f"endless-{i}", "0"), t, timeout=10).wait(12)
+        th.join(30)
+        st = r.call("stats")
+        print(f"endless: cut after {[c // MiB for c in cuts]} MiB sent; {i} honest pushes meanwhile")
+        assert len(cuts) == 3 and st.get("connections_overbuffered", 0) == 3, (cuts, st.get("connections_overbuffered"))
+        assert max(cuts) < 64 * MiB, cuts  # (before: 88-109 MiB; "sent" counts what the kernel buffers too)

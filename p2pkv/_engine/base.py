@@ -53,6 +53,7 @@ class _EngineBase:
     _mem_dirty: bool
     _want_mem: bool
     _starved_t: float  # when credit or an offer last waited for pool room (idle credit is then revoked)
+    _io_admit_s: float  # I/O-thread time _admit charged to the sessions it admitted for (see _IO_SHARE)
     _next_expire: float
     _next_tick: float
     # peers we dial, sessions of peers that dial us

@@ -23,11 +23,12 @@ from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..pool import ALIGN, Buffer
 from ..transport import tcp
-from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK,
+from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _CONN_SLACK,
                     _Accepted, _fd_ceiling,
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
+                    _PEEK_BYTES, _peek,
                     _valid_seq, _zmq_endpoint, log, parse_address)
 from .base import _EngineBase
 
@@ -350,13 +351,35 @@ class _Channel(_EngineBase):
         each frame, not their number). What honest peers have in flight to us is paid by credit
         or reservations in our pool, so all connections together may hold at most the pool's
         size + ``_BUFFER_SLACK`` unread; beyond, the one holding the most is dropped, until
-        within. A connection that delivered a whole message in the last 20 ms is not in an endless
-        one (its messages are sequential) and is not judged. Looked at every 250 ms, and at once
+        within; and one connection at most what its session may have in flight (its credit, its
+        eager offers and admitted requests) + ``_CONN_SLACK`` (headers). A connection that
+        delivered a whole message in the last 20 ms is not in an endless one (its messages are
+        sequential) and is not judged. Looked at every 250 ms, and at once
         when our memory grew by 8 MiB."""
         acc = self.__dict__.get("_accepted_conns") or _Accepted()
         st = self.__dict__
         rss = _rss_bytes()
+        # Whole messages waiting at the ROUTER (we are behind) count in what a connection holds too: then
+        # only the bound on all connections applies (an honest peer's queued requests are not an endless one)
+        behind = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
         if now - st.get("_buf_scan_t", 0.0) < 0.25 and rss - st.get("_buf_scan_rss", 0) < 8 << 20:
+            if behind:
+                return
+            # between scans, a few connections each tick (round robin) against their own bound: an
+            # endless message is cut within a few ticks of passing it (memory freed by an earlier cut
+            # is reused without growing ours, and loopback moves ~100 MiB in a scan interval)
+            fds = list(acc.ends)
+            i = st.get("_buf_rr", 0)
+            for k in range(min(8, len(fds))):
+                fd = fds[(i + k) % len(fds)]
+                if fd in acc.ends and now - acc.last.get(fd, 0.0) >= 0.02:
+                    taken = _zmq_consumed(fd)
+                    n = taken - acc.base.get(fd, 0) if taken is not None else 0
+                    if n > _CONN_SLACK:
+                        may = self._conn_may_hold(acc, fd)
+                        if n > may:
+                            self._drop_overbuffered(acc, fd, n, may)
+            st["_buf_rr"] = (i + 8) % max(1, len(fds))
             return
         st["_buf_scan_t"], st["_buf_scan_rss"] = now, rss
         if self._peers:
@@ -368,19 +391,35 @@ class _Channel(_EngineBase):
                 taken = _zmq_consumed(fd)
                 if taken is not None and taken - acc.base.get(fd, 0) > 1 << 20:
                     held[fd] = taken - acc.base.get(fd, 0)
+        for fd, n in list(held.items()) if not behind else ():
+            may = self._conn_may_hold(acc, fd)
+            if n > may:  # more than anything its session may have in flight: in an endless message
+                del held[fd]
+                self._drop_overbuffered(acc, fd, n, may)
         total = sum(held.values())
         for fd in sorted(held, key=held.__getitem__, reverse=True):
             if total <= limit:
                 break
             total -= held[fd]
-            ident = acc.ident.get(fd)
-            self._stats.add("connections_overbuffered")
-            log.warning("dropping a connection from %s: it made us hold %d bytes of a message it does not "
-                        "finish (all connections together may hold %d)", acc.ends[fd][1][0], held[fd], limit)
-            self._shed_accepted(fd)
-            sess = self._sessions.get(ident) if ident is not None else None
-            if sess is not None:
-                self._lose_session(sess, f"sent an unfinished message of {held[fd]} bytes")
+            self._drop_overbuffered(acc, fd, held[fd], limit)
+
+    def _conn_may_hold(self, acc: Any, fd: int) -> int:
+        """What connection ``fd`` may make ZMQ hold unfinished: what its session may have in flight
+        (credit, eager offers, admitted requests) + ``_CONN_SLACK``."""
+        ident = acc.ident.get(fd)
+        sess = self._sessions.get(ident) if ident is not None else None
+        return _CONN_SLACK + (sess.credit + sess.eager_held + sess.reserved if sess is not None else 0)
+
+    def _drop_overbuffered(self, acc: Any, fd: int, held: int, limit: int) -> None:
+        """Drop the connection ``fd`` (and its session): it made ZMQ hold ``held`` bytes, over ``limit``."""
+        ident = acc.ident.get(fd)
+        self._stats.add("connections_overbuffered")
+        log.warning("dropping a connection from %s: it made us hold %d bytes of a message it does not "
+                    "finish (at most %d may be held)", acc.ends[fd][1][0], held, limit)
+        self._shed_accepted(fd)
+        sess = self._sessions.get(ident) if ident is not None else None
+        if sess is not None:
+            self._lose_session(sess, f"sent an unfinished message of {held} bytes")
 
     def _on_accepted(self, fd: int) -> None:
         """Cap the connections (see _cap_connections); shut down a new connection when too many
@@ -713,8 +752,12 @@ class _Channel(_EngineBase):
             self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
+            t0 = time.perf_counter()
+            admit0 = self._io_admit_s
             hdr = r.recv()
             try:
+                if len(hdr) > _PEEK_BYTES and self._skip_costly(ident, hdr):
+                    continue  # answered (or dropped) from a peek at it
                 msg = decode(hdr, REQUEST_TYPES)
                 self._on_request(ident, msg)
             except P2pkvError as exc:
@@ -733,7 +776,34 @@ class _Channel(_EngineBase):
                         self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
                                     "session dropped")
                         self._lose_session(sess, "multipart flood")
+                sess = self._sessions.get(ident)
+                if sess is not None:  # what its requests cost the I/O thread (see _IO_SHARE)
+                    sess.charge_io(time.perf_counter() - t0 - (self._io_admit_s - admit0), time.monotonic())
         self._flush_acks()
+
+    def _skip_costly(self, ident: bytes, hdr: bytes) -> bool:
+        """A large header (a many-tensor offer) that need not be decoded: from a peer without a session
+        (answered ``no_session``, as any request is), or an offer from a session over its share of
+        the I/O thread (refused, as :meth:`_on_offer` would). Decoding one costs about a millisecond
+        for 2,048 tensors; peeking at its type and seq, a few microseconds. True if handled."""
+        sess = self._sessions.get(ident)
+        if sess is not None and not sess.io_over(time.monotonic()):
+            return False
+        m = _peek(hdr)
+        seq = _valid_seq(m.get("seq"))
+        if sess is None:
+            if m.get("t") in ("hello", None):
+                return False  # (decoded: its errors are told as they are)
+            if m.get("t") not in ("bye", "pong") and self._sessionless_reply_ok():
+                self._reply(ident, "err", code="no_session", msg="no session: send hello first", seq=seq)
+            return True
+        if m.get("t") != "offer" or seq is None or m.get("eager") is not None or m.get("v") is None:
+            return False  # (an eager offer's data already moves: refused the full way, in step)
+        self._stats.add("offers_over_budget")
+        self._stats.add("offers_refused")
+        self._reply(ident, "oerr", seq=seq, code="pool_exhausted",
+                    msg="this peer's requests took more than its share of this engine's I/O thread: retry later")
+        return True
 
     def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
                **fields: Any) -> bool:

@@ -22,7 +22,7 @@ from ..keys import TransferKey, validate_transfer_id
 from ..pool import Buffer, BufferPool
 from ..request import Incoming, ItemSpec, RequestHandle, RequestState, Watcher, offer_sizes, wire_items
 from ..transport import tcp
-from .state import (_IPC_EVENTS, _LOCAL_EVENTS, _MAX_QUEUED_ITEMS, _MAX_QUEUED_OFFERS, _OFFER_ITEMS_BURST,
+from .state import (_IO_SHARE, _IPC_EVENTS, _LOCAL_EVENTS, _MAX_QUEUED_ITEMS, _MAX_QUEUED_OFFERS, _OFFER_ITEMS_BURST,
                     _OFFER_ITEMS_PER_S, _LocalArena, _Peer, _local_arena, _Session, log)
 from .base import _EngineBase
 
@@ -495,6 +495,10 @@ class _RequestPath(_EngineBase):
             refusal = PoolExhausted(f"too many requests from this peer wait for room here ({len(sess.offers)} "
                                     f"requests of {sess.queued_items()} tensors; at most {_MAX_QUEUED_OFFERS} "
                                     f"and {_MAX_QUEUED_ITEMS}): retry once some are done")
+        if refusal is None and sess.io_over(time.monotonic()):
+            self._stats.add("offers_over_budget")
+            refusal = PoolExhausted(f"this peer's requests took more than the {_IO_SHARE:.0%} of this engine's "
+                                    "I/O thread one peer may take: retry later")
         if refusal is None and sizes is not None and not sess.take_offer_budget(len(sizes), time.monotonic()):
             self._stats.add("offers_over_budget")
             refusal = PoolExhausted(f"this peer offers tensors faster than the {_OFFER_ITEMS_PER_S} a second "
@@ -573,7 +577,11 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
+                t0 = time.perf_counter()
                 took = self._admit_one(sess, inc, room, holding)
+                dt = time.perf_counter() - t0
+                sess.charge_io(dt, time.monotonic())  # its own cost, also when another's request made room
+                self._io_admit_s += dt
                 if took is None:
                     break
                 room -= took

@@ -37,9 +37,16 @@ _MAX_QUEUED_ITEMS = 16384   # ... and their tensors in all (8 offers of the larg
 # it cannot take more than its share of the I/O thread by offering and aborting many-tensor requests.
 _OFFER_ITEMS_PER_S = 8192
 _OFFER_ITEMS_BURST = 32768
+# Time of the I/O thread one session's requests may take (handling them, admitting its offers): a share
+# of each second, sustained, and a burst; beyond, its offers are refused at once until it is back
+# within (what its messages cost is measured, so this holds however slow the machine is).
+_IO_SHARE = 0.2
+_IO_BURST_S = 0.1
+_IO_DEBT_S = 1.0  # the most a session may be behind its share (it waits at most this long / _IO_SHARE)
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
 _BUFFER_SLACK = 16 << 20    # what a connection may have ZMQ hold beyond the pool's size (headers, framing)
+_CONN_SLACK = 8 << 20       # ... and one connection beyond what its session may have in flight (credit, requests)
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN = b"p2pkv"
 _PLAIN_USER = b"p2pkv"
@@ -227,6 +234,8 @@ class _Session:
         self.blocked_t = 0.0                        # when its window (its own credit) last held back its offer
         self.offer_tokens = float(_OFFER_ITEMS_BURST)  # tensors it may still offer now (a token bucket)
         self.offer_t = self.last_rx
+        self.io_tokens = _IO_BURST_S                # I/O-thread seconds it may still take now (a token bucket)
+        self.io_t = self.last_rx
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
@@ -257,6 +266,16 @@ class _Session:
         ok = tokens >= n
         self.offer_tokens = tokens - n if ok else tokens
         return ok
+
+    def charge_io(self, dt: float, now: float) -> None:
+        """The I/O thread spent ``dt`` seconds on this session's requests."""
+        tokens = min(_IO_BURST_S, self.io_tokens + (now - self.io_t) * _IO_SHARE)
+        self.io_tokens = max(-_IO_DEBT_S, tokens - dt)
+        self.io_t = now
+
+    def io_over(self, now: float) -> bool:
+        """Whether it took more than its share of the I/O thread (see _IO_SHARE) and is not back within yet."""
+        return self.io_tokens + (now - self.io_t) * _IO_SHARE < 0
 
     def queued_items(self) -> int:
         return sum(len(inc.specs) for inc in self.offers)
@@ -465,6 +484,29 @@ def _forget_local_arenas() -> None:
 # ----------------------------------------------------------------------------- engine
 def _valid_seq(seq: Any) -> int | None:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+
+
+_PEEK_BYTES = 16 << 10  # a header this large from a peer over its share of the I/O thread is peeked at, not decoded
+
+
+def _peek(hdr: bytes) -> dict[str, Any]:
+    """The top-level scalar fields of a header, read without building its lists or maps (msgpack
+    skips them, in C): enough to answer or drop a large header without decoding it. {} if malformed."""
+    import msgpack
+
+    out: dict[str, Any] = {}
+    try:
+        u = msgpack.Unpacker(raw=False, max_str_len=8192, max_bin_len=8192, max_array_len=4096, max_map_len=64)
+        u.feed(hdr)
+        for _ in range(min(u.read_map_header(), 64)):
+            k = u.unpack()
+            if k in ("t", "seq", "eager", "v"):
+                out[k] = u.unpack()
+            else:
+                u.skip()
+    except Exception:
+        return {}
+    return out
 
 
 def _seq_of(hdr: bytes) -> int | None:
