@@ -28,7 +28,7 @@ from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CO
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
-                    _PEEK_BYTES, _peek,
+                    _IO_CHARGED, _PEEK_BYTES, _peek,
                     _valid_seq, _zmq_endpoint, log, parse_address)
 from .base import _EngineBase
 
@@ -755,10 +755,13 @@ class _Channel(_EngineBase):
             t0 = time.perf_counter()
             admit0 = self._io_admit_s
             hdr = r.recv()
+            kind = "?"  # (a header that does not decode is charged too)
             try:
                 if len(hdr) > _PEEK_BYTES and self._skip_costly(ident, hdr):
+                    kind = "offer"
                     continue  # answered (or dropped) from a peek at it
                 msg = decode(hdr, REQUEST_TYPES)
+                kind = msg["t"]
                 self._on_request(ident, msg)
             except P2pkvError as exc:
                 self._stats.add("protocol_errors")
@@ -776,7 +779,7 @@ class _Channel(_EngineBase):
                         self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
                                     "session dropped")
                         self._lose_session(sess, "multipart flood")
-                sess = self._sessions.get(ident)
+                sess = self._sessions.get(ident) if kind in _IO_CHARGED else None
                 if sess is not None:  # what its requests cost the I/O thread (see _IO_SHARE)
                     sess.charge_io(time.perf_counter() - t0 - (self._io_admit_s - admit0), time.monotonic())
         self._flush_acks()

@@ -487,11 +487,14 @@ class _PushPath(_EngineBase):
             if sess.revoking or sess.creq is None:
                 continue  # granted once it answered our revocation (or that timed out)
             need, want = sess.creq
-            own = self._limit(sess, holding) - self._charge(sess)
+            charge = self._charge(sess)
+            own = self._limit(sess, holding) - charge
             if need > own:
-                # its own window is full (credit, requests, data it left unclaimed): it waits for
-                # itself, never in front of other sessions
+                # its own window (or share) is full (credit, requests, data it left unclaimed): it
+                # waits for itself, never in front of other sessions
                 self._want_mem = True
+                if need <= window - charge:
+                    self._starved_t = now  # held back by its share only: idle credit elsewhere is taken back
                 continue
             g = min(room, own, max(want, need, window // 4))
             if g < need:

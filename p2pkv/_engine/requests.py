@@ -605,9 +605,12 @@ class _RequestPath(_EngineBase):
         need = inc.need
         eager = inc.eager
         if not eager:
-            if need > self._limit(sess, holding) - self._charge(sess):
+            charge = self._charge(sess)
+            if need > self._limit(sess, holding) - charge:
                 self._want_mem = True
                 sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
+                if need <= self._cfg.effective_credit_bytes - charge:
+                    self._starved_t = sess.blocked_t  # held back by its share only: others' idle credit too
                 return None
             if need > room:
                 self._want_mem = True

@@ -41,7 +41,10 @@ _OFFER_ITEMS_BURST = 32768
 # of each second, sustained, and a burst; beyond, its offers are refused at once until it is back
 # within (what its messages cost is measured, so this holds however slow the machine is).
 _IO_SHARE = 0.2
-_IO_BURST_S = 0.1
+_IO_BURST_S = 0.25
+# ... counting the messages a peer can make costly at will (offers, aborts, headers that do not decode);
+# not what a new honest session costs once (its handshake, the fast path's lease), nor data it paid for
+_IO_CHARGED = frozenset({"offer", "oabort", "?"})
 _IO_DEBT_S = 1.0  # the most a session may be behind its share (it waits at most this long / _IO_SHARE)
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
