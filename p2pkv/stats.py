@@ -25,7 +25,8 @@ ENGINE_COUNTERS: tuple[str, ...] = (
     "requests_fast", "sent_fast", "requests_received_fast", "fast_leases", "fast_refused", "recv_requests",
     "recv_requests_failed", "received_direct", "reads_done", "reads_refused",
     # peers and connections
-    "connections", "connections_shed", "connections_overbuffered", "pulls_refused", "handshakes_refused", "auth_failures", "peers_lost", "sessions_lost",
+    "connections", "connections_shed", "connections_overbuffered", "pulls_refused", "handshakes_refused",
+    "auth_failures", "peers_lost", "sessions_lost",
     "ipc_mappings", "nccl_comms", "aborts",
     # misbehaving peers, and our own failures
     "protocol_errors", "credit_violations", "nacks", "replies_suppressed", "internal_errors",
