@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
     import zmq
 
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from .regions import Regions
     from .state import _ConnectWaiter, _Peer, _PullItem, _SendItem, _Session
 
-    MakeError = Callable[[], P2pkvError]  # builds the error that fails a piece of work (one per item)
+MakeError = Callable[[], "P2pkvError"]  # builds the error that fails a piece of work (one per item)
 
 
 class _EngineBase:
