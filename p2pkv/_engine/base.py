@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..errors import P2pkvError
     from ..handles import TransferState
     from ..keys import TransferKey
-    from ..mailbox import Mailbox
+    from ..mailbox import Held, Mailbox
     from ..pool import Buffer, BufferPool
     from ..request import Incoming, RequestHandle, RequestState
     from ..stats import Stats
@@ -86,8 +86,8 @@ class _EngineBase:
     _conns_pending: int  # of which the ZMTP handshake is not finished
     _parked: _ParkedPulls  # (a property of _PullPath; Engine.__init__ assigns a list, converted)
     _pending_acks: dict[bytes, list[int]]
-    _tracked: list[tuple[zmq.MessageTracker, Buffer]]
-    _lent: dict[tuple[bytes, int], tuple[Buffer, float]]
+    _tracked: list[tuple[zmq.MessageTracker, Held]]  # zero-copy sends: released once ZMQ is done with them
+    _lent: dict[tuple[bytes, int], tuple[Held, float]]
     _retry_parked: bool
     # whole requests coming in
     _incoming: dict[tuple[bytes, int], Incoming]
@@ -113,7 +113,7 @@ class _EngineBase:
 
         # ------------------------------------------------------------------ _ProgressLoop (loop.py)
         def _internal_error(self, where: str) -> None: ...
-        def _release_after(self, buf: Buffer, event: Any) -> None: ...
+        def _release_after(self, buf: Held, event: Any) -> None: ...
         def _do_abort(self, tid: str, *, broadcast: bool, reason: str, skip: bytes | None = None,
                       src: object = None) -> None: ...
         @staticmethod
@@ -135,7 +135,7 @@ class _EngineBase:
         def _pump_peer(self, peer: _Peer) -> None: ...
         def _pump_monitor(self, peer: _Peer) -> None: ...
         def _pump_router(self) -> None: ...
-        def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
+        def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Held | None = None,
                    **fields: Any) -> bool: ...
         def _lose_session(self, sess: _Session, reason: str) -> None: ...
 

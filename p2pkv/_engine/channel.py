@@ -22,7 +22,8 @@ from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolE
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
-from ..pool import ALIGN, Buffer
+from ..mailbox import Held
+from ..pool import ALIGN
 from ..transport import tcp
 from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK,
                     _Accepted, _fd_ceiling,
@@ -746,7 +747,7 @@ class _Channel(_EngineBase):
                         self._lose_session(sess, "multipart flood")
         self._flush_acks()
 
-    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
+    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Held | None = None,
                **fields: Any) -> bool:
         try:
             if payload is None:

@@ -18,7 +18,7 @@ from ..control.messages import encode
 from ..errors import (EngineClosed, P2pkvError, PeerLost, TransferAborted,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
-from ..pool import Buffer
+from ..mailbox import Held
 from ..request import RequestState
 from .state import (_LOCAL_ARENAS, _TICK_S, _Peer,
                     log)
@@ -210,7 +210,7 @@ class _ProgressLoop(_EngineBase):
         except (BlockingIOError, OSError):
             pass
 
-    def _release_after(self, buf: Buffer, event: Any) -> None:
+    def _release_after(self, buf: Held, event: Any) -> None:
         """Release ``buf`` once the GPU work reading or writing it (``event``) is done."""
         if event is None or event.query() or self._completer is None:
             buf.release()

@@ -5,6 +5,7 @@ and its receiving side (credit grants, storing, NCCL drains).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,12 +19,14 @@ from ..errors import (DuplicateKey, InvalidTensor,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
 from ..keys import TransferKey
-from ..mailbox import DirectBuffer
+from ..mailbox import DirectBuffer, Held
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
 from .state import (_MAX_CREDIT_VIOLATIONS, _TICK_S, _Peer,
                     _SendItem, _Session, log)
 from .base import _EngineBase
+
+Nack = Callable[[P2pkvError], None]  # refuses one received tensor: tells its sender why
 
 
 class _PushPath(_EngineBase):
@@ -306,7 +309,7 @@ class _PushPath(_EngineBase):
         self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
 
     def _recv_posted(self, sess: _Session, key: TransferKey, dtype: torch.dtype, shape: tuple[int, ...], seq: int,
-                     nack: Any) -> bool:
+                     nack: Nack) -> bool:
         """A caller already waits in ``recv`` for ``key``: land the bytes straight in its tensor (no pool
         hop, no copy out of the pool). False when nobody waits or its ``out`` does not fit."""
         found, dest = self._inbox.take_post(key)
@@ -349,8 +352,8 @@ class _PushPath(_EngineBase):
         # size unknown (or no memory for it): end the communicator on both sides instead of shifting data
         self._end_session_comm(sess, direction, TransportError("refused an NCCL tensor that could not be drained"))
 
-    def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
-               seq: int, nack, x: str) -> None:
+    def _store(self, sess: _Session, key: TransferKey, buf: Held, dtype: torch.dtype, shape: tuple[int, ...],
+               seq: int, nack: Nack, x: str) -> None:
         """Put a fully received tensor in the inbox and ack it, or release it and nack why not."""
         if key in self._incoming_keys:  # (a request reserved the key while this tensor moved on a GPU)
             buf.release()
@@ -395,7 +398,7 @@ class _PushPath(_EngineBase):
         return tcp.recv_payload_into(self._router, buf.data)
 
     def _recv_gpu(self, sess: _Session, msg: dict[str, Any], key: TransferKey, dtype: torch.dtype,
-                  shape: tuple[int, ...], buf: Buffer, nack) -> None:
+                  shape: tuple[int, ...], buf: Buffer, nack: Nack) -> None:
         """Receive a CUDA IPC or NCCL tensor into ``buf``; deliver and ack once the GPU is done."""
         x, n, seq = msg["x"], msg["n"], msg["seq"]
         ident_of = sess.ident
