@@ -340,6 +340,7 @@ class FastTx:
             log.warning("fast path to %s closed: %s", self.peer_addr, broken.message)
             self.close(ProtocolError(f"the fast path's channel is corrupt: {broken.message}", peer=self.peer_addr))
             return False
+        assert start is not None and f0 is not None  # the loop above ends with both taken or returns
         with self.lock:
             key = lay.key
             lid = self._layout_ids.get(key)
@@ -382,6 +383,7 @@ class FastTx:
 
     def send(self, req: RequestHandle, idxs: list[int], tensors: list[torch.Tensor], ready: Any) -> None:
         """Move items ``idxs`` of a started request (the caller's thread; never blocks on the GPU)."""
+        assert req.offs is not None  # set by start()
         items = [(t, req.offs[i], req.specs[i].nbytes, req.flag0 + i, flag_value(req.seq, i))
                  for i, t in zip(idxs, tensors, strict=True)]
         with self.lock:
