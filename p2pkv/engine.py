@@ -27,7 +27,7 @@ import uuid
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -165,7 +165,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
                 zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-            endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.port = int(endpoint.rsplit(":", 1)[1])
             adv = config.advertise_host or ("127.0.0.1" if config.host in ("0.0.0.0", "*") else
                                             "::1" if config.host == "::" else config.host)
@@ -795,7 +795,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             raise ConfigError(f"timeout must be a finite number of seconds in 0..{_MAX_TIMEOUT_S:g}, got {timeout!r}")
         return float(timeout)
 
-    def _out_check(self, out: torch.Tensor | None):
+    def _out_check(self, out: torch.Tensor | None) -> Callable[[Slot], None] | None:
         if out is None:
             return None
 

@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -178,7 +179,7 @@ class BufferPool:
             raise InvalidTensor(f"pool capacity must be a positive int, got {capacity!r}")
         self.device = torch.device(device)
         self.capacity = _round_up(capacity) if capacity % ALIGN else capacity
-        kw = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
+        kw: dict[str, Any] = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
         if arena is not None:
             if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.numel() < self.capacity \
                     or arena.device != self.device:
