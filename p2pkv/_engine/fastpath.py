@@ -753,9 +753,10 @@ class FastRx:
             raise ProtocolError(f"fast-path header seq {seq} is not after {self._last_seq} (replayed?)")
         tid = validate_transfer_id(tid)
         if "l" not in m:
-            lay = self._layouts.get(lid)  # type: ignore[assignment]
-            if lay is None:
+            known = self._layouts.get(lid)
+            if known is None:
                 raise ProtocolError(f"fast-path header names layout {lid}, which was never defined")
+            lay = known
         if not isinstance(f0, int) or isinstance(f0, bool) or not 0 <= f0 <= NFLAGS - lay.n - 1:
             raise ProtocolError("fast-path header names flags outside the channel")
         if not isinstance(dl, (int, float)) or isinstance(dl, bool) or not dl >= 0:

@@ -60,6 +60,7 @@ class _PushPath(_EngineBase):
             return
         while peer.queue:
             item = peer.queue[0]
+            assert item.payload is not None  # a queued send is unfinished
             x = self._item_transport(peer, item)
             loop_nccl = x == "nccl" and self._is_self(peer)
             comm = None
@@ -112,6 +113,7 @@ class _PushPath(_EngineBase):
 
     def _send_tcp(self, peer: _Peer, item: _SendItem) -> None:
         payload = item.payload
+        assert payload is not None  # (None only once the send finished)
         if item.ready is not None:  # a CUDA tensor: stage it through host memory
             item.ready.synchronize()
             src = T.as_bytes(payload)
@@ -126,6 +128,7 @@ class _PushPath(_EngineBase):
         tcp.send_payload(peer.sock, payload)
 
     def _send_ipc(self, peer: _Peer, item: _SendItem) -> None:
+        assert item.payload is not None  # (None only once the send finished)
         src = T.as_bytes(item.payload)
         if item.stage is None:
             off = self._pool.offset_of(item.payload)
@@ -159,6 +162,7 @@ class _PushPath(_EngineBase):
             self._completer.add(event, announce, item.deadline)
 
     def _send_nccl(self, peer: _Peer, item: _SendItem, comm: Any) -> None:
+        assert item.payload is not None  # (None only once the send finished)
         peer.sock.send(self._data_header(item, "nccl"))
         comm.stream.wait_event(item.ready)
         comm.send(T.as_bytes(item.payload), comm.stream)
@@ -167,6 +171,7 @@ class _PushPath(_EngineBase):
 
     def _loopback_nccl_send(self, peer: _Peer, item: _SendItem, comm: Any) -> bool:
         """An engine sending to itself over NCCL: one grouped send+recv on a one-rank communicator."""
+        assert item.payload is not None  # (None only once the send finished)
         dst = self._pool.try_alloc(item.nbytes)
         if dst is None:
             return False
@@ -207,7 +212,7 @@ class _PushPath(_EngineBase):
         return True
 
     def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
-        item.payload = None  # type: ignore[assignment]
+        item.payload = None
         if item.stage is not None:
             self._release_after(item.stage, item.gpu_event)
             item.stage = None
@@ -433,7 +438,7 @@ class _PushPath(_EngineBase):
                 return
             self._store(sess, key, buf, dtype, shape, seq, nack, x)
 
-        done.tkey = key  # type: ignore[attr-defined]
+        done.tkey = key  # type: ignore[attr-defined]  # mypy has no function attributes; Completer traces it
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
     def _credit_violation(self, sess: _Session, err: P2pkvError) -> bool:
