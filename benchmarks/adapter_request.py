@@ -3,7 +3,9 @@
 Pack from a paged cache (FlashAttention layout, random block ids) on the producer's device in
 ``save_kv_layer`` (push mode: one whole-request send per hand-off), unpack into a paged cache on
 the consumer's device in the consumer connector's loader; timed from the first ``save_kv_layer``
-until the consumer connector reports the load finished (``get_finished``), median of ``--reps``.
+until the consumer connector reports the load finished (``get_finished``), median of ``--reps``;
+each row also splits that time into the producer's calls, the hand-over of ``kv_transfer_params``
+through this benchmark's parent process (a proxy's job in a deployment) and the consumer's calls.
 Only vLLM's own objects are stand-ins (tests/vllm_fakes.py); run from the repository root::
 
     python benchmarks/adapter_request.py --tokens 512,2048,10000 --devices cuda:0,cuda:1
@@ -72,7 +74,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                 worker.wait_for_save()
                 worker.clear_connector_metadata()
                 _, out = sched.request_finished(req, (list(block_ids),))
-                conn.send((t0, out, sorted(host)[len(host) // 2]))
+                conn.send((t0, out, sorted(host)[len(host) // 2], time.monotonic()))
                 end = time.monotonic() + 60
                 while time.monotonic() < end:
                     sending, _ = worker.get_finished({req_id})
@@ -80,6 +82,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                         break
                     time.sleep(0.001)
             else:
+                t_c0 = time.monotonic()
                 n, _ = sched.get_num_new_matched_tokens(req, 0)
                 sched.update_state_after_alloc(req, F.KVCacheBlocks(block_ids), n)
                 meta = sched.build_connector_meta(F.SchedulerOutput())
@@ -93,7 +96,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                         break
                     time.sleep(0.0002)
                 t1 = time.monotonic()
-                conn.send((t1, sorted(worker.get_block_ids_with_load_errors())))
+                conn.send((t1, sorted(worker.get_block_ids_with_load_errors()), t_c0))
     finally:
         worker.shutdown()
 
@@ -123,23 +126,32 @@ def main() -> int:
     rows = []
     for tok in tokens:
         nblk = -(-tok // BLOCK)
-        times, hosts = [], []
+        times, hosts, prods, relays, conss = [], [], [], [], []
         for r in range(a.reps + 2):
             tid = f"xfer-adapter-{tok}-{r}"
             ids = torch.randperm(num_blocks)[:nblk].tolist()
             params = {"transfer_id": tid, "do_remote_decode": True, "remote_host": "127.0.0.1", "remote_port": cp}
             p_conn.send((f"p-{tid}-ab12", tid, tok, ids, params))
-            t0, out, host = p_conn.recv()
+            t0, out, host, t_p1 = p_conn.recv()
             c_ids = torch.randperm(num_blocks)[:nblk].tolist()
             c_conn.send((f"d-{tid}-cd34", tid, tok, c_ids, out))
-            t1, errors = c_conn.recv()
+            t1, errors, t_c0 = c_conn.recv()
             assert not errors, errors
             if r >= 2:
                 times.append(t1 - t0)
                 hosts.append(host)
+                prods.append(t_p1 - t0)
+                relays.append(t_c0 - t_p1)
+                conss.append(t1 - t_c0)
         row = {"what": f"vLLM adapter {a.mode} {dp}->{dc}", "tokens": tok,
                "bytes": 2 * L * 2 * nblk * BLOCK * HEADS * HEAD, "ms": round(statistics.median(times) * 1e3, 3),
-               "save_kv_layer_host_us_p50": round(statistics.median(hosts) * 1e6, 1)}
+               "save_kv_layer_host_us_p50": round(statistics.median(hosts) * 1e6, 1),
+               # the split: the producer's worker and scheduler calls (first save_kv_layer .. request_finished),
+               # this benchmark's own hand-over of kv_transfer_params through its parent process (two pipe
+               # messages; a proxy does this in a deployment), the consumer's calls (scheduler .. get_finished)
+               "producer_ms": round(statistics.median(prods) * 1e3, 3),
+               "relay_ms": round(statistics.median(relays) * 1e3, 3),
+               "consumer_ms": round(statistics.median(conss) * 1e3, 3)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     p_conn.send(None)

@@ -27,8 +27,9 @@ import uuid
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import zmq
@@ -44,7 +45,8 @@ from ._engine.loop import _ProgressLoop, io_main
 from ._engine.pull import _PullPath
 from ._engine.push import _PushPath
 from ._engine.requests import _RequestPath
-from ._engine.state import _LOCAL_ENGINES, _forget_local_arenas, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _LOCAL_ARENAS, _ConnectWaiter, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address
+from ._engine.state import (_LOCAL_ARENAS, _LOCAL_ENGINES, _ROUTER_RCVHWM, _ROUTER_SNDHWM, _ConnectWaiter,
+                            _forget_local_arenas, _host_id, _PullItem, _SendItem, _zmq_endpoint, log, parse_address)
 from .config import EngineConfig, pool_memory_error
 from .errors import (ConfigError, EngineClosed, InvalidKey, InvalidTensor, P2pkvError, PeerLost, TransferTimeout)
 from .handles import SendHandle
@@ -57,7 +59,7 @@ from .stats import Stats
 
 __all__ = ["Engine", "parse_address"]
 
-_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # open engines of this process
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()  # open engines of this process
 
 
 def _after_fork_in_child() -> None:
@@ -164,7 +166,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
                 zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-            endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.port = int(endpoint.rsplit(":", 1)[1])
             adv = config.advertise_host or ("127.0.0.1" if config.host in ("0.0.0.0", "*") else
                                             "::1" if config.host == "::" else config.host)
@@ -649,7 +651,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             th.join(timeout=10.0)
         self._teardown()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -772,7 +774,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             except Exception as exc:  # pragma: no cover - driver refuses IPC
                 log.warning("CUDA IPC unavailable: %s", exc)
             if cfg.transport == "ipc" and self._ipc_handle is None:
-                raise ConfigError("transport='ipc' but the pool cannot be exported through CUDA IPC (is CuPy installed?)")
+                raise ConfigError("transport='ipc' but the pool cannot be exported through CUDA IPC "
+                                  "(is CuPy installed?)")
         if cfg.transport in ("auto", "nccl"):
             from .transport.nccl import nccl_available
 
@@ -800,7 +803,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             raise ConfigError(f"timeout must be a finite number of seconds in 0..{_MAX_TIMEOUT_S:g}, got {timeout!r}")
         return float(timeout)
 
-    def _out_check(self, out: torch.Tensor | None):
+    def _out_check(self, out: torch.Tensor | None) -> Callable[[Slot], None] | None:
         if out is None:
             return None
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .errors import P2pkvError, TransferTimeout
 from .keys import TransferKey
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TransferState", "SendHandle"]
 
@@ -44,7 +48,7 @@ class SendHandle:
         self._event = threading.Event()
         self.t_start = time.monotonic()
         self.t_done: float | None = None
-        self._tensor = None  # keeps the payload alive until finished
+        self._tensor: torch.Tensor | None = None  # keeps the payload alive until finished
 
     @property
     def state(self) -> TransferState:

@@ -18,14 +18,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ._aborts import PeerTombs
 from .errors import P2pkvError, TransferAborted, TransferEvicted, TransferTimeout
 from .keys import TransferKey
-from .pool import Buffer
 
 __all__ = ["Mailbox", "Slot"]
 
@@ -34,12 +33,28 @@ MAX_PEER_TOMBSTONES = 10_000  # abort records one peer can make here
 MAX_PEER_TOMBSTONES_TOTAL = 100_000  # abort records of all peers (see p2pkv._aborts: never shared evenly)
 
 
+class Held(Protocol):
+    """The bytes of one delivered tensor, as a :class:`Slot` holds them: a pool :class:`Buffer`, a
+    :class:`DirectBuffer` (the caller's own tensor) or a fast-plane lease item (a peer's shared arena)."""
+
+    @property
+    def nbytes(self) -> int: ...  # the tensor's bytes
+    @property
+    def size(self) -> int: ...  # the room it takes in the pool (0 when none)
+    @property
+    def offset(self) -> int: ...  # where it lies in its arena (-1 when in none)
+    @property
+    def data(self) -> torch.Tensor: ...  # the bytes as a flat uint8 tensor
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor: ...
+    def release(self) -> None: ...
+
+
 class Slot:
     """One delivered tensor waiting to be claimed."""
 
     __slots__ = ("key", "buf", "dtype", "shape", "src", "t", "ready")
 
-    def __init__(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...], src: object,
+    def __init__(self, key: TransferKey, buf: Held, dtype: torch.dtype, shape: tuple[int, ...], src: object,
                  ready: Callable[[], bool] | None = None):
         self.key = key
         self.buf = buf
@@ -140,7 +155,7 @@ class Mailbox:
         self.evictions = 0
 
     # ---------------------------------------------------------------- producer side
-    def deliver(self, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
+    def deliver(self, key: TransferKey, buf: Held, dtype: torch.dtype, shape: tuple[int, ...],
                 src: object = None, ready: Callable[[], bool] | None = None) -> P2pkvError | None:
         """Store a tensor. Returns ``None`` on success, else the error to report
         to the sender (the buffer is then NOT taken: the caller releases it)."""
@@ -312,7 +327,7 @@ class Mailbox:
     def _aborted_locked(self, tid: str) -> P2pkvError | None:
         return self._aborted.get(tid) or self._aborted_by.get(tid)
 
-    def abort(self, tid: str, reason: str = "transfer aborted", src: object = None) -> list[Buffer]:
+    def abort(self, tid: str, reason: str = "transfer aborted", src: object = None) -> list[Held]:
         """Drop every key of ``tid``; return their buffers for the caller to release.
 
         ``src`` names the peer that asked (None: our own caller); each peer's abort records
@@ -328,7 +343,7 @@ class Mailbox:
             self._wake_tid_locked(tid)
         return bufs[0]
 
-    def _drop_tid_locked(self, tid: str) -> list[Buffer]:
+    def _drop_tid_locked(self, tid: str) -> list[Held]:
         out = []
         for key in list(self._by_tid.get(tid, ())):
             slot = self._slots[key]
@@ -379,7 +394,7 @@ class Mailbox:
                 failed.append(tid)
         return failed
 
-    def expire(self, now: float | None = None) -> list[Buffer]:
+    def expire(self, now: float | None = None) -> list[Held]:
         """Evict data older than the TTL; return the buffers to release."""
         now = time.monotonic() if now is None else now
         out = []
@@ -399,7 +414,7 @@ class Mailbox:
                 tombs.expire(now)
         return out
 
-    def fail_all(self, make_error: Callable[[], P2pkvError]) -> list[Buffer]:
+    def fail_all(self, make_error: Callable[[], P2pkvError]) -> list[Held]:
         """Close: wake every waiter (they see ``closed()``) and hand back all buffers."""
         with self._lock:
             out = [s.buf for s in self._slots.values()]

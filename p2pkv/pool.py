@@ -13,7 +13,8 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ class Buffer:
 
     __slots__ = ("_pool", "offset", "size", "nbytes", "_data", "_arena", "_released", "overflow", "__weakref__")
 
-    def __init__(self, pool: "BufferPool", offset: int, size: int, nbytes: int, data: torch.Tensor | None,
+    def __init__(self, pool: BufferPool, offset: int, size: int, nbytes: int, data: torch.Tensor | None,
                  overflow: bool = False, arena: torch.Tensor | None = None):
         self._pool = pool
         self.offset = offset
@@ -144,7 +145,7 @@ class Buffer:
         self._released = True
         self._pool._free(self)
 
-    def __enter__(self) -> "Buffer":
+    def __enter__(self) -> Buffer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -178,7 +179,7 @@ class BufferPool:
             raise InvalidTensor(f"pool capacity must be a positive int, got {capacity!r}")
         self.device = torch.device(device)
         self.capacity = _round_up(capacity) if capacity % ALIGN else capacity
-        kw = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
+        kw: dict[str, Any] = {"pin_memory": True} if pin_memory and self.device.type == "cpu" else {}
         if arena is not None:
             if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.numel() < self.capacity \
                     or arena.device != self.device:
@@ -214,7 +215,7 @@ class BufferPool:
             return None
         off = t.data_ptr() - arena.data_ptr()
         n = t.numel() * t.element_size()
-        return off if 0 <= off and off + n <= self.capacity else None
+        return off if off >= 0 and off + n <= self.capacity else None
 
     @staticmethod
     def footprint(nbytes: int) -> int:

@@ -498,10 +498,11 @@ def test_nixl_style_router_producer_allocates_the_transfer_id(caplog, prod_mode)
     try:
         tids = set()
         for i in range(2):
-            rid = f"cmpl-{i}abc-0123"  # a router sends the same X-Request-Id to both instances
+            rid = f"cmpl-{i}wxyz-0123"  # a router sends the same X-Request-Id to both instances
             params = _prefill_here(prod, rid, dict(nixl), 40, [7, 8, 9])
             tid = params["transfer_id"]
-            assert tid.startswith("xfer-") and "abc" not in tid and tid not in tids
+            # allocated, not derived from the request id (a transfer id is hex: "wxyz" can only come from rid)
+            assert tid.startswith("xfer-") and "wxyz" not in tid and tid not in tids
             tids.add(tid)
             assert params["do_remote_prefill"] is True and params["mode"] == "pull"
             assert params["remote_port"] == prod[1][0].engine.port

@@ -5,6 +5,7 @@ transport choice, liveness), one ROUTER for peers that dial us; message dispatch
 from __future__ import annotations
 
 import errno
+import functools
 import hmac
 import os
 import socket as _socket
@@ -21,7 +22,8 @@ from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolE
                       TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
-from ..pool import ALIGN, Buffer
+from ..mailbox import Held
+from ..pool import ALIGN
 from ..transport import tcp
 from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CONNS_TOTAL, _BUFFER_SLACK, _CONN_SLACK,
                     _Accepted, _fd_ceiling,
@@ -30,7 +32,8 @@ from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CO
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
                     _IO_CHARGED, _PEEK_BYTES, _peek,
                     _valid_seq, _zmq_endpoint, log, parse_address)
-from .base import _EngineBase
+from .state import _PullItem, _SendItem
+from .base import MakeError, _EngineBase
 
 
 class _Channel(_EngineBase):
@@ -155,14 +158,15 @@ class _Channel(_EngineBase):
         cfg = self._cfg
         if cfg.auth_token is None and cfg.curve_secret_key is None:
             return
-        self._zap = self._ctx.socket(zmq.REP)
-        self._zap.setsockopt(zmq.LINGER, 0)
-        self._zap.bind(_ZAP_ENDPOINT)
+        self._zap = zap = self._ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(_ZAP_ENDPOINT)
         self._router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
-        if cfg.curve_secret_key is not None:  # strong mode: CurveZMQ, both ends authenticated, encrypted
+        pub = cfg.curve_public_key  # None exactly when curve_secret_key is
+        if cfg.curve_secret_key is not None and pub is not None:  # strong mode: CurveZMQ, both ends authenticated
             from zmq.utils import z85
 
-            self._curve_allowed = {z85.decode(k) for k in (cfg.curve_allowed_keys or (cfg.curve_public_key,))}
+            self._curve_allowed = {z85.decode(k) for k in (cfg.curve_allowed_keys or (pub,))}
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
             self._router.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
         else:
@@ -170,21 +174,25 @@ class _Channel(_EngineBase):
 
     def _set_client_security(self, sock: zmq.Socket) -> None:
         cfg = self._cfg
-        if cfg.curve_secret_key is not None:  # the server's key is pinned: a fake engine cannot answer
-            sock.setsockopt(zmq.CURVE_SERVERKEY, (cfg.curve_server_key or cfg.curve_public_key).encode())
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, cfg.curve_public_key.encode())
+        pub = cfg.curve_public_key  # None exactly when curve_secret_key is
+        if cfg.curve_secret_key is not None and pub is not None:  # the server's key is pinned
+            sock.setsockopt(zmq.CURVE_SERVERKEY, (cfg.curve_server_key or pub).encode())
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, pub.encode())
             sock.setsockopt(zmq.CURVE_SECRETKEY, cfg.curve_secret_key.encode())
         elif cfg.auth_token is not None:
             sock.setsockopt(zmq.PLAIN_USERNAME, _PLAIN_USER)
-            sock.setsockopt(zmq.PLAIN_PASSWORD, self._cfg.auth_token.encode())
+            sock.setsockopt(zmq.PLAIN_PASSWORD, cfg.auth_token.encode())
 
     def _pump_zap(self) -> None:
         """Answer ZAP requests (RFC 27): accept a PLAIN handshake only with our token, a CURVE
         one only from an allowed client key."""
+        zap = self._zap
+        if zap is None:  # no authentication: nothing to answer
+            return
         tok = self._cfg.auth_token.encode() if self._cfg.auth_token is not None else None
         for _ in range(256):
             try:
-                frames = self._zap.recv_multipart(zmq.NOBLOCK)
+                frames = zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             req_id = frames[1] if len(frames) > 1 else b""
@@ -196,7 +204,7 @@ class _Channel(_EngineBase):
                       and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
             if not ok:
                 self._stats.add("auth_failures")
-            self._zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
+            zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
                                       b"OK" if ok else b"wrong or missing auth_token", b"", b""])
 
     def _sessionless_reply_ok(self) -> bool:
@@ -343,7 +351,7 @@ class _Channel(_EngineBase):
                 self._stats.add("connections_overbuffered")
                 msg = f"peer sent an unfinished message of {held} bytes (at most {limit} may be in flight)"
                 log.warning("dropping peer %s: %s", peer.addr, msg)
-                self._lose_peer(peer, lambda msg=msg, a=peer.addr: ProtocolError(msg, peer=a))
+                self._lose_peer(peer, functools.partial(ProtocolError, msg, peer=peer.addr))
 
     def _check_buffered(self, now: float) -> None:
         """Drop the connections that make ZMQ hold messages they never finish: ZMQ hands a message
@@ -361,7 +369,8 @@ class _Channel(_EngineBase):
         rss = _rss_bytes()
         # Whole messages waiting at the ROUTER (we are behind) count in what a connection holds too: then
         # only the bound on all connections applies (an honest peer's queued requests are not an endless one)
-        behind = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        events = self._router.getsockopt(zmq.EVENTS)
+        behind = isinstance(events, int) and bool(events & zmq.POLLIN)
         if now - st.get("_buf_scan_t", 0.0) < 0.25 and rss - st.get("_buf_scan_rss", 0) < 8 << 20:
             if behind:
                 return
@@ -473,7 +482,8 @@ class _Channel(_EngineBase):
     def _choose_transport(self, caps: dict[str, Any]) -> str:
         """The transport for CUDA tensors to a peer with ``caps`` (CPU tensors always use TCP)."""
         want = self._cfg.transport
-        theirs = caps.get("transports") if isinstance(caps.get("transports"), list) else []
+        listed = caps.get("transports")
+        theirs = listed if isinstance(listed, list) else []
         cuda_both = self._cuda and caps.get("cuda") is True
         ipc_ok = cuda_both and self._ipc_handle is not None and "ipc" in theirs and caps.get("host") == self._host
         nccl_ok = cuda_both and self._nccl_ok and "nccl" in theirs
@@ -523,7 +533,7 @@ class _Channel(_EngineBase):
         peer.mon.close(0)
         peer.sock.close(0)
 
-    def _lose_peer(self, peer: _Peer, make_error) -> None:
+    def _lose_peer(self, peer: _Peer, make_error: MakeError) -> None:
         """Fail everything in flight to ``peer`` and drop the connection."""
         n = self._fail_peer_work(peer, make_error)
         self._close_peer(peer)
@@ -572,6 +582,9 @@ class _Channel(_EngineBase):
                     _drain(sock)
 
     def _on_reply(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        item: _SendItem | None  # names reused across the branches below
+        pull: _PullItem | None
+        err: P2pkvError
         t = msg["t"]
         if t == "pong":
             return
@@ -674,11 +687,11 @@ class _Channel(_EngineBase):
                 peer.creq_pending = False  # our credit request can never be met: ask again when it can
                 log.warning("peer %s refused a credit request: %s", peer.addr, msg["msg"])
             elif code == "transport" and msg.get("seq") is None:
-                exc = TransportError(msg["msg"], peer=peer.addr)
+                xerr = TransportError(msg["msg"], peer=peer.addr)
                 only = msg.get("dir")
                 for direction in list(peer.nccl):
                     if only is None or only == direction:
-                        self._fail_nccl(peer, direction, exc)
+                        self._fail_nccl(peer, direction, xerr)
             else:
                 seq = msg.get("seq")
                 item = peer.inflight.pop(seq, None) if seq is not None else None
@@ -808,7 +821,7 @@ class _Channel(_EngineBase):
                     msg="this peer's requests took more than its share of this engine's I/O thread: retry later")
         return True
 
-    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Buffer | None = None,
+    def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Held | None = None,
                **fields: Any) -> bool:
         try:
             if payload is None:
@@ -818,7 +831,8 @@ class _Channel(_EngineBase):
                 self._router.send(encode(mtype, **fields), zmq.SNDMORE)
                 n = payload.numel()
                 if track is not None and n >= tcp.ZERO_COPY_MIN:
-                    tracker = self._router.send(payload.numpy(), copy=False, track=True)
+                    # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (the buffer protocol is there)
+                    tracker = self._router.send(payload.numpy(), copy=False, track=True)  # type: ignore[call-overload]
                     self._tracked.append((tracker, track))
                 else:
                     tcp.send_payload(self._router, payload)

@@ -340,6 +340,7 @@ class FastTx:
             log.warning("fast path to %s closed: %s", self.peer_addr, broken.message)
             self.close(ProtocolError(f"the fast path's channel is corrupt: {broken.message}", peer=self.peer_addr))
             return False
+        assert start is not None and f0 is not None  # the loop above ends with both taken or returns
         with self.lock:
             key = lay.key
             lid = self._layout_ids.get(key)
@@ -382,6 +383,7 @@ class FastTx:
 
     def send(self, req: RequestHandle, idxs: list[int], tensors: list[torch.Tensor], ready: Any) -> None:
         """Move items ``idxs`` of a started request (the caller's thread; never blocks on the GPU)."""
+        assert req.offs is not None  # set by start()
         items = [(t, req.offs[i], req.specs[i].nbytes, req.flag0 + i, flag_value(req.seq, i))
                  for i, t in zip(idxs, tensors, strict=True)]
         with self.lock:
@@ -751,9 +753,10 @@ class FastRx:
             raise ProtocolError(f"fast-path header seq {seq} is not after {self._last_seq} (replayed?)")
         tid = validate_transfer_id(tid)
         if "l" not in m:
-            lay = self._layouts.get(lid)  # type: ignore[assignment]
-            if lay is None:
+            known = self._layouts.get(lid)
+            if known is None:
                 raise ProtocolError(f"fast-path header names layout {lid}, which was never defined")
+            lay = known
         if not isinstance(f0, int) or isinstance(f0, bool) or not 0 <= f0 <= NFLAGS - lay.n - 1:
             raise ProtocolError("fast-path header names flags outside the channel")
         if not isinstance(dl, (int, float)) or isinstance(dl, bool) or not dl >= 0:

@@ -97,7 +97,8 @@ class FastPlane:
         eng = self._eng
         if not isinstance(caps, dict) or caps.get("host") != eng._host:
             return False
-        theirs = caps.get("transports") if isinstance(caps.get("transports"), list) else []
+        listed = caps.get("transports")
+        theirs = listed if isinstance(listed, list) else []
         if eng._cuda:
             return (eng._ipc_handle is not None and caps.get("cuda") is True and "ipc" in theirs
                     and eng._cfg.transport in ("auto", "ipc"))

@@ -5,8 +5,10 @@ and GPU completions, and fires the timers (deadlines, heartbeats, TTL); plus shu
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,11 +18,12 @@ from ..control.messages import encode
 from ..errors import (EngineClosed, P2pkvError, PeerLost, TransferAborted,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
-from ..pool import Buffer
+from ..mailbox import Held
 from ..request import RequestState
 from .state import (_LOCAL_ARENAS, _TICK_S, _Peer,
                     log)
-from .base import _EngineBase
+from .state import _PullItem, _SendItem
+from .base import MakeError, _EngineBase
 
 
 class _ProgressLoop(_EngineBase):
@@ -98,11 +101,12 @@ class _ProgressLoop(_EngineBase):
                     self._cmd_pull(cmd[1], cmd[2])
                 elif op == "cancel_pull":
                     peer = self._peers.get(cmd[1])
+                    pull: _PullItem = cmd[2]
                     if peer is not None:
-                        if peer.pulls.get(cmd[2].seq) is cmd[2]:
-                            del peer.pulls[cmd[2].seq]
-                        if cmd[2] in peer.pull_waiting:  # never sent later
-                            peer.pull_waiting.remove(cmd[2])
+                        if peer.pulls.get(pull.seq) is pull:
+                            del peer.pulls[pull.seq]
+                        if pull in peer.pull_waiting:  # never sent later
+                            peer.pull_waiting.remove(pull)
                 elif op == "cancel_connect":
                     peer = self._peers.get(cmd[1])
                     if peer is not None and cmd[2] in peer.connect_waiters:
@@ -120,10 +124,11 @@ class _ProgressLoop(_EngineBase):
                     if peer is not None:
                         self._flush_requests(peer)
                 elif op == "opost":
-                    peer, req = cmd[1], cmd[2]
-                    if self._peers.get(peer.addr) is peer and req.seq in peer.reqs:
-                        peer.sock.send(encode("opost", seq=req.seq, idx=cmd[3], ev=cmd[4]))
-                        peer.last_tx = time.monotonic()
+                    dst: _Peer = cmd[1]
+                    req = cmd[2]
+                    if self._peers.get(dst.addr) is dst and req.seq in dst.reqs:
+                        dst.sock.send(encode("opost", seq=req.seq, idx=cmd[3], ev=cmd[4]))
+                        dst.last_tx = time.monotonic()
                 elif op == "ofail":
                     self._fail_request(cmd[1], RequestState.FAILED, cmd[2])
                 elif op == "odone":
@@ -152,19 +157,21 @@ class _ProgressLoop(_EngineBase):
                         self._reply(ident, "ferr", seq=seq, code=err.code, msg=err.message[:300])
             except P2pkvError as exc:
                 log.warning("command %s failed: %s", op, exc)
-                self._fail_command(cmd, lambda exc=exc: exc)
+                def same(failed: P2pkvError = exc) -> P2pkvError:
+                    return failed
+                self._fail_command(cmd, same)
             except Exception as exc:  # a bug in one command must not stop the engine
                 self._internal_error(f"command {op}")
                 err = f"internal error: {type(exc).__name__}: {exc}"[:300]
-                self._fail_command(cmd, lambda err=err: P2pkvError(err))
+                self._fail_command(cmd, functools.partial(P2pkvError, err))
         return False
 
-    def _fail_command(self, cmd: tuple, make_error) -> None:
+    def _fail_command(self, cmd: tuple, make_error: MakeError) -> None:
         """Fail the caller's work item carried by ``cmd`` (so no handle or wait stays pending)."""
         try:
             op = cmd[0]
             if op == "send":
-                item = cmd[2]
+                item: _SendItem = cmd[2]
                 for peer in self._peers.values():
                     if item in peer.queue:
                         peer.queue.remove(item)
@@ -172,13 +179,13 @@ class _ProgressLoop(_EngineBase):
                         del peer.inflight[item.seq]
                 self._finish_send(item, TransferState.FAILED, make_error())
             elif op == "pull":
-                item = cmd[2]
+                pull: _PullItem = cmd[2]
                 for peer in self._peers.values():
-                    if peer.pulls.get(item.seq) is item:
-                        del peer.pulls[item.seq]
-                    if item in peer.pull_waiting:
-                        peer.pull_waiting.remove(item)
-                item.finish(error=make_error())
+                    if peer.pulls.get(pull.seq) is pull:
+                        del peer.pulls[pull.seq]
+                    if pull in peer.pull_waiting:
+                        peer.pull_waiting.remove(pull)
+                pull.finish(error=make_error())
             elif op == "connect":
                 w = cmd[2]
                 for peer in self._peers.values():
@@ -195,7 +202,7 @@ class _ProgressLoop(_EngineBase):
         except Exception:  # pragma: no cover - never let cleanup stop the loop
             self._internal_error("failing a command")
 
-    def _post_gpu(self, callback, ok: bool) -> None:
+    def _post_gpu(self, callback: Callable[[bool], None], ok: bool) -> None:
         """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
         self._cmds.append(("gpu", callback, ok))
         try:
@@ -203,7 +210,7 @@ class _ProgressLoop(_EngineBase):
         except (BlockingIOError, OSError):
             pass
 
-    def _release_after(self, buf: Buffer, event: Any) -> None:
+    def _release_after(self, buf: Held, event: Any) -> None:
         """Release ``buf`` once the GPU work reading or writing it (``event``) is done."""
         if event is None or event.query() or self._completer is None:
             buf.release()
@@ -314,7 +321,7 @@ class _ProgressLoop(_EngineBase):
             if peer.ready:
                 if now - peer.last_rx > cfg.effective_peer_timeout_s:
                     silent = now - peer.last_rx
-                    self._lose_peer(peer, lambda s=silent, a=peer.addr: PeerLost(f"peer silent for {s:.2f}s", peer=a))
+                    self._lose_peer(peer, functools.partial(PeerLost, f"peer silent for {silent:.2f}s", peer=peer.addr))
                     continue
                 if now - peer.last_tx >= cfg.effective_heartbeat_s:
                     peer.sock.send(encode("ping"))
@@ -391,7 +398,7 @@ class _ProgressLoop(_EngineBase):
                 except zmq.ZMQError:
                     pass
 
-    def _fail_peer_work(self, peer: _Peer, make_error) -> int:
+    def _fail_peer_work(self, peer: _Peer, make_error: MakeError) -> int:
         """Fail every send, pull and connect waiting on ``peer``; return how many there were."""
         n = 0
         for item in list(peer.queue) + list(peer.inflight.values()):
@@ -421,7 +428,7 @@ class _ProgressLoop(_EngineBase):
         peer.connect_waiters.clear()
         return n
 
-    def _fail_everything(self, make_error) -> None:
+    def _fail_everything(self, make_error: MakeError) -> None:
         for peer in list(self._peers.values()):
             self._fail_peer_work(peer, make_error)
         while self._cmds:
@@ -528,6 +535,6 @@ def io_main(wref: Any) -> None:
             eng._internal_error("the I/O loop")
             stop = False
         if stop:
-            eng._fail_everything(lambda eng=eng: EngineClosed(f"engine {eng.address} closed"))
+            eng._fail_everything(functools.partial(EngineClosed, f"engine {eng.address} closed"))
             return
         del eng

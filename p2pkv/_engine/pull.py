@@ -359,7 +359,8 @@ class _PullPath(_EngineBase):
             return True
         n = slot.buf.nbytes
         raw = slot.buf.data
-        meta = dict(seq=pp.seq, key=pp.key.to_wire(), dt=T.dtype_name(slot.dtype), sh=list(slot.shape), n=n)
+        meta: dict[str, Any] = dict(seq=pp.seq, key=pp.key.to_wire(), dt=T.dtype_name(slot.dtype),
+                                    sh=list(slot.shape), n=n)
         if pp.x == "ipc":
             if self._reply(pp.sess.ident, "pdata", x="ipc", ipc={"off": slot.buf.offset}, **meta):
                 self._lent[(pp.sess.ident, pp.seq)] = (slot.buf, time.monotonic() + 2 * self._cfg.timeout_s)
@@ -369,6 +370,7 @@ class _PullPath(_EngineBase):
                 slot.buf.release()
             return True
         if pp.x == "nccl":
+            assert comm is not None  # found ready above
             if not self._reply(pp.sess.ident, "pdata", x="nccl", **meta):
                 slot.buf.release()
                 return True

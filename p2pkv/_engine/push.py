@@ -5,6 +5,7 @@ and its receiving side (credit grants, storing, NCCL drains).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,12 +19,14 @@ from ..errors import (DuplicateKey, InvalidTensor,
                       TransferTimeout, TransportError)
 from ..handles import TransferState
 from ..keys import TransferKey
-from ..mailbox import DirectBuffer
+from ..mailbox import DirectBuffer, Held
 from ..pool import Buffer, BufferPool
 from ..transport import tcp
 from .state import (_MAX_CREDIT_VIOLATIONS, _TICK_S, _Peer,
                     _SendItem, _Session, log)
 from .base import _EngineBase
+
+Nack = Callable[[P2pkvError], None]  # refuses one received tensor: tells its sender why
 
 
 class _PushPath(_EngineBase):
@@ -57,6 +60,7 @@ class _PushPath(_EngineBase):
             return
         while peer.queue:
             item = peer.queue[0]
+            assert item.payload is not None  # a queued send is unfinished
             x = self._item_transport(peer, item)
             loop_nccl = x == "nccl" and self._is_self(peer)
             comm = None
@@ -109,6 +113,7 @@ class _PushPath(_EngineBase):
 
     def _send_tcp(self, peer: _Peer, item: _SendItem) -> None:
         payload = item.payload
+        assert payload is not None  # (None only once the send finished)
         if item.ready is not None:  # a CUDA tensor: stage it through host memory
             item.ready.synchronize()
             src = T.as_bytes(payload)
@@ -123,6 +128,7 @@ class _PushPath(_EngineBase):
         tcp.send_payload(peer.sock, payload)
 
     def _send_ipc(self, peer: _Peer, item: _SendItem) -> None:
+        assert item.payload is not None  # (None only once the send finished)
         src = T.as_bytes(item.payload)
         if item.stage is None:
             off = self._pool.offset_of(item.payload)
@@ -156,6 +162,7 @@ class _PushPath(_EngineBase):
             self._completer.add(event, announce, item.deadline)
 
     def _send_nccl(self, peer: _Peer, item: _SendItem, comm: Any) -> None:
+        assert item.payload is not None  # (None only once the send finished)
         peer.sock.send(self._data_header(item, "nccl"))
         comm.stream.wait_event(item.ready)
         comm.send(T.as_bytes(item.payload), comm.stream)
@@ -164,6 +171,7 @@ class _PushPath(_EngineBase):
 
     def _loopback_nccl_send(self, peer: _Peer, item: _SendItem, comm: Any) -> bool:
         """An engine sending to itself over NCCL: one grouped send+recv on a one-rank communicator."""
+        assert item.payload is not None  # (None only once the send finished)
         dst = self._pool.try_alloc(item.nbytes)
         if dst is None:
             return False
@@ -204,7 +212,7 @@ class _PushPath(_EngineBase):
         return True
 
     def _finish_send(self, item: _SendItem, state: TransferState, error: P2pkvError | None = None) -> bool:
-        item.payload = None  # type: ignore[assignment]
+        item.payload = None
         if item.stage is not None:
             self._release_after(item.stage, item.gpu_event)
             item.stage = None
@@ -306,7 +314,7 @@ class _PushPath(_EngineBase):
         self._store(sess, key, buf, dtype, shape, seq, nack, "tcp")
 
     def _recv_posted(self, sess: _Session, key: TransferKey, dtype: torch.dtype, shape: tuple[int, ...], seq: int,
-                     nack: Any) -> bool:
+                     nack: Nack) -> bool:
         """A caller already waits in ``recv`` for ``key``: land the bytes straight in its tensor (no pool
         hop, no copy out of the pool). False when nobody waits or its ``out`` does not fit."""
         found, dest = self._inbox.take_post(key)
@@ -349,8 +357,8 @@ class _PushPath(_EngineBase):
         # size unknown (or no memory for it): end the communicator on both sides instead of shifting data
         self._end_session_comm(sess, direction, TransportError("refused an NCCL tensor that could not be drained"))
 
-    def _store(self, sess: _Session, key: TransferKey, buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...],
-               seq: int, nack, x: str) -> None:
+    def _store(self, sess: _Session, key: TransferKey, buf: Held, dtype: torch.dtype, shape: tuple[int, ...],
+               seq: int, nack: Nack, x: str) -> None:
         """Put a fully received tensor in the inbox and ack it, or release it and nack why not."""
         if key in self._incoming_keys:  # (a request reserved the key while this tensor moved on a GPU)
             buf.release()
@@ -395,7 +403,7 @@ class _PushPath(_EngineBase):
         return tcp.recv_payload_into(self._router, buf.data)
 
     def _recv_gpu(self, sess: _Session, msg: dict[str, Any], key: TransferKey, dtype: torch.dtype,
-                  shape: tuple[int, ...], buf: Buffer, nack) -> None:
+                  shape: tuple[int, ...], buf: Buffer, nack: Nack) -> None:
         """Receive a CUDA IPC or NCCL tensor into ``buf``; deliver and ack once the GPU is done."""
         x, n, seq = msg["x"], msg["n"], msg["seq"]
         ident_of = sess.ident
@@ -430,7 +438,7 @@ class _PushPath(_EngineBase):
                 return
             self._store(sess, key, buf, dtype, shape, seq, nack, x)
 
-        done.tkey = key  # type: ignore[attr-defined]
+        done.tkey = key  # type: ignore[attr-defined]  # mypy has no function attributes; Completer traces it
         self._completer.add(ev, done, time.monotonic() + self._cfg.timeout_s, blocking=comm is None)
 
     def _credit_violation(self, sess: _Session, err: P2pkvError) -> bool:

@@ -4,6 +4,7 @@ machinery and the consumer's admission, landing and completion.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -274,6 +275,7 @@ class _RequestPath(_EngineBase):
             req.last_event = ev
             req.keep.append(t)
         elif req.x == "ipc":
+            assert req.offs is not None  # set by the receiver's grant, before any item is posted
             dst = peer.ipc_out.view(req.offs[i], n)
             stream = peer.copy_stream
             if ready is not None:
@@ -328,7 +330,7 @@ class _RequestPath(_EngineBase):
             keep = req.keep  # posted GPU work may still read the caller's tensors
             self._completer.add(req.last_event, lambda ok, keep=keep: None, time.monotonic() + 60)
         req.keep = []
-        peer = req._p
+        peer: _Peer | None = req._p
         if peer is None or req.seq < 0 or self._peers.get(peer.addr) is not peer:
             return
         if from_peer:
@@ -644,10 +646,11 @@ class _RequestPath(_EngineBase):
             sess.eager_held -= need
         sess.reserved += need
         sess.admitted[inc.seq] = inc
-        offs = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
+        offs: dict[str, Any] = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
         self._reply(sess.ident, "ogrant", seq=inc.seq, **offs)
         _trace.mark("rx.granted", inc.transfer_id)
         if inc.x == "nccl":
+            assert comm is not None  # found ready above
             watcher = self._session_watcher(sess)
             try:
                 for i, b in enumerate(bufs):
@@ -655,7 +658,7 @@ class _RequestPath(_EngineBase):
                     ev = torch.cuda.Event()
                     ev.record(comm.stream)
                     inc.posted[i] = True
-                    watcher.add(ev, lambda i=i: self._landed(inc, i))
+                    watcher.add(ev, functools.partial(self._landed, inc, i))
             except P2pkvError as exc:
                 self._end_session_comm(sess, "req", exc)
         return 0 if eager else need
@@ -721,7 +724,7 @@ class _RequestPath(_EngineBase):
                 self._submit(("odone", inc), force=True)
 
     def _request_done(self, inc: Incoming) -> None:
-        sess = inc.sess
+        sess: _Session = inc.sess
         if sess.admitted.pop(inc.seq, None) is not None:
             sess.reserved -= inc.need  # its data waits in the inbox now, charged to it until claimed
         self._forget_incoming(inc)
@@ -748,7 +751,7 @@ class _RequestPath(_EngineBase):
                 inc.bufs[i] = None
         for _, b in free:
             b.release()
-        sess = inc.sess
+        sess: _Session = inc.sess
         if sess.admitted.pop(inc.seq, None) is not None:
             sess.reserved -= inc.need
         if inc.eager:  # paid from credit and never admitted: the room held for it is free again
@@ -837,7 +840,7 @@ class _RequestPath(_EngineBase):
                 continue
             if inc.failed:
                 continue
-            sess = inc.sess
+            sess: _Session = inc.sess
             err = TransferTimeout("the receiver's deadline passed before every tensor of the request arrived"
                                   + ("" if inc.admitted else " (no room for it)"), key=inc.transfer_id)
             if inc.x == "nccl" and inc.admitted:

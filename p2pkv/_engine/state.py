@@ -111,7 +111,7 @@ class _SendItem:
                  deadline: float, ready: Any = None):
         self.handle = handle
         self.key = handle.key
-        self.payload = payload
+        self.payload: torch.Tensor | None = payload  # None once the send finished (frees it)
         self.dtype = dtype
         self.shape = shape
         self.nbytes = handle.nbytes

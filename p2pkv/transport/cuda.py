@@ -11,7 +11,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -74,15 +75,16 @@ class IpcMapping:
                 raise TransportError(f"cannot open the peer's CUDA IPC handle: {exc}") from None
             mem = cupy.cuda.UnownedMemory(self.ptr, nbytes, self)
             arr = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-            self.tensor = torch.as_tensor(arr, device=device)
+            self.tensor: torch.Tensor | None = torch.as_tensor(arr, device=device)  # None once closed
         self._closed = False
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        if self._closed:
+        tensor = self.tensor
+        if self._closed or tensor is None:
             raise TransportError("IPC mapping used after close")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise TransportError(f"IPC range [{offset}, {offset + nbytes}) outside the peer's arena of {self.nbytes}")
-        return self.tensor[offset:offset + nbytes]
+        return tensor[offset:offset + nbytes]
 
     def close(self) -> None:
         if self._closed:
@@ -96,7 +98,7 @@ class IpcMapping:
                 cupy.cuda.runtime.ipcCloseMemHandle(self.ptr)
         except Exception as exc:  # pragma: no cover
             log.warning("closing a CUDA IPC mapping failed: %s", exc)
-        self.tensor = None  # type: ignore[assignment]
+        self.tensor = None
 
 
 class Completer:
