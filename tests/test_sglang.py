@@ -18,7 +18,6 @@ runs the same flows with the real package (classes taken from SGLang's own
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -36,6 +35,7 @@ import torch
 from p2pkv import ConfigError, EngineConfig, InvalidKey, TransferAborted, TransferKey, TransferTimeout
 from p2pkv.adapters import sglang as sg
 from p2pkv.adapters.sglang import KVPoll
+from .conftest import process_context
 
 NUM_PAGES, PAGE, HEAD_BYTES, LAYERS = 64, 4, 32, 3  # K and V per layer: 6 buffers
 AUX_SLOTS, AUX_ITEM = 8, 48
@@ -321,7 +321,7 @@ class Flow:
 
     def __init__(self, real: bool, rooms: list[int], scenario: str = "ok", *, with_prefill: bool = True):
         _stashes.clear()
-        ctx = mp.get_context("spawn")
+        ctx = process_context()
         # one queue per process: a SIGKILLed prefill must not take the decode's channel with it
         self.qp, self.qd, self.ev, self.go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
         self.bport = free_port()
