@@ -324,6 +324,7 @@ def test_layout_over_the_consumers_message_limit_is_never_misread():
             assert all(same_bits(h.wait(5)[n], t) for n, t in data)
 
 
+@pytest.mark.soak  # two 6-second floods: a stress run (CI's soak stage)
 @pytest.mark.timeout(120)
 def test_header_floods_do_not_starve_the_io_thread():
     """Headers that are costly for the consumer (thousands of requests under one transfer id; a new
