@@ -340,7 +340,8 @@ class _ProgressLoop(_EngineBase):
             for seq, item in [(s, i) for s, i in peer.inflight.items() if i.deadline < now]:
                 del peer.inflight[seq]
                 self._finish_send(item, TransferState.FAILED, TransferTimeout(
-                    "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
+                    f"no acknowledgement from the receiver within the deadline "
+                    f"(timeout={round(item.deadline - item.handle.t_start, 3):g}s)", key=item.key, peer=peer.addr))
             if peer.req_waiting or peer.reqs:
                 self._tick_requests(peer, now)
             for pull in [p for p in peer.pull_waiting if p.deadline < now or p.event.is_set()]:
