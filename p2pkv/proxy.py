@@ -643,38 +643,42 @@ def _positive(kind: type) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point (``python -m p2pkv.proxy`` / ``p2pkv-proxy``)."""
     d = ProxyLimits()
-    ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each help string states its own default (argparse's ArgumentDefaultsHelpFormatter would add a
+    # second "(default: ...)" to those that already say it, and "(default: None)" to the flags).
+    ap = argparse.ArgumentParser(prog="p2pkv-proxy", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the proxy on every interface)")
-    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+                    help="address to listen on (default: %(default)s; 0.0.0.0 exposes the proxy on every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port; default: %(default)s)")
     ap.add_argument("--prefill", action="append", default=[], help="URL[,P2PKV_HOST:PORT] (repeatable; static)")
     ap.add_argument("--decode", action="append", default=[], help="URL,P2PKV_HOST:PORT (repeatable; static)")
     ap.add_argument("--instance-ttl", type=_positive(float), default=10.0,
-                    help="drop registered instances silent this long (s, default 10)")
+                    help="drop registered instances silent this long (s; default: %(default)s)")
     ap.add_argument("--register-token", default=None,
-                    help=f"shared secret for POST /register (default ${TOKEN_ENV}; prefer the variable, a flag "
+                    help=f"shared secret for POST /register (default: ${TOKEN_ENV}; prefer the variable, a flag "
                          "is visible in ps)")
     ap.add_argument("--allow-unauthenticated-register", action="store_true",
                     help="without a token, let anyone who reaches the proxy register instances (trusted networks "
                          "only)")
     ap.add_argument("--timeout", type=_positive(float), default=d.timeout_s,
-                    help="total time of one request to an instance (s)")
+                    help="total time of one request to an instance (s; default: %(default)s)")
     ap.add_argument("--connect-timeout", type=_positive(float), default=d.connect_timeout_s,
-                    help="time to connect to an instance (s)")
+                    help="time to connect to an instance (s; default: %(default)s)")
     ap.add_argument("--header-timeout", type=_positive(float), default=d.header_timeout_s,
-                    help="a client must send a request head within this long (s)")
+                    help="a client must send a request head within this long (s; default: %(default)s)")
     ap.add_argument("--body-timeout", type=_positive(float), default=d.body_timeout_s,
-                    help="a client must send the request body within this long (s)")
-    ap.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes, help="largest request body")
+                    help="a client must send the request body within this long (s; default: %(default)s)")
+    ap.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes,
+                    help="largest request body (bytes; default: %(default)s)")
     ap.add_argument("--max-connections", type=_positive(int), default=d.max_connections,
-                    help="client connections held at once (lowered to fit the file descriptor limit)")
+                    help="client connections held at once (default: %(default)s, lowered to fit the file descriptor "
+                         "limit)")
     ap.add_argument("--upstream-connections", type=_positive(int), default=d.upstream_connections,
-                    help="connections to all instances together")
+                    help="connections to all instances together (default: %(default)s)")
     ap.add_argument("--upstream-connections-per-host", type=_positive(int), default=d.upstream_connections_per_host,
-                    help="connections to one instance")
-    ap.add_argument("--max-instances", type=_positive(int), default=256, help="registered instances per role")
+                    help="connections to one instance (default: %(default)s)")
+    ap.add_argument("--max-instances", type=_positive(int), default=256,
+                    help="registered instances per role (default: %(default)s)")
     a = ap.parse_args(argv)
     if a.register_token is None:  # read here, not as the default: --help must never print the secret
         a.register_token = os.environ.get(TOKEN_ENV) or None

@@ -1,3 +1,6 @@
+import multiprocessing as mp
+import multiprocessing.context
+
 import pytest
 import torch
 
@@ -5,6 +8,19 @@ from p2pkv import Engine
 
 # Tests start short-deadline engines; keep every wait bounded.
 FAST = dict(timeout_s=5.0, peer_timeout_s=1.5, heartbeat_s=0.2, ttl_s=30.0, pool_bytes=64 * 2**20)
+
+
+def process_context() -> multiprocessing.context.BaseContext:
+    """Where tests start their peer processes: a forkserver with torch and p2pkv already imported.
+
+    Each child is forked from that server (a process holding no thread, socket or CUDA context:
+    importing p2pkv touches none), so it starts as clean as a spawned one, without paying the
+    seconds a fresh interpreter spends importing torch on a loaded 2-core machine. Children see
+    the environment the server started with, not later changes to os.environ.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "p2pkv"])
+    return ctx
 
 
 def pytest_configure(config):

@@ -22,6 +22,7 @@ import torch
 
 import p2pkv
 import p2pkv.bench.core
+import p2pkv.bench.request
 import p2pkv.demo
 from p2pkv.bench.core import format_table, parse_size
 from p2pkv.demo import memory_needed
@@ -44,7 +45,7 @@ def _in_process(main: Callable[[list[str]], int], *args: str) -> subprocess.Comp
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def _assert_usage_error(out: subprocess.CompletedProcess[str], prog: str, *words: str) -> None:
+def _assert_usage_error(out: subprocess.CompletedProcess[str], prog: str, *words: str, usage_lines: int = 2) -> None:
     """argparse's form: exit 2, no traceback, the last stderr line is ``prog: error: ...``."""
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -52,7 +53,7 @@ def _assert_usage_error(out: subprocess.CompletedProcess[str], prog: str, *words
     assert last.startswith(f"{prog}: error: "), out.stderr
     for w in words:
         assert w in last, (w, last)
-    assert len(out.stderr.strip().splitlines()) <= 3, out.stderr  # usage (1-2 lines) + the error
+    assert len(out.stderr.strip().splitlines()) <= usage_lines + 1, out.stderr  # usage + the error
 
 
 def _available_memory() -> int:
@@ -291,6 +292,79 @@ def test_bench_help_and_version() -> None:
     assert "4K,16M,1G" in out.stdout and "bytes" in out.stdout
     out = _in_process(p2pkv.bench.core.main, "--version")
     assert out.returncode == 0 and out.stdout.strip() == f"p2pkv-bench {p2pkv.__version__}"
+
+
+# ----------------------------------------------------------------------------- bench.request
+REQ = "python -m p2pkv.bench.request"
+REQUEST_BAD = [
+    (["--transports", "bogus"], ["--transports", "choose from", "'bogus'"]),
+    (["--tokens", "-1"], ["--tokens", ">= 1", "'-1'"]),
+    (["--tokens", "abc"], ["--tokens", "comma-separated integers", "'abc'"]),
+    (["--reps", "0"], ["--reps", ">= 1", "'0'"]),
+    (["--reps", "x"], ["--reps", "'x'"]),
+    (["--gaps", "0"], ["--gaps", ">= 1"]),
+    (["--paths", "sideways"], ["--paths", "choose from"]),
+    (["--devices", "gpu,cpu"], ["--devices", "PRODUCER,CONSUMER", "'gpu,cpu'"]),
+    (["--devices", "cpu"], ["--devices", "PRODUCER,CONSUMER"]),
+    (["--out", ""], ["--out ''", "not a writable file path"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), REQUEST_BAD)
+def test_request_bench_bad_input_is_one_error_line(args: list[str], words: list[str]) -> None:
+    res = _in_process(p2pkv.bench.request.main, *args)
+    _assert_usage_error(res, REQ, *words, usage_lines=4)
+    assert res.stderr.strip().splitlines()[-1].count(args[0]) == 1  # the flag named once, not twice
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file", "in /proc"])
+def test_request_bench_unwritable_out_is_refused_before_the_run(case: str, tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out = {"a folder": str(tmp_path), "under a file": str(a_file / "rows.json"), "in /proc": "/proc/rows.json"}[case]
+    res = _in_process(p2pkv.bench.request.main, "--out", out)
+    _assert_usage_error(res, REQ, "--out", "not a writable file path", usage_lines=4)
+    assert res.stdout == ""  # nothing ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_request_bench_on_cpu_defaults_to_cpu_transports_and_refuses_gpu_ones() -> None:
+    a = p2pkv.bench.request._parse_args([])  # no arguments on a machine without a GPU: it has work to do
+    assert a.devices == ("cpu", "cpu") and a.transports == ["tcp", "shm"] and a.tokens == [512, 2048]
+    for xs in ("ipc", "nccl", "tcp,ipc"):
+        res = _in_process(p2pkv.bench.request.main, "--transports", xs)
+        _assert_usage_error(res, REQ, "needs a GPU", "use tcp or shm", usage_lines=4)
+    _assert_usage_error(_in_process(p2pkv.bench.request.main, "--devices", "cuda:0,cuda:0"), REQ, "not available",
+                        usage_lines=4)
+
+
+def test_request_bench_defaults_follow_the_gpus() -> None:
+    one = p2pkv.bench.request._parse_args([], ngpu=1)
+    assert one.devices == ("cuda:0", "cuda:0") and one.transports == ["ipc"] and one.tokens == [512, 2048, 10000]
+    two = p2pkv.bench.request._parse_args([], ngpu=2)
+    assert two.devices == ("cuda:0", "cuda:1") and two.transports == ["nccl", "ipc"]
+
+
+def test_request_bench_help_is_complete() -> None:
+    out = _in_process(p2pkv.bench.request.main, "--help")
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: {REQ}")
+    desc = " ".join(out.stdout.split("\n\n")[1].split())
+    assert desc.startswith("Whole-request benchmark") and desc.endswith("in the same run."), desc
+    for flag in ("--tokens", "--transports", "--paths", "--reps", "--gaps", "--devices", "--out"):
+        assert flag in out.stdout
+
+
+@pytest.mark.timeout(240)
+def test_request_bench_short_run_on_cpu(tmp_path: Path) -> None:
+    """A real run, as a user starts it, cut down to one small request over TCP."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the CPU run is not its default")
+    out = _run("p2pkv.bench.request", "--tokens", "16", "--reps", "1", "--transports", "tcp", "--paths", "send",
+               "--out", str(tmp_path / "rows.json"), timeout=220)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {r["what"] for r in rows} >= {"p2pkv send tcp cpu->cpu", "p2pkv send tcp cpu->cpu layer-wise 200us"}
+    assert all(r["tokens"] == 16 and r["ms"] > 0 for r in rows)
 
 
 def test_table_shows_only_measured_columns() -> None:

@@ -387,12 +387,14 @@ def test_pool_too_big_for_memory_is_a_config_error():
 
 
 def test_send_with_zero_timeout_never_calls_a_reachable_peer_unreachable(pair):
-    """timeout=0 gives a send no time to connect: it may fail, but must say why truthfully."""
+    """issue 23: timeout=0 gives a send no time to connect: it may fail, but must say why truthfully
+    (what was still missing, and the deadline it had), for a tensor and for a whole request."""
     a, b = pair
-    h = a.send(b.address, K("z", "0"), torch.ones(2), timeout=0)
-    with contextlib.suppress(TransferTimeout):
-        h.wait(5)
-    assert h.error is None or "unreachable" not in str(h.error), h.error
+    for h in (a.send(b.address, K("z", "0"), torch.ones(2), timeout=0),
+              a.send_request(b.address, "z-req", [("x", torch.ones(2))], timeout=0)):
+        with contextlib.suppress(TransferTimeout):
+            h.wait(5)
+        assert h.error is None or ("unreachable" not in str(h.error) and "timeout=0s" in str(h.error)), h.error
     a.send(b.address, K("z", "1"), torch.ones(2)).wait(5)  # the peer is reachable
     assert torch.equal(b.recv(K("z", "1"), timeout=5), torch.ones(2))
 

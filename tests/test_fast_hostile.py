@@ -10,7 +10,6 @@ same lease/channel/flag objects as the CUDA IPC path.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 import threading
@@ -33,6 +32,7 @@ from p2pkv.transport import shm
 
 from .test_fast import CFG, L, SHAPE, held, layers, send_all, settle, warm_up
 from .test_hostile import FakeEngine
+from .conftest import process_context
 
 MiB = 2**20
 
@@ -323,12 +323,13 @@ def test_layout_over_the_consumers_message_limit_is_never_misread():
             assert all(same_bits(h.wait(5)[n], t) for n, t in data)
 
 
+@pytest.mark.soak  # two 6-second floods: a stress run (CI's soak stage)
 @pytest.mark.timeout(120)
 def test_header_floods_do_not_starve_the_io_thread():
     """Headers that are costly for the consumer (thousands of requests under one transfer id; a new
     2048-tensor layout in every header) must not stall its I/O thread: honest peers stay connected."""
     cfg = dict(CFG, peer_timeout_s=1.5, heartbeat_s=0.2)
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     for kind in ("one-tid", "layouts"):
         with Engine(**cfg) as cons, Engine(**dict(cfg, transport="tcp")) as honest:
             honest.connect(cons.address, timeout=10)
@@ -351,7 +352,7 @@ def test_header_floods_do_not_starve_the_io_thread():
 def test_doorbell_rung_in_a_tight_loop(shm_pair):
     """Held: a peer ringing our doorbell as fast as it can costs CPU, not service."""
     prod, cons = shm_pair
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     p = ctx.Process(target=_ring_bell, args=(cons._fast._bell_name, 3.0))
     p.start()
     try:
@@ -603,7 +604,7 @@ def _ipc_holder(q: Any, done: Any) -> None:
 def test_forged_region_size_past_the_allocation_is_refused():
     """A producer that claims its allocation is larger than it is would have the reader make views past
     the mapping (reading them faults and kills the reader's CUDA context): the driver's size decides."""
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     q, done = ctx.Queue(), ctx.Event()
     p = ctx.Process(target=_ipc_holder, args=(q, done))
     p.start()

@@ -731,3 +731,29 @@ def test_the_hop_header_is_checked_and_bounded() -> None:
         await env.close()
 
     run(scenario)
+
+
+def test_cli_help_states_each_default_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 23: ``--help`` printed "(default ...)" twice for three options and "(default: None)" for flags."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exc:
+        proxy_mod.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    entries: dict[str, str] = {}
+    opt = None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            opt = line.split()[0].rstrip(",")
+            entries[opt] = line
+        elif opt is not None:
+            entries[opt] += " " + line.strip()
+    assert {"--host", "--port", "--instance-ttl", "--timeout", "--max-instances"} <= set(entries), entries
+    for entry in entries.values():
+        assert entry.count("default") <= 1, entry
+        assert "(default: None)" not in entry and "default: False" not in entry and "default: []" not in entry, entry
+    for name in ("--host", "--port", "--instance-ttl", "--timeout", "--connect-timeout", "--header-timeout",
+                 "--body-timeout", "--max-body-bytes", "--max-connections", "--upstream-connections",
+                 "--upstream-connections-per-host", "--max-instances"):
+        assert "default: " in entries[name], entries[name]
+    assert "default: 127.0.0.1" in entries["--host"] and "default: 8000" in entries["--port"]

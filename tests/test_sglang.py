@@ -18,7 +18,6 @@ runs the same flows with the real package (classes taken from SGLang's own
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -36,6 +35,7 @@ import torch
 from p2pkv import ConfigError, EngineConfig, InvalidKey, TransferAborted, TransferKey, TransferTimeout
 from p2pkv.adapters import sglang as sg
 from p2pkv.adapters.sglang import KVPoll
+from .conftest import process_context
 
 NUM_PAGES, PAGE, HEAD_BYTES, LAYERS = 64, 4, 32, 3  # K and V per layer: 6 buffers
 AUX_SLOTS, AUX_ITEM = 8, 48
@@ -321,7 +321,7 @@ class Flow:
 
     def __init__(self, real: bool, rooms: list[int], scenario: str = "ok", *, with_prefill: bool = True):
         _stashes.clear()
-        ctx = mp.get_context("spawn")
+        ctx = process_context()
         # one queue per process: a SIGKILLed prefill must not take the decode's channel with it
         self.qp, self.qd, self.ev, self.go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
         self.bport = free_port()
@@ -604,12 +604,15 @@ def test_bootstrap_server_rejects_bad_registrations():
             req = urllib.request.Request(f"http://{srv.address}/register", data=body, method="PUT")
             with pytest.raises(urllib.error.HTTPError) as ei:
                 urllib.request.urlopen(req, timeout=5)
+            ei.value.close()  # an HTTP error holds its connection's socket until closed
             assert ei.value.code == 400, body[:80]
         # an oversized body is refused before it is read (the client may see the refusal or a reset connection)
         req = urllib.request.Request(f"http://{srv.address}/register", data=b"x" * (2 << 20), method="PUT")
         with pytest.raises((urllib.error.HTTPError, ConnectionError, urllib.error.URLError)) as ei:
             urllib.request.urlopen(req, timeout=5)
-        assert not isinstance(ei.value, urllib.error.HTTPError) or ei.value.code == 400
+        if isinstance(ei.value, urllib.error.HTTPError):
+            ei.value.close()
+            assert ei.value.code == 400
         with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
             assert json.loads(resp.read()) == {"ranks": {}}
         req = urllib.request.Request(f"http://{srv.address}/register", data=json.dumps(good).encode(), method="PUT")
@@ -617,6 +620,20 @@ def test_bootstrap_server_rejects_bad_registrations():
             assert resp.status == 200
         with urllib.request.urlopen(f"http://{srv.address}/route", timeout=5) as resp:
             assert json.loads(resp.read()) == {"ranks": {"0": {"0": good}}}
+
+
+def test_bootstrap_http_error_is_an_oserror_naming_the_status_and_closes_its_socket():
+    import gc
+    import warnings
+
+    with sg.P2pkvBootstrapServer("127.0.0.1", 0) as srv, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            with pytest.raises(OSError, match=r"PUT .*/register: HTTP 400") as ei:
+                sg.bootstrap.http_json("PUT", f"http://{srv.address}/register", {"v": 1}, 5)
+            del ei
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
 
 
 def test_layout_mismatch_is_a_typed_failure():

@@ -4,7 +4,6 @@ The two sides' internal request ids differ by vLLM's random per-instance suffix;
 the transfer is named only by kv_transfer_params["transfer_id"].
 """
 
-import multiprocessing as mp
 import socket
 import time
 
@@ -15,6 +14,7 @@ from p2pkv import new_transfer_id
 from p2pkv.synthetic import same_bits
 
 from . import vllm_fakes as F
+from .conftest import process_context
 
 FAST = dict(timeout_s=10.0, peer_timeout_s=2.0, heartbeat_s=0.2, pool_bytes=64 * 2**20)
 
@@ -118,7 +118,7 @@ def consumer_pair():
 
 
 def _start_prefill(req_id, tid, prompt_len, block_ids, mode, consumer_port, seed, chunks=1):
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     p = ctx.Process(target=run_prefill, args=(child, req_id, tid, prompt_len, block_ids, mode, consumer_port, seed,
                                               chunks, _free_port()), daemon=True)

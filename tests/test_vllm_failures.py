@@ -11,6 +11,7 @@ from p2pkv import new_transfer_id
 
 from . import vllm_fakes as F
 from . import vllm_hetero as H
+from .conftest import process_context
 
 FAST = dict(timeout_s=10.0, peer_timeout_s=2.0, heartbeat_s=0.2, pool_bytes=16 * 2**20)
 
@@ -191,10 +192,9 @@ def test_many_loads_share_a_few_loader_threads(consumer):
 def test_stats_reach_vllms_channel():
     from p2pkv.adapters.vllm import P2pkvConnector
 
-    import multiprocessing as mp
 
     cons = H.make_instance("kv_consumer", H.Geo(), dict(FAST, mode="pull", port=_free_port()))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     tid = new_transfer_id()
     p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(FAST, mode="pull", port=_free_port()),
@@ -304,11 +304,10 @@ def test_save_path_host_time_is_small():
 def test_kv_expired_at_the_producer_or_consumer_fails_loudly_not_stale(mode):
     """A decode request that comes after the KV's ttl_s (producer's copy or received data evicted)
     fails its load at once with TransferEvicted; it never gets stale or foreign KV."""
-    import multiprocessing as mp
 
     extra = dict(FAST, ttl_s=1.0, load_timeout_s=20.0)
     cons = H.make_instance("kv_consumer", H.Geo(), dict(extra, mode=mode, port=_free_port()))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(extra, mode=mode, port=_free_port()),
                                                  "cmpl-x-p", new_transfer_id(), 40, [7, 8, 9], cons[1][0].engine.port
@@ -371,10 +370,9 @@ def test_n_siblings_asked_in_the_same_step_load_once(consumer):
 def test_producer_killed_after_prefill_fails_the_pull_at_once():
     """The producer process dies after handing off (pull mode: its copy dies with it): the decode
     side's load fails within seconds, not at load_timeout_s."""
-    import multiprocessing as mp
 
     cons = H.make_instance("kv_consumer", H.Geo(), dict(FAST, mode="pull", port=_free_port(), load_timeout_s=60.0))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(FAST, mode="pull", port=_free_port()),
                                                  "cmpl-k-p", new_transfer_id(), 40, [7, 8, 9], 1, 1), daemon=True)

@@ -1,7 +1,6 @@
 """Heterogeneous TP sizes, block sizes and layouts between two processes (vLLM objects faked):
 each decode rank ends up with exactly its own heads, bit-exact."""
 
-import multiprocessing as mp
 import socket
 
 import pytest
@@ -9,6 +8,7 @@ import pytest
 from p2pkv import new_transfer_id
 
 from . import vllm_hetero as H
+from .conftest import process_context
 
 FAST = dict(timeout_s=10.0, peer_timeout_s=2.0, heartbeat_s=0.2, pool_bytes=32 * 2**20, load_timeout_s=20.0)
 
@@ -37,7 +37,7 @@ def _transfer(mode, pgeo, cgeo, ntok=70, pblocks=None, cblocks=None, num_compute
     cblocks = cblocks or [40 - i for i in range(-(-ntok // cgeo.block))]
     cport, pport = _free_port(), _free_port()
     cons = H.make_instance("kv_consumer", cgeo, dict(FAST, mode=mode, port=cport))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     p = ctx.Process(target=H.run_producer, args=(child, pgeo, dict(FAST, mode=mode, port=pport), "cmpl-p-1a2b", tid,
                                                  ntok, pblocks, cport, cgeo.tp), daemon=True)
@@ -139,7 +139,7 @@ def test_dtype_mismatch_without_a_fingerprint_is_refused_by_the_worker():
 
     cgeo = H.Geo(dtype=torch.float16)
     cons = H.make_instance("kv_consumer", cgeo, dict(FAST, mode="pull", port=_free_port()))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     tid = new_transfer_id()
     p = ctx.Process(target=H.run_producer, args=(child, H.Geo(), dict(FAST, mode="pull", port=_free_port()),

@@ -3,7 +3,6 @@ as Gemma 3 and gpt-oss) between two processes (vLLM objects faked; real sockets)
 its own block ids, a windowed group only the blocks a decode step still reads, bit-exact."""
 
 import logging
-import multiprocessing as mp
 
 import pytest
 
@@ -13,6 +12,7 @@ from p2pkv.adapters.vllm._layout import KVGroup, groups_from_config
 from . import vllm_fakes as F
 from . import vllm_hetero as H
 from .test_vllm_hetero import FAST, _free_port
+from .conftest import process_context
 
 
 def _blocks(geo: H.Geo, ntok: int, base: int, nulls: int = -1) -> tuple[list[int], ...]:
@@ -36,7 +36,7 @@ def _transfer(mode, pgeo, cgeo, ntok=100, pblocks=None, cblocks=None, num_comput
     cport, pport = _free_port(), _free_port()
     pgeo.nb = cgeo.nb = 256
     cons = H.make_instance("kv_consumer", cgeo, dict(FAST, mode=mode, port=cport))
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     parent, child = ctx.Pipe()
     p = ctx.Process(target=H.run_producer, args=(child, pgeo, dict(FAST, mode=mode, port=pport), "cmpl-p-hy1", tid,
                                                  ntok, pblocks, cport, cgeo.tp), daemon=True)

@@ -335,16 +335,20 @@ class _ProgressLoop(_EngineBase):
                 continue
             for item in [i for i in peer.queue if i.deadline < now]:
                 peer.queue.remove(item)
-                why = ("no credit from the receiver in time (it is full, or did not answer)" if peer.ready else
-                       "connected, but the peer did not finish the handshake in time" if peer.connects else
+                # say what was still missing when the deadline (possibly 0 s) passed, not a guess at why
+                why = ("no credit from the receiver yet (it is full, or has not answered)" if peer.ready else
+                       "connected, but the peer had not finished the handshake" if peer.connects else
                        "peer unreachable" if now - peer.created >= cfg.effective_peer_timeout_s else
                        "not connected to the peer yet")
+                timeout = round(item.deadline - item.handle.t_start, 3)
                 self._finish_send(item, TransferState.FAILED, TransferTimeout(
-                    f"send not started within its deadline: {why}", key=item.key, peer=peer.addr))
+                    f"send not started within its deadline (timeout={timeout:g}s): {why}", key=item.key,
+                    peer=peer.addr))
             for seq, item in [(s, i) for s, i in peer.inflight.items() if i.deadline < now]:
                 del peer.inflight[seq]
                 self._finish_send(item, TransferState.FAILED, TransferTimeout(
-                    "no acknowledgement from the receiver within the deadline", key=item.key, peer=peer.addr))
+                    f"no acknowledgement from the receiver within the deadline "
+                    f"(timeout={round(item.deadline - item.handle.t_start, 3):g}s)", key=item.key, peer=peer.addr))
             if peer.req_waiting or peer.reqs:
                 self._tick_requests(peer, now)
             for pull in [p for p in peer.pull_waiting if p.deadline < now or p.event.is_set()]:

@@ -425,14 +425,21 @@ class _RequestPath(_EngineBase):
     def _tick_requests(self, peer: _Peer, now: float) -> None:
         for req in [r for r in peer.req_waiting if r.deadline < now]:
             peer.req_waiting.remove(req)
-            why = "no NCCL communicator" if peer.ready else "peer unreachable"
-            req._set(RequestState.FAILED, TransferTimeout(f"request not offered within its deadline: {why}",
-                                                          key=req.transfer_id, peer=peer.addr))
+            # say what was still missing when the deadline (possibly 0 s) passed, not a guess at why
+            why = (("handshake done, but no NCCL communicator with the peer yet"
+                    if self._request_transport(peer) == "nccl" else "the deadline passed before the offer went out")
+                   if peer.ready else
+                   "connected, but the peer had not finished the handshake" if peer.connects else
+                   "peer unreachable" if now - peer.created >= self._cfg.effective_peer_timeout_s else
+                   "not connected to the peer yet")
+            req._set(RequestState.FAILED, TransferTimeout(
+                f"request not offered within its deadline (timeout={req.timeout:g}s): {why}",
+                key=req.transfer_id, peer=peer.addr))
         for req in [r for r in peer.reqs.values() if r.deadline < now and not r.done()]:
-            what = "no room at the receiver" if not req.granted else \
+            what = "no grant from the receiver yet (it has no room, or has not answered)" if not req.granted else \
                 "not every tensor was handed over" if req.next_post < len(req.specs) else "no completion"
-            err = TransferTimeout(f"request did not complete within its deadline ({what})", key=req.transfer_id,
-                                  peer=peer.addr)
+            err = TransferTimeout(f"request did not complete within its deadline (timeout={req.timeout:g}s): {what}",
+                                  key=req.transfer_id, peer=peer.addr)
             if req.x == "nccl" and req.granted and req.next_post >= len(req.specs):
                 # posted sends may still read the caller's tensors: end them before reporting
                 self._send_oabort(peer, req, err, end=True)

@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -390,17 +391,22 @@ def suite_request(smoke: bool, sizes: list[int], bar: Callable[[str], None]) -> 
     return bench_request(tokens, transports, reps=2 if smoke else 6, gaps_us=(200,), bar=bar)
 
 
-def _parse_args(argv: list[str] | None) -> Any:
+def _parse_args(argv: list[str] | None, ngpu: int | None = None) -> Any:
+    """The command line, with the defaults for this machine filled in (``ngpu``: CUDA devices, counted
+    when None). Every bad value is a one-line usage error (exit 2) before any work starts."""
     import argparse
+
+    if ngpu is None:
+        ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     def ints(what: str, lo: int) -> Callable[[str], list[int]]:
         def parse(text: str) -> list[int]:
             try:
                 vals = [int(v) for v in text.split(",") if v.strip()]
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
             if not vals or any(v < lo for v in vals):
-                raise argparse.ArgumentTypeError(f"{what} must be integers >= {lo}, got {text!r}")
+                raise argparse.ArgumentTypeError(f"must be integers >= {lo}, got {text!r}")
             return vals
         return parse
 
@@ -409,7 +415,7 @@ def _parse_args(argv: list[str] | None) -> Any:
             vals = [v.strip() for v in text.split(",") if v.strip()]
             bad = [v for v in vals if v not in allowed]
             if not vals or bad:
-                raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(allowed)}; got {text!r}")
+                raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {text!r}")
             return vals
         return parse
 
@@ -417,32 +423,32 @@ def _parse_args(argv: list[str] | None) -> Any:
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--reps must be an integer >= 1, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
         if v < 1:
-            raise argparse.ArgumentTypeError(f"--reps must be an integer >= 1, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
         return v
 
     def device_pair(text: str) -> tuple[str, str]:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) != 2 or not all(p == "cpu" or p.startswith("cuda") for p in parts):
-            raise argparse.ArgumentTypeError(f"--devices must be PRODUCER,CONSUMER (cpu or cuda:N), got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be PRODUCER,CONSUMER (cpu or cuda:N), got {text!r}")
         for p in parts:
             if p.startswith("cuda"):
                 try:
                     d = torch.device(p)
                 except RuntimeError:
-                    raise argparse.ArgumentTypeError(f"--devices: {p!r} is not a device") from None
-                n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-                if (d.index or 0) >= n:
-                    raise argparse.ArgumentTypeError(f"--devices: {p} is not available here ({n} CUDA devices)")
+                    raise argparse.ArgumentTypeError(f"{p!r} is not a device") from None
+                if (d.index or 0) >= ngpu:
+                    raise argparse.ArgumentTypeError(f"{p} is not available here ({ngpu} CUDA devices)")
         if (parts[0] == "cpu") != (parts[1] == "cpu"):
-            raise argparse.ArgumentTypeError("--devices: both sides must be cpu, or both cuda")
+            raise argparse.ArgumentTypeError("both sides must be cpu, or both cuda")
         return parts[0], parts[1]
 
     doc = (__doc__ or "").split("\n\n")[0].replace("\n", " ")
     ap = argparse.ArgumentParser(prog="python -m p2pkv.bench.request", description=doc)
-    ap.add_argument("--tokens", type=ints("--tokens", 1), default=[512, 2048, 10000],
-                    help="comma-separated prompt lengths in tokens (default 512,2048,10000)")
+    ap.add_argument("--tokens", type=ints("--tokens", 1), default=None,
+                    help="comma-separated prompt lengths in tokens (default 512,2048,10000 with a GPU, else "
+                         "512,2048)")
     ap.add_argument("--transports", type=choices("--transports", TRANSPORTS), default=None,
                     help="comma-separated: ipc, nccl, tcp, shm, auto (default: what this machine has)")
     ap.add_argument("--paths", type=choices("--paths", PATHS), default=None,
@@ -453,12 +459,23 @@ def _parse_args(argv: list[str] | None) -> Any:
     ap.add_argument("--devices", type=device_pair, default=None,
                     help="PRODUCER,CONSUMER devices (default: cuda:0,cuda:1 with two GPUs, cuda:0,cuda:0 with one, "
                          "else cpu,cpu)")
-    ap.add_argument("--out", default="", help="also write the rows as JSON to this file")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     a = ap.parse_args(argv)
-    if a.out:
-        d = os.path.dirname(os.path.abspath(a.out))
-        if os.path.isdir(a.out) or not os.path.isdir(d) or not os.access(d, os.W_OK):
-            ap.error(f"--out {a.out!r}: not a writable file path")
+    if a.out is not None:
+        if not a.out or os.path.isdir(a.out):
+            ap.error(f"--out {a.out!r}: not a writable file path ({'empty' if not a.out else 'a folder'})")
+        try:  # a file can be made there (root passes os.access checks that the file system then refuses)
+            with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(a.out))):
+                pass
+        except OSError as exc:
+            ap.error(f"--out {a.out!r}: not a writable file path ({exc.strerror or exc})")
+    a.devices = a.devices or (("cuda:0", "cuda:1") if ngpu >= 2 else ("cuda:0", "cuda:0") if ngpu else ("cpu", "cpu"))
+    a.transports = a.transports or (["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu else ["tcp", "shm"])
+    if a.tokens is None:
+        a.tokens = [512, 2048, 10000] if ngpu else [512, 2048]
+    gpu_only = [x for x in a.transports if x in ("ipc", "nccl")]
+    if a.devices[0] == "cpu" and gpu_only:
+        ap.error(f"--transports {','.join(gpu_only)} needs a GPU; this run is on the CPU (use tcp or shm)")
     return a
 
 
@@ -468,14 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = _parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    devs = a.devices or (("cuda:0", "cuda:1") if ngpu >= 2 else ("cuda:0", "cuda:0") if ngpu else ("cpu", "cpu"))
-    transports = a.transports or (["nccl", "ipc"] if ngpu >= 2 else ["ipc"] if ngpu else ["tcp", "shm"])
-    if devs[0] == "cpu" and not any(x in ("tcp", "shm") for x in transports):
-        print(f"python -m p2pkv.bench.request: error: --transports {','.join(transports)} needs a GPU; "
-              "this run is on the CPU (use tcp or shm)", flush=True)
-        return 2
-    rows = bench_request(a.tokens, transports, a.reps, tuple(a.gaps), paths=a.paths, devices=devs,
+    rows = bench_request(a.tokens, a.transports, a.reps, tuple(a.gaps), paths=a.paths, devices=a.devices,
                          bar=lambda note: print("..", note, flush=True))
     for r in rows:
         steps = r.pop("steps", None)
@@ -484,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in steps.items():
                 print(f"    {k:<34} p50 {v['p50_us']:>9} us  p90 {v['p90_us']:>9} us  (n={v['n']})")
             r["steps"] = steps
-    if a.out:
+    if a.out is not None:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
     return 0

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,8 +46,17 @@ def http_json(method: str, url: str, body: dict[str, Any] | None, timeout: float
     """
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        raw = resp.read(MAX_BODY * 64 + 1)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read(MAX_BODY * 64 + 1)
+    except urllib.error.HTTPError as exc:
+        # an error status: its body holds the connection open until closed (else a ResourceWarning)
+        with exc:
+            try:
+                why = "".join(c if c.isprintable() else "?" for c in exc.read(300).decode("utf-8", "replace")).strip()
+            except (OSError, ValueError):
+                why = ""
+        raise OSError(f"{method} {url}: HTTP {exc.code} {exc.reason}" + (f": {why}" if why else "")) from None
     if len(raw) > MAX_BODY * 64:
         raise ValueError(f"answer of {url} is larger than {MAX_BODY * 64} bytes")
     obj = json.loads(raw.decode() or "{}")
