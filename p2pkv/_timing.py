@@ -46,9 +46,9 @@ def gpu_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> tuple[fl
     return start.elapsed_time(end) / 1e3 / reps, host
 
 
-def wall_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
-    """Wall seconds of a synchronous (CPU) ``fn``: the median of ``reps`` timed calls after
-    ``warmup`` untimed ones (the median, so that a call the OS preempted does not skew it)."""
+def cpu_times(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> list[float]:
+    """Wall seconds of each of ``reps`` timed calls of a synchronous (CPU) ``fn``, after
+    ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -56,4 +56,10 @@ def wall_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def wall_time(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
+    """Wall seconds of a synchronous (CPU) ``fn``: the median of ``reps`` timed calls after
+    ``warmup`` untimed ones (the median, so that a call the OS preempted does not skew it)."""
+    return statistics.median(cpu_times(fn, reps, warmup))

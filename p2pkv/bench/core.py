@@ -28,6 +28,7 @@ import torch
 
 from .. import __version__
 from .._progress import Progress
+from .._timing import cpu_times
 from .._timing import gpu_time
 from ..stats import percentile
 from ..synthetic import PRESETS
@@ -506,17 +507,6 @@ def _pack_case(pname: str, tokens: int, dev: torch.device) -> list[Row]:
 _DERIVED = ("gbps_rw", "ratio_to_copy", "speedup_vs_index_select", "speedup_vs_index_copy")
 
 
-def cpu_times(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> list[float]:
-    """Wall seconds of each of ``reps`` timed calls of a synchronous (CPU) ``fn``, after
-    ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 # ----------------------------------------------------------------------------- IPC
