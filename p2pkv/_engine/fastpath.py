@@ -48,7 +48,7 @@ import torch
 from .. import _tensors as T
 from ..errors import (P2pkvError, PeerLost, ProtocolError, TransferAborted, TransferTimeout, error_from_code)
 from ..keys import TransferKey, validate_transfer_id
-from ..pool import ALIGN, BufferPool, _Extents
+from ..pool import ALIGN, BufferLike, BufferPool, _Extents
 from ..request import MAX_ITEMS, ItemSpec, RequestState
 from ..transport.shm import NFLAGS, ShmChannel
 
@@ -503,7 +503,7 @@ class FastTx:
 
 
 # ----------------------------------------------------------------------------- consumer
-class LeaseItem:
+class LeaseItem(BufferLike):
     """One tensor of a fast-path request, taken on its own (``recv``/``claim`` by key): a pool-buffer look-alike.
 
     Releasing it drops one reference on its request; the request's room goes back to the
@@ -526,16 +526,6 @@ class LeaseItem:
         if self._released:
             raise P2pkvError("buffer used after release")
         return self._data
-
-    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-        raw = self.data
-        if raw.numel() == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=raw.device)
-        return raw.view(dtype).view(tuple(shape))
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def release(self) -> None:
         if self._released:
