@@ -144,6 +144,17 @@ class EngineConfig:
     eager_requests: bool = True
     spin_s: float = 0.02
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> EngineConfig:
+        # Before the generated __init__ binds the arguments: a misspelt or extra one is a ConfigError
+        # naming it (as from_dict does), not a bare TypeError.
+        names = cls.field_names()
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {list(names)}")
+        if len(args) > len(names):
+            raise ConfigError(f"EngineConfig takes at most {len(names)} positional settings, got {len(args)}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
         if not isinstance(self.host, str) or not self.host or any(c in self.host for c in " /\t\n"):

@@ -100,6 +100,23 @@ def test_config_from_dict_coerces_and_rejects_unknown():
         EngineConfig.from_dict({"timeout_s": "soon"})
 
 
+def test_config_constructor_rejects_unknown_settings_with_config_error():
+    """A misspelt keyword to EngineConfig(...) (or replace) is a ConfigError naming it, as from_dict's is,
+    not a bare TypeError; pickling and copying still work."""
+    import copy
+    import pickle
+
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['timeout'\]"):
+        EngineConfig(timeout=5)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="unknown config key"):
+        EngineConfig(timeout_s=5).replace(pool=1)
+    with pytest.raises(ConfigError, match="positional"):
+        EngineConfig(*range(len(EngineConfig.field_names()) + 1))
+    c = EngineConfig(timeout_s=5, pool_bytes=2**20)
+    assert pickle.loads(pickle.dumps(c)) == c and copy.deepcopy(c) == c
+    assert c.replace(port=1).port == 1
+
+
 def test_config_from_env():
     env = {"P2PKV_TIMEOUT_S": "9", "P2PKV_POOL_BYTES": "1GiB", "P2PKV_TRANSPORT": "tcp", "OTHER": "x"}
     c = EngineConfig.from_env(env)
