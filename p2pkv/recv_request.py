@@ -296,7 +296,7 @@ class RecvRequest:
                     raise err
                 if now > deadline:
                     err = TransferTimeout(f"{what} of request {self.transfer_id} did not arrive within the deadline "
-                                          f"({self._state.value})", key=self.transfer_id)
+                                          f"({self._state.value}{self._missing_note()})", key=self.transfer_id)
                     if deadline >= self.deadline:
                         self._fail(err)
                     raise err
@@ -410,6 +410,30 @@ class RecvRequest:
         except P2pkvError as err:
             self._fail(err)
             raise
+
+    def _missing_note(self) -> str:
+        """``"; not arrived: 'x', ..."`` for a timeout message: the tensors still missing, when known."""
+        missing = []
+        for name in self._order:
+            if name in self._copied:
+                continue
+            i = self._fast_idx.get(name)
+            slot = self._slots.get(name)
+            try:  # as _landed, without failing the handle on the way
+                if i is not None:
+                    rec = self._fast
+                    landed = rec is not None and bool(rec.landed(i))
+                else:
+                    landed = slot is not None and (slot.ready is None or bool(slot.ready()))
+            except P2pkvError:
+                landed = False
+            if not landed:
+                missing.append(name)
+        if not missing:
+            return ""
+        shown = ", ".join(repr(n)[:80] for n in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        return f"; not arrived: {shown}{more}"
 
     def _complete(self) -> bool:
         if self._fast_all:

@@ -311,6 +311,33 @@ def test_recv_request_over_tcp_and_per_tensor_sends(pair):
     assert cons.stats()["pool"]["in_use"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_recv_request_timeout_names_what_did_not_arrive(pair):
+    """A recv_request that times out says which of its tensors never came (here: a name the sender's
+    request does not have), not just that 'every tensor' did not."""
+    prod, cons = pair
+    data = layers(5, 2)
+    send_all(prod, cons.address, "named", data).wait(5)
+    h = cons.recv_request("named", names=["layer0", "nope"], timeout=0.5)
+    with pytest.raises(TransferTimeout, match="not arrived: 'nope'") as exc:
+        h.wait()
+    assert "layer0" not in str(exc.value)
+    h.release()
+
+
+@pytest.mark.timeout(60)
+def test_recv_request_timeout_names_missing_layers_same_host(shm_pair):
+    prod, cons = shm_pair
+    data = layers(6, 3)
+    req = prod.send_request(cons.address, "half", data)
+    req.send(*data[0])
+    h = cons.recv_request("half", timeout=0.5)
+    with pytest.raises(TransferTimeout, match="not arrived: 'layer1', 'layer2'"):
+        h.wait()
+    h.release()
+    prod.abort("half")
+
+
 def test_recv_request_bad_input(pair):
     _, cons = pair
     with pytest.raises(InvalidKey):
