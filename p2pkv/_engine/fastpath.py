@@ -547,7 +547,7 @@ class FastIncoming:
     """
 
     __slots__ = ("rx", "seq", "transfer_id", "layout", "base", "flag0", "deadline", "error", "t_arrived",
-                 "values", "avail", "refs", "listed", "freed", "_lock", "__weakref__")
+                 "values", "avail", "refs", "listed", "freed", "gone", "_lock", "__weakref__")
 
     def __init__(self, rx: FastRx, seq: int, tid: str, layout: FastLayout, base: int, flag0: int, deadline: float):
         self.rx = rx
@@ -564,6 +564,7 @@ class FastIncoming:
         self.refs = 0                             # holders (a RecvRequest, LeaseItems)
         self.listed = True                        # still in the index (takeable)
         self.freed = False
+        self.gone = False                         # out of the index for good (evicted, aborted, refused, ...)
         self._lock = threading.Lock()
 
     @property
@@ -637,9 +638,21 @@ class FastIncoming:
         if free:
             self.rx.free_request(self)
 
+    def give_back(self, names: list[str]) -> bool:
+        """A taker that failed before using ``names`` returns them (and its reference): takeable again.
+        False when the request is out of the index for good or can no longer land."""
+        with self._lock:
+            if self.gone or self.freed or self.failed() is not None:
+                return False
+            self.avail |= set(names)
+            self.listed = True
+            self.refs -= 1
+            return True
+
     def unlist(self) -> None:
         """Out of the index (evicted, aborted, refused, session over): free it once nothing of it is held."""
         with self._lock:
+            self.gone = True
             self.listed = False
             self.avail.clear()
             free = self.refs <= 0 and not self.freed
