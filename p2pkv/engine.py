@@ -136,6 +136,7 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._want_mem = False  # credit, an offer or a staged send waits for pool memory
         self._starved_t = 0.0   # when credit or an offer last waited for room (see _revoke_idle_credit)
         self._io_admit_s = 0.0  # I/O-thread time charged by _admit (not charged again to the request it ran in)
+        self._io_recent = []  # the two sessions that last sent work (not heartbeats), newest first
         self._host = _host_id()
         self._init_gpu_plane()
 

@@ -74,6 +74,7 @@ class _EngineBase:
     _want_mem: bool
     _starved_t: float  # when credit or an offer last waited for pool room (idle credit is then revoked)
     _io_admit_s: float  # I/O-thread time _admit charged to the sessions it admitted for (see _IO_SHARE)
+    _io_recent: list[tuple[bytes, float]]  # the two sessions that last sent work, newest first (_io_refuses)
     _next_expire: float
     _next_tick: float
     # peers we dial, sessions of peers that dial us
@@ -139,6 +140,7 @@ class _EngineBase:
         def _reply(self, ident: bytes, mtype: str, payload: torch.Tensor | None = None, track: Held | None = None,
                    **fields: Any) -> bool: ...
         def _lose_session(self, sess: _Session, reason: str) -> None: ...
+        def _io_refuses(self, sess: _Session, now: float) -> bool: ...
 
         # ------------------------------------------------------------------ _CommManager (comms.py)
         def _peer_comm(self, peer: _Peer, direction: str) -> Any: ...

@@ -30,7 +30,7 @@ from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CO
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
-                    _IO_CHARGED, _PEEK_BYTES, _peek,
+                    _IO_CHARGED, _IO_CONTENDED_S, _IO_IDLE, _PEEK_BYTES, _peek,
                     _valid_seq, _zmq_endpoint, log, parse_address)
 from .state import _PullItem, _SendItem
 from .base import MakeError, _EngineBase
@@ -765,7 +765,7 @@ class _Channel(_EngineBase):
             self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             admit0 = self._io_admit_s
             hdr = r.recv()
             kind = "?"  # (a header that does not decode is charged too)
@@ -792,10 +792,31 @@ class _Channel(_EngineBase):
                         self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
                                     "session dropped")
                         self._lose_session(sess, "multipart flood")
+                if kind not in _IO_IDLE:
+                    self._note_work(ident)
                 sess = self._sessions.get(ident) if kind in _IO_CHARGED else None
                 if sess is not None:  # what its requests cost the I/O thread (see _IO_SHARE)
-                    sess.charge_io(time.perf_counter() - t0 - (self._io_admit_s - admit0), time.monotonic())
+                    sess.charge_io(time.thread_time() - t0 - (self._io_admit_s - admit0), time.monotonic())
         self._flush_acks()
+
+    def _note_work(self, ident: bytes) -> None:
+        """``ident`` sent work just now (for :meth:`_io_refuses`): O(1), the two latest senders kept."""
+        recent, now = self._io_recent, time.monotonic()
+        if recent and recent[0][0] == ident:
+            recent[0] = (ident, now)
+        else:
+            recent.insert(0, (ident, now))
+            del recent[2:]
+
+    def _io_refuses(self, sess: _Session, now: float) -> bool:
+        """Whether ``sess`` is over its share of the I/O thread while another session wants it too (see
+        _IO_SHARE): alone, a session may take all of it (work-conserving)."""
+        if not sess.io_over(now):
+            return False
+        for ident, t in self._io_recent:
+            if ident != sess.ident:
+                return now - t < _IO_CONTENDED_S
+        return False
 
     def _skip_costly(self, ident: bytes, hdr: bytes) -> bool:
         """A large header (a many-tensor offer) that need not be decoded: from a peer without a session
@@ -803,7 +824,7 @@ class _Channel(_EngineBase):
         the I/O thread (refused, as :meth:`_on_offer` would). Decoding one costs about a millisecond
         for 2,048 tensors; peeking at its type and seq, a few microseconds. True if handled."""
         sess = self._sessions.get(ident)
-        if sess is not None and not sess.io_over(time.monotonic()):
+        if sess is not None and not self._io_refuses(sess, time.monotonic()):
             return False
         m = _peek(hdr)
         seq = _valid_seq(m.get("seq"))

@@ -504,7 +504,7 @@ class _RequestPath(_EngineBase):
             refusal = PoolExhausted(f"too many requests from this peer wait for room here ({len(sess.offers)} "
                                     f"requests of {sess.queued_items()} tensors; at most {_MAX_QUEUED_OFFERS} "
                                     f"and {_MAX_QUEUED_ITEMS}): retry once some are done")
-        if refusal is None and sess.io_over(time.monotonic()):
+        if refusal is None and self._io_refuses(sess, time.monotonic()):
             self._stats.add("offers_over_budget")
             refusal = PoolExhausted(f"this peer's requests took more than the {_IO_SHARE:.0%} of this engine's "
                                     "I/O thread one peer may take: retry later")
@@ -586,9 +586,9 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 took = self._admit_one(sess, inc, room, holding)
-                dt = time.perf_counter() - t0
+                dt = time.thread_time() - t0
                 sess.charge_io(dt, time.monotonic())  # its own cost, also when another's request made room
                 self._io_admit_s += dt
                 if took is None:

@@ -39,12 +39,19 @@ _OFFER_ITEMS_PER_S = 8192
 _OFFER_ITEMS_BURST = 32768
 # Time of the I/O thread one session's requests may take (handling them, admitting its offers): a share
 # of each second, sustained, and a burst; beyond, its offers are refused at once until it is back
-# within (what its messages cost is measured, so this holds however slow the machine is).
+# within (what its messages cost is measured, so this holds however slow the machine is). The cost is
+# the I/O thread's CPU time, not wall time: on a loaded machine the OS's preemptions are nobody's cost.
+# The share binds only while another session sent work in the last _IO_CONTENDED_S (heartbeats do not
+# count): a session alone may take the whole I/O thread, as an honest producer under load does.
 _IO_SHARE = 0.2
+_IO_CONTENDED_S = 1.0
 _IO_BURST_S = 0.25
 # ... counting the messages a peer can make costly at will (offers, aborts, headers that do not decode);
 # not what a new honest session costs once (its handshake, the fast path's lease), nor data it paid for
 _IO_CHARGED = frozenset({"offer", "oabort", "?"})
+# ... and the messages that are not work (heartbeats, session set-up, headers that do not decode): a session
+# sending only these does not make others' shares bind
+_IO_IDLE = frozenset({"hello", "ping", "bye", "?"})
 _IO_DEBT_S = 1.0  # the most a session may be behind its share (it waits at most this long / _IO_SHARE)
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
