@@ -220,14 +220,26 @@ class _RequestPath(_EngineBase):
         return peer.ipc_handles
 
     def _flush_requests(self, peer: _Peer) -> None:
-        """Move every tensor that may move now, in the global posting order (any thread)."""
+        """Move every tensor that may move now (any thread). NCCL and IPC requests move in the global posting
+        order (a communicator's receives are matched in order; both sides agree on it): one that waits for
+        its grant or its caller holds back those behind it. A TCP request's tensors are addressed by request
+        and index, so a granted TCP request moves whatever it was handed at once, whatever waits before it:
+        a request handed over layer by layer, or left half-sent, does not stall the next one."""
         io = threading.current_thread() is self._thread
+        oflush: str | None = None
         with peer.post_lock:
-            while peer.req_order:
-                req = peer.req_order[0]
+            orig = peer.req_order
+            reqs = list(orig)
+            keep: list[RequestHandle] = []
+            blocked = False  # an NCCL/IPC request waits: the NCCL/IPC requests behind it wait too
+            for j, req in enumerate(reqs):
+                ordered = req.x != "tcp"
                 if req.done():
-                    if req.x == "nccl" and not req.acked and req.seq >= 0:
-                        return  # the receiver has not confirmed it will discard yet (a grant may be on its way)
+                    if req.x == "nccl" and ((not req.acked and req.seq >= 0) or
+                                            (req.granted and req.next_post < len(req.specs) and blocked)):
+                        blocked = True  # not confirmed discarded yet (a grant may come), or not drained yet
+                        keep.append(req)
+                        continue
                     if req.x == "nccl" and req.granted and req.next_post < len(req.specs):
                         try:
                             while req.next_post < len(req.specs):  # keep the communicator in step
@@ -235,21 +247,24 @@ class _RequestPath(_EngineBase):
                                 req.next_post += 1
                         except P2pkvError as exc:
                             log.warning("draining request %s failed: %s", req.transfer_id, exc)
-                    peer.req_order.popleft()
+                    continue  # out of the order
+                if not req.granted or (ordered and blocked):
+                    blocked = blocked or ordered
+                    keep.append(req)
                     continue
-                if not req.granted:
-                    return
+                if not ordered and not io:
+                    with req.lock:
+                        handed = req.next_post in req.pending
+                    if handed:
+                        oflush = req.peer  # TCP posts go out on the I/O thread
+                    keep.append(req)
+                    continue
                 while req.next_post < len(req.specs):
                     i = req.next_post
                     with req.lock:
                         ent = req.pending.pop(i, None)
                     if ent is None:
-                        return  # the caller has not handed this tensor over yet
-                    if req.x == "tcp" and not io:
-                        with req.lock:
-                            req.pending[i] = ent
-                        self._submit(("oflush", req.peer))
-                        return
+                        break  # the caller has not handed this tensor over yet
                     try:
                         self._post_item(peer, req, i, ent[0], ent[1], io)
                     except P2pkvError as exc:
@@ -258,9 +273,18 @@ class _RequestPath(_EngineBase):
                             self._fail_request(req, RequestState.FAILED, exc)
                         else:
                             self._submit(("ofail", req, exc))
+                        keep.extend(reqs[j:])  # (this pass ends here; a failed request leaves once done)
+                        if peer.req_order is orig:  # (unless failing it rebuilt the order)
+                            peer.req_order = deque(keep)
                         return
                     req.next_post += 1
-                peer.req_order.popleft()
+                if req.next_post < len(req.specs):
+                    blocked = blocked or ordered
+                    keep.append(req)
+            if peer.req_order is orig:
+                peer.req_order = deque(keep)
+        if oflush is not None:
+            self._submit(("oflush", oflush))
 
     def _post_item(self, peer: _Peer, req: RequestHandle, i: int, t: torch.Tensor, ready: Any, io: bool) -> None:
         """Move tensor ``i`` of a granted request (under ``peer.post_lock``)."""
