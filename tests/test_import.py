@@ -36,3 +36,17 @@ def test_import_is_side_effect_free():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"threads": 0, "sockets": 0, "cuda_init": False, "cupy": False, "nccl": False,
                    "aiohttp": False}
+
+
+def test_the_proxy_and_the_errors_load_without_torch():
+    """``python -m p2pkv.proxy`` needs no torch: importing the package loads the engine (and torch) only on
+    first use of one of its names (a newcomer's ``p2pkv-proxy --help`` took 4.5-15 s on a loaded box)."""
+    code = ("import sys, p2pkv, p2pkv.proxy\n"
+            "from p2pkv import P2pkvError, TransferKey, new_transfer_id\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "from p2pkv import Engine, EngineConfig, RecvState\n"
+            "assert 'torch' in sys.modules and Engine.__name__ == 'Engine'\n"
+            "assert 'Engine' in dir(p2pkv) and p2pkv.RequestLayout.__module__ == 'p2pkv.request'\n"
+            "try:\n    p2pkv.nope\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
