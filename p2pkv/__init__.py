@@ -7,8 +7,8 @@ resources start in :class:`Engine` and end in :meth:`Engine.close`.
 from .config import EngineConfig
 from .engine import Engine
 from .errors import (AuthError, ConfigError, DuplicateKey, EngineClosed, InvalidAddress, InvalidKey,
-                     InvalidTensor, P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch,
-                     TransferAborted, TransferEvicted, TransferTimeout, TransportError)
+                     InvalidTensor, P2pkvError, PeerLost, PoolExhausted, ProtocolError, SessionRefused,
+                     ShapeMismatch, TransferAborted, TransferEvicted, TransferTimeout, TransportError)
 from .handles import SendHandle, TransferState
 from .keys import TransferKey, new_transfer_id
 from .pool import Buffer, BufferPool
@@ -21,6 +21,6 @@ __all__ = [
     "Engine", "EngineConfig", "TransferKey", "new_transfer_id", "SendHandle", "TransferState",
     "BufferPool", "Buffer", "RequestHandle", "RequestState", "RequestLayout", "RecvRequest", "RecvState",
     "P2pkvError", "ConfigError", "InvalidKey", "InvalidTensor", "ShapeMismatch", "InvalidAddress",
-    "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "PoolExhausted", "TransferAborted",
+    "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "SessionRefused", "PoolExhausted", "TransferAborted",
     "TransferEvicted", "DuplicateKey", "EngineClosed", "TransportError", "__version__",
 ]

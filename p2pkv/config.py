@@ -133,6 +133,7 @@ class EngineConfig:
     max_message_bytes: int = 2**31
     auth_token: str | None = dataclasses.field(default=None, repr=False)
     max_pending_connections: int = 256
+    max_sessions_per_peer: int = 64
     curve_secret_key: str | None = dataclasses.field(default=None, repr=False)
     curve_server_key: str | None = None
     curve_allowed_keys: tuple[str, ...] | None = None
@@ -190,6 +191,9 @@ class EngineConfig:
         if isinstance(self.max_pending_connections, bool) or not isinstance(self.max_pending_connections, int) \
                 or self.max_pending_connections < 1:
             raise ConfigError(f"max_pending_connections must be an int >= 1, got {self.max_pending_connections!r}")
+        if isinstance(self.max_sessions_per_peer, bool) or not isinstance(self.max_sessions_per_peer, int) \
+                or self.max_sessions_per_peer < 1:
+            raise ConfigError(f"max_sessions_per_peer must be an int >= 1, got {self.max_sessions_per_peer!r}")
         self._check_curve(set_)
         for name in ("nccl_min_ctas", "nccl_max_ctas"):
             v = getattr(self, name)

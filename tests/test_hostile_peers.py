@@ -1,0 +1,178 @@
+"""Hostile peers with many sessions (issue 20, "honest traffic stays within 2x its normal latency"):
+the sessions of one peer (a remote address; with CURVE, and its client key) share one budget of
+the engine's I/O thread and are capped in number. Attackers are raw ZMQ sockets on loopback,
+bounded in count and time; the tests assert behaviour (who is refused, what is granted), never speed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from p2pkv import ConfigError, Engine, EngineConfig, SessionRefused, TransferKey
+from p2pkv._engine import state
+from p2pkv._engine.state import peer_key
+from p2pkv.control.messages import encode
+
+from .conftest import FAST
+from .test_wire_robustness import Raw, still_serves
+
+pytestmark = pytest.mark.hostile2
+
+K = TransferKey
+MiB = 2**20
+
+
+def _hello(raw: Raw) -> dict:
+    rep = raw.hello()
+    assert rep["t"] in ("hok", "err"), rep
+    return rep
+
+
+def test_peer_key_is_what_the_kernel_and_handshake_say():
+    assert peer_key("127.0.0.1") == peer_key("127.0.0.1") != peer_key("127.0.0.2")
+    # with CURVE, each client key is a peer of its own
+    assert peer_key("10.0.0.1", "keyA") != peer_key("10.0.0.1", "keyB") != peer_key("10.0.0.1")
+    assert peer_key(None) == peer_key("")  # (no metadata: one peer for all such, never an error)
+
+
+def test_max_sessions_per_peer_is_validated():
+    for bad in (0, -1, True, 1.5, "3"):
+        with pytest.raises(ConfigError, match="max_sessions_per_peer"):
+            EngineConfig(max_sessions_per_peer=bad)
+    assert EngineConfig().max_sessions_per_peer == 64
+    assert EngineConfig.from_env({"P2PKV_MAX_SESSIONS_PER_PEER": "5"}).max_sessions_per_peer == 5
+
+
+@pytest.mark.timeout(90)
+def test_sessions_beyond_the_cap_per_peer_are_refused():
+    """Three sessions from one address are taken, a fourth is refused with a typed error (one from
+    another address is taken); a session that ends frees its place; one saying hello again keeps it."""
+    with Engine(**dict(FAST, max_sessions_per_peer=3)) as e:
+        raws = [Raw(e.address) for _ in range(3)]
+        extra: list[Raw] = []
+        try:
+            for raw in raws:
+                assert _hello(raw)["t"] == "hok"
+            assert _hello(raws[0])["t"] == "hok"  # hello again: still one session of this peer
+            over = Raw(e.address)
+            extra.append(over)
+            rep = _hello(over)
+            assert rep["t"] == "err" and rep["code"] == SessionRefused.code, rep
+            assert "max_sessions_per_peer=3" in rep["msg"]
+            # another source address is another peer (as for the per-address connection cap)
+            other = Raw.__new__(Raw)
+            other.ctx = zmq.Context()
+            other.s = other.ctx.socket(zmq.DEALER)
+            other.s.setsockopt(zmq.LINGER, 0)
+            other.s.connect(f"tcp://127.0.0.2:0;{e.address}")
+            extra.append(other)
+            assert _hello(other)["t"] == "hok"
+            # a refused peer has no session: its requests are answered no_session
+            over.send(encode("ping"))
+            assert over.reply()["code"] == "no_session"
+            # one session ends: its place is free
+            raws[1].send(encode("bye"))
+            for _ in range(100):
+                rep = _hello(over)
+                if rep["t"] == "hok":
+                    break
+            assert rep["t"] == "hok", rep
+            assert e.stats()["sessions_refused"] >= 1
+        finally:
+            for raw in raws + extra:
+                raw.close()
+
+
+@pytest.mark.timeout(90)
+def test_an_engine_refused_a_session_gets_a_typed_error():
+    """An engine dialing a peer whose sessions for this host are all taken fails its work with
+    SessionRefused (not a timeout), and gets through once a place is free."""
+    with Engine(**dict(FAST, max_sessions_per_peer=2)) as e, Engine(**FAST) as honest:
+        raws = [Raw(e.address) for _ in range(2)]
+        try:
+            for raw in raws:
+                assert _hello(raw)["t"] == "hok"
+            h = honest.send(e.address, K("refused", "0"), torch.ones(4), timeout=30)
+            with pytest.raises(SessionRefused, match="max_sessions_per_peer=2"):
+                h.wait(30)
+        finally:
+            for raw in raws:
+                raw.close()
+        # the raw sessions' connections closed: the engine notices, and their places are free
+        for i in range(200):
+            h = honest.send(e.address, K("later", str(i)), torch.ones(4), timeout=30)
+            try:
+                h.wait(30)
+                break
+            except SessionRefused:
+                time.sleep(0.05)
+        assert torch.equal(e.recv(K("later", str(i)), timeout=30), torch.ones(4))
+
+
+def _offer(raw: Raw, seq: int, n: int) -> dict:
+    items = [[f"t{i}", "uint8", [4], 4] for i in range(n)]
+    raw.send(encode("offer", seq=seq, tid=f"budget-{id(raw)}-{seq}", items=items, x="tcp", to=20.0))
+    return raw.reply()
+
+
+@pytest.mark.timeout(90)
+def test_sessions_of_one_peer_share_one_offer_budget(monkeypatch):
+    """A peer may offer so many tensors a second (and in a burst): three sessions of one peer get
+    that budget once, not three times. (Budget lowered to 4,096 tensors, refilled at 1 a second.)"""
+    monkeypatch.setattr(state, "_OFFER_ITEMS_BURST", 4096)
+    monkeypatch.setattr(state, "_OFFER_ITEMS_PER_S", 1)
+    monkeypatch.setattr(state, "_IO_BURST_S", 60.0)  # (the I/O share is not what is tested here)
+    with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e, Engine(**FAST) as honest:
+        raws = [Raw(e.address) for _ in range(3)]
+        try:
+            for raw in raws:
+                assert _hello(raw)["t"] == "hok"
+            replies = [_offer(raw, seq, 2048) for raw in raws for seq in (1, 2)]
+            granted = [r for r in replies if r["t"] == "ogrant"]
+            refused = [r for r in replies if r["t"] == "oerr"]
+            assert len(granted) == 2 and len(refused) == 4, replies  # (before: 6 granted)
+            assert all(r["code"] == "pool_exhausted" for r in refused)
+            assert e.stats()["offers_over_budget"] == 4
+            for raw in raws:
+                for seq in (1, 2):
+                    raw.send(encode("oabort", seq=seq, msg="done"))
+        finally:
+            for raw in raws:
+                raw.close()
+        still_serves(e, honest, "budget")
+
+
+def _curve_raw(address: str, server_pub: str, pub: str, sec: str) -> Raw:
+    raw = Raw.__new__(Raw)
+    raw.ctx = zmq.Context()
+    raw.s = raw.ctx.socket(zmq.DEALER)
+    raw.s.setsockopt(zmq.LINGER, 0)
+    raw.s.setsockopt(zmq.CURVE_SERVERKEY, server_pub.encode())
+    raw.s.setsockopt(zmq.CURVE_PUBLICKEY, pub.encode())
+    raw.s.setsockopt(zmq.CURVE_SECRETKEY, sec.encode())
+    raw.s.connect(f"tcp://{address}")
+    return raw
+
+
+@pytest.mark.timeout(90)
+def test_with_curve_each_client_key_is_a_peer_of_its_own():
+    """With CURVE, a peer is its address and its authenticated key: one key's sessions over the cap
+    are refused while another key's, from the same host, are taken."""
+    srv_pub, srv_sec = (k.decode() for k in zmq.curve_keypair())
+    a_pub, a_sec = (k.decode() for k in zmq.curve_keypair())
+    b_pub, b_sec = (k.decode() for k in zmq.curve_keypair())
+    cfg = dict(FAST, curve_secret_key=srv_sec, curve_allowed_keys=(a_pub, b_pub), max_sessions_per_peer=2)
+    with Engine(**cfg) as e:
+        raws = [_curve_raw(e.address, srv_pub, a_pub, a_sec) for _ in range(3)]
+        raws += [_curve_raw(e.address, srv_pub, b_pub, b_sec) for _ in range(2)]
+        try:
+            got = [_hello(raw) for raw in raws]
+            assert [r["t"] for r in got] == ["hok", "hok", "err", "hok", "hok"], got
+            assert got[2]["code"] == SessionRefused.code
+        finally:
+            for raw in raws:
+                raw.close()
