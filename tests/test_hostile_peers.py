@@ -176,3 +176,74 @@ def test_with_curve_each_client_key_is_a_peer_of_its_own():
         finally:
             for raw in raws:
                 raw.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_large_offer_is_admitted_in_slices_and_others_are_served_between(monkeypatch):
+    """The buffers of a large offer are taken a slice at a time, the loop serving other requests in
+    between: a ping sent right after an offer of 2,048 tensors is answered before the offer's grant
+    (before: the grant came first, the whole admission in one go). The request then completes and
+    the consumer gets every tensor. (Slice lowered to 64 buffers.)"""
+    from p2pkv._engine import requests as req_mod
+
+    monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 64)
+    with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e, Engine(**FAST) as honest:
+        raw = Raw(e.address)
+        try:
+            assert _hello(raw)["t"] == "hok"
+            n = 2048
+            items = [[f"t{i}", "uint8", [4], 4] for i in range(n)]
+            raw.send(encode("offer", seq=1, tid="sliced", items=items, x="tcp", to=20.0))
+            raw.send(encode("ping"))
+            first, second = raw.reply(), raw.reply()
+            assert (first["t"], second["t"]) == ("pong", "ogrant"), (first, second)
+            for i in range(n):
+                raw.send(encode("odata", seq=1, idx=i, n=4), bytes([i % 256] * 4))
+            assert raw.reply()["t"] == "odone"
+            for i in (0, 1, 1000, n - 1):
+                got = e.recv(K("sliced", f"t{i}"), timeout=20)
+                assert got.tolist() == [i % 256] * 4
+            assert e.stats()["pool"]["overflow_in_use"] == 0
+        finally:
+            raw.close()
+        still_serves(e, honest, "sliced")
+
+
+@pytest.mark.timeout(90)
+def test_a_request_given_up_while_its_buffers_are_taken_gives_them_all_back(monkeypatch):
+    """An offer aborted (or its session lost) between two slices of its admission gives back the
+    buffers and the room it took: the pool is whole again and the session can use its window."""
+    from p2pkv._engine import requests as req_mod
+
+    monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 8)
+    with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e, Engine(**FAST) as honest:
+        free0 = e.stats()["pool"]["free"]
+        raws = [Raw(e.address) for _ in range(2)]
+        try:
+            for raw in raws:
+                assert _hello(raw)["t"] == "hok"
+            items = [[f"t{i}", "uint8", [4], 4] for i in range(2048)]
+            raws[0].send(encode("offer", seq=1, tid="given-up", items=items, x="tcp", to=20.0))
+            raws[0].send(encode("oabort", seq=1, msg="given up"))
+            raws[1].send(encode("offer", seq=1, tid="lost", items=items, x="tcp", to=20.0))
+            raws[1].send(encode("bye"))
+            rep = raws[0].reply()
+            while rep["t"] == "ogrant":  # (the abort may come after the last slice)
+                rep = raws[0].reply()
+            assert rep["t"] == "oerr", rep
+            raws[0].send(encode("ping"))
+            assert raws[0].reply()["t"] == "pong"
+            deadline = time.monotonic() + 30
+            while e.stats()["pool"]["free"] != free0 or e.stats()["sessions_lost"] < 1:
+                assert time.monotonic() < deadline, e.stats()["pool"]
+                time.sleep(0.05)
+            # the aborted session's window is whole again: a request of its full window is granted
+            window = e._cfg.effective_credit_bytes
+            big = [[f"b{i}", "uint8", [window // 64], window // 64] for i in range(64)]
+            raws[0].send(encode("offer", seq=2, tid="whole", items=big, x="tcp", to=20.0))
+            assert raws[0].reply()["t"] == "ogrant"
+            raws[0].send(encode("oabort", seq=2, msg="done"))
+        finally:
+            for raw in raws:
+                raw.close()
+        still_serves(e, honest, "given-up")

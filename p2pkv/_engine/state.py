@@ -32,6 +32,10 @@ _ROUTER_PASS_S = 0.005   # time one loop pass spends on requests at the ROUTER b
 _MAX_CREDIT_VIOLATIONS = 8  # data messages or eager offers beyond granted credit before the session is dropped
 _MAX_QUEUED_OFFERS = 256    # offers of one session waiting for room (more are refused at once)
 _MAX_QUEUED_ITEMS = 16384   # ... and their tensors in all (8 offers of the largest size)
+# Buffers one call of _admit allocates at most (a few microseconds each): a request of more tensors
+# is admitted (its room reserved) at once and its buffers taken over several passes of the loop,
+# which serves the other sockets in between; its grant goes once all are taken.
+_ADMIT_SLICE = 256
 # Tensors one peer (all its sessions: see peer_key) may offer (taken in for a full parse and admission,
 # each costing the I/O thread some microseconds) per second, and in a burst: beyond that its offers are
 # refused at once, so that it cannot take more than its share of the I/O thread by offering and aborting
@@ -274,6 +278,7 @@ class _Session:
         self.outstanding = 0
         self.revoked = 0
         self.eager_held = 0
+        self.filling = 0                            # pool bytes of its admitted request not allocated yet
         self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids it sent or pulled (bounded)
         self.violations = 0                         # data messages refused for lack of credit
         self.last_use = self.last_rx                # last grant or data: credit idle since then
