@@ -233,7 +233,8 @@ def _push_ms(sender: Engine, receiver: Engine, tag: str, n: int = 30) -> float:
 def _within_twice(base_ms: float, attacked_ms: float, what: str = "") -> None:
     """Reports the honest latency during an attack. Tests assert behaviour, not speed (every honest push
     was delivered within its deadline: ``_push_ms`` raises otherwise); the latency goal ("within 2x its
-    normal latency") is measured by ``benchmarks/hostile_latency.py`` and recorded in RESULTS.md."""
+    normal latency") is measured by ``benchmarks/io_attack_profile.py`` (victim, honest sender and attacker
+    each in a process of its own) and recorded in docs/security.md."""
     print(f"{what}: honest push median {base_ms:.2f} ms, {attacked_ms:.2f} ms under attack")
 
 
