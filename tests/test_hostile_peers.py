@@ -247,3 +247,31 @@ def test_a_request_given_up_while_its_buffers_are_taken_gives_them_all_back(monk
             for raw in raws:
                 raw.close()
         still_serves(e, honest, "given-up")
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_of_large_requests_cannot_keep_anothers_small_one_waiting(monkeypatch):
+    """Slices go round the sessions: a small request offered after two large ones of another session
+    is granted within a few slices, not after both large ones (before: it waited for all 4,096 of
+    their buffers; slice lowered to 1 buffer, so the large ones take thousands of passes)."""
+    from p2pkv._engine import requests as req_mod
+
+    monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 1)
+    with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e:
+        big, small = Raw(e.address), Raw(e.address)
+        try:
+            assert _hello(big)["t"] == "hok" and _hello(small)["t"] == "hok"
+            items = [[f"t{i}", "uint8", [4], 4] for i in range(2048)]
+            for seq in (1, 2):
+                big.send(encode("offer", seq=seq, tid=f"big-{seq}", items=items, x="tcp", to=20.0))
+            small.send(encode("offer", seq=1, tid="small", items=[["t", "uint8", [4], 4]], x="tcp", to=20.0))
+            assert small.reply()["t"] == "ogrant"
+            grants = 0
+            while big.s.poll(0):
+                grants += big.reply()["t"] == "ogrant"
+            assert grants < 2, "the small request waited for both large ones"
+            for _ in range(2 - grants):
+                assert big.reply()["t"] == "ogrant"  # ...which are granted in their turn
+        finally:
+            big.close()
+            small.close()

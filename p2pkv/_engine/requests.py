@@ -580,7 +580,11 @@ class _RequestPath(_EngineBase):
         room = self._room()
         holding = self._holding()
         slice_left = [_ADMIT_SLICE]
-        for sess in list(self._sessions.values()):
+        sessions = list(self._sessions.values())
+        # round robin: a call that ran out of its slice starts the next one after the session it
+        # ended in, so that sessions of large requests cannot keep the others' waiting
+        start = self.__dict__.get("_admit_next", 0) % max(1, len(sessions))
+        for k, sess in enumerate(sessions[start:] + sessions[:start]):
             while sess.offers:
                 inc = sess.offers[0]
                 if inc.refusal is not None:
@@ -592,6 +596,7 @@ class _RequestPath(_EngineBase):
                     sess.offers.popleft()
                     continue
                 if slice_left[0] <= 0:
+                    self.__dict__["_admit_next"] = start + k + 1
                     self._admit_later()
                     return
                 t0 = time.perf_counter()
