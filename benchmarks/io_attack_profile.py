@@ -3,6 +3,7 @@ spends its time meanwhile (issue 20: "honest traffic stays within 2x its normal 
 
     python benchmarks/io_attack_profile.py endless [--profile] [--seconds 6]
     python benchmarks/io_attack_profile.py offers  [--profile] [--seconds 6] [--sessions 1]
+    python benchmarks/io_attack_profile.py offers --decoy   (the attack aimed at another engine)
 
 The victim engine, the honest sender and the attacker each run in a process of their own, on
 loopback (as they would in production: an attacker in the honest sender's process would take
@@ -166,14 +167,24 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=40)
     ap.add_argument("--sessions", type=int, default=0,
                     help="attacker connections (default: 2 for endless, 1 for offers)")
+    ap.add_argument("--decoy", action="store_true",
+                    help="the attacker attacks a second engine (in its own process) instead of the honest "
+                         "sender's receiver: what the attack costs the honest push through the machine's load alone")
     args = ap.parse_args()
     victim = subprocess.Popen([sys.executable, "-c", _VICTIM, "1" if args.profile else "0", TOKEN],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     address = victim.stdout.readline().strip()
+    decoy = None
+    target = address
+    if args.decoy:
+        decoy = subprocess.Popen([sys.executable, "-c", _VICTIM, "0", TOKEN], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert decoy.stdout is not None
+        target = decoy.stdout.readline().strip()
     with Engine(timeout_s=10.0, auth_token=TOKEN) as honest:
         base = _push_ms(honest, address, "base", args.n)
         n = args.sessions or (2 if args.attack == "endless" else 1)
-        attacker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker", args.attack, address,
+        attacker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker", args.attack, target,
                                      str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                     cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         time.sleep(0.5)
@@ -191,9 +202,15 @@ def main() -> None:
     victim.stdin.flush()
     out = victim.stdout.read()
     victim.wait(30)
+    if decoy is not None:
+        assert decoy.stdin is not None and decoy.stdout is not None
+        decoy.stdin.write("\n")
+        decoy.stdin.flush()
+        out += "decoy " + decoy.stdout.read()
+        decoy.wait(30)
     print(f"{args.attack}: honest push median/p90 {base[0]:.2f}/{base[1]:.2f} ms before, "
           f"{attacked[0]:.2f}/{attacked[1]:.2f} ms during the attack, {after[0]:.2f} ms after; "
-          f"attacker ({n} connections): {done}; "
+          f"attacker ({n} connections{', at a decoy' if args.decoy else ''}): {done}; "
           f"load {os.getloadavg()[0]:.1f}")
     print(out)
 
