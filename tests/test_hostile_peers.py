@@ -76,11 +76,10 @@ def test_sessions_beyond_the_cap_per_peer_are_refused():
             assert over.reply()["code"] == "no_session"
             # one session ends: its place is free
             raws[1].send(encode("bye"))
-            for _ in range(100):
-                rep = _hello(over)
-                if rep["t"] == "hok":
-                    break
-            assert rep["t"] == "hok", rep
+            deadline = time.monotonic() + 30
+            while (rep := _hello(over))["t"] != "hok":
+                assert time.monotonic() < deadline, rep
+                time.sleep(0.05)
             assert e.stats()["sessions_refused"] >= 1
         finally:
             for raw in raws + extra:
@@ -186,6 +185,9 @@ def test_a_large_offer_is_admitted_in_slices_and_others_are_served_between(monke
     the consumer gets every tensor. (Slice lowered to 64 buffers.)"""
     from p2pkv._engine import requests as req_mod
 
+    # (one peer on loopback: its share of the I/O thread, measured in wall time, is not what is
+    # tested here, and a loaded box could spend it on these offers)
+    monkeypatch.setattr(state, "_IO_BURST_S", 60.0)
     monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 64)
     with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e, Engine(**FAST) as honest:
         raw = Raw(e.address)
@@ -215,6 +217,9 @@ def test_a_request_given_up_while_its_buffers_are_taken_gives_them_all_back(monk
     buffers and the room it took: the pool is whole again and the session can use its window."""
     from p2pkv._engine import requests as req_mod
 
+    # (one peer on loopback: its share of the I/O thread, measured in wall time, is not what is
+    # tested here, and a loaded box could spend it on these offers)
+    monkeypatch.setattr(state, "_IO_BURST_S", 60.0)
     monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 8)
     with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e, Engine(**FAST) as honest:
         free0 = e.stats()["pool"]["free"]
@@ -256,6 +261,9 @@ def test_a_peer_of_large_requests_cannot_keep_anothers_small_one_waiting(monkeyp
     their buffers; slice lowered to 1 buffer, so the large ones take thousands of passes)."""
     from p2pkv._engine import requests as req_mod
 
+    # (one peer on loopback: its share of the I/O thread, measured in wall time, is not what is
+    # tested here, and a loaded box could spend it on these offers)
+    monkeypatch.setattr(state, "_IO_BURST_S", 60.0)
     monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 1)
     with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e:
         big, small = Raw(e.address), Raw(e.address)
@@ -275,3 +283,26 @@ def test_a_peer_of_large_requests_cannot_keep_anothers_small_one_waiting(monkeyp
         finally:
             big.close()
             small.close()
+
+
+@pytest.mark.timeout(120)
+def test_eager_requests_of_many_tensors_are_taken_in_full_at_once(monkeypatch):
+    """An eager request's data follows its offer at once (frames for a request not admitted yet are
+    dropped), so it is admitted whole, never in slices: requests of 600 tensors, the later ones eager,
+    all complete with the right bytes (slice lowered to 16 buffers)."""
+    from p2pkv._engine import requests as req_mod
+
+    # (one peer on loopback: its share of the I/O thread, measured in wall time, is not what is
+    # tested here, and a loaded box could spend it on these offers)
+    monkeypatch.setattr(state, "_IO_BURST_S", 60.0)
+    monkeypatch.setattr(req_mod, "_ADMIT_SLICE", 16)
+    with Engine(**dict(FAST, timeout_s=20.0)) as a, Engine(**dict(FAST, timeout_s=20.0)) as b:
+        for r in range(4):
+            data = [(f"n{i}", torch.full((8,), float(r * 1000 + i))) for i in range(600)]
+            req = a.send_request(b.address, f"eager-{r}", data)
+            for name, t in data:
+                req.send(name, t)
+            req.wait(30)
+            for name, t in data:  # (claimed: the consumer's window is free for the next one)
+                assert torch.equal(b.recv(K(f"eager-{r}", name), timeout=20), t), name
+        assert a.stats().get("requests_eager", 0) >= 2

@@ -773,7 +773,7 @@ class _Channel(_EngineBase):
             self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
-            t0 = time.perf_counter()
+            t0 = time.thread_time()  # (CPU time: a box too loaded to run us is not the peer's doing)
             admit0 = self._io_admit_s
             self._rx_first = first  # (a hello reads who sent it from its connection's metadata)
             hdr = r.recv()
@@ -803,7 +803,7 @@ class _Channel(_EngineBase):
                         self._lose_session(sess, "multipart flood")
                 sess = self._sessions.get(ident) if kind in _IO_CHARGED else None
                 if sess is not None:  # what its requests cost the I/O thread (see _IO_SHARE)
-                    sess.charge_io(time.perf_counter() - t0 - (self._io_admit_s - admit0), time.monotonic())
+                    sess.charge_io(time.thread_time() - t0 - (self._io_admit_s - admit0), time.monotonic())
         self._flush_acks()
 
     def _skip_costly(self, ident: bytes, hdr: bytes) -> bool:

@@ -576,14 +576,16 @@ class _RequestPath(_EngineBase):
     def _admit(self) -> None:
         """Grant waiting offers that fit, oldest first within a session; one session cannot block another.
         At most ``_ADMIT_SLICE`` buffers are taken per call: a request being filled stays at the head of
-        its session's queue and is continued by the next pass of the loop (see _admit_one)."""
+        its session's queue and is continued by the next pass of the loop (see _admit_one). Eager
+        requests are taken in full at once (their data follows their offer)."""
         room = self._room()
         holding = self._holding()
         slice_left = [_ADMIT_SLICE]
         sessions = list(self._sessions.values())
-        # round robin: a call that ran out of its slice starts the next one after the session it
-        # ended in, so that sessions of large requests cannot keep the others' waiting
+        # round robin: a call that ran out of its slice starts the next one at the first session it
+        # left waiting, so that sessions of large requests cannot keep the others' waiting
         start = self.__dict__.get("_admit_next", 0) % max(1, len(sessions))
+        resume: int | None = None
         for k, sess in enumerate(sessions[start:] + sessions[:start]):
             while sess.offers:
                 inc = sess.offers[0]
@@ -595,13 +597,20 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
-                if slice_left[0] <= 0:
-                    self.__dict__["_admit_next"] = start + k + 1
+                if inc.eager:
+                    # its data already moves (TCP frames follow the offer, and are dropped unless it is
+                    # admitted): taken in full, now; its size is bounded by the credit it was paid from
+                    budget = [len(inc.specs)]
+                elif slice_left[0] <= 0:
+                    if resume is None:
+                        resume = start + k  # the first session left waiting goes first next time
                     self._admit_later()
-                    return
-                t0 = time.perf_counter()
-                took = self._admit_one(sess, inc, room, holding, slice_left)
-                dt = time.perf_counter() - t0
+                    break
+                else:
+                    budget = slice_left
+                t0 = time.thread_time()  # (CPU time, as in _pump_router)
+                took = self._admit_one(sess, inc, room, holding, budget)
+                dt = time.thread_time() - t0
                 sess.charge_io(dt, time.monotonic())  # its own cost, also when another's request made room
                 self._io_admit_s += dt
                 if took is None:
@@ -612,6 +621,8 @@ class _RequestPath(_EngineBase):
                     self._admit_later()
                     break
                 sess.offers.popleft()
+        if resume is not None:
+            self.__dict__["_admit_next"] = resume
 
     def _admit_later(self) -> None:
         """Run _admit again on the next pass of the loop, without waiting for its poll's timeout."""

@@ -44,8 +44,8 @@ _OFFER_ITEMS_PER_S = 8192
 _OFFER_ITEMS_BURST = 32768
 # Time of the I/O thread one peer's requests (all its sessions': see peer_key) may take (handling them,
 # admitting its offers): a share of each second, sustained, and a burst; beyond, its offers are refused
-# at once until it is back within (what its messages cost is measured, so this holds however slow the
-# machine is).
+# at once until it is back within (what its messages cost is measured, in the I/O thread's CPU time, so
+# this holds however slow the machine is, and a box too loaded to run the thread is not charged to a peer).
 _IO_SHARE = 0.2
 _IO_BURST_S = 0.25
 # ... counting the messages a peer can make costly at will (offers, aborts, headers that do not decode);
