@@ -98,6 +98,8 @@ def test_an_engine_refused_a_session_gets_a_typed_error():
             h = honest.send(e.address, K("refused", "0"), torch.ones(4), timeout=30)
             with pytest.raises(SessionRefused, match="max_sessions_per_peer=2"):
                 h.wait(30)
+            with pytest.raises(SessionRefused):
+                honest.connect(e.address, timeout=30)
         finally:
             for raw in raws:
                 raw.close()
