@@ -308,3 +308,44 @@ def test_eager_requests_of_many_tensors_are_taken_in_full_at_once(monkeypatch):
             for name, t in data:  # (claimed: the consumer's window is free for the next one)
                 assert torch.equal(b.recv(K(f"eager-{r}", name), timeout=20), t), name
         assert a.stats().get("requests_eager", 0) >= 2
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_in_debt_finds_its_debt_when_it_comes_back(monkeypatch):
+    """A peer's budget outlives its sessions until it is full again: a session that spent its peer's
+    share of the I/O thread cannot start afresh by ending and opening another (before, each new session
+    had a full share). (Share lowered so that one 2,048-tensor offer spends it, and hardly refills.)"""
+    monkeypatch.setattr(state, "_IO_BURST_S", 1e-4)
+    monkeypatch.setattr(state, "_IO_SHARE", 1e-6)
+    with Engine(**dict(FAST, pool_bytes=64 * MiB, timeout_s=20.0)) as e:
+        items = [[f"t{i}", "uint8", [4], 4] for i in range(2048)]
+        first = Raw(e.address)
+        try:
+            assert _hello(first)["t"] == "hok"
+            first.send(encode("offer", seq=1, tid="debt-1", items=items, x="tcp", to=20.0))
+            assert first.reply()["t"] == "ogrant"  # taken: it had its share, and spent it
+            first.send(encode("oabort", seq=1, msg="done"))
+            assert first.reply()["t"] == "oerr"
+            first.send(encode("bye"))
+        finally:
+            first.close()
+        deadline = time.monotonic() + 30
+        while e.stats()["sessions_lost"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        again = Raw(e.address)
+        try:
+            assert _hello(again)["t"] == "hok"
+            again.send(encode("offer", seq=1, tid="debt-2", items=items, x="tcp", to=20.0))
+            rep = again.reply()
+            assert rep["t"] == "oerr" and rep["code"] == "pool_exhausted" and "share" in rep["msg"], rep
+        finally:
+            again.close()
+    # (a budget is forgotten only once full again, and without sessions)
+    b = state._PeerBudget(0.0)
+    assert b.idle(0.0)
+    b.sessions = 1
+    assert not b.idle(1e9)
+    b.sessions = 0
+    b.charge_io(0.5, 0.0)
+    assert not b.idle(1.0) and b.idle(1e9)
