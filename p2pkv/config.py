@@ -99,6 +99,13 @@ class EngineConfig:
         interval (``min(peer_timeout_s, 5)``: those not yet authenticated are among
         them); newer ones beyond it are shut down at once. Bounds the descriptors
         an unauthenticated flood of idle connections can take.
+    max_sessions_per_peer:
+        The most sessions (connections whose ``hello`` was taken) one peer may
+        hold with this engine at once; a further ``hello`` is refused with
+        :class:`~p2pkv.errors.SessionRefused`. A peer is a remote address and, with
+        CURVE, the client key it authenticated with: engines on one host count
+        together. The sessions of one peer also share one share (20%) of this
+        engine's I/O thread for their requests.
     transport:
         ``"auto"`` (CUDA IPC on one host, NCCL across, TCP for CPU tensors),
         or force ``"tcp"``, ``"ipc"`` or ``"nccl"``. ``"shm"`` (CPU engines):

@@ -36,10 +36,10 @@ _MAX_QUEUED_ITEMS = 16384   # ... and their tensors in all (8 offers of the larg
 # is admitted (its room reserved) at once and its buffers taken over several passes of the loop,
 # which serves the other sockets in between; its grant goes once all are taken.
 _ADMIT_SLICE = 256
-# Tensors one peer (all its sessions: see peer_key) may offer (taken in for a full parse and admission,
-# each costing the I/O thread some microseconds) per second, and in a burst: beyond that its offers are
-# refused at once, so that it cannot take more than its share of the I/O thread by offering and aborting
-# many-tensor requests.
+# Tensors one session may offer (taken in for a full parse and admission, each costing the I/O thread
+# some microseconds) per second, and in a burst: beyond that its offers are refused at once. (What its
+# peer's sessions cost the I/O thread in all is bounded by the peer's share, _IO_SHARE, below; this
+# bound is per session, so that the engines of one honest host are not held to one session's rate.)
 _OFFER_ITEMS_PER_S = 8192
 _OFFER_ITEMS_BURST = 32768
 # Time of the I/O thread one peer's requests (all its sessions': see peer_key) may take (handling them,
@@ -230,24 +230,15 @@ def peer_key(address: Any, user: Any = None) -> str:
 
 
 class _PeerBudget:
-    """What one peer (all its sessions together: see peer_key) may take of the I/O thread and offer:
-    two token buckets, and how many sessions it has."""
+    """What one peer (all its sessions together: see peer_key) may take of the I/O thread (a token
+    bucket, in seconds of its CPU time), and how many sessions it has."""
 
-    __slots__ = ("offer_tokens", "offer_t", "io_tokens", "io_t", "sessions")
+    __slots__ = ("io_tokens", "io_t", "sessions")
 
     def __init__(self, now: float):
-        self.offer_tokens = float(_OFFER_ITEMS_BURST)  # tensors it may still offer now
-        self.offer_t = now
         self.io_tokens = _IO_BURST_S                   # I/O-thread seconds it may still take now
         self.io_t = now
         self.sessions = 0
-
-    def take_offer_budget(self, n: int, now: float) -> bool:
-        tokens = min(float(_OFFER_ITEMS_BURST), self.offer_tokens + (now - self.offer_t) * _OFFER_ITEMS_PER_S)
-        self.offer_t = now
-        ok = tokens >= n
-        self.offer_tokens = tokens - n if ok else tokens
-        return ok
 
     def charge_io(self, dt: float, now: float) -> None:
         tokens = min(_IO_BURST_S, self.io_tokens + (now - self.io_t) * _IO_SHARE)
@@ -258,9 +249,8 @@ class _PeerBudget:
         return self.io_tokens + (now - self.io_t) * _IO_SHARE < 0
 
     def idle(self, now: float) -> bool:
-        """No session, and both buckets full again: forgetting it gives its peer nothing."""
-        return (self.sessions == 0 and self.io_tokens + (now - self.io_t) * _IO_SHARE >= _IO_BURST_S
-                and self.offer_tokens + (now - self.offer_t) * _OFFER_ITEMS_PER_S >= _OFFER_ITEMS_BURST)
+        """No session, and its bucket full again: forgetting it gives its peer nothing."""
+        return self.sessions == 0 and self.io_tokens + (now - self.io_t) * _IO_SHARE >= _IO_BURST_S
 
 
 class _Session:
@@ -284,8 +274,10 @@ class _Session:
         self.last_use = self.last_rx                # last grant or data: credit idle since then
         self.revoking = 0.0                         # when we took its idle credit back (crev), or 0
         self.blocked_t = 0.0                        # when its window (its own credit) last held back its offer
-        # what it may still take of the I/O thread and offer: its peer's budget, shared by all the
-        # sessions of that peer (see peer_key), so that many sessions get no more than one
+        self.offer_tokens = float(_OFFER_ITEMS_BURST)  # tensors it may still offer now (a token bucket)
+        self.offer_t = self.last_rx
+        # what it may still take of the I/O thread: its peer's budget, shared by all the sessions of
+        # that peer (see peer_key), so that many sessions get no more than one
         self.budget = budget if budget is not None else _PeerBudget(self.last_rx)
         self.budget.sessions += 1
         self.creq: tuple[int, int] | None = None
@@ -312,8 +304,12 @@ class _Session:
         self.outstanding -= min(n - r, self.outstanding)
 
     def take_offer_budget(self, n: int, now: float) -> bool:
-        """Take ``n`` tensors from its peer's offer budget; False (nothing taken) if it has not that many."""
-        return self.budget.take_offer_budget(n, now)
+        """Take ``n`` tensors from the session's offer budget; False (nothing taken) if it has not that many."""
+        tokens = min(float(_OFFER_ITEMS_BURST), self.offer_tokens + (now - self.offer_t) * _OFFER_ITEMS_PER_S)
+        self.offer_t = now
+        ok = tokens >= n
+        self.offer_tokens = tokens - n if ok else tokens
+        return ok
 
     def charge_io(self, dt: float, now: float) -> None:
         """The I/O thread spent ``dt`` seconds on this session's requests (charged to its peer)."""
