@@ -8,6 +8,8 @@ Build it directly, from a plain dict (the shape of vLLM's
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +17,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+
+log = logging.getLogger("p2pkv")
 
 __all__ = ["MAX_TIMEOUT_S", "EngineConfig", "parse_size", "pool_memory_error"]
 
@@ -151,6 +155,17 @@ class EngineConfig:
     nccl_buffsize: int = 0
     eager_requests: bool = True
     spin_s: float = 0.02
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> EngineConfig:
+        # Before the generated __init__ binds the arguments: a misspelt or extra one is a ConfigError
+        # naming it (as from_dict does), not a bare TypeError.
+        names = cls.field_names()
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {list(names)}")
+        if len(args) > len(names):
+            raise ConfigError(f"EngineConfig takes at most {len(names)} positional settings, got {len(args)}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -291,10 +306,22 @@ class EngineConfig:
         """Build from ``P2PKV_<FIELD>`` variables (e.g. ``P2PKV_TIMEOUT_S=5``)."""
         env = os.environ if environ is None else environ
         data: dict[str, Any] = {}
-        for name in cls.field_names():
+        names = cls.field_names()
+        for name in names:
             key = prefix + name.upper()
             if key in env:
                 data[name] = env[key]
+        # A misspelt variable (P2PKV_TIMEOUT for P2PKV_TIMEOUT_S) would be ignored without a word. Other
+        # P2PKV_* variables (the proxy's, SGLang's, CI's) are no setting of the engine, so only a near-miss
+        # of a setting's name is reported.
+        for key in env:
+            name = key[len(prefix):].lower()
+            if key.startswith(prefix) and name not in names:
+                near = [n for n in (name + "_s", name + "_bytes") if n in names] \
+                    or difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+                if near:
+                    log.warning("%s is not an engine setting and is ignored; did you mean %s%s?", key, prefix,
+                                near[0].upper())
         data.update(overrides)
         return cls.from_dict(data)
 

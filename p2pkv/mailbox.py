@@ -182,6 +182,24 @@ class Mailbox:
                 w[0].notify_all()
         return None
 
+    def put_back(self, slot: Slot) -> bool:
+        """Return a slot taken by :meth:`take_nowait` (a consumer that failed before using it), keeping its
+        arrival time (so ``ttl_s`` still counts from its delivery). False, and the caller keeps the buffer,
+        when its transfer was aborted meanwhile or new data holds its key."""
+        with self._lock:
+            key = slot.key
+            if key in self._slots or self._aborted_locked(key.transfer_id) is not None:
+                return False
+            self._slots[key] = slot
+            self._by_tid.setdefault(key.transfer_id, set()).add(key)
+            self.bytes_held += slot.buf.size
+            if slot.src is not None and slot.buf.size:
+                self._held_by[slot.src] = self._held_by.get(slot.src, 0) + slot.buf.size
+            w = self._waiting.get(key)
+            if w is not None:
+                w[0].notify_all()
+        return True
+
     # ---------------------------------------------------------------- consumer side
     def take_nowait(self, key: TransferKey, check: Callable[[Slot], None] | None = None) -> Slot | None:
         with self._lock:

@@ -93,7 +93,32 @@ class _Extents:
         return 0
 
 
-class Buffer:
+class BufferLike:
+    """What a holder of received bytes sees: ``data`` (flat ``uint8``), ``view``, ``released``, ``release``.
+
+    :class:`Buffer` (a pool region) and the fast path's per-tensor lease share it.
+    """
+
+    __slots__ = ()
+    _released: bool
+
+    @property
+    def data(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        """The bytes reinterpreted as a contiguous tensor of ``dtype`` and ``shape``."""
+        raw = self.data
+        if raw.numel() == 0:
+            return torch.empty(tuple(shape), dtype=dtype, device=raw.device)
+        return raw.view(dtype).view(tuple(shape))
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+
+class Buffer(BufferLike):
     """A region of the pool (or an overflow allocation) holding one tensor.
 
     ``release()`` returns it to the pool; calling it twice is harmless. Also a
@@ -127,17 +152,6 @@ class Buffer:
                 raise P2pkvError("buffer used after release")
             d = self._data = arena[self.offset:self.offset + self.nbytes]
         return d
-
-    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-        """The buffer reinterpreted as a contiguous tensor of ``dtype`` and ``shape``."""
-        raw = self.data
-        if raw.numel() == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=raw.device)
-        return raw.view(dtype).view(tuple(shape))
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def release(self) -> None:
         if self._released:

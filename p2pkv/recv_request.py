@@ -84,6 +84,7 @@ class RecvRequest:
         self._fast: Any = None               # the FastIncoming record of a same-host request
         self._fast_idx: dict[str, int] = {}
         self._fast_all = False               # we took the record whole
+        self._offer: Any = None              # the layout record of a TCP/NCCL request we took
         self._views: dict[str, torch.Tensor] = {}
         self._outs = outs
         self._copied: set[str] = set()
@@ -244,6 +245,30 @@ class RecvRequest:
             self._state = RecvState.FAILED
             self._error = err
             self._eng._stats.add("recv_requests_failed")
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """A failed handle (its deadline, names the request lacks, outs that do not fit) returns what it took
+        from the inbox and did not hand out (no view, no copy) at once, for a later ``recv`` or ``recv_request``:
+        its failure loses no delivered data (the inbox's ``ttl_s`` bounds how long it stays). An aborted
+        request's data, or a closed engine's, is dropped."""
+        if isinstance(self._error, (TransferAborted, EngineClosed)):
+            return
+        with self._lock:
+            back = [s for n, s in self._slots.items() if n not in self._views and n not in self._copied]
+            kept = [s for s in back if self._eng._inbox.put_back(s)]
+            for s in kept:
+                del self._slots[s.key.name]
+            if self._views or self._copied:
+                return  # the caller used part of it: the rest goes when the handle is released
+            plane = self._eng._fast
+            if self._offer is not None and plane.give_back(self._offer, []):  # its layout, for a later taker
+                self._offer = None
+            rec = self._fast
+            if rec is not None and plane.give_back(rec, list(self._fast_idx)):
+                self._fast = None  # (its reference went back with it)
+                self._fast_idx = {}
+                self._fast_all = False
 
     def _released(self) -> bool:
         return self._state is RecvState.RELEASED
@@ -296,7 +321,7 @@ class RecvRequest:
                     raise err
                 if now > deadline:
                     err = TransferTimeout(f"{what} of request {self.transfer_id} did not arrive within the deadline "
-                                          f"({self._state.value})", key=self.transfer_id)
+                                          f"({self._state.value}{self._missing_note()})", key=self.transfer_id)
                     if deadline >= self.deadline:
                         self._fail(err)
                     raise err
@@ -316,12 +341,14 @@ class RecvRequest:
         """Read the channels, bind the request, claim arrived tensors; True if anything changed."""
         if self._fast is not None:
             return False  # bound to a same-host record: its flags say the rest
+        if self._error is not None:
+            return True  # failed (e.g. binding found names the request lacks): take nothing more
         eng = self._eng
         eng._fast_poll()
         changed = False
         if not self._specs:
             changed = self._bind()
-            if self._fast is not None:
+            if self._fast is not None or self._error is not None:
                 return True
         for name in self._order:
             if name not in self._slots:
@@ -333,7 +360,11 @@ class RecvRequest:
 
     def _bind(self) -> bool:
         """Learn the request's layout (and take a same-host request at once)."""
-        got = self._eng._rx_take_record(self.transfer_id, self._names)
+        try:
+            got = self._eng._rx_take_record(self.transfer_id, self._names)
+        except InvalidKey as err:  # names lists a tensor the request does not hold
+            self._fail(err)
+            return True
         if got is None:
             return False
         rec, taken = got
@@ -353,6 +384,7 @@ class RecvRequest:
             for n in taken:
                 self._specs[n] = specs[idx[n]]
         else:
+            self._offer = rec
             if self._names is None:
                 self._order = [s.name for s in specs]
             for s in specs:
@@ -410,6 +442,30 @@ class RecvRequest:
         except P2pkvError as err:
             self._fail(err)
             raise
+
+    def _missing_note(self) -> str:
+        """``"; not arrived: 'x', ..."`` for a timeout message: the tensors still missing, when known."""
+        missing = []
+        for name in self._order:
+            if name in self._copied:
+                continue
+            i = self._fast_idx.get(name)
+            slot = self._slots.get(name)
+            try:  # as _landed, without failing the handle on the way
+                if i is not None:
+                    rec = self._fast
+                    landed = rec is not None and bool(rec.landed(i))
+                else:
+                    landed = slot is not None and (slot.ready is None or bool(slot.ready()))
+            except P2pkvError:
+                landed = False
+            if not landed:
+                missing.append(name)
+        if not missing:
+            return ""
+        shown = ", ".join(repr(n)[:80] for n in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        return f"; not arrived: {shown}{more}"
 
     def _complete(self) -> bool:
         if self._fast_all:

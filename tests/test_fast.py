@@ -311,6 +311,35 @@ def test_recv_request_over_tcp_and_per_tensor_sends(pair):
     assert cons.stats()["pool"]["in_use"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_recv_request_timeout_names_what_did_not_arrive(pair):
+    """A recv_request that times out says which of its tensors never came, not just that 'every tensor'
+    did not (a name the sender's request does not have is refused at once: test_recv_request_giveback)."""
+    prod, cons = pair
+    data = layers(5, 3)
+    req = prod.send_request(cons.address, "named", data)
+    req.send(*data[0])
+    h = cons.recv_request("named", names=["layer0", "layer2"], timeout=0.5)
+    with pytest.raises(TransferTimeout, match="not arrived: 'layer2'") as exc:
+        h.wait()
+    assert "layer0" not in str(exc.value)
+    h.release()
+    prod.abort("named")
+
+
+@pytest.mark.timeout(60)
+def test_recv_request_timeout_names_missing_layers_same_host(shm_pair):
+    prod, cons = shm_pair
+    data = layers(6, 3)
+    req = prod.send_request(cons.address, "half", data)
+    req.send(*data[0])
+    h = cons.recv_request("half", timeout=0.5)
+    with pytest.raises(TransferTimeout, match="not arrived: 'layer1', 'layer2'"):
+        h.wait()
+    h.release()
+    prod.abort("half")
+
+
 def test_recv_request_bad_input(pair):
     _, cons = pair
     with pytest.raises(InvalidKey):

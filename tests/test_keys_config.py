@@ -100,6 +100,23 @@ def test_config_from_dict_coerces_and_rejects_unknown():
         EngineConfig.from_dict({"timeout_s": "soon"})
 
 
+def test_config_constructor_rejects_unknown_settings_with_config_error():
+    """A misspelt keyword to EngineConfig(...) (or replace) is a ConfigError naming it, as from_dict's is,
+    not a bare TypeError; pickling and copying still work."""
+    import copy
+    import pickle
+
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['timeout'\]"):
+        EngineConfig(timeout=5)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="unknown config key"):
+        EngineConfig(timeout_s=5).replace(pool=1)
+    with pytest.raises(ConfigError, match="positional"):
+        EngineConfig(*range(len(EngineConfig.field_names()) + 1))
+    c = EngineConfig(timeout_s=5, pool_bytes=2**20)
+    assert pickle.loads(pickle.dumps(c)) == c and copy.deepcopy(c) == c
+    assert c.replace(port=1).port == 1
+
+
 def test_config_from_env():
     env = {"P2PKV_TIMEOUT_S": "9", "P2PKV_POOL_BYTES": "1GiB", "P2PKV_TRANSPORT": "tcp", "OTHER": "x"}
     c = EngineConfig.from_env(env)
@@ -108,6 +125,20 @@ def test_config_from_env():
     assert c.timeout_s == 3.0
     with pytest.raises(ConfigError):
         EngineConfig.from_env({"P2PKV_PORT": "http"})
+
+
+def test_config_from_env_warns_of_a_misspelt_setting(caplog):
+    """P2PKV_TIMEOUT=5 (for P2PKV_TIMEOUT_S) was ignored without a word; it is still ignored (other P2PKV_*
+    variables belong to the proxy, SGLang or CI), but a near-miss of a setting's name is logged."""
+    env = {"P2PKV_TIMEOUT": "5", "P2PKV_TTL": "3", "P2PKV_POOLBYTES": "1GiB", "P2PKV_TRANSPORT": "tcp",
+           "P2PKV_PROXY_REGISTER_TOKEN": "t" * 16, "P2PKV_SGLANG_HTTP_TIMEOUT_S": "3", "P2PKV_TRACE": "1",
+           "P2PKV_CI_SKIP_SOAK": "1", "P2PKV_DISABLE_CUDA_KERNELS": "1"}
+    with caplog.at_level("WARNING", logger="p2pkv"):
+        c = EngineConfig.from_env(env)
+    assert c.timeout_s == 30.0 and c.transport == "tcp"
+    warned = sorted(r.getMessage().split(" ")[0] for r in caplog.records)
+    assert warned == ["P2PKV_POOLBYTES", "P2PKV_TIMEOUT", "P2PKV_TTL"]
+    assert "did you mean P2PKV_TIMEOUT_S?" in caplog.text and "P2PKV_TTL_S?" in caplog.text
 
 
 def test_config_to_dict_hides_token():

@@ -191,7 +191,7 @@ class Cluster:
                         SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT="120", OMP_NUM_THREADS="1")
         self.procs: list[Proc] = []
         self.bport = free_port()
-        self.ports = {k: free_port() for k in ("ref", "prefill", "decode", "router")}
+        self.ports = {k: free_port() for k in ("ref", "prefill", "decode", "router", "router_metrics")}
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -243,6 +243,9 @@ def test_prefill_decode_through_the_router_token_exact_and_survives_a_prefill_re
     router = Proc("router", [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                              "--prefill", c.url("prefill"), str(c.bport), "--decode", c.url("decode"),
                              "--host", "127.0.0.1", "--port", str(c.ports["router"]),
+                             # (its metrics exporter's default port, 29000, is shared by every router on
+                             # the machine: a second test run beside this one would take it)
+                             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(c.ports["router_metrics"]),
                              "--worker-startup-timeout-secs", "600", "--health-check-interval-secs", "2",
                              "--disable-retries"],  # a failed transfer must show, not be retried away
                   c.tmp, c.env)

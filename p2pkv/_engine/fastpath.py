@@ -48,7 +48,7 @@ import torch
 from .. import _tensors as T
 from ..errors import (P2pkvError, PeerLost, ProtocolError, TransferAborted, TransferTimeout, error_from_code)
 from ..keys import TransferKey, validate_transfer_id
-from ..pool import ALIGN, BufferPool, _Extents
+from ..pool import ALIGN, BufferLike, BufferPool, _Extents
 from ..request import MAX_ITEMS, ItemSpec, RequestState
 from ..transport.shm import NFLAGS, ShmChannel
 
@@ -503,7 +503,7 @@ class FastTx:
 
 
 # ----------------------------------------------------------------------------- consumer
-class LeaseItem:
+class LeaseItem(BufferLike):
     """One tensor of a fast-path request, taken on its own (``recv``/``claim`` by key): a pool-buffer look-alike.
 
     Releasing it drops one reference on its request; the request's room goes back to the
@@ -527,16 +527,6 @@ class LeaseItem:
             raise P2pkvError("buffer used after release")
         return self._data
 
-    def view(self, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-        raw = self.data
-        if raw.numel() == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=raw.device)
-        return raw.view(dtype).view(tuple(shape))
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def release(self) -> None:
         if self._released:
             return
@@ -557,7 +547,7 @@ class FastIncoming:
     """
 
     __slots__ = ("rx", "seq", "transfer_id", "layout", "base", "flag0", "deadline", "error", "t_arrived",
-                 "values", "avail", "refs", "listed", "freed", "_lock", "__weakref__")
+                 "values", "avail", "refs", "listed", "freed", "gone", "_lock", "__weakref__")
 
     def __init__(self, rx: FastRx, seq: int, tid: str, layout: FastLayout, base: int, flag0: int, deadline: float):
         self.rx = rx
@@ -574,6 +564,7 @@ class FastIncoming:
         self.refs = 0                             # holders (a RecvRequest, LeaseItems)
         self.listed = True                        # still in the index (takeable)
         self.freed = False
+        self.gone = False                         # out of the index for good (evicted, aborted, refused, ...)
         self._lock = threading.Lock()
 
     @property
@@ -647,9 +638,21 @@ class FastIncoming:
         if free:
             self.rx.free_request(self)
 
+    def give_back(self, names: list[str]) -> bool:
+        """A taker that failed before using ``names`` returns them (and its reference): takeable again.
+        False when the request is out of the index for good or can no longer land."""
+        with self._lock:
+            if self.gone or self.freed or self.failed() is not None:
+                return False
+            self.avail |= set(names)
+            self.listed = True
+            self.refs -= 1
+            return True
+
     def unlist(self) -> None:
         """Out of the index (evicted, aborted, refused, session over): free it once nothing of it is held."""
         with self._lock:
+            self.gone = True
             self.listed = False
             self.avail.clear()
             free = self.refs <= 0 and not self.freed

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import (DuplicateKey, P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError,
+from ..errors import (DuplicateKey, InvalidKey, P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError,
                       error_from_code)
 from ..keys import TransferKey
 from ..mailbox import Slot
@@ -46,7 +46,7 @@ _MAX_SESSION_RECORDS = 4096
 class OfferRecord:
     """A request announced by an ordinary offer (TCP, NCCL): only its layout, for recv_request."""
 
-    __slots__ = ("transfer_id", "specs", "t_arrived", "names", "sess", "listed")
+    __slots__ = ("transfer_id", "specs", "t_arrived", "names", "sess", "listed", "dead")
 
     def __init__(self, tid: str, specs: list[ItemSpec], sess: bytes = b""):
         self.transfer_id = tid
@@ -55,6 +55,7 @@ class OfferRecord:
         self.names = tuple(s.name for s in specs)
         self.sess = sess        # the session that offered it
         self.listed = False     # in the index (recv_request may still take it)
+        self.dead = False       # its request failed: never to be listed again
 
 
 def _names_of(rec: Any) -> tuple[str, ...]:
@@ -300,19 +301,42 @@ class FastPlane:
         rec = OfferRecord(tid, specs, sess)
         with self._lock:
             self._held_name(tid, rec.names, stop=False)  # supersedes dead same-host requests of these names
-            self._add_locked(tid, rec, cap=False)
-            rec.listed = True
-            mine = self._sess_recs.setdefault(sess, {})
-            mine[rec] = None
-            self._n_records += 1
-            if len(mine) > _MAX_SESSION_RECORDS:  # the session pays with its own oldest record
-                self._evict_record_locked(next(iter(mine)))
-            if self._n_records > _MAX_RECORDS:
-                # over the total: the session holding the most pays (never one holding fewer, e.g. honest)
-                heaviest = max(self._sess_recs.values(), key=len)
-                self._evict_record_locked(next(iter(heaviest)))
-            self._cap_tids_locked()
+            self._list_offer_locked(rec)
         return rec
+
+    def give_back(self, rec: Any, taken: list[str]) -> bool:
+        """A ``recv_request`` handle that failed before handing anything out (its own deadline, names the
+        request lacks, outs that do not fit) returns the request it took, so that a later ``recv_request``
+        or ``recv`` can still take it. False (the handle keeps it, and releases it) when the request can no
+        longer be taken: it failed, was aborted or evicted, or another request holds its names now."""
+        with self._lock:
+            tid = rec.transfer_id
+            if isinstance(rec, FastIncoming):
+                if self._held_name(tid, rec.layout.names) is not None and rec not in self._index.get(tid, ()):
+                    return False
+                if not rec.give_back(taken):
+                    return False
+                if rec not in self._index.get(tid, ()):
+                    self._add_locked(tid, rec)
+                return True
+            if rec.listed or rec.dead or self._held_name(tid, rec.names) is not None:
+                return False
+            self._list_offer_locked(rec)
+            return True
+
+    def _list_offer_locked(self, rec: OfferRecord) -> None:
+        self._add_locked(rec.transfer_id, rec, cap=False)
+        rec.listed = True
+        mine = self._sess_recs.setdefault(rec.sess, {})
+        mine[rec] = None
+        self._n_records += 1
+        if len(mine) > _MAX_SESSION_RECORDS:  # the session pays with its own oldest record
+            self._evict_record_locked(next(iter(mine)))
+        if self._n_records > _MAX_RECORDS:
+            # over the total: the session holding the most pays (never one holding fewer, e.g. honest)
+            heaviest = max(self._sess_recs.values(), key=len)
+            self._evict_record_locked(next(iter(heaviest)))
+        self._cap_tids_locked()
 
     def _evict_record_locked(self, rec: OfferRecord) -> None:
         self._records_dropped += 1
@@ -322,6 +346,7 @@ class FastPlane:
         """The request of ``rec`` failed before it completed (I/O thread): a recv_request must never bind
         it (its producer's retry, or another producer, may send the transfer id again)."""
         with self._lock:
+            rec.dead = True
             self._drop_record_locked(rec)
 
     def _drop_record_locked(self, rec: OfferRecord) -> None:
@@ -413,11 +438,23 @@ class FastPlane:
         return None
 
     def take_record(self, tid: str, names: list[str] | None) -> tuple[Any, list[str] | None] | None:
-        """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None."""
+        """Take a request of ``tid`` whole (or ``names`` of it): ``(record, names taken)``, or None.
+
+        Raises :class:`InvalidKey` when ``names`` lists a tensor that no request of ``tid`` in the index
+        holds (nothing is taken then): waiting for it could only time out."""
         with self._lock:
             lst = self._index.get(tid)
             if not lst:
                 return None
+            if names is not None:
+                want = set(names)
+                known = [set(r.layout.names if isinstance(r, FastIncoming) else r.names) for r in lst]
+                if not any(want <= k for k in known):
+                    missing = sorted(want - set().union(*known))
+                    if missing:
+                        shown = ", ".join(repr(n)[:80] for n in missing[:8])
+                        raise InvalidKey(f"names lists {shown}, which request {tid} does not hold "
+                                         f"(it holds {len(set().union(*known))} tensors)", key=tid)
             for i, rec in enumerate(lst):
                 if isinstance(rec, FastIncoming):
                     taken = rec.take(names)

@@ -967,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``p2pkv-bench`` command; returns its exit status (2: bad input or nothing to run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
-        prog="p2pkv-bench", description="p2pkv microbenchmarks, each beside its baseline (see README: Benchmarks).")
+        prog="p2pkv-bench", description="p2pkv microbenchmarks, each beside its baseline (see docs/benchmarks.md).")
     ap.add_argument("--suite", type=_parse_suites, default=list(SUITES), metavar="NAMES",
                     help=f"comma-separated suites: {', '.join(SUITES)} or all (default: all; those this machine "
                          "cannot run are skipped)")
