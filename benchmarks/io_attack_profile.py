@@ -2,14 +2,16 @@
 spends its time meanwhile (issue 20: "honest traffic stays within 2x its normal latency").
 
     python benchmarks/io_attack_profile.py endless [--profile] [--seconds 6]
-    python benchmarks/io_attack_profile.py offers  [--profile] [--seconds 6]
+    python benchmarks/io_attack_profile.py offers  [--profile] [--seconds 6] [--sessions 1]
+    python benchmarks/io_attack_profile.py offers --decoy   (the attack aimed at another engine)
 
-The victim engine runs in a process of its own (as it would in production); the honest sender
-and the attacker run in this one, on loopback. ``endless``: two raw ZMTP connections stream 1 MiB
-frames of one message that never ends, and reconnect as soon as they are cut off (item 13).
-``offers``: a raw session streams offers of 2,048 tensors as fast as the engine takes them
-(item 7). Prints the honest push median (and p90) before and during the attack, what the
-attacker got done and, with ``--profile``, the top of a cProfile of the victim's I/O thread
+The victim engine, the honest sender and the attacker each run in a process of their own, on
+loopback (as they would in production: an attacker in the honest sender's process would take
+its GIL and inflate the figure). ``endless``: two raw ZMTP connections stream 1 MiB frames of
+one message that never ends, and reconnect as soon as they are cut off (item 13). ``offers``:
+``--sessions`` raw sessions (1 unless told) stream offers of 2,048 tensors as fast as the engine
+takes them (item 7). Prints the honest push median (and p90) before and during the attack, what
+the attacker got done and, with ``--profile``, the top of a cProfile of the victim's I/O thread
 during the attack. Numbers depend on the machine's load: run before and after a change on the
 same box, one right after the other.
 """
@@ -102,23 +104,33 @@ def _endless(address: str, stop: threading.Event, done: dict) -> None:
 
 
 def _offers(address: str, stop: threading.Event, done: dict) -> None:
+    import msgpack
     import zmq
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.ROUTING_ID, os.urandom(16))
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.PLAIN_USERNAME, b"p2pkv")
     s.setsockopt(zmq.PLAIN_PASSWORD, TOKEN.encode())
     s.connect(f"tcp://{address}")
     s.send(encode("hello", eid="raw", host="h", pid=1, dev="cpu", caps={}, tok=TOKEN))
-    s.poll(5000)
-    s.recv_multipart()
+    if not s.poll(5000):
+        done["refused"] = done.get("refused", 0) + 1
+        return
+    hok = s.recv_multipart()
+    if msgpack.unpackb(hok[0]).get("t") != "hok":
+        done["refused"] = done.get("refused", 0) + 1
+        s.close(0)
+        ctx.term()
+        return
     items = [[f"t{i}", "uint8", [4], 4] for i in range(2048)]
+    tag = os.urandom(4).hex()
     seq = 0
     while not stop.is_set():
         seq += 1
         try:
-            s.send(encode("offer", seq=seq, tid=f"o-{seq}", items=items, x="tcp", to=5.0), zmq.NOBLOCK)
+            s.send(encode("offer", seq=seq, tid=f"o-{tag}-{seq}", items=items, x="tcp", to=5.0), zmq.NOBLOCK)
             s.send(encode("oabort", seq=seq, msg="given up"), zmq.NOBLOCK)
             done["offers"] = done.get("offers", 0) + 1
         except zmq.Again:
@@ -129,39 +141,76 @@ def _offers(address: str, stop: threading.Event, done: dict) -> None:
     ctx.term()
 
 
+def _attacker(attack: str, address: str, n: int) -> None:
+    """The attacker's own process: attack until a line comes on stdin, then print what it got done."""
+    import json
+
+    stop, done = threading.Event(), {}
+    fn = _endless if attack == "endless" else _offers
+    threads = [threading.Thread(target=fn, args=(address, stop, done), daemon=True) for _ in range(n)]
+    for th in threads:
+        th.start()
+    sys.stdin.readline()
+    stop.set()
+    for th in threads:
+        th.join(10)
+    print(json.dumps(done), flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--attacker":
+        return _attacker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     ap = argparse.ArgumentParser()
     ap.add_argument("attack", choices=("endless", "offers"))
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("-n", type=int, default=40)
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="attacker connections (default: 2 for endless, 1 for offers)")
+    ap.add_argument("--decoy", action="store_true",
+                    help="the attacker attacks a second engine (in its own process) instead of the honest "
+                         "sender's receiver: what the attack costs the honest push through the machine's load alone")
     args = ap.parse_args()
     victim = subprocess.Popen([sys.executable, "-c", _VICTIM, "1" if args.profile else "0", TOKEN],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     address = victim.stdout.readline().strip()
+    decoy = None
+    target = address
+    if args.decoy:
+        decoy = subprocess.Popen([sys.executable, "-c", _VICTIM, "0", TOKEN], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert decoy.stdout is not None
+        target = decoy.stdout.readline().strip()
     with Engine(timeout_s=10.0, auth_token=TOKEN) as honest:
         base = _push_ms(honest, address, "base", args.n)
-        stop, done = threading.Event(), {}
-        fn = _endless if args.attack == "endless" else _offers
-        threads = [threading.Thread(target=fn, args=(address, stop, done), daemon=True)
-                   for _ in range(2 if args.attack == "endless" else 1)]
-        for th in threads:
-            th.start()
+        n = args.sessions or (2 if args.attack == "endless" else 1)
+        attacker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker", args.attack, target,
+                                     str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         time.sleep(0.5)
         t0 = time.monotonic()
         attacked = _push_ms(honest, address, "attacked", args.n)
         while time.monotonic() - t0 < args.seconds:
             time.sleep(0.1)
-        stop.set()
-        for th in threads:
-            th.join(10)
+        assert attacker.stdin is not None and attacker.stdout is not None
+        attacker.stdin.write("\n")
+        attacker.stdin.flush()
+        done = attacker.stdout.read().strip()
+        attacker.wait(30)
         after = _push_ms(honest, address, "after", 10)
     victim.stdin.write("\n")
     victim.stdin.flush()
     out = victim.stdout.read()
     victim.wait(30)
+    if decoy is not None:
+        assert decoy.stdin is not None and decoy.stdout is not None
+        decoy.stdin.write("\n")
+        decoy.stdin.flush()
+        out += "decoy " + decoy.stdout.read()
+        decoy.wait(30)
     print(f"{args.attack}: honest push median/p90 {base[0]:.2f}/{base[1]:.2f} ms before, "
-          f"{attacked[0]:.2f}/{attacked[1]:.2f} ms during the attack, {after[0]:.2f} ms after; attacker: {done}; "
+          f"{attacked[0]:.2f}/{attacked[1]:.2f} ms during the attack, {after[0]:.2f} ms after; "
+          f"attacker ({n} connections{', at a decoy' if args.decoy else ''}): {done}; "
           f"load {os.getloadavg()[0]:.1f}")
     print(out)
 

@@ -13,8 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AuthError, ConfigError, DuplicateKey, EngineClosed, InvalidAddress, InvalidKey,
-                     InvalidTensor, P2pkvError, PeerLost, PoolExhausted, ProtocolError, ShapeMismatch,
-                     TransferAborted, TransferEvicted, TransferTimeout, TransportError)
+                     InvalidTensor, P2pkvError, PeerLost, PoolExhausted, ProtocolError, SessionRefused,
+                     ShapeMismatch, TransferAborted, TransferEvicted, TransferTimeout, TransportError)
 from .keys import TransferKey, new_transfer_id
 
 if TYPE_CHECKING:
@@ -52,6 +52,6 @@ __all__ = [
     "Engine", "EngineConfig", "TransferKey", "new_transfer_id", "SendHandle", "TransferState",
     "BufferPool", "Buffer", "RequestHandle", "RequestState", "RequestLayout", "RecvRequest", "RecvState",
     "P2pkvError", "ConfigError", "InvalidKey", "InvalidTensor", "ShapeMismatch", "InvalidAddress",
-    "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "PoolExhausted", "TransferAborted",
-    "TransferEvicted", "DuplicateKey", "EngineClosed", "TransportError", "__version__",
+    "TransferTimeout", "PeerLost", "ProtocolError", "AuthError", "SessionRefused", "PoolExhausted",
+    "TransferAborted", "TransferEvicted", "DuplicateKey", "EngineClosed", "TransportError", "__version__",
 ]

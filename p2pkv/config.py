@@ -103,6 +103,13 @@ class EngineConfig:
         interval (``min(peer_timeout_s, 5)``: those not yet authenticated are among
         them); newer ones beyond it are shut down at once. Bounds the descriptors
         an unauthenticated flood of idle connections can take.
+    max_sessions_per_peer:
+        The most sessions (connections whose ``hello`` was taken) one peer may
+        hold with this engine at once; a further ``hello`` is refused with
+        :class:`~p2pkv.errors.SessionRefused`. A peer is a remote address and, with
+        CURVE, the client key it authenticated with: engines on one host count
+        together. The sessions of one peer also share one share (20%) of this
+        engine's I/O thread for their requests.
     transport:
         ``"auto"`` (CUDA IPC on one host, NCCL across, TCP for CPU tensors),
         or force ``"tcp"``, ``"ipc"`` or ``"nccl"``. ``"shm"`` (CPU engines):
@@ -137,6 +144,7 @@ class EngineConfig:
     max_message_bytes: int = 2**31
     auth_token: str | None = dataclasses.field(default=None, repr=False)
     max_pending_connections: int = 256
+    max_sessions_per_peer: int = 64
     curve_secret_key: str | None = dataclasses.field(default=None, repr=False)
     curve_server_key: str | None = None
     curve_allowed_keys: tuple[str, ...] | None = None
@@ -205,6 +213,9 @@ class EngineConfig:
         if isinstance(self.max_pending_connections, bool) or not isinstance(self.max_pending_connections, int) \
                 or self.max_pending_connections < 1:
             raise ConfigError(f"max_pending_connections must be an int >= 1, got {self.max_pending_connections!r}")
+        if isinstance(self.max_sessions_per_peer, bool) or not isinstance(self.max_sessions_per_peer, int) \
+                or self.max_sessions_per_peer < 1:
+            raise ConfigError(f"max_sessions_per_peer must be an int >= 1, got {self.max_sessions_per_peer!r}")
         self._check_curve(set_)
         for name in ("nccl_min_ctas", "nccl_max_ctas"):
             v = getattr(self, name)

@@ -184,6 +184,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._peer_by_sock = {}
         self._peer_by_mon = {}
         self._sessions = {}
+        self._budgets = {}
+        self._rx_first = None
         self._parked = []
         self._pending_acks = {}
         self._incoming = {}   # whole requests coming in, by (session, seq)

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidBlockIds",
     "TransferTimeout",
     "PeerLost",
+    "SessionRefused",
     "ProtocolError",
     "AuthError",
     "PoolExhausted",
@@ -134,6 +135,13 @@ class InvalidAddress(P2pkvError, ValueError):
     """A peer address is not of the form ``host:port``."""
 
     code = "invalid_address"
+
+
+class SessionRefused(P2pkvError, ConnectionError):
+    """The peer refused our session: this host (or CURVE key) holds as many sessions with it as it
+    allows (its ``max_sessions_per_peer``)."""
+
+    code = "session_refused"
 
 
 class TransportError(P2pkvError):

@@ -272,6 +272,72 @@ class BufferPool:
             raise PoolExhausted(f"pool full and overflow allocation of {nbytes} bytes failed: {exc}") from None
         return Buffer(self, -1, size, nbytes, data, overflow=True)
 
+    def try_alloc_many(self, sizes: list[int], *, overflow: bool = False) -> list[Buffer] | None:
+        """:meth:`try_alloc` for each of ``sizes`` (ints >= 0, checked by the caller), under one lock:
+        all of them, or ``None`` (nothing taken) when one does not fit and ``overflow`` is False.
+        Raises :class:`PoolExhausted` (nothing taken) when an overflow allocation fails."""
+        out: list[Buffer] = []
+        spill: list[tuple[int, int]] = []  # (index, nbytes) served outside the arena
+        fp = self.footprint
+        with self._cond:
+            arena = self.arena
+            take = self._ext.take
+            cap = self.capacity
+            for nbytes in sizes:
+                size = fp(nbytes)
+                start = take(size) if size <= cap else None
+                if start is None:
+                    if not overflow:
+                        for b in out:
+                            b._released = True
+                            if not b.overflow:
+                                self._ext.give(b.offset, b.size)
+                        self.failed += 1
+                        return None
+                    spill.append((len(out), nbytes))
+                    out.append(Buffer(self, -1, size, nbytes, None, overflow=True))
+                    continue
+                out.append(Buffer(self, start, size, nbytes, None, arena=arena))
+            placed = len(out) - len(spill)
+            placed_bytes = sum(b.size for b in out if not b.overflow)
+            spilled_bytes = sum(fp(n) for _, n in spill)
+            self.in_use += placed_bytes
+            self.high_water = max(self.high_water, self.in_use)
+            self.allocs += placed
+            self.overflow_allocs += len(spill)
+            self.overflow_in_use += spilled_bytes
+            self._live += len(out)
+        try:
+            for i, nbytes in spill:
+                out[i]._data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except RuntimeError as exc:  # real OOM: give back everything, report, never crash the engine
+            self.release_many(out)
+            with self._cond:
+                self.failed += 1
+            raise PoolExhausted(f"pool full and overflow allocation of {nbytes} bytes failed: {exc}") from None
+        return out
+
+    def release_many(self, bufs: list[Buffer]) -> None:
+        """:meth:`Buffer.release` for each of ``bufs`` (those not released yet), under one lock."""
+        freed = False
+        with self._cond:
+            for buf in bufs:
+                if buf._released:
+                    continue
+                buf._released = True
+                if buf.overflow:
+                    self.overflow_in_use -= buf.size
+                else:
+                    self._ext.give(buf.offset, buf.size)
+                    self.in_use -= buf.size
+                self._live -= 1
+                buf._data = buf._arena = None
+                freed = True
+            if freed:
+                self._cond.notify_all()
+        if freed and self._on_free is not None:
+            self._on_free()
+
     def alloc(self, nbytes: int, timeout: float | None = None) -> Buffer:
         """Take a buffer, waiting up to ``timeout`` seconds for space.
 

@@ -374,7 +374,7 @@ class Incoming:
 
     __slots__ = ("sess", "seq", "transfer_id", "specs", "x", "deadline", "bufs", "landed", "events", "failed",
                  "keys", "nbytes", "t_arrived", "evs", "done_sent", "lock", "posted", "quarantine", "comm", "eager",
-                 "refusal", "need", "sizes", "record")
+                 "refusal", "need", "sizes", "record", "filling", "fill_left")
 
     def __init__(self, sess: Any, seq: int, transfer_id: str, specs: list[ItemSpec], x: str, deadline: float,
                  evs: list[bytes] | None, keys: list[TransferKey] | None = None):
@@ -402,6 +402,10 @@ class Incoming:
         self.need = sum(BufferPool.footprint(s.nbytes) for s in specs)  # pool bytes it takes once admitted
         self.sizes: list[int] = [s.nbytes for s in specs]  # (a refused eager offer has sizes, no specs)
         self.record: Any = None            # its layout, listed for recv_request until taken or failed
+        # admitted, its buffers taken a slice at a time (so one large request cannot hold the I/O thread):
+        # those taken so far (None when not being filled), and the pool bytes still to take
+        self.filling: list[Any] | None = None
+        self.fill_left = 0
 
     @property
     def admitted(self) -> bool:

@@ -26,7 +26,7 @@ ENGINE_COUNTERS: tuple[str, ...] = (
     "recv_requests_failed", "received_direct", "reads_done", "reads_refused",
     # peers and connections
     "connections", "connections_shed", "connections_overbuffered", "pulls_refused", "handshakes_refused",
-    "auth_failures", "peers_lost", "sessions_lost",
+    "auth_failures", "peers_lost", "sessions_lost", "sessions_refused",
     "ipc_mappings", "nccl_comms", "aborts",
     # misbehaving peers, and our own failures
     "protocol_errors", "credit_violations", "nacks", "replies_suppressed", "internal_errors",

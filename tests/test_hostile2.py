@@ -52,7 +52,8 @@ def _outcome(fn, *args, **kw):
 # ----------------------------------------------------------------------------- item 8: abort records
 @pytest.mark.timeout(90)
 def test_item8_abort_records_of_one_peer_survive_other_sessions_aborts():
-    slow = dict(FAST, timeout_s=20.0, peer_timeout_s=10.0)  # 64 raw sessions stay alive on a loaded box
+    # 64 raw sessions stay alive on a loaded box; with the honest ones, 66 from loopback (one peer)
+    slow = dict(FAST, timeout_s=20.0, peer_timeout_s=10.0, max_sessions_per_peer=80)
     with Engine(**slow) as e, Engine(**FAST) as honest, Engine(**FAST) as late:
         t = torch.ones(4)
         honest.send(e.address, K("warm", "0"), t).wait(5)  # honest has a session at e
@@ -232,7 +233,8 @@ def _push_ms(sender: Engine, receiver: Engine, tag: str, n: int = 30) -> float:
 def _within_twice(base_ms: float, attacked_ms: float, what: str = "") -> None:
     """Reports the honest latency during an attack. Tests assert behaviour, not speed (every honest push
     was delivered within its deadline: ``_push_ms`` raises otherwise); the latency goal ("within 2x its
-    normal latency") is measured by ``benchmarks/hostile_latency.py`` and recorded in RESULTS.md."""
+    normal latency") is measured by ``benchmarks/io_attack_profile.py`` (victim, honest sender and attacker
+    each in a process of its own) and recorded in docs/security.md."""
     print(f"{what}: honest push median {base_ms:.2f} ms, {attacked_ms:.2f} ms under attack")
 
 

@@ -147,3 +147,25 @@ def test_steady_state_allocates_nothing_new():
             ptrs.add(b.data.data_ptr())
     assert all(base <= x < base + p.capacity for x in ptrs)
     assert p.stats()["overflow_allocs"] == 0
+
+
+def test_try_alloc_many_is_all_or_nothing_and_release_many_gives_all_back():
+    p = BufferPool(64 * ALIGN)
+    bufs = p.try_alloc_many([1, ALIGN, 3 * ALIGN, 0])
+    assert bufs is not None and [b.size for b in bufs] == [ALIGN, ALIGN, 3 * ALIGN, ALIGN]
+    assert len({b.offset for b in bufs}) == 4 and p.stats()["in_use"] == 6 * ALIGN
+    bufs[1].data.fill_(7)  # each is a view of its own place in the arena
+    assert bufs[0].data.sum() == 0 and bufs[1].data.sum() == 7 * ALIGN
+    # more than is free: nothing taken without overflow...
+    assert p.try_alloc_many([ALIGN] * 60) is None
+    assert p.stats()["in_use"] == 6 * ALIGN and p.stats()["live_buffers"] == 4
+    # ...and the rest outside the arena with it, counted as overflow
+    more = p.try_alloc_many([ALIGN] * 60, overflow=True)
+    assert more is not None and sum(b.overflow for b in more) == 2
+    assert p.stats()["overflow_in_use"] == 2 * ALIGN and p.room == 0
+    bufs[2].release()  # released once already: release_many skips it
+    p.release_many(bufs + more)
+    st_ = p.stats()
+    assert st_["in_use"] == 0 and st_["overflow_in_use"] == 0 and st_["live_buffers"] == 0
+    assert st_["free"] == p.capacity and st_["largest_free"] == p.capacity
+    assert all(b.released for b in bufs + more)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .fastplane import FastPlane
     from .pull import _ParkedPulls
     from .regions import Regions
-    from .state import _ConnectWaiter, _Peer, _PullItem, _SendItem, _Session
+    from .state import _ConnectWaiter, _Peer, _PeerBudget, _PullItem, _SendItem, _Session
 
 MakeError = Callable[[], "P2pkvError"]  # builds the error that fails a piece of work (one per item)
 
@@ -82,6 +82,8 @@ class _EngineBase:
     _peer_by_sock: dict[zmq.Socket, _Peer]
     _peer_by_mon: dict[zmq.Socket, _Peer]
     _sessions: dict[bytes, _Session]
+    _budgets: dict[str, _PeerBudget]  # by peer (see peer_key): its sessions' share of the I/O thread
+    _rx_first: zmq.Frame | None  # the first frame of the request being handled (its connection's metadata)
     _probe_due: list[float]  # when to probe sessions for closed connections
     _conn_fds: dict[int, float]  # recently accepted connections: fd -> when
     _conns: int  # TCP connections into our ROUTER (accepted, not yet closed)
@@ -141,6 +143,7 @@ class _EngineBase:
                    **fields: Any) -> bool: ...
         def _lose_session(self, sess: _Session, reason: str) -> None: ...
         def _io_refuses(self, sess: _Session, now: float) -> bool: ...
+        def _forget_idle_budgets(self, now: float) -> None: ...
 
         # ------------------------------------------------------------------ _CommManager (comms.py)
         def _peer_comm(self, peer: _Peer, direction: str) -> Any: ...

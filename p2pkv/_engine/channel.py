@@ -18,8 +18,8 @@ import zmq
 
 from .. import _trace
 from ..control.messages import REPLY_TYPES, REQUEST_TYPES, decode, encode
-from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolError, TransferAborted,
-                      TransportError, error_from_code)
+from ..errors import (AuthError, InvalidAddress, P2pkvError, PeerLost, ProtocolError, SessionRefused,
+                      TransferAborted, TransportError, error_from_code)
 from ..handles import TransferState
 from ..keys import validate_transfer_id
 from ..mailbox import Held
@@ -30,7 +30,7 @@ from .state import (_DEALER_RCVHWM, _MAX_CONNS_PER_HOST, _ROUTER_PASS_S, _MAX_CO
                     _fds_in_use, _rss_bytes, _shutdown_fd, _zmq_consumed,
                     _LOCAL_DIALS, _LOCAL_ENDS, _LOCAL_EVENTS, _PLAIN_USER, _ZAP_DOMAIN,
                     _ZAP_ENDPOINT, _ConnectWaiter, _fd_ends, _LocalLink, _Peer, _Session, _drain, _seq_of,
-                    _IO_CHARGED, _IO_CONTENDED_S, _IO_IDLE, _PEEK_BYTES, _peek,
+                    _IO_CHARGED, _IO_CONTENDED_S, _IO_IDLE, _PEEK_BYTES, _PeerBudget, _peek, peer_key,
                     _valid_seq, _zmq_endpoint, log, parse_address)
 from .state import _PullItem, _SendItem
 from .base import MakeError, _EngineBase
@@ -202,10 +202,15 @@ class _Channel(_EngineBase):
             else:
                 ok = (tok is not None and len(frames) >= 8 and frames[0] == b"1.0" and frames[5] == b"PLAIN"
                       and hmac.compare_digest(frames[6], _PLAIN_USER) & hmac.compare_digest(frames[7], tok))
+            user = b""
             if not ok:
                 self._stats.add("auth_failures")
+            elif self._cfg.curve_secret_key is not None:  # who the peer is: its key (see peer_key)
+                from zmq.utils import z85
+
+                user = z85.encode(frames[6])
             zap.send_multipart([b"1.0", req_id, b"200" if ok else b"400",
-                                      b"OK" if ok else b"wrong or missing auth_token", b"", b""])
+                                b"OK" if ok else b"wrong or missing auth_token", user, b""])
 
     def _sessionless_reply_ok(self) -> bool:
         """A token bucket for error replies to peers without a session (100/s, bursts of 200):
@@ -681,6 +686,9 @@ class _Channel(_EngineBase):
             if code == "auth":
                 err_msg = msg["msg"]
                 self._lose_peer(peer, lambda: AuthError(err_msg, peer=peer.addr))
+            elif code == SessionRefused.code and msg.get("seq") is None:
+                refusal = msg["msg"]
+                self._lose_peer(peer, lambda: SessionRefused(refusal, peer=peer.addr))
             elif code == "no_session":
                 self._lose_peer(peer, lambda: PeerLost("peer restarted (it has no session for us)", peer=peer.addr))
             elif code == "pool_exhausted" and msg.get("seq") is None:
@@ -765,8 +773,9 @@ class _Channel(_EngineBase):
             self._note_message(first, ident)
             if not r.getsockopt(zmq.RCVMORE):
                 continue  # an empty message: nothing to do
-            t0 = time.thread_time()
+            t0 = time.thread_time()  # (CPU time: a box too loaded to run us is not the peer's doing)
             admit0 = self._io_admit_s
+            self._rx_first = first  # (a hello reads who sent it from its connection's metadata)
             hdr = r.recv()
             kind = "?"  # (a header that does not decode is charged too)
             try:
@@ -800,7 +809,8 @@ class _Channel(_EngineBase):
         self._flush_acks()
 
     def _note_work(self, ident: bytes) -> None:
-        """``ident`` sent work just now (for :meth:`_io_refuses`): O(1), the two latest senders kept."""
+        """The session ``ident`` sent work just now (for :meth:`_io_refuses`): O(1), the two sessions that
+        sent work last are kept, newest first."""
         recent, now = self._io_recent, time.monotonic()
         if recent and recent[0][0] == ident:
             recent[0] = (ident, now)
@@ -809,8 +819,9 @@ class _Channel(_EngineBase):
             del recent[2:]
 
     def _io_refuses(self, sess: _Session, now: float) -> bool:
-        """Whether ``sess`` is over its share of the I/O thread while another session wants it too (see
-        _IO_SHARE): alone, a session may take all of it (work-conserving)."""
+        """Whether the peer of ``sess`` is over its share of the I/O thread (see _IO_SHARE) while another
+        session wants the thread too: a session alone may take all of it (work-conserving). (Contention is
+        by session, the budget by peer: two sessions of one host restrain each other once over their share.)"""
         if not sess.io_over(now):
             return False
         for ident, t in self._io_recent:
@@ -879,11 +890,22 @@ class _Channel(_EngineBase):
                 return
             if sess is not None:
                 self._lose_session(sess, "peer said hello again")
+            key = self._peer_key()
+            budget = self._budgets.get(key)
+            cap = self._cfg.max_sessions_per_peer
+            if budget is not None and budget.sessions >= cap:
+                self._stats.add("sessions_refused")
+                self._reply(ident, "err", code=SessionRefused.code,
+                            msg=f"session refused: this peer ({key}) holds {budget.sessions} sessions with this "
+                                f"engine, as many as it allows (max_sessions_per_peer={cap})")
+                return
+            if budget is None:
+                budget = self._budgets[key] = _PeerBudget(time.monotonic())
             caps = msg["caps"]
             # whether it is an engine of this process is looked up when it matters (see _LocalLink),
             # never taken from what it sent
             caps["local"] = _LocalLink(msg["eid"], listener=self.eid, rid=ident)
-            self._sessions[ident] = _Session(ident, msg["eid"], caps)
+            self._sessions[ident] = _Session(ident, msg["eid"], caps, budget)
             self._reply(ident, "hok", eid=self.eid, align=ALIGN, window=self._cfg.effective_credit_bytes,
                         maxmsg=self._cfg.max_message_bytes, pool=self._pool.capacity, caps=self._caps())
             return
@@ -951,10 +973,31 @@ class _Channel(_EngineBase):
             else:
                 self._reply(ident, "fo", **offer)
 
+    def _peer_key(self) -> str:
+        """Who sent the request being handled (see peer_key): its connection's remote address and,
+        with CURVE, its key, as ZMQ reports them for the message's first frame."""
+        first = self._rx_first
+        addr: Any = None
+        user: Any = None
+        if first is not None:
+            try:
+                addr = first.get("Peer-Address")
+                user = first.get("User-Id") if self._cfg.curve_secret_key is not None else None
+            except (zmq.ZMQError, KeyError, AttributeError):
+                pass
+        return peer_key(addr, user)
+
+    def _forget_idle_budgets(self, now: float) -> None:
+        """Forget the budgets of peers without a session once they are full again (a peer that left
+        in debt finds its debt when it comes back within that time)."""
+        for key in [k for k, b in self._budgets.items() if b.sessions <= 0 and b.idle(now)]:
+            del self._budgets[key]
+
     def _lose_session(self, sess: _Session, reason: str) -> None:
         if self._sessions.get(sess.ident) is not sess:
             return
         del self._sessions[sess.ident]
+        sess.budget.sessions -= 1
         self._fast.session_lost(sess, reason)
         for pp in self._parked.of_session(sess):
             self._parked.remove(pp)

@@ -376,6 +376,9 @@ class _ProgressLoop(_EngineBase):
         self._check_buffered(now)
         if self._sessions:
             self._revoke_idle_credit(now)
+        if self._budgets and now >= self.__dict__.get("_next_budget_scan", 0.0):
+            self.__dict__["_next_budget_scan"] = now + 1.0
+            self._forget_idle_budgets(now)
         for sess in [s for s in self._sessions.values() if now - s.last_rx > cfg.effective_peer_timeout_s]:
             self._lose_session(sess, f"silent for {now - sess.last_rx:.2f}s")
         if self._parked:

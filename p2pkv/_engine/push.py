@@ -477,8 +477,9 @@ class _PushPath(_EngineBase):
     def _room(self) -> int:
         """Pool bytes that may still be promised: the arena's free bytes, less what overflow buffers
         hold outside it, less what is promised but not allocated yet (credit, revoked credit that may
-        still be used, eager offers not admitted yet). May be negative (memory taken by others)."""
-        promised = sum(s.outstanding + s.revoked + s.eager_held for s in self._sessions.values())
+        still be used, eager offers not admitted yet, admitted requests whose buffers are still being
+        taken). May be negative (memory taken by others)."""
+        promised = sum(s.outstanding + s.revoked + s.eager_held + s.filling for s in self._sessions.values())
         return self._pool.room - promised
 
     def _grant_credit(self) -> None:

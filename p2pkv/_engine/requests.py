@@ -5,6 +5,7 @@ machinery and the consumer's admission, landing and completion.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections import deque
@@ -23,7 +24,8 @@ from ..keys import TransferKey, validate_transfer_id
 from ..pool import Buffer, BufferPool
 from ..request import Incoming, ItemSpec, RequestHandle, RequestState, Watcher, offer_sizes, wire_items
 from ..transport import tcp
-from .state import (_IO_SHARE, _IPC_EVENTS, _LOCAL_EVENTS, _MAX_QUEUED_ITEMS, _MAX_QUEUED_OFFERS, _OFFER_ITEMS_BURST,
+from .state import (_ADMIT_SLICE, _IO_SHARE, _IPC_EVENTS, _LOCAL_EVENTS, _MAX_QUEUED_ITEMS, _MAX_QUEUED_OFFERS,
+                    _OFFER_ITEMS_BURST,
                     _OFFER_ITEMS_PER_S, _LocalArena, _Peer, _local_arena, _Session, log)
 from .base import _EngineBase
 
@@ -596,10 +598,19 @@ class _RequestPath(_EngineBase):
         self._reply(sess.ident, "oerr", seq=seq, code=err.code, msg=err.message[:500], drain=True)
 
     def _admit(self) -> None:
-        """Grant waiting offers that fit, oldest first within a session; one session cannot block another."""
+        """Grant waiting offers that fit, oldest first within a session; one session cannot block another.
+        At most ``_ADMIT_SLICE`` buffers are taken per call: a request being filled stays at the head of
+        its session's queue and is continued by the next pass of the loop (see _admit_one). Eager
+        requests are taken in full at once (their data follows their offer)."""
         room = self._room()
         holding = self._holding()
-        for sess in list(self._sessions.values()):
+        slice_left = [_ADMIT_SLICE]
+        sessions = list(self._sessions.values())
+        # round robin: a call that ran out of its slice starts the next one at the first session it
+        # left waiting, so that sessions of large requests cannot keep the others' waiting
+        start = self.__dict__.get("_admit_next", 0) % max(1, len(sessions))
+        resume: int | None = None
+        for k, sess in enumerate(sessions[start:] + sessions[:start]):
             while sess.offers:
                 inc = sess.offers[0]
                 if inc.refusal is not None:
@@ -610,8 +621,19 @@ class _RequestPath(_EngineBase):
                 if inc.failed:
                     sess.offers.popleft()
                     continue
-                t0 = time.thread_time()
-                took = self._admit_one(sess, inc, room, holding)
+                if inc.eager:
+                    # its data already moves (TCP frames follow the offer, and are dropped unless it is
+                    # admitted): taken in full, now; its size is bounded by the credit it was paid from
+                    budget = [len(inc.specs)]
+                elif slice_left[0] <= 0:
+                    if resume is None:
+                        resume = start + k  # the first session left waiting goes first next time
+                    self._admit_later()
+                    break
+                else:
+                    budget = slice_left
+                t0 = time.thread_time()  # (CPU time, as in _pump_router)
+                took = self._admit_one(sess, inc, room, holding, budget)
                 dt = time.thread_time() - t0
                 sess.charge_io(dt, time.monotonic())  # its own cost, also when another's request made room
                 self._io_admit_s += dt
@@ -619,13 +641,44 @@ class _RequestPath(_EngineBase):
                     break
                 room -= took
                 holding.add(sess.ident)
+                if inc.filling is not None:  # admitted, its buffers still being taken: next pass
+                    self._admit_later()
+                    break
                 sess.offers.popleft()
+        if resume is not None:
+            self.__dict__["_admit_next"] = resume
 
-    def _admit_one(self, sess: _Session, inc: Incoming, room: int, holding: set[bytes]) -> int | None:
+    def _admit_later(self) -> None:
+        """Run _admit again on the next pass of the loop, without waiting for its poll's timeout."""
+        if not self._mem_dirty:
+            self._mem_dirty = True
+            try:
+                os.write(self._wake_w, b"a")
+            except (BlockingIOError, OSError):
+                pass  # pipe full: the I/O thread is already due to wake
+
+    def _drop_filling(self, inc: Incoming) -> None:
+        """An admitted request whose buffers were still being taken failed: give back what it took."""
+        bufs = inc.filling
+        if bufs is None:
+            return
+        inc.filling = None
+        sess: _Session = inc.sess
+        if not inc.eager:
+            sess.reserved -= inc.need
+            sess.filling -= inc.fill_left
+        inc.fill_left = 0
+        self._pool.release_many(bufs)
+
+    def _admit_one(self, sess: _Session, inc: Incoming, room: int, holding: set[bytes],
+                   slice_left: list[int]) -> int | None:
         """Admit ``inc`` (reserve its room, grant it); None if it must wait, else the pool room it took
         that was not promised before. An ordinary offer needs room in its session's window (what the
         session holds in all: credit, requests, unclaimed data; see _charge; bounded by _limit) and in the pool beyond
-        what is promised to others. An eager one was paid from credit: its room is promised already."""
+        what is promised to others. An eager one was paid from credit: its room is promised already.
+        Its buffers are taken ``slice_left[0]`` at most (decremented) per call: while some are left to
+        take, ``inc.filling`` holds those taken and the rest of its room is promised (``sess.filling``);
+        the grant goes once all are taken."""
         comm = None
         if inc.x == "nccl":
             comm = sess.nccl.get("req")
@@ -633,49 +686,66 @@ class _RequestPath(_EngineBase):
             if state == "init":
                 return None
             if state != "ready":
+                self._drop_filling(inc)
                 self._fail_incoming(inc, TransportError("no NCCL communicator for requests"))
                 return 0
         need = inc.need
         eager = inc.eager
-        if not eager:
-            charge = self._charge(sess)
-            if need > self._limit(sess, holding) - charge:
-                self._want_mem = True
-                sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
-                if need <= self._cfg.effective_credit_bytes - charge:
-                    self._starved_t = sess.blocked_t  # held back by its share only: others' idle credit too
-                return None
-            if need > room:
-                self._want_mem = True
-                self._starved_t = time.monotonic()  # idle credit held anywhere is taken back for it
-                return None
+        took = 0
+        if inc.filling is None:
+            if not eager:
+                charge = self._charge(sess)
+                if need > self._limit(sess, holding) - charge:
+                    self._want_mem = True
+                    sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
+                    if need <= self._cfg.effective_credit_bytes - charge:
+                        self._starved_t = sess.blocked_t  # held back by its share only: others' idle credit too
+                    return None
+                if need > room:
+                    self._want_mem = True
+                    self._starved_t = time.monotonic()  # idle credit held anywhere is taken back for it
+                    return None
+                # admitted: its room is its own from here on (promised while its buffers are taken)
+                sess.reserved += need
+                sess.filling += need
+                took = need
+            inc.filling = []
+            inc.fill_left = need
         # within the room counted above, fragmentation of the arena is covered by overflow buffers
         # (they count against that room: BufferPool.room); CUDA IPC needs places in the arena
-        overflow = inc.x != "ipc"
-        bufs: list[Buffer] = []
-        for s in inc.specs:
-            try:
-                b = self._pool.try_alloc(s.nbytes, overflow=overflow)
-            except PoolExhausted as exc:  # a real out-of-memory
-                for b2 in bufs:
-                    b2.release()
-                if eager:
-                    self._refuse_admitted_eager(sess, inc, exc)
-                else:
-                    self._fail_incoming(inc, exc)
-                return 0
-            if b is None:
-                for b2 in bufs:
-                    b2.release()
-                self._want_mem = True
-                return None
-            bufs.append(b)
+        bufs: list[Buffer] = inc.filling
+        specs = inc.specs
+        n = min(len(specs) - len(bufs), max(slice_left[0], 0))
+        try:
+            new = self._pool.try_alloc_many([s.nbytes for s in specs[len(bufs):len(bufs) + n]],
+                                            overflow=inc.x != "ipc")
+        except PoolExhausted as exc:  # a real out-of-memory
+            self._drop_filling(inc)
+            if eager:
+                self._refuse_admitted_eager(sess, inc, exc)
+            else:
+                self._fail_incoming(inc, exc)
+            return 0
+        if new is None:  # no place in the arena (CUDA IPC): give back what it took, wait
+            self._drop_filling(inc)
+            self._want_mem = True
+            return None
+        slice_left[0] -= n
+        bufs.extend(new)
+        got = sum(b.size for b in new)
+        inc.fill_left -= got
+        if not eager:
+            sess.filling -= got
+        if len(bufs) < len(specs):
+            return took  # the rest on the next pass
+        inc.filling = None
+        inc.fill_left = 0
         inc.bufs = bufs
         inc.comm = comm
         if eager:
             inc.eager = False  # admitted: from here on it is an ordinary granted request
             sess.eager_held -= need
-        sess.reserved += need
+            sess.reserved += need
         sess.admitted[inc.seq] = inc
         offs: dict[str, Any] = {"offs": [b.offset for b in bufs]} if inc.x == "ipc" else {}
         self._reply(sess.ident, "ogrant", seq=inc.seq, **offs)
@@ -692,7 +762,7 @@ class _RequestPath(_EngineBase):
                     watcher.add(ev, functools.partial(self._landed, inc, i))
             except P2pkvError as exc:
                 self._end_session_comm(sess, "req", exc)
-        return 0 if eager else need
+        return took
 
     def _refuse_in_turn(self, sess: _Session, inc: Incoming) -> bool:
         """Refuse an eager offer at its turn: receive its tensors into scratch, tell the producer to drain."""
@@ -770,6 +840,7 @@ class _RequestPath(_EngineBase):
 
     def _fail_incoming(self, inc: Incoming, err: P2pkvError, *, reply: bool = True, keys_error: bool = True) -> None:
         """Give up on an incoming request (I/O thread): free what no GPU work can still write."""
+        self._drop_filling(inc)
         with inc.lock:
             if inc.failed:
                 return
@@ -780,8 +851,8 @@ class _RequestPath(_EngineBase):
                 free = []
             for i, _ in free:
                 inc.bufs[i] = None
-        for _, b in free:
-            b.release()
+        if free:
+            self._pool.release_many([b for _, b in free])
         sess: _Session = inc.sess
         if sess.admitted.pop(inc.seq, None) is not None:
             sess.reserved -= inc.need

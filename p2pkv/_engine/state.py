@@ -32,15 +32,20 @@ _ROUTER_PASS_S = 0.005   # time one loop pass spends on requests at the ROUTER b
 _MAX_CREDIT_VIOLATIONS = 8  # data messages or eager offers beyond granted credit before the session is dropped
 _MAX_QUEUED_OFFERS = 256    # offers of one session waiting for room (more are refused at once)
 _MAX_QUEUED_ITEMS = 16384   # ... and their tensors in all (8 offers of the largest size)
+# Buffers one call of _admit allocates at most (a few microseconds each): a request of more tensors
+# is admitted (its room reserved) at once and its buffers taken over several passes of the loop,
+# which serves the other sockets in between; its grant goes once all are taken.
+_ADMIT_SLICE = 256
 # Tensors one session may offer (taken in for a full parse and admission, each costing the I/O thread
-# some microseconds) per second, and in a burst: beyond that its offers are refused at once, so that
-# it cannot take more than its share of the I/O thread by offering and aborting many-tensor requests.
+# some microseconds) per second, and in a burst: beyond that its offers are refused at once. (What its
+# peer's sessions cost the I/O thread in all is bounded by the peer's share, _IO_SHARE, below; this
+# bound is per session, so that the engines of one honest host are not held to one session's rate.)
 _OFFER_ITEMS_PER_S = 8192
 _OFFER_ITEMS_BURST = 32768
-# Time of the I/O thread one session's requests may take (handling them, admitting its offers): a share
-# of each second, sustained, and a burst; beyond, its offers are refused at once until it is back
-# within (what its messages cost is measured, so this holds however slow the machine is). The cost is
-# the I/O thread's CPU time, not wall time: on a loaded machine the OS's preemptions are nobody's cost.
+# Time of the I/O thread one peer's requests (all its sessions': see peer_key) may take (handling them,
+# admitting its offers): a share of each second, sustained, and a burst; beyond, its offers are refused
+# at once until it is back within (what its messages cost is measured, in the I/O thread's CPU time, so
+# this holds however slow the machine is, and a box too loaded to run the thread is not charged to a peer).
 # The share binds only while another session sent work in the last _IO_CONTENDED_S (heartbeats do not
 # count): a session alone may take the whole I/O thread, as an honest producer under load does.
 _IO_SHARE = 0.2
@@ -49,10 +54,10 @@ _IO_BURST_S = 0.25
 # ... counting the messages a peer can make costly at will (offers, aborts, headers that do not decode);
 # not what a new honest session costs once (its handshake, the fast path's lease), nor data it paid for
 _IO_CHARGED = frozenset({"offer", "oabort", "?"})
-# ... and the messages that are not work (heartbeats, session set-up, headers that do not decode): a session
+# ... and the messages that are not work (heartbeats, session set-up, headers that do not decode): a peer
 # sending only these does not make others' shares bind
 _IO_IDLE = frozenset({"hello", "ping", "bye", "?"})
-_IO_DEBT_S = 1.0  # the most a session may be behind its share (it waits at most this long / _IO_SHARE)
+_IO_DEBT_S = 1.0  # the most a peer may be behind its share (it waits at most this long / _IO_SHARE)
 _MAX_CONNS_PER_HOST = 128  # connections into our ROUTER from one remote address
 _MAX_CONNS_TOTAL = 32768    # ... and from all (further bounded by the descriptor limit: _fd_ceiling)
 _BUFFER_SLACK = 16 << 20    # what a connection may have ZMQ hold beyond the pool's size (headers, framing)
@@ -222,10 +227,42 @@ class _Peer:
                     or self.req_waiting or self.reqs)
 
 
+def peer_key(address: Any, user: Any = None) -> str:
+    """Who a session's peer is, from what the kernel and the handshake say (never from what it
+    claims, such as its engine id): its remote address (as the per-address connection cap counts
+    them), and with CURVE the client key it authenticated with."""
+    host = str(address)[:64] if address else "?"
+    return f"{host}|{user}" if user else host
+
+
+class _PeerBudget:
+    """What one peer (all its sessions together: see peer_key) may take of the I/O thread (a token
+    bucket, in seconds of its CPU time), and how many sessions it has."""
+
+    __slots__ = ("io_tokens", "io_t", "sessions")
+
+    def __init__(self, now: float):
+        self.io_tokens = _IO_BURST_S                   # I/O-thread seconds it may still take now
+        self.io_t = now
+        self.sessions = 0
+
+    def charge_io(self, dt: float, now: float) -> None:
+        tokens = min(_IO_BURST_S, self.io_tokens + (now - self.io_t) * _IO_SHARE)
+        self.io_tokens = max(-_IO_DEBT_S, tokens - dt)
+        self.io_t = now
+
+    def io_over(self, now: float) -> bool:
+        return self.io_tokens + (now - self.io_t) * _IO_SHARE < 0
+
+    def idle(self, now: float) -> bool:
+        """No session, and its bucket full again: forgetting it gives its peer nothing."""
+        return self.sessions == 0 and self.io_tokens + (now - self.io_t) * _IO_SHARE >= _IO_BURST_S
+
+
 class _Session:
     """A peer's incoming connection to our ROUTER (identified by its routing id)."""
 
-    def __init__(self, ident: bytes, eid: str, caps: dict[str, Any]):
+    def __init__(self, ident: bytes, eid: str, caps: dict[str, Any], budget: _PeerBudget | None = None):
         self.ident = ident
         self.eid = eid
         self.caps = caps
@@ -237,6 +274,7 @@ class _Session:
         self.outstanding = 0
         self.revoked = 0
         self.eager_held = 0
+        self.filling = 0                            # pool bytes of its admitted request not allocated yet
         self.tids: OrderedDict[str, None] = OrderedDict()  # transfer ids it sent or pulled (bounded)
         self.violations = 0                         # data messages refused for lack of credit
         self.last_use = self.last_rx                # last grant or data: credit idle since then
@@ -244,8 +282,10 @@ class _Session:
         self.blocked_t = 0.0                        # when its window (its own credit) last held back its offer
         self.offer_tokens = float(_OFFER_ITEMS_BURST)  # tensors it may still offer now (a token bucket)
         self.offer_t = self.last_rx
-        self.io_tokens = _IO_BURST_S                # I/O-thread seconds it may still take now (a token bucket)
-        self.io_t = self.last_rx
+        # what it may still take of the I/O thread: its peer's budget, shared by all the sessions of
+        # that peer (see peer_key), so that many sessions get no more than one
+        self.budget = budget if budget is not None else _PeerBudget(self.last_rx)
+        self.budget.sessions += 1
         self.creq: tuple[int, int] | None = None
         self.creq_t = 0.0
         self.nccl: dict[str, Any] = {}
@@ -278,14 +318,12 @@ class _Session:
         return ok
 
     def charge_io(self, dt: float, now: float) -> None:
-        """The I/O thread spent ``dt`` seconds on this session's requests."""
-        tokens = min(_IO_BURST_S, self.io_tokens + (now - self.io_t) * _IO_SHARE)
-        self.io_tokens = max(-_IO_DEBT_S, tokens - dt)
-        self.io_t = now
+        """The I/O thread spent ``dt`` seconds on this session's requests (charged to its peer)."""
+        self.budget.charge_io(dt, now)
 
     def io_over(self, now: float) -> bool:
-        """Whether it took more than its share of the I/O thread (see _IO_SHARE) and is not back within yet."""
-        return self.io_tokens + (now - self.io_t) * _IO_SHARE < 0
+        """Whether its peer took more than its share of the I/O thread (see _IO_SHARE) and is not back within yet."""
+        return self.budget.io_over(now)
 
     def queued_items(self) -> int:
         return sum(len(inc.specs) for inc in self.offers)
