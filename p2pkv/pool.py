@@ -325,13 +325,7 @@ class BufferPool:
                 if buf._released:
                     continue
                 buf._released = True
-                if buf.overflow:
-                    self.overflow_in_use -= buf.size
-                else:
-                    self._ext.give(buf.offset, buf.size)
-                    self.in_use -= buf.size
-                self._live -= 1
-                buf._data = buf._arena = None
+                self._give_locked(buf)
                 freed = True
             if freed:
                 self._cond.notify_all()
@@ -362,15 +356,19 @@ class BufferPool:
                                         f"(in use {self.in_use} of {self.capacity})")
                 self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
 
+    def _give_locked(self, buf: Buffer) -> None:
+        """Its room back to the arena (or its overflow allocation dropped); under ``self._cond``."""
+        if buf.overflow:
+            self.overflow_in_use -= buf.size
+        else:
+            self._ext.give(buf.offset, buf.size)
+            self.in_use -= buf.size
+        self._live -= 1
+        buf._data = buf._arena = None  # (its view of the arena goes)
+
     def _free(self, buf: Buffer) -> None:
         with self._cond:
-            if buf.overflow:
-                self.overflow_in_use -= buf.size
-            else:
-                self._ext.give(buf.offset, buf.size)
-                self.in_use -= buf.size
-            self._live -= 1
-            buf._data = buf._arena = None  # (its view of the arena goes)
+            self._give_locked(buf)
             self._cond.notify_all()
         if self._on_free is not None:
             self._on_free()
