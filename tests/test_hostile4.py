@@ -58,3 +58,75 @@ def test_a_sessionless_stranger_does_not_make_a_lone_producers_share_bind(tiny_s
             stop.set()
             th.join(30)
         assert cons.stats().get("offers_over_budget", 0) == 0
+
+
+A = torch.arange(4096, dtype=torch.float32)
+B = torch.arange(4096, dtype=torch.float32) + 10_000
+
+
+@pytest.fixture
+def shm_pair():
+    from .test_fast import CFG, warm_up
+
+    prod, cons = Engine(**CFG), Engine(**CFG)
+    try:
+        warm_up(prod, cons)  # later requests take the same-host fast path
+        yield prod, cons
+    finally:
+        prod.close()
+        cons.close()
+
+
+def _layout_known(cons: Engine, tid: str) -> None:
+    end = time.monotonic() + 20
+    while not cons._fast._index.get(tid):
+        assert time.monotonic() < end, "the request's layout never arrived"
+        time.sleep(0.01)
+
+
+def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, monkeypatch):
+    """``release()`` is allowed from another thread. Run while the failing handle gives its same-host record
+    back (after the record was relisted, before the handle forgot it), it must not drop the record's
+    reference a second time: two later takers of half the request each, and the first one's release would
+    free the lease room the second one still reads (a producer's next request overwriting its view).
+    (Holds: the give-back runs under the handle's lock; kept as a guard.)"""
+    prod, cons = shm_pair
+    req = prod.send_request(cons.address, "gb", [("a", A), ("b", B)])
+    req.send("a", A)  # b comes later: the first handle fails at its deadline
+    _layout_known(cons, "gb")
+    h = cons.recv_request("gb", timeout=1.0)
+    plane = cons._fast
+    orig = plane.give_back
+    threads: list[threading.Thread] = []
+
+    def racing_give_back(rec, taken):  # the caller's other thread releases the handle right now
+        ok = orig(rec, taken)
+        th = threading.Thread(target=h.release)
+        th.start()
+        th.join(0.5)  # (it waits for the handle's lock, if the give-back holds it)
+        threads.append(th)
+        return ok
+
+    monkeypatch.setattr(plane, "give_back", racing_give_back)
+    with pytest.raises(Exception):
+        h.wait()
+    monkeypatch.setattr(plane, "give_back", orig)
+    for th in threads:
+        th.join(30)
+    req.send("b", B)
+    req.wait(20)
+    x = cons.recv_request("gb", names=["a"], timeout=20)
+    y = cons.recv_request("gb", names=["b"], timeout=20)
+    vb = y.wait().tensor("b")
+    assert torch.equal(vb, B)
+    assert torch.equal(x.wait().tensor("a"), A)
+    x.release()  # y still holds b: its room must stay ours
+    for i in range(4):  # the producer's next requests go to free lease room
+        other = [("a", torch.full((4096,), -1.0 - i)), ("b", torch.full((4096,), -2.0 - i))]
+        r2 = prod.send_request(cons.address, f"next-{i}", other)
+        r2.send_all([t for _, t in other])
+        r2.wait(20)
+        with cons.recv_request(f"next-{i}", timeout=20) as z:
+            z.wait()
+    assert torch.equal(vb, B), "a view still held was overwritten: its room was freed under it"
+    y.release()
