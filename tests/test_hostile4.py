@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from p2pkv import Engine, TransferKey
+from p2pkv import Engine, TransferTimeout
 from p2pkv._engine import state
 from p2pkv.control.messages import encode
 
@@ -26,8 +26,9 @@ def tiny_share(monkeypatch):
 
 
 def test_a_sessionless_stranger_does_not_make_a_lone_producers_share_bind(tiny_share):
-    """Contention is another *session* sending work. A stranger that never said hello (no session) and sends decodable headers every 0.2 s made an honest producer alone with the consumer be
-    refused with PoolExhausted on every offer over its share: the work-conserving rule undone from outside."""
+    """Contention is another *session* sending work. A stranger that never said hello (no session) and
+    sends decodable headers every 0.2 s made an honest producer alone with the consumer be refused
+    with PoolExhausted on every offer over its share: the work-conserving rule undone from outside."""
     with Engine(**FAST) as cons, Engine(**FAST) as prod:
         stop = threading.Event()
         ctx = zmq.Context.instance()
@@ -108,7 +109,7 @@ def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, 
         return ok
 
     monkeypatch.setattr(plane, "give_back", racing_give_back)
-    with pytest.raises(Exception):
+    with pytest.raises(TransferTimeout):
         h.wait()
     monkeypatch.setattr(plane, "give_back", orig)
     for th in threads:
