@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from p2pkv import Engine, TransferTimeout
+from p2pkv import Engine, TransferKey, TransferTimeout
 from p2pkv._engine import state
 from p2pkv.control.messages import encode
 
@@ -100,8 +100,8 @@ def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, 
     orig = plane.give_back
     threads: list[threading.Thread] = []
 
-    def racing_give_back(rec, taken):  # the caller's other thread releases the handle right now
-        ok = orig(rec, taken)
+    def racing_give_back(rec, taken, **kw):  # the caller's other thread releases the handle right now
+        ok = orig(rec, taken, **kw)
         th = threading.Thread(target=h.release)
         th.start()
         th.join(0.5)  # (it waits for the handle's lock, if the give-back holds it)
@@ -131,3 +131,54 @@ def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, 
             z.wait()
     assert torch.equal(vb, B), "a view still held was overwritten: its room was freed under it"
     y.release()
+
+
+@pytest.fixture(params=["tcp", "shm"])
+def pair(request):
+    from .test_fast import CFG, warm_up
+
+    cfg = dict(CFG) if request.param == "shm" else {k: v for k, v in CFG.items() if k != "transport"}
+    prod, cons = Engine(**cfg), Engine(**cfg)
+    try:
+        if request.param == "shm":
+            warm_up(prod, cons)
+        yield prod, cons
+    finally:
+        prod.close()
+        cons.close()
+
+
+def test_a_handle_failed_after_a_view_gives_back_the_tensors_it_did_not_hand_out(pair):
+    """The caller got a view of ``a``; the handle then failed at its deadline (``b`` late). ``b`` is not the
+    caller's: a later ``recv`` of it must get it (over TCP it did; over the same-host path the handle kept
+    the whole record, and ``b`` was freed unseen on release: the next taker timed out). ``a``'s view stays
+    valid until the handle is released, also while the producer's next requests land."""
+    prod, cons = pair
+    req = prod.send_request(cons.address, "pv", [("a", A), ("b", B)])
+    req.send("a", A)
+    _layout_known(cons, "pv")
+    x = cons.recv_request("pv", timeout=1.5)
+    end = time.monotonic() + 20
+    while True:
+        try:
+            va = x.tensor("a")
+            break
+        except TransferTimeout:
+            assert time.monotonic() < end
+    with pytest.raises(TransferTimeout, match="'b'"):
+        x.wait()
+    req.send("b", B)
+    req.wait(20)
+    got = cons.recv(TransferKey("pv", "b"), timeout=20)  # timed out on the same-host path
+    assert torch.equal(got, B)
+    for i in range(3):  # the room of a stays ours while x holds its view
+        other = [("a", torch.full((4096,), -1.0 - i)), ("b", torch.full((4096,), -2.0 - i))]
+        r2 = prod.send_request(cons.address, f"pv-next-{i}", other)
+        r2.send_all([t for _, t in other])
+        r2.wait(20)
+        with cons.recv_request(f"pv-next-{i}", timeout=20) as z:
+            z.wait()
+    assert torch.equal(va, A)
+    x.release()
+    with pytest.raises(TransferTimeout):  # a stayed with x: freed on its release, not offered again
+        cons.recv(TransferKey("pv", "a"), timeout=0.5)
