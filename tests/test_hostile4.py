@@ -182,3 +182,36 @@ def test_a_handle_failed_after_a_view_gives_back_the_tensors_it_did_not_hand_out
     x.release()
     with pytest.raises(TransferTimeout):  # a stayed with x: freed on its release, not offered again
         cons.recv(TransferKey("pv", "a"), timeout=0.5)
+
+
+def test_a_refused_session_fails_sends_at_once_typed_and_a_later_one_gets_in():
+    """Out of session places (max_sessions_per_peer): a dialing engine's send, send_request and connect fail
+    at once with SessionRefused (no wait for a deadline), and once a place is free its next send goes
+    through on a new session (the refusal is not remembered for the peer)."""
+    from p2pkv import SessionRefused
+
+    with Engine(**dict(FAST, max_sessions_per_peer=1)) as cons, Engine(**FAST) as a, Engine(**FAST) as b:
+        a.connect(cons.address, timeout=30)
+        t = torch.ones(4)
+        with pytest.raises(SessionRefused, match="max_sessions_per_peer=1"):
+            b.send(cons.address, TransferKey("sr", "x"), t).wait(30)
+
+        def request() -> None:
+            r = b.send_request(cons.address, "sr-req", [("x", t)])
+            r.send_all([t])
+            r.wait(30)
+
+        with pytest.raises(SessionRefused):
+            request()
+        with pytest.raises(SessionRefused):
+            b.connect(cons.address, timeout=30)
+        a.close()  # its place frees once the consumer sees its connection close
+        end = time.monotonic() + 30
+        while True:
+            try:
+                b.send(cons.address, TransferKey("sr", "y"), t).wait(30)
+                break
+            except SessionRefused:
+                assert time.monotonic() < end, "the place never came free"
+                time.sleep(0.1)
+        assert torch.equal(cons.recv(TransferKey("sr", "y"), timeout=30), t)
