@@ -35,7 +35,15 @@ _LAZY = {
 }
 
 
+# submodules that ``import p2pkv`` made attributes of the package when it loaded the engine at once:
+# ``p2pkv.config.EngineConfig`` after a plain ``import p2pkv`` keeps working (loaded on first use)
+_SUBMODULES = frozenset({"config", "engine", "handles", "pool", "recv_request", "request", "mailbox", "control",
+                         "transport", "stats", "_engine", "_tensors", "_trace", "_aborts"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # (the import binds it in the package)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'p2pkv' has no attribute {name!r}")

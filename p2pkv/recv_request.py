@@ -259,16 +259,25 @@ class RecvRequest:
             kept = [s for s in back if self._eng._inbox.put_back(s)]
             for s in kept:
                 del self._slots[s.key.name]
-            if self._views or self._copied:
-                return  # the caller used part of it: the rest goes when the handle is released
             plane = self._eng._fast
+            used = set(self._views) | self._copied
+            rec = self._fast
+            if rec is not None:
+                rest = [n for n in self._fast_idx if n not in used]
+                # the caller used part of a same-host record: the rest goes back (a later recv or
+                # recv_request by name takes it), the handle keeps its reference for the views it gave
+                if rest and plane.give_back(rec, rest, keep_ref=bool(used)):
+                    if used:
+                        for n in rest:
+                            del self._fast_idx[n]
+                    else:
+                        self._fast = None  # (its reference went back with it)
+                        self._fast_idx = {}
+                    self._fast_all = False
+            if used:
+                return  # (the layout lists what the caller holds: a later taker by name gets the rest)
             if self._offer is not None and plane.give_back(self._offer, []):  # its layout, for a later taker
                 self._offer = None
-            rec = self._fast
-            if rec is not None and plane.give_back(rec, list(self._fast_idx)):
-                self._fast = None  # (its reference went back with it)
-                self._fast_idx = {}
-                self._fast_all = False
 
     def _released(self) -> bool:
         return self._state is RecvState.RELEASED

@@ -801,8 +801,8 @@ class _Channel(_EngineBase):
                         self._reply(ident, "err", code="protocol", msg=f"message of {extra + 2} frames: "
                                     "session dropped")
                         self._lose_session(sess, "multipart flood")
-                if kind not in _IO_IDLE:
-                    self._note_work(ident)
+                if kind not in _IO_IDLE and ident in self._sessions:
+                    self._note_work(ident)  # (a stranger without a session is no contention: see _io_refuses)
                 sess = self._sessions.get(ident) if kind in _IO_CHARGED else None
                 if sess is not None:  # what its requests cost the I/O thread (see _IO_SHARE)
                     sess.charge_io(time.thread_time() - t0 - (self._io_admit_s - admit0), time.monotonic())

@@ -638,15 +638,17 @@ class FastIncoming:
         if free:
             self.rx.free_request(self)
 
-    def give_back(self, names: list[str]) -> bool:
-        """A taker that failed before using ``names`` returns them (and its reference): takeable again.
-        False when the request is out of the index for good or can no longer land."""
+    def give_back(self, names: list[str], keep_ref: bool = False) -> bool:
+        """A taker that failed before using ``names`` returns them (and its reference, unless ``keep_ref``:
+        it holds views of other tensors of it): takeable again. False when the request is out of the index
+        for good or can no longer land."""
         with self._lock:
             if self.gone or self.freed or self.failed() is not None:
                 return False
             self.avail |= set(names)
             self.listed = True
-            self.refs -= 1
+            if not keep_ref:
+                self.refs -= 1
             return True
 
     def unlist(self) -> None:

@@ -304,17 +304,19 @@ class FastPlane:
             self._list_offer_locked(rec)
         return rec
 
-    def give_back(self, rec: Any, taken: list[str]) -> bool:
+    def give_back(self, rec: Any, taken: list[str], keep_ref: bool = False) -> bool:
         """A ``recv_request`` handle that failed before handing anything out (its own deadline, names the
         request lacks, outs that do not fit) returns the request it took, so that a later ``recv_request``
         or ``recv`` can still take it. False (the handle keeps it, and releases it) when the request can no
-        longer be taken: it failed, was aborted or evicted, or another request holds its names now."""
+        longer be taken: it failed, was aborted or evicted, or another request holds its names now.
+        ``keep_ref``: the handle gives back only ``taken`` of a same-host record and keeps its reference (the
+        caller holds views of the rest)."""
         with self._lock:
             tid = rec.transfer_id
             if isinstance(rec, FastIncoming):
                 if self._held_name(tid, rec.layout.names) is not None and rec not in self._index.get(tid, ()):
                     return False
-                if not rec.give_back(taken):
+                if not rec.give_back(taken, keep_ref):
                     return False
                 if rec not in self._index.get(tid, ()):
                     self._add_locked(tid, rec)
