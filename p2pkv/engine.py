@@ -824,10 +824,14 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         self._cmds.append(cmd)
         if not self._wake_sent:
             self._wake_sent = True
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass  # pipe full: the I/O thread is already due to wake
+            self._wake(b"x")
+
+    def _wake(self, tag: bytes) -> None:
+        """Wake the I/O thread from its poll (any thread)."""
+        try:
+            os.write(self._wake_w, tag)
+        except (BlockingIOError, OSError):
+            pass  # pipe full: the I/O thread is already due to wake
 
     def _release_after_caller(self, buf: Any) -> None:
         """Return a pool buffer once the work the caller queued on its current CUDA stream
@@ -853,8 +857,5 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         # buffer cost about 13 us of every recv() (measured with cProfile).
         if self._want_mem and not self._mem_dirty and not self._closed:
             self._mem_dirty = True
-            try:
-                os.write(self._wake_w, b"m")
-            except (BlockingIOError, OSError):
-                pass
+            self._wake(b"m")
 

@@ -168,19 +168,24 @@ class Mailbox:
                 from .errors import DuplicateKey
 
                 return DuplicateKey("data for this key is already waiting unclaimed", key=key)
-            self._slots[key] = Slot(key, buf, dtype, shape, src, ready)
-            self._by_tid.setdefault(tid, set()).add(key)
-            self.bytes_held += buf.size
-            if src is not None and buf.size:
-                self._held_by[src] = self._held_by.get(src, 0) + buf.size
+            self._insert_locked(Slot(key, buf, dtype, shape, src, ready))
             self._evicted.pop(key)
             if src is not None:
                 self._tid_src.setdefault(tid, {})[src] = time.monotonic()
                 self._lost.pop(tid)
-            w = self._waiting.get(key)
-            if w is not None:
-                w[0].notify_all()
         return None
+
+    def _insert_locked(self, slot: Slot) -> None:
+        """Hold ``slot`` under its key (counted against its sender) and wake whoever waits for it."""
+        key, size = slot.key, slot.buf.size
+        self._slots[key] = slot
+        self._by_tid.setdefault(key.transfer_id, set()).add(key)
+        self.bytes_held += size
+        if slot.src is not None and size:
+            self._held_by[slot.src] = self._held_by.get(slot.src, 0) + size
+        w = self._waiting.get(key)
+        if w is not None:
+            w[0].notify_all()
 
     def put_back(self, slot: Slot) -> bool:
         """Return a slot taken by :meth:`take_nowait` (a consumer that failed before using it), keeping its
@@ -190,14 +195,7 @@ class Mailbox:
             key = slot.key
             if key in self._slots or self._aborted_locked(key.transfer_id) is not None:
                 return False
-            self._slots[key] = slot
-            self._by_tid.setdefault(key.transfer_id, set()).add(key)
-            self.bytes_held += slot.buf.size
-            if slot.src is not None and slot.buf.size:
-                self._held_by[slot.src] = self._held_by.get(slot.src, 0) + slot.buf.size
-            w = self._waiting.get(key)
-            if w is not None:
-                w[0].notify_all()
+            self._insert_locked(slot)
         return True
 
     # ---------------------------------------------------------------- consumer side

@@ -205,10 +205,7 @@ class _ProgressLoop(_EngineBase):
     def _post_gpu(self, callback: Callable[[bool], None], ok: bool) -> None:
         """Called by the CUDA completion thread: run ``callback(ok)`` on the I/O thread."""
         self._cmds.append(("gpu", callback, ok))
-        try:
-            os.write(self._wake_w, b"g")
-        except (BlockingIOError, OSError):
-            pass
+        self._wake(b"g")
 
     def _release_after(self, buf: Held, event: Any) -> None:
         """Release ``buf`` once the GPU work reading or writing it (``event``) is done."""

@@ -5,7 +5,6 @@ machinery and the consumer's admission, landing and completion.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from collections import deque
@@ -652,10 +651,7 @@ class _RequestPath(_EngineBase):
         """Run _admit again on the next pass of the loop, without waiting for its poll's timeout."""
         if not self._mem_dirty:
             self._mem_dirty = True
-            try:
-                os.write(self._wake_w, b"a")
-            except (BlockingIOError, OSError):
-                pass  # pipe full: the I/O thread is already due to wake
+            self._wake(b"a")
 
     def _drop_filling(self, inc: Incoming) -> None:
         """An admitted request whose buffers were still being taken failed: give back what it took."""
