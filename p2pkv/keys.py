@@ -45,6 +45,12 @@ def validate_transfer_id(transfer_id: Any) -> str:
     return _check_part(transfer_id, "transfer_id", MAX_ID_LEN)
 
 
+def names_note(names: list[str], most: int = 8) -> str:
+    """Tensor names for an error message: the first ``most`` (each cut to 80 characters), then how many more."""
+    shown = ", ".join(repr(n)[:80] for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def new_transfer_id() -> str:
     """A fresh random transfer id, for routers/proxies that allocate them."""
     return "xfer-" + uuid.uuid4().hex

@@ -29,7 +29,7 @@ from . import _tensors as T
 from . import _trace
 from .errors import (EngineClosed, InvalidKey, InvalidTensor, P2pkvError, ShapeMismatch, TransferAborted,
                      TransferTimeout)
-from .keys import TransferKey, validate_transfer_id
+from .keys import TransferKey, names_note, validate_transfer_id
 
 if TYPE_CHECKING:
     from .mailbox import Slot
@@ -255,12 +255,12 @@ class RecvRequest:
         if isinstance(self._error, (TransferAborted, EngineClosed)):
             return
         with self._lock:
-            back = [s for n, s in self._slots.items() if n not in self._views and n not in self._copied]
-            kept = [s for s in back if self._eng._inbox.put_back(s)]
-            for s in kept:
-                del self._slots[s.key.name]
-            plane = self._eng._fast
             used = set(self._views) | self._copied
+            back = [s for n, s in self._slots.items() if n not in used]
+            for s in back:
+                if self._eng._inbox.put_back(s):
+                    del self._slots[s.key.name]
+            plane = self._eng._fast
             rec = self._fast
             if rec is not None:
                 rest = [n for n in self._fast_idx if n not in used]
@@ -434,7 +434,8 @@ class RecvRequest:
             raise InvalidKey(f"{name!r:.80} is not a tensor of this request", key=self.transfer_id)
         return False
 
-    def _landed(self, name: str) -> bool:
+    def _landed(self, name: str, fail: bool = True) -> bool:
+        """Whether tensor ``name`` is in memory; a broken landing raises (and, with ``fail``, fails the handle)."""
         if name in self._copied:
             return True
         i = self._fast_idx.get(name)
@@ -449,32 +450,21 @@ class RecvRequest:
         try:
             return slot.ready()
         except P2pkvError as err:
-            self._fail(err)
+            if fail:
+                self._fail(err)
             raise
 
     def _missing_note(self) -> str:
         """``"; not arrived: 'x', ..."`` for a timeout message: the tensors still missing, when known."""
         missing = []
         for name in self._order:
-            if name in self._copied:
-                continue
-            i = self._fast_idx.get(name)
-            slot = self._slots.get(name)
-            try:  # as _landed, without failing the handle on the way
-                if i is not None:
-                    rec = self._fast
-                    landed = rec is not None and bool(rec.landed(i))
-                else:
-                    landed = slot is not None and (slot.ready is None or bool(slot.ready()))
+            try:
+                landed = self._landed(name, fail=False)
             except P2pkvError:
                 landed = False
             if not landed:
                 missing.append(name)
-        if not missing:
-            return ""
-        shown = ", ".join(repr(n)[:80] for n in missing[:8])
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        return f"; not arrived: {shown}{more}"
+        return f"; not arrived: {names_note(missing)}" if missing else ""
 
     def _complete(self) -> bool:
         if self._fast_all:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import (DuplicateKey, InvalidKey, P2pkvError, PeerLost, ProtocolError, TransferAborted, TransportError,
                       error_from_code)
-from ..keys import TransferKey
+from ..keys import TransferKey, names_note
 from ..mailbox import Slot
 from ..request import ItemSpec, RequestHandle, Watcher
 from ..transport.shm import ShmChannel, open_memfd
@@ -314,11 +314,12 @@ class FastPlane:
         with self._lock:
             tid = rec.transfer_id
             if isinstance(rec, FastIncoming):
-                if self._held_name(tid, rec.layout.names) is not None and rec not in self._index.get(tid, ()):
+                indexed = rec in self._index.get(tid, ())
+                if not indexed and self._held_name(tid, rec.layout.names) is not None:
                     return False
                 if not rec.give_back(taken, keep_ref):
                     return False
-                if rec not in self._index.get(tid, ()):
+                if not indexed:
                     self._add_locked(tid, rec)
                 return True
             if rec.listed or rec.dead or self._held_name(tid, rec.names) is not None:
@@ -450,13 +451,13 @@ class FastPlane:
                 return None
             if names is not None:
                 want = set(names)
-                known = [set(r.layout.names if isinstance(r, FastIncoming) else r.names) for r in lst]
+                known = [set(_names_of(r)) for r in lst]
                 if not any(want <= k for k in known):
-                    missing = sorted(want - set().union(*known))
+                    held = set().union(*known)
+                    missing = sorted(want - held)
                     if missing:
-                        shown = ", ".join(repr(n)[:80] for n in missing[:8])
-                        raise InvalidKey(f"names lists {shown}, which request {tid} does not hold "
-                                         f"(it holds {len(set().union(*known))} tensors)", key=tid)
+                        raise InvalidKey(f"names lists {names_note(missing)}, which request {tid} does not hold "
+                                         f"(it holds {len(held)} tensors)", key=tid)
             for i, rec in enumerate(lst):
                 if isinstance(rec, FastIncoming):
                     taken = rec.take(names)
