@@ -1,5 +1,6 @@
 import multiprocessing as mp
 import multiprocessing.context
+import time
 
 import pytest
 import torch
@@ -59,3 +60,60 @@ def pair():
     finally:
         a.close()
         b.close()
+
+
+def outcome(fn, *args, **kw):
+    """``fn(*args, **kw)``, or the p2pkv error it raised."""
+    from p2pkv import P2pkvError
+
+    try:
+        return fn(*args, **kw)
+    except P2pkvError as exc:
+        return exc
+
+
+def layout_known(cons: Engine, tid: str) -> None:
+    """Wait (20 s at most) until ``cons`` knows the layout of request ``tid``."""
+    end = time.monotonic() + 20
+    while not cons._fast._index.get(tid):
+        assert time.monotonic() < end, "the request's layout never arrived"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def shm_pair():
+    """A producer and a consumer on the same-host fast path (CPU engines, ``transport="shm"``), warmed up."""
+    from .test_fast import CFG, warm_up
+
+    prod, cons = Engine(**CFG), Engine(**CFG)
+    try:
+        warm_up(prod, cons)  # later requests take the same-host fast path
+        yield prod, cons
+    finally:
+        prod.close()
+        cons.close()
+
+
+@pytest.fixture(params=["tcp", "shm"])
+def tcp_shm_pair(request):
+    """A producer and a consumer over TCP, then (the second parameter) over the same-host fast path."""
+    from .test_fast import CFG, warm_up
+
+    cfg = dict(CFG) if request.param == "shm" else {k: v for k, v in CFG.items() if k != "transport"}
+    prod, cons = Engine(**cfg), Engine(**cfg)
+    try:
+        if request.param == "shm":
+            warm_up(prod, cons)  # later requests take the same-host fast path
+        yield prod, cons
+    finally:
+        prod.close()
+        cons.close()
+
+
+@pytest.fixture
+def tiny_share(monkeypatch):
+    """Every offer goes over its session's share of the I/O thread (checks when the share refuses)."""
+    from p2pkv._engine import state
+
+    monkeypatch.setattr(state, "_IO_SHARE", 1e-9)
+    monkeypatch.setattr(state, "_IO_BURST_S", 1e-9)

@@ -42,17 +42,6 @@ def warm_up(prod: Engine, cons: Engine) -> None:
     settle(lambda: prod._fast_ready(cons.address) is not None and cons.stats()["fast"]["leases"] == 1)
 
 
-@pytest.fixture
-def shm_pair():
-    prod, cons = Engine(**CFG), Engine(**CFG)
-    try:
-        warm_up(prod, cons)
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
-
-
 def send_and_wait(req, data) -> None:
     req.send_many(data)
     req.wait(5)

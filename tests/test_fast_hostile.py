@@ -147,17 +147,6 @@ def _ring_bell(name: str, seconds: float) -> None:
                 pass
 
 
-@pytest.fixture
-def shm_pair():
-    prod, cons = Engine(**CFG), Engine(**CFG)
-    try:
-        warm_up(prod, cons)
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
-
-
 # ----------------------------------------------------------------------------- leases
 @pytest.mark.timeout(90)
 def test_leases_never_take_more_than_half_the_pool():

@@ -17,7 +17,7 @@ import zmq
 from p2pkv import Engine, P2pkvError, TransferAborted, TransferKey
 from p2pkv.control.messages import decode, encode
 
-from .conftest import FAST
+from .conftest import FAST, outcome
 from .test_wire_robustness import Raw, still_serves
 
 pytestmark = pytest.mark.hostile2
@@ -42,13 +42,6 @@ def _sync(raw: Raw, timeout: float = 20.0) -> list[dict]:
     raise AssertionError("the engine did not answer a ping")
 
 
-def _outcome(fn, *args, **kw):
-    try:
-        return fn(*args, **kw)
-    except P2pkvError as exc:
-        return exc
-
-
 # ----------------------------------------------------------------------------- item 8: abort records
 @pytest.mark.timeout(90)
 def test_item8_abort_records_of_one_peer_survive_other_sessions_aborts():
@@ -60,7 +53,7 @@ def test_item8_abort_records_of_one_peer_survive_other_sessions_aborts():
         e.recv(K("warm", "0"), timeout=5)
         honest.abort("T")  # ...and aborts T: e keeps a record of it, budgeted to that session
         deadline = time.monotonic() + 5
-        while not isinstance(_outcome(e.recv, K("T", "probe"), timeout=0.05), TransferAborted):
+        while not isinstance(outcome(e.recv, K("T", "probe"), timeout=0.05), TransferAborted):
             assert time.monotonic() < deadline, "e never learnt of the abort"
         raws = []
         try:
@@ -78,7 +71,7 @@ def test_item8_abort_records_of_one_peer_survive_other_sessions_aborts():
         h = late.send(e.address, K("T", "late"), t)
         with pytest.raises(TransferAborted):
             h.wait(5)
-        assert isinstance(_outcome(e.recv, K("T", "late"), timeout=0.5), TransferAborted)
+        assert isinstance(outcome(e.recv, K("T", "late"), timeout=0.5), TransferAborted)
         assert e.stats()["inbox"]["held"] == 0
         still_serves(e, honest, "abort8")
 
@@ -555,7 +548,7 @@ def test_item13_an_endless_reply_from_a_peer_we_dialed_is_cut_off():
     with Engine(**dict(FAST, max_message_bytes=2**20, timeout_s=10.0)) as e:
         server = _ZmtpServer()
         got: list = []
-        puller = threading.Thread(target=lambda: got.append(_outcome(e.pull, server.address, K("endless", "0"),
+        puller = threading.Thread(target=lambda: got.append(outcome(e.pull, server.address, K("endless", "0"),
                                                                      timeout=8)), daemon=True)
         puller.start()
         z = server.accept()
@@ -750,12 +743,12 @@ def test_item2_a_third_peer_cannot_fill_a_key_of_a_granted_request():
             raw.close()
         req.send("l0", torch.zeros(4))
         req.send("l1", torch.ones(4))
-        outcome = _outcome(req.wait, 5)
-        got = _outcome(consumer.recv, K("inj", "l1"), timeout=3)
+        result = outcome(req.wait, 5)
+        got = outcome(consumer.recv, K("inj", "l1"), timeout=3)
         print(f"item 2: the injected data was answered {injected and injected['t']}; the request "
-              f"{'failed' if outcome is not None else 'is done'}; the consumer got {got}")
+              f"{'failed' if result is not None else 'is done'}; the consumer got {got}")
         assert isinstance(got, torch.Tensor) and torch.equal(got, torch.ones(4)), got
-        assert outcome is None and injected is not None and injected["t"] == "nack", (outcome, injected)
+        assert result is None and injected is not None and injected["t"] == "nack", (result, injected)
 
 
 @pytest.mark.timeout(90)

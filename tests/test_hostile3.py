@@ -14,7 +14,7 @@ import torch
 from p2pkv import Engine, InvalidTensor, P2pkvError, RequestState, TransferKey
 from p2pkv.control.messages import encode
 
-from .conftest import FAST
+from .conftest import FAST, outcome
 from .test_hostile2 import _honest_sends
 from .test_wire_robustness import Raw
 
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.hostile2
 
 K = TransferKey
 MiB = 2**20
-
-
-def _outcome(fn, *args, **kw):
-    try:
-        return fn(*args, **kw)
-    except P2pkvError as exc:
-        return exc
 
 
 # ----------------------------------------------------------------------------- a tensor over the peer's max message
@@ -42,7 +35,7 @@ def test_a_request_tensor_over_the_receivers_max_message_is_refused_and_the_conn
         big = torch.ones(2 * MiB // 4)
         # a first request to a peer not met yet: refused once its limit is known, before it is offered
         req = producer.send_request(consumer.address, "first", [("a", big)])
-        err = _outcome(req.send_all, [big]) or _outcome(req.wait, 10)
+        err = outcome(req.send_all, [big]) or outcome(req.wait, 10)
         assert isinstance(err, InvalidTensor) and str(2 * MiB) in str(err), err
         warm = torch.arange(16, dtype=torch.float32)
         producer.send(consumer.address, K("warm", "0"), warm).wait(10)  # the session is up
@@ -54,7 +47,7 @@ def test_a_request_tensor_over_the_receivers_max_message_is_refused_and_the_conn
             except InvalidTensor as exc:  # refused at the API boundary
                 err = exc
             else:
-                err = _outcome(req.send_all, [big, torch.ones(4)]) or _outcome(req.wait, 10)
+                err = outcome(req.send_all, [big, torch.ones(4)]) or outcome(req.wait, 10)
                 assert req.state is RequestState.FAILED, req.state
             assert isinstance(err, InvalidTensor), err
             assert str(2 * MiB) in str(err) and str(MiB) in str(err), err  # names the size and the limit
@@ -90,7 +83,7 @@ def test_recv_request_binds_only_a_live_producers_offer(bound_first):
             if bound_first:  # a consumer already waiting on the dying producer's request
                 first = consumer.recv_request("T", timeout=10)
                 raw.close()
-                assert isinstance(_outcome(first.wait, 10), P2pkvError)
+                assert isinstance(outcome(first.wait, 10), P2pkvError)
                 first.release()
             else:
                 raw.close()

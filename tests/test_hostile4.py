@@ -9,20 +9,13 @@ import torch
 import zmq
 
 from p2pkv import Engine, TransferKey, TransferTimeout
-from p2pkv._engine import state
 from p2pkv.control.messages import encode
 
-from .conftest import FAST
+from .conftest import FAST, layout_known
 
 pytestmark = pytest.mark.timeout(120)
 
 LAYERS = [(f"layer{i}", torch.full((64,), float(i))) for i in range(32)]
-
-
-@pytest.fixture
-def tiny_share(monkeypatch):
-    monkeypatch.setattr(state, "_IO_SHARE", 1e-9)
-    monkeypatch.setattr(state, "_IO_BURST_S", 1e-9)
 
 
 def test_a_sessionless_stranger_does_not_make_a_lone_producers_share_bind(tiny_share):
@@ -65,24 +58,15 @@ A = torch.arange(4096, dtype=torch.float32)
 B = torch.arange(4096, dtype=torch.float32) + 10_000
 
 
-@pytest.fixture
-def shm_pair():
-    from .test_fast import CFG, warm_up
-
-    prod, cons = Engine(**CFG), Engine(**CFG)
-    try:
-        warm_up(prod, cons)  # later requests take the same-host fast path
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
-
-
-def _layout_known(cons: Engine, tid: str) -> None:
-    end = time.monotonic() + 20
-    while not cons._fast._index.get(tid):
-        assert time.monotonic() < end, "the request's layout never arrived"
-        time.sleep(0.01)
+def _more_requests(prod: Engine, cons: Engine, prefix: str, n: int) -> None:
+    """``n`` more requests of two tensors (other values than A and B), each sent and taken whole."""
+    for i in range(n):
+        other = [("a", torch.full((4096,), -1.0 - i)), ("b", torch.full((4096,), -2.0 - i))]
+        req = prod.send_request(cons.address, f"{prefix}-{i}", other)
+        req.send_all([t for _, t in other])
+        req.wait(20)
+        with cons.recv_request(f"{prefix}-{i}", timeout=20) as z:
+            z.wait()
 
 
 def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, monkeypatch):
@@ -94,7 +78,7 @@ def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, 
     prod, cons = shm_pair
     req = prod.send_request(cons.address, "gb", [("a", A), ("b", B)])
     req.send("a", A)  # b comes later: the first handle fails at its deadline
-    _layout_known(cons, "gb")
+    layout_known(cons, "gb")
     h = cons.recv_request("gb", timeout=1.0)
     plane = cons._fast
     orig = plane.give_back
@@ -122,41 +106,20 @@ def test_release_from_another_thread_while_a_failed_handle_gives_back(shm_pair, 
     assert torch.equal(vb, B)
     assert torch.equal(x.wait().tensor("a"), A)
     x.release()  # y still holds b: its room must stay ours
-    for i in range(4):  # the producer's next requests go to free lease room
-        other = [("a", torch.full((4096,), -1.0 - i)), ("b", torch.full((4096,), -2.0 - i))]
-        r2 = prod.send_request(cons.address, f"next-{i}", other)
-        r2.send_all([t for _, t in other])
-        r2.wait(20)
-        with cons.recv_request(f"next-{i}", timeout=20) as z:
-            z.wait()
+    _more_requests(prod, cons, "next", 4)  # the producer's next requests go to free lease room
     assert torch.equal(vb, B), "a view still held was overwritten: its room was freed under it"
     y.release()
 
 
-@pytest.fixture(params=["tcp", "shm"])
-def pair(request):
-    from .test_fast import CFG, warm_up
-
-    cfg = dict(CFG) if request.param == "shm" else {k: v for k, v in CFG.items() if k != "transport"}
-    prod, cons = Engine(**cfg), Engine(**cfg)
-    try:
-        if request.param == "shm":
-            warm_up(prod, cons)
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
-
-
-def test_a_handle_failed_after_a_view_gives_back_the_tensors_it_did_not_hand_out(pair):
+def test_a_handle_failed_after_a_view_gives_back_the_tensors_it_did_not_hand_out(tcp_shm_pair):
     """The caller got a view of ``a``; the handle then failed at its deadline (``b`` late). ``b`` is not the
     caller's: a later ``recv`` of it must get it (over TCP it did; over the same-host path the handle kept
     the whole record, and ``b`` was freed unseen on release: the next taker timed out). ``a``'s view stays
     valid until the handle is released, also while the producer's next requests land."""
-    prod, cons = pair
+    prod, cons = tcp_shm_pair
     req = prod.send_request(cons.address, "pv", [("a", A), ("b", B)])
     req.send("a", A)
-    _layout_known(cons, "pv")
+    layout_known(cons, "pv")
     x = cons.recv_request("pv", timeout=1.5)
     end = time.monotonic() + 20
     while True:
@@ -171,13 +134,7 @@ def test_a_handle_failed_after_a_view_gives_back_the_tensors_it_did_not_hand_out
     req.wait(20)
     got = cons.recv(TransferKey("pv", "b"), timeout=20)  # timed out on the same-host path
     assert torch.equal(got, B)
-    for i in range(3):  # the room of a stays ours while x holds its view
-        other = [("a", torch.full((4096,), -1.0 - i)), ("b", torch.full((4096,), -2.0 - i))]
-        r2 = prod.send_request(cons.address, f"pv-next-{i}", other)
-        r2.send_all([t for _, t in other])
-        r2.wait(20)
-        with cons.recv_request(f"pv-next-{i}", timeout=20) as z:
-            z.wait()
+    _more_requests(prod, cons, "pv-next", 3)  # the room of a stays ours while x holds its view
     assert torch.equal(va, A)
     x.release()
     with pytest.raises(TransferTimeout):  # a stayed with x: freed on its release, not offered again

@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from p2pkv import Engine, PoolExhausted, TransferKey
-from p2pkv._engine import state
 
 from .conftest import FAST
 
 pytestmark = pytest.mark.timeout(120)
 
 LAYERS = [(f"layer{i}", torch.full((64,), float(i))) for i in range(32)]
-
-
-@pytest.fixture
-def tiny_share(monkeypatch):
-    monkeypatch.setattr(state, "_IO_SHARE", 1e-9)
-    monkeypatch.setattr(state, "_IO_BURST_S", 1e-9)
 
 
 def _request(prod: Engine, peer: str, tid: str) -> None:

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from p2pkv import Engine, InvalidKey, TransferKey, TransferTimeout
+from p2pkv import InvalidKey, TransferKey, TransferTimeout
 from p2pkv.recv_request import RecvState
 
-from .test_fast import CFG, warm_up
+from .conftest import layout_known
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,32 +20,12 @@ A = torch.arange(4, dtype=torch.float32)
 B = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 100
 
 
-@pytest.fixture(params=["tcp", "shm"])
-def pair(request):
-    cfg = dict(CFG) if request.param == "shm" else {k: v for k, v in CFG.items() if k != "transport"}
-    prod, cons = Engine(**cfg), Engine(**cfg)
-    try:
-        if request.param == "shm":
-            warm_up(prod, cons)  # later requests take the same-host fast path
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
-
-
-def _layout_known(cons: Engine, tid: str) -> None:
-    end = time.monotonic() + 20
-    while not cons._fast._index.get(tid):
-        assert time.monotonic() < end, "the request's layout never arrived"
-        time.sleep(0.01)
-
-
-def test_names_the_request_lacks_fail_at_once_and_take_nothing(pair):
-    prod, cons = pair
+def test_names_the_request_lacks_fail_at_once_and_take_nothing(tcp_shm_pair):
+    prod, cons = tcp_shm_pair
     req = prod.send_request(cons.address, "r1", [("a", A), ("b", B)])
     req.send_all([A, B])
     req.wait(20)
-    _layout_known(cons, "r1")
+    layout_known(cons, "r1")
     h = cons.recv_request("r1", names=["a", "c"], timeout=20)
     t0 = time.monotonic()
     with pytest.raises(InvalidKey, match="'c'"):
@@ -59,11 +39,11 @@ def test_names_the_request_lacks_fail_at_once_and_take_nothing(pair):
     h.release()
 
 
-def test_a_handle_failed_at_its_deadline_gives_back_what_it_took(pair):
-    prod, cons = pair
+def test_a_handle_failed_at_its_deadline_gives_back_what_it_took(tcp_shm_pair):
+    prod, cons = tcp_shm_pair
     req = prod.send_request(cons.address, "r2", [("a", A), ("b", B)])
     req.send("a", A)  # b comes later
-    _layout_known(cons, "r2")
+    layout_known(cons, "r2")
     h = cons.recv_request("r2", timeout=1.0)
     with pytest.raises(TransferTimeout, match="'b'"):
         h.wait()
@@ -77,13 +57,13 @@ def test_a_handle_failed_at_its_deadline_gives_back_what_it_took(pair):
     h.release()  # (nothing left in it; harmless)
 
 
-def test_a_failed_handle_keeps_what_it_handed_out(pair):
+def test_a_failed_handle_keeps_what_it_handed_out(tcp_shm_pair):
     """A tensor the caller already holds a view of stays with the handle (it is freed on release): giving it
     back would let a second taker reuse memory the caller still reads."""
-    prod, cons = pair
+    prod, cons = tcp_shm_pair
     req = prod.send_request(cons.address, "r3", [("a", A), ("b", B)])
     req.send("a", A)
-    _layout_known(cons, "r3")
+    layout_known(cons, "r3")
     h = cons.recv_request("r3", timeout=1.0)
     end = time.monotonic() + 20
     while True:  # wait for a alone (its view is handed out), then let the handle fail on b
