@@ -26,7 +26,7 @@ struct Seg {
 #define UNIT_BYTES 8192       // bytes per warp work unit: 16 uint4 per lane
 #define UNIT_VECS (UNIT_BYTES / 16)
 
-extern "C" __global__ void p2pkv_batch_copy(const Seg* __restrict__ segs, int nseg, long long total_units) {
+__device__ __forceinline__ void p2pkv_copy_units(const Seg* __restrict__ segs, int nseg, long long total_units) {
     const unsigned lane = threadIdx.x & 31u;
     const long long warps_per_cta = blockDim.x >> 5;
     long long u = (long long)blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
@@ -66,6 +66,32 @@ extern "C" __global__ void p2pkv_batch_copy(const Seg* __restrict__ segs, int ns
             for (long long b = lane; b < n; b += 32) dst[b] = src[b];
         }
     }
+}
+
+extern "C" __global__ void p2pkv_batch_copy(const Seg* __restrict__ segs, int nseg, long long total_units) {
+    p2pkv_copy_units(segs, nseg, total_units);
+}
+
+// The copies of p2pkv_batch_copy, then the n (address, value) pairs written once EVERY block's
+// copies are done (one launch where a copy and a separate flag kernel took two): each block fences
+// its writes and counts itself done in *done (zeroed by the host, in the same table upload); the
+// last block to finish writes the flags, after a system-wide fence, with volatile 64-bit stores
+// (flags may live in host memory registered with CUDA).
+extern "C" __global__ void p2pkv_batch_copy_signal(const Seg* __restrict__ segs, int nseg, long long total_units,
+                                                   const unsigned long long* __restrict__ pairs, int n,
+                                                   unsigned int* done) {
+    __shared__ int last;
+    p2pkv_copy_units(segs, nseg, total_units);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = (atomicAdd(done, 1u) == gridDim.x - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence_system();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        *reinterpret_cast<volatile unsigned long long*>(pairs[2 * i]) = pairs[2 * i + 1];
+    }
+    __threadfence_system();
 }
 
 // Flags may live in host memory registered with CUDA (PCIe atomics are not guaranteed): plain

@@ -305,20 +305,22 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             fails with ``InvalidTensor`` once the receiver's limit is known, before anything moves).
         """
         self._check_open()
-        parse_address(peer)
+        known = self._peers.get(peer)  # a peer we talked to: its address was checked, its limit is known
+        if known is None:
+            parse_address(peer)
+        prepared = layout if isinstance(layout, RequestLayout) else None
         specs = parse_layout(transfer_id, layout, self._cfg.max_message_bytes)
-        req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout))
-        known = self._peers.get(peer)  # a peer we talked to: its limit is known, so refused here at once
-        if known is not None and known.ready:
-            too_big = self._request_over_peer(known, req)
+        req = RequestHandle(self, peer, transfer_id, specs, self._timeout(timeout), prepared)
+        if known is not None and known.ready and (prepared is None or prepared.max_nbytes > known.maxmsg):
+            too_big = self._request_over_peer(known, req)  # refused here at once
             if too_big is not None:
                 raise too_big
-        if isinstance(layout, RequestLayout):
-            if layout.fast is None:
+        if prepared is not None:
+            if prepared.fast is None:
                 from ._engine.fastpath import FastLayout
 
-                layout.fast = FastLayout(specs)
-            req.layout = layout.fast
+                prepared.fast = FastLayout(specs)
+            req.layout = prepared.fast
         self._stats.add("requests")
         if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
             self._stats.add("requests_fast")

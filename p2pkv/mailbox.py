@@ -340,6 +340,11 @@ class Mailbox:
             if tid is None or key.transfer_id == tid:
                 w[0].notify_all()
 
+    def aborted(self, tid: str) -> bool:
+        """True when transfer ``tid`` was aborted (here, or by a peer) and that is still remembered."""
+        with self._lock:
+            return isinstance(self._aborted_locked(tid), TransferAborted)
+
     def _aborted_locked(self, tid: str) -> P2pkvError | None:
         return self._aborted.get(tid) or self._aborted_by.get(tid)
 

@@ -103,12 +103,14 @@ class RequestLayout:
     InvalidKey, InvalidTensor
     """
 
-    __slots__ = ("specs", "names", "max_nbytes", "fast")
+    __slots__ = ("specs", "names", "max_nbytes", "fast", "index", "nbytes")
 
     def __init__(self, layout: Any):
         self.specs = _parse_specs("layout", layout, 2**62)
         self.names = [s.name for s in self.specs]
         self.max_nbytes = max(s.nbytes for s in self.specs)
+        self.index = {s.name: i for i, s in enumerate(self.specs)}  # shared (read-only) by its requests
+        self.nbytes = sum(s.nbytes for s in self.specs)
         self.fast: Any = None  # its shared-memory form, built on first use (p2pkv._engine.fastpath)
 
     def __len__(self) -> int:
@@ -182,13 +184,18 @@ class RequestHandle:
                  "t_done", "sent", "granted", "acked", "comm", "_p", "last_event", "keep", "offered", "_fast", "flag0",
                  "layout", "__weakref__")
 
-    def __init__(self, engine: Any, peer: str, transfer_id: str, specs: list[ItemSpec], timeout: float):
+    def __init__(self, engine: Any, peer: str, transfer_id: str, specs: list[ItemSpec], timeout: float,
+                 layout: RequestLayout | None = None):
         self._engine = engine
         self.transfer_id = transfer_id
         self.peer = peer
         self.specs = specs
-        self.index = {s.name: i for i, s in enumerate(specs)}
-        self.nbytes = sum(s.nbytes for s in specs)
+        if layout is not None:  # checked once for every request of the layout
+            self.index = layout.index
+            self.nbytes = layout.nbytes
+        else:
+            self.index = {s.name: i for i, s in enumerate(specs)}
+            self.nbytes = sum(s.nbytes for s in specs)
         self.timeout = timeout
         self.t_start = time.monotonic()
         self.deadline = self.t_start + timeout
@@ -299,7 +306,7 @@ class RequestHandle:
                     or not t.is_contiguous() or t.requires_grad or t.is_neg():
                 _, t = self._check_item(spec.name, t)  # the precise error (or a tensor it detaches)
             ts.append(t)
-        self._engine._request_send_many(self, list(range(len(ts))), ts)
+        self._engine._request_send_all(self, ts)
 
     def _check_item(self, name: Any, tensor: Any) -> tuple[int, torch.Tensor]:
         from .errors import InvalidKey

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from p2pkv import Engine, PeerLost, TransferKey, TransferTimeout
+from p2pkv import Engine, InvalidKey, InvalidTensor, PeerLost, RequestLayout, TransferKey, TransferTimeout
 from p2pkv.recv_request import RecvState
 from p2pkv.synthetic import PRESETS, kv_layer, same_bits
 from p2pkv.testing import RemoteEngine
@@ -207,3 +207,54 @@ def test_one_sided_read_of_registered_memory():
         assert cons.remote_memory(prod.address) is views  # mapped once
         cons.read_done(prod.address, "rd1")
         assert prod.result(timeout=30) == "done"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_send_all_one_launch_bit_exact():
+    """send_all on the same-host CUDA path: one launch copies every tensor (sizes that are and are not
+    multiples of 16 bytes, a tensor smaller than one work unit, one of several units) and writes the
+    flags after the last copy; the copy is ordered after the caller's current stream (data still being
+    written there when send_all is called); more requests in flight than the copier's table ring."""
+    shapes = [(3, 5), (4096, 128), (7,), (2, 64, 8, 128), (1,), (33, 1025)]
+    dts = [torch.bfloat16, torch.float32, torch.uint8, torch.bfloat16, torch.float64, torch.float16]
+    names = [f"t{i}" for i in range(len(shapes))]
+    lay = RequestLayout([(n, dt, sh) for n, dt, sh in zip(names, dts, shapes, strict=True)])
+    with Engine(**BASE) as prod, Engine(**BASE) as cons:
+        _warm(prod, cons)
+        side = torch.cuda.Stream(prod.device)
+        sent, reqs = [], []
+        for r in range(40):  # more than the 32 table slots, none waited for before the next
+            with torch.cuda.stream(side):
+                data = [torch.full(sh, float(r % 7 + i), dtype=dt, device=prod.device)
+                        for i, (sh, dt) in enumerate(zip(shapes, dts, strict=True))]
+                big = data[1]
+                for _ in range(20):  # still writing on the caller's stream when send_all is called
+                    big.mul_(1.0)
+                req = prod.send_request(cons.address, f"sa{r}", lay)
+                req.send_all(data)
+            sent.append(data)
+            reqs.append(req)
+        for r, data in enumerate(sent):
+            h = cons.recv_request(f"sa{r}").wait(30)
+            torch.cuda.current_stream(cons.device).synchronize()
+            for n, t in zip(names, data, strict=True):
+                assert same_bits(h.tensor(n), t), (r, n)
+            h.release()
+        for req in reqs:
+            req.wait(30)
+        from p2pkv.kernels.batch import copier_for
+
+        assert copier_for(prod.device)._launcher, "the one-launch driver path was not used"
+        # refused at the boundary, nothing sent: a tensor on the wrong device, then a second send_all
+        req = prod.send_request(cons.address, "sa-bad", lay)
+        cpu = [torch.zeros(sh, dtype=dt) for sh, dt in zip(shapes, dts, strict=True)]
+        with pytest.raises(InvalidTensor, match="cpu"):
+            req.send_all(cpu)
+        good = [c.to(prod.device) for c in cpu]
+        req.send_all(good)
+        with pytest.raises(InvalidKey, match="sent already"):
+            req.send_all(good)
+        req.wait(30)
+        cons.recv_request("sa-bad").wait(30).release()
+        _settle(lambda: _held(cons.stats()) == 0)

@@ -143,7 +143,7 @@ class FastLayout:
     """A request layout as both sides of a channel use it: tensors back to back from one offset."""
 
     __slots__ = ("specs", "names", "index", "nameset", "sizes", "rel", "total", "n", "steps", "wire", "key",
-                 "max_nbytes")
+                 "max_nbytes", "_tmpl")
 
     def __init__(self, specs: list[ItemSpec]):
         self.specs = specs
@@ -162,6 +162,15 @@ class FastLayout:
         self.wire = [[sp.name, T.dtype_name(sp.dtype), list(sp.shape), sp.nbytes] for sp in specs]
         self.key = (self.names, tuple((sp.dtype, sp.shape) for sp in specs))
         self.max_nbytes = max((sp.nbytes for sp in specs), default=0)
+        self._tmpl: Any = None
+
+    def template(self) -> Any:
+        """Its :class:`p2pkv.kernels.batch.CopyTemplate` (built on first use)."""
+        if self._tmpl is None:
+            from ..kernels.batch import CopyTemplate
+
+            self._tmpl = CopyTemplate(self.rel, [sp.nbytes for sp in self.specs])
+        return self._tmpl
 
     @classmethod
     def from_wire(cls, items: Any, max_bytes: int) -> FastLayout:
@@ -198,6 +207,7 @@ class CudaMover:
         self.chan = chan
         chan.register_cuda()
         self.stream = torch.cuda.Stream(device)
+        self._stream_ptr = int(self.stream.cuda_stream)
         self.copier = copier_for(device)
         self._memop = cudadrv.available()
         self._drv = cudadrv
@@ -229,6 +239,22 @@ class CudaMover:
             self.copier.copy(segs, s, flags=flags)
         ev = torch.cuda.Event()
         ev.record(s)
+        return ev
+
+    def move_all(self, req: RequestHandle, tensors: list[torch.Tensor], ptrs: list[int]) -> Any:
+        """Every tensor of a started request (``ptrs``: their addresses, in the layout's order) in ONE
+        launch that also writes their flags; ordered after the caller's current stream. Returns an
+        event that completes when every copy and flag is done."""
+        assert req.offs is not None and req.layout is not None  # set by FastTx.start
+        lay = req.layout
+        ev = self.copier.copy_request(ptrs, self.base + req.offs[0] - lay.rel[0], lay.template(),
+                                      self.chan.flag_dev_addr(req.flag0), req.seq << FLAG_SHIFT,
+                                      self.stream, self._stream_ptr)
+        if ev is None:  # no driver launch here: the same copies and flags through CuPy
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            ev = self.move([(t, req.offs[i], req.specs[i].nbytes, req.flag0 + i, flag_value(req.seq, i))
+                            for i, t in enumerate(tensors)], ready)
         return ev
 
     def close(self) -> None:
@@ -295,6 +321,8 @@ class FastTx:
     def _reclaim(self) -> None:
         """Take back the room the consumer handed back (under the lock). Raises ProtocolError if the
         free ring's positions are corrupt."""
+        if not self.chan.frees_pending():
+            return
         for off, size, f0, nf in self.chan.take_frees().tolist():
             rel = off - self.lease_off
             if self._out.get(rel) != (size, f0, nf):
@@ -400,6 +428,17 @@ class FastTx:
             self.copied(req)  # CPU copies are done already
         # CUDA: finished when asked (done/state/wait poll the last copy's event) or at the I/O thread's tick,
         # not by a thread woken per request (each wake-up took the GIL from the caller's next request)
+
+    def send_all(self, req: RequestHandle, tensors: list[torch.Tensor], ptrs: list[int]) -> None:
+        """Move every tensor of a started request in one launch (CUDA; the caller's thread)."""
+        with self.lock:
+            if self.closed:
+                raise PeerLost("the fast path to the peer was closed", key=req.transfer_id, peer=self.peer_addr)
+        ev = self.mover.move_all(req, tensors, ptrs)
+        with req.lock:
+            req.keep.extend(tensors)
+            req.last_event = ev
+            req.next_post = len(req.specs)
 
     def poll(self, req: RequestHandle) -> None:
         """Finish ``req`` if its copies are done and the consumer took it (any thread; cheap)."""

@@ -664,7 +664,7 @@ class FastPlane:
             return False
         if tx.closed:
             return False
-        if isinstance(self._eng._inbox.error_for(req.key(0)), TransferAborted):
+        if self._eng._inbox.aborted(req.transfer_id):
             return False  # the ordinary path fails it with the abort's error
         return tx.start(req)
 

@@ -40,6 +40,39 @@ class _RequestPath(_EngineBase):
             return
         self._fast_send(req, idxs, ts)
 
+    def _request_send_all(self, req: RequestHandle, ts: list[torch.Tensor]) -> None:
+        """``RequestHandle.send_all`` (tensors checked against the layout): on the same-host CUDA path,
+        ONE launch that copies them all and writes their flags, issued with a few driver calls."""
+        fast = req._fast
+        if fast is None or not self._cuda or not hasattr(fast.mover, "move_all"):
+            self._request_send_many(req, list(range(len(ts))), ts)
+            return
+        self._check_open()
+        idx = self._device.index
+        ptrs = []
+        for t in ts:
+            if not t.is_cuda or t.get_device() != idx:
+                raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                    key=req.transfer_id)
+            ptrs.append(t.data_ptr())
+        with req.lock:
+            if req.sent:
+                name = req.specs[min(req.sent)].name
+                raise InvalidKey(f"{name!r} was sent already", key=req.transfer_id)
+            if req._state.finished:
+                raise req._error or P2pkvError("request already finished", key=req.transfer_id)
+            req.sent.update(range(len(ts)))
+        try:
+            fast.send_all(req, ts, ptrs)
+        except (P2pkvError, RuntimeError) as exc:  # a CUDA launch error, or the path closed under us
+            err = exc if isinstance(exc, P2pkvError) else TransportError(f"fast-path copy failed: {exc}",
+                                                                         key=req.transfer_id)
+            fast.fail(req.seq, err)
+            raise err from None
+        self._stats.add("bytes_sent", req.nbytes)
+        self._stats.add("sent_fast", len(ts))
+        _trace.mark("req.posted", req.transfer_id)
+
     def _fast_send(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor]) -> None:
         """Move tensors of a request on the same-host fast path (the caller's thread; never blocks on the GPU)."""
         self._check_open()

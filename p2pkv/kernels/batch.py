@@ -12,6 +12,7 @@ touches no GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,7 +22,9 @@ import torch
 
 from ..errors import TransportError
 
-__all__ = ["BatchCopier", "copier_for", "UNIT_BYTES"]
+__all__ = ["BatchCopier", "CopyTemplate", "copier_for", "UNIT_BYTES"]
+
+log = logging.getLogger("p2pkv.kernels")
 
 UNIT_BYTES = 8192           # must match csrc/batch_copy.cu
 _SEG_WORDS = 4              # src, dst, nbytes, unit0 (int64 each)
@@ -42,6 +45,30 @@ def _source() -> str:
         here = os.path.dirname(os.path.abspath(__file__))
         with open(os.path.join(here, "..", "..", "csrc", "batch_copy.cu")) as f:
             return f.read()
+
+
+class CopyTemplate:
+    """What :meth:`BatchCopier.copy_request` needs of a request layout, computed once per layout: the
+    destination offsets (from the request's base), sizes and first work units of its tensors, and the
+    flag offsets and per-item flag values. Per request only the source addresses, the destination
+    base, the first flag's address and the request's number change."""
+
+    __slots__ = ("n", "rel", "nbytes", "unit0", "total_units", "flag_rel", "steps", "words")
+
+    def __init__(self, rel: list[int], nbytes: list[int]):
+        import numpy as np
+
+        n = self.n = len(rel)
+        self.rel = np.asarray(rel, dtype=np.int64)
+        self.nbytes = np.asarray(nbytes, dtype=np.int64)
+        units = (self.nbytes + (UNIT_BYTES - 1)) // UNIT_BYTES
+        self.unit0 = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            np.cumsum(units[:-1], out=self.unit0[1:])
+        self.total_units = int(units.sum())
+        self.flag_rel = np.arange(n, dtype=np.int64) * 8
+        self.steps = np.arange(1, n + 1, dtype=np.int64)
+        self.words = n * _SEG_WORDS + 2 * n + 1  # segments, (flag address, value) pairs, the done counter
 
 
 def copier_for(device: torch.device) -> BatchCopier:
@@ -68,6 +95,7 @@ class BatchCopier:
         with cupy.cuda.Device(device.index):
             mod = cupy.RawModule(code=_source(), options=("--std=c++17",))
             self._copy = mod.get_function("p2pkv_batch_copy")
+            self._copy_signal = mod.get_function("p2pkv_batch_copy_signal")
             self._signal = mod.get_function("p2pkv_signal")
             self._set_flags = mod.get_function("p2pkv_set_flags")
             self._wait = mod.get_function("p2pkv_wait")
@@ -80,6 +108,7 @@ class BatchCopier:
         self._dev = torch.empty(_RING * _SLOT_SEGS * _SEG_WORDS, dtype=torch.int64, device=device)
         self._events: list[Any] = [None] * _RING
         self._next = 0
+        self._launcher: Any = None  # cudadrv.Launcher of the fused copy+flags kernel (built on first use)
         self._streams: dict[int, Any] = {}
         self._clock_offset_ns: int | None = None
 
@@ -159,6 +188,64 @@ class BatchCopier:
                 self._events[i] = ev
             elif keep is not None:
                 ev.synchronize()
+
+    def copy_request(self, srcs: list[int], dst_base: int, tmpl: CopyTemplate, flag_base: int, flag_hi: int,
+                     stream: torch.cuda.Stream, stream_ptr: int) -> Any:
+        """A whole request in ONE launch on ``stream`` (``stream_ptr`` its raw handle), ordered after the
+        calling thread's current stream: tensor ``i`` (at ``srcs[i]``, ``tmpl.nbytes[i]`` bytes) goes to
+        ``dst_base + tmpl.rel[i]``; once every copy is done, the 64-bit flag at ``flag_base + 8 * i`` gets
+        ``flag_hi | (i + 1)``. Returns an event that completes with the launch (it may be recorded
+        again by a later launch, which only completes later), or None when the driver launch is not
+        available (the caller then copies through :meth:`copy`). Host cost: a few numpy writes into a
+        pinned table slot and five driver calls."""
+        import numpy as np
+
+        from ..transport import cudadrv
+
+        n = tmpl.n
+        if tmpl.words > _SLOT_SEGS * _SEG_WORDS:
+            raise TransportError(f"a request of {n} tensors does not fit one copy table")
+        with self._lock:
+            lau = self._launcher
+            if lau is None:
+                try:
+                    lau = cudadrv.Launcher(self.device, self._copy_signal)
+                except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
+                    log.warning("one-launch request copies are off (%s); copying through CuPy instead", exc)
+                    lau = False
+                self._launcher = lau
+            if lau is False:
+                return None
+            i = self._slot()
+            base = i * _SLOT_SEGS * _SEG_WORDS
+            h = self._hostnp
+            seg = h[base:base + n * _SEG_WORDS].reshape(n, _SEG_WORDS)
+            seg[:, 0] = srcs
+            np.add(tmpl.rel, dst_base, out=seg[:, 1])
+            seg[:, 2] = tmpl.nbytes
+            seg[:, 3] = tmpl.unit0
+            fo = base + n * _SEG_WORDS
+            pairs = h[fo:fo + 2 * n].reshape(n, 2)
+            np.add(tmpl.flag_rel, flag_base, out=pairs[:, 0])
+            np.bitwise_or(tmpl.steps, flag_hi, out=pairs[:, 1])
+            h[fo + 2 * n] = 0  # the blocks' done counter
+            dev = self._dev.data_ptr() + base * 8
+            total = tmpl.total_units
+            warps = _THREADS // 32
+            grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
+            lau.enter()
+            try:
+                lau.follow(stream_ptr, lau.caller_stream())
+                lau.upload(dev, self._host.data_ptr() + base * 8, tmpl.words * 8, stream_ptr)
+                lau.launch(grid, _THREADS, stream_ptr, dev, n, total, dev + fo * 8 - base * 8, n,
+                           dev + (fo + 2 * n) * 8 - base * 8)
+            finally:
+                lau.leave()
+            ev = self._events[i]
+            if ev is None:
+                ev = self._events[i] = torch.cuda.Event()
+            ev.record(stream)
+            return ev
 
     # ------------------------------------------------------------------ flags
     def signal(self, flag_ptr: int, value: int, stream: torch.cuda.Stream) -> None:

@@ -23,7 +23,7 @@ import torch
 from ..errors import TransportError
 
 __all__ = ["available", "host_register", "host_unregister", "write_value64", "wait_value64", "address_range",
-           "use_device", "WAIT_EQ", "WAIT_GEQ"]
+           "use_device", "WAIT_EQ", "WAIT_GEQ", "Launcher"]
 
 WAIT_GEQ = 0x0
 WAIT_EQ = 0x1
@@ -133,3 +133,105 @@ def address_range(ptr: int) -> tuple[int, int]:
     size = ctypes.c_size_t()
     _check(f(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)), "cuMemGetAddressRange")
     return base.value, size.value
+
+
+_NOT_READY = 600  # CUDA_ERROR_NOT_READY
+_EVENT_DISABLE_TIMING = 0x2
+
+
+class Launcher:
+    """A request's copy issued with a handful of driver calls: order a stream after the caller's
+    current stream (an event of our own, recorded there and waited on), upload a table, launch one
+    kernel. Every call runs inside the device's primary context (pushed and popped), whatever
+    context the calling thread has current; torch's and CuPy's per-call Python wrappers are skipped
+    (on the producer's critical path they cost more than the GPU work of a small request).
+
+    Raises
+    ------
+    TransportError
+        A driver call failed (naming it), or the kernel handle cannot be read from CuPy.
+    """
+
+    def __init__(self, device: torch.device, kernel: Any):
+        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        fn = getattr(kernel, "ptr", None)
+        if not fn:
+            fn = getattr(getattr(kernel, "kernel", None), "ptr", None)
+        if not fn:
+            raise TransportError(f"cannot read the CUfunction of {kernel!r:.80}")
+        self.fn = ctypes.c_void_p(int(fn))
+        dev = ctypes.c_int()
+        _check(_fn("cuDeviceGet", [ctypes.POINTER(ctypes.c_int), ctypes.c_int])(
+            ctypes.byref(dev), ctypes.c_int(self.device_index)), "cuDeviceGet")
+        ctx = ctypes.c_void_p()
+        _check(_fn("cuDevicePrimaryCtxRetain", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int])(
+            ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._dev = dev
+        self.ctx = ctx
+        self._push = _fn("cuCtxPushCurrent", [ctypes.c_void_p])
+        self._pop = _fn("cuCtxPopCurrent", [ctypes.POINTER(ctypes.c_void_p)])
+        self._popped = ctypes.c_void_p()
+        self._record = _fn("cuEventRecord", [ctypes.c_void_p, ctypes.c_void_p])
+        self._wait = _fn("cuStreamWaitEvent", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint])
+        self._h2d = _fn("cuMemcpyHtoDAsync", [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+        self._launch = _fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 6
+                           + [ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
+        ev = ctypes.c_void_p()
+        self.enter()
+        try:
+            _check(_fn("cuEventCreate", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint])(
+                ctypes.byref(ev), ctypes.c_uint(_EVENT_DISABLE_TIMING)), "cuEventCreate")
+        finally:
+            self.leave()
+        self._ready = ev
+        # the kernel's arguments: (table, nseg, total_units, flag pairs, nflags, done counter)
+        self._args = (ctypes.c_uint64(), ctypes.c_int32(), ctypes.c_int64(), ctypes.c_uint64(), ctypes.c_int32(),
+                      ctypes.c_uint64())
+        self._params = (ctypes.c_void_p * len(self._args))(*[ctypes.addressof(a) for a in self._args])
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._raw_stream = raw if callable(raw) else None
+
+    def caller_stream(self) -> int:
+        """The calling thread's current CUDA stream of this device (a raw handle)."""
+        if self._raw_stream is not None:
+            return int(self._raw_stream(self.device_index))
+        return int(torch.cuda.current_stream(self.device_index).cuda_stream)
+
+    def enter(self) -> None:
+        _check(self._push(self.ctx), "cuCtxPushCurrent")
+
+    def leave(self) -> None:
+        self._pop(ctypes.byref(self._popped))
+
+    def follow(self, stream: int, after: int) -> None:
+        """Hold ``stream`` until the work queued on ``after`` so far is done (inside :meth:`enter`)."""
+        if stream == after:
+            return
+        _check(self._record(self._ready, ctypes.c_void_p(after)), "cuEventRecord")
+        _check(self._wait(ctypes.c_void_p(stream), self._ready, 0), "cuStreamWaitEvent")
+
+    def upload(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        _check(self._h2d(ctypes.c_uint64(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
+                         ctypes.c_void_p(stream)), "cuMemcpyHtoDAsync")
+
+    def launch(self, grid: int, threads: int, stream: int, table: int, nseg: int, total: int, pairs: int,
+               nflags: int, done: int) -> None:
+        a = self._args
+        a[0].value = table
+        a[1].value = nseg
+        a[2].value = total
+        a[3].value = pairs
+        a[4].value = nflags
+        a[5].value = done
+        _check(self._launch(self.fn, grid, 1, 1, threads, 1, 1, 0, ctypes.c_void_p(stream), self._params, None),
+               "cuLaunchKernel")
+
+    def close(self) -> None:
+        if self._ready:
+            self.enter()
+            try:
+                _fn("cuEventDestroy", [ctypes.c_void_p])(self._ready)
+            finally:
+                self.leave()
+            self._ready = ctypes.c_void_p()
+            _fn("cuDevicePrimaryCtxRelease", [ctypes.c_int])(self._dev)

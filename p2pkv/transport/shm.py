@@ -268,6 +268,11 @@ class ShmChannel:
         u[_W_FW] = w + 1
         return True
 
+    def frees_pending(self) -> bool:
+        """Producer: the consumer handed something back since the last :meth:`take_frees`."""
+        u = self._u64
+        return u is not None and int(u[_W_FW]) != int(u[_W_FR])
+
     def take_frees(self) -> np.ndarray:
         """Producer: the entries handed back since the last call, as an ``[n, 4]`` array."""
         u = self._u64
