@@ -104,7 +104,8 @@ def main() -> int:
         _run(pair, layers, names, args.reps, "under cProfile", prof)
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-        print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
+        pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(30)
+        print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:12000])
     finally:
         pair.close()
     return 0

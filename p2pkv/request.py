@@ -300,13 +300,24 @@ class RequestHandle:
         if not isinstance(tensors, (list, tuple)) or len(tensors) != len(self.specs):
             raise InvalidTensor(f"send_all takes a list of {len(self.specs)} tensors in the layout's order",
                                 key=self.transfer_id)
+        eng = self._engine
+        idx = eng._one_launch_device(self)  # the same-host CUDA path: also check devices, take addresses
         ts = []
+        ptrs: list[int] = []
         for spec, t in zip(self.specs, tensors, strict=True):
             if not isinstance(t, torch.Tensor) or t.dtype != spec.dtype or t.shape != spec.shape \
                     or not t.is_contiguous() or t.requires_grad or t.is_neg():
                 _, t = self._check_item(spec.name, t)  # the precise error (or a tensor it detaches)
+            if idx is not None:
+                if not t.is_cuda or t.get_device() != idx:
+                    raise InvalidTensor(f"tensor {spec.name!r} is on {t.device}; this engine sends requests from "
+                                        f"{eng._device}", key=self.transfer_id)
+                ptrs.append(t.data_ptr())
             ts.append(t)
-        self._engine._request_send_all(self, ts)
+        if idx is None:
+            eng._request_send_many(self, list(range(len(ts))), ts)
+        else:
+            eng._request_send_all(self, ts, ptrs)
 
     def _check_item(self, name: Any, tensor: Any) -> tuple[int, torch.Tensor]:
         from .errors import InvalidKey

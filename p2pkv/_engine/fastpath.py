@@ -323,7 +323,7 @@ class FastTx:
         free ring's positions are corrupt."""
         if not self.chan.frees_pending():
             return
-        for off, size, f0, nf in self.chan.take_frees().tolist():
+        for off, size, f0, nf in self.chan.take_frees():
             rel = off - self.lease_off
             if self._out.get(rel) != (size, f0, nf):
                 self.bad_frees += 1

@@ -40,21 +40,18 @@ class _RequestPath(_EngineBase):
             return
         self._fast_send(req, idxs, ts)
 
-    def _request_send_all(self, req: RequestHandle, ts: list[torch.Tensor]) -> None:
-        """``RequestHandle.send_all`` (tensors checked against the layout): on the same-host CUDA path,
-        ONE launch that copies them all and writes their flags, issued with a few driver calls."""
+    def _one_launch_device(self, req: RequestHandle) -> int | None:
+        """The device index whose tensors ``req`` moves in one launch (the same-host CUDA path), or None."""
         fast = req._fast
         if fast is None or not self._cuda or not hasattr(fast.mover, "move_all"):
-            self._request_send_many(req, list(range(len(ts))), ts)
-            return
+            return None
+        return self._device.index
+
+    def _request_send_all(self, req: RequestHandle, ts: list[torch.Tensor], ptrs: list[int]) -> None:
+        """``RequestHandle.send_all`` on the same-host CUDA path (tensors checked against the layout and
+        the device, ``ptrs`` their addresses): ONE launch that copies them all and writes their flags."""
+        fast = req._fast
         self._check_open()
-        idx = self._device.index
-        ptrs = []
-        for t in ts:
-            if not t.is_cuda or t.get_device() != idx:
-                raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
-                                    key=req.transfer_id)
-            ptrs.append(t.data_ptr())
         with req.lock:
             if req.sent:
                 name = req.specs[min(req.sent)].name

@@ -273,15 +273,18 @@ class ShmChannel:
         u = self._u64
         return u is not None and int(u[_W_FW]) != int(u[_W_FR])
 
-    def take_frees(self) -> np.ndarray:
-        """Producer: the entries handed back since the last call, as an ``[n, 4]`` array."""
+    def take_frees(self) -> list[list[int]]:
+        """Producer: the entries handed back since the last call, each ``[offset, size, flag0, nflags]``."""
         u = self._u64
         w, r = int(u[_W_FW]), int(u[_W_FR])
         if w == r:
-            return np.empty((0, _FREE_WORDS), dtype=np.uint64)
+            return []
         if w < r or w - r > NFREE:
             raise ProtocolError("shared-memory free ring positions are corrupt")
-        idx = np.arange(r, w, dtype=np.int64) % NFREE
-        out = self._free[idx].copy()
+        free = self._free
+        if w - r <= 8:  # the usual case: one or two entries; numpy's fancy indexing costs more than it saves
+            out = [free[k % NFREE].tolist() for k in range(r, w)]
+        else:
+            out = free[np.arange(r, w, dtype=np.int64) % NFREE].tolist()
         u[_W_FR] = w
         return out
