@@ -976,7 +976,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 self._releaser.submit(functools.partial(self._release, rel))
         for spec in meta.loads:
             t0 = time.monotonic()
-            _trace.mark("read.queued", spec.transfer_id)
+            _trace.mark("load.queued", spec.transfer_id)
             self._loaders.submit(functools.partial(self._load, spec, t0))
 
     def _release(self, rel: Release) -> None:
@@ -1028,7 +1028,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         """Receive every layer of one request and scatter it into its blocks."""
         eng = self._engine
         nbytes = 0
-        _trace.mark("read.begin", spec.transfer_id)
+        _trace.mark("load.begin", spec.transfer_id)
         try:
             if spec.refuse:
                 raise ConfigError(spec.refuse)
@@ -1409,7 +1409,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             done_recving, self._done_recving = self._done_recving, set()
             if _trace.enabled:
                 for rid in done_recving:
-                    _trace.mark("read.reported", self._recv_tids.pop(rid, rid))
+                    _trace.mark("load.reported", self._recv_tids.pop(rid, rid))
             if self._block_errors_ok:  # vLLM cannot map block ids to requests across several groups
                 for blocks in failed_recving.values():
                     self._load_errors.update(blocks)
