@@ -150,3 +150,29 @@ def test_read_mode_refuses_producer_block_ids_outside_its_cache():
     finally:
         c_worker.shutdown()
         p_worker.shutdown()
+
+
+@pytest.mark.parametrize("bad", [[[5, True, 1]], [[5, -1, 1]], [[5, 2.0, 1]], [[5, "1", 1]], [5, 9, 1], [[5], [9]],
+                                 None])
+def test_read_params_with_malformed_block_ids_are_refused(bad):
+    """The producer's remote_block_ids come through clients: anything but one list of non-negative ints per
+    KV-cache group refuses that load at scheduling (reported as failed), before any worker runs it."""
+    from p2pkv.adapters.vllm.connector import _remote_ids
+
+    assert _remote_ids({"remote_block_ids": bad}, 1) is None
+    assert _remote_ids({"remote_block_ids": [[5, 9, 1]]}, 1) == [[5, 9, 1]]
+    p_port, c_port = _port(), _port()
+    p_sched, p_worker, _ = _connectors("kv_producer", {"mode": "read", "port": p_port}, None, True)
+    c_sched, c_worker, _ = _connectors("kv_consumer", {"mode": "read", "port": c_port, "timeout_s": 5.0}, "cpu",
+                                       False)
+    try:
+        params = _produce(p_sched, p_worker, "p-1", "xfer-read-bad-ids", 40, [5, 9, 1], c_port, with_worker=False)
+        req = F.Request("d-1", list(range(40)), {**params, "remote_block_ids": bad})
+        n, _ = c_sched.get_num_new_matched_tokens(req, 0)
+        c_sched.update_state_after_alloc(req, F.KVCacheBlocks([7, 8, 2]), n)
+        meta = c_sched.build_connector_meta(F.SchedulerOutput())
+        assert [spec.refuse is not None for spec in meta.loads] == [True]
+        assert "remote_block_ids" in meta.loads[0].refuse and meta.loads[0].remote_ids == []
+    finally:
+        c_worker.shutdown()
+        p_worker.shutdown()

@@ -94,6 +94,7 @@ _ADAPTER_KEYS = {"mode", "load_timeout_s", "rank", "tp_size", "num_blocks", "loa
                  "kv_layout", "decode_tp_size"}
 _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_REPETITION")
 _MODES = ("push", "pull", "read")
+_INT_ONLY = frozenset((int,))
 _MAX_REMOTE_IDS = 1 << 20  # block ids a producer may name in its params (they come from clients)
 _SEEN_TIDS = 1 << 16  # transfer ids remembered to refuse reuse
 _WAIT_SLICE_S = 0.5  # push loads re-check the producer's liveness this often
@@ -203,11 +204,16 @@ def _remote_ids(p: dict[str, Any], groups: int) -> list[list[int]] | None:
         return None
     total = 0
     for ids in v:
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                for i in ids):
+        if not isinstance(ids, list):
             return None
         total += len(ids)
-    return v if total <= _MAX_REMOTE_IDS else None
+        if total > _MAX_REMOTE_IDS:
+            return None
+        # plain ints (no bools, no subclasses), none negative: checked at C speed (a long prompt names
+        # thousands of blocks)
+        if ids and (not set(map(type, ids)) <= _INT_ONLY or min(ids) < 0):
+            return None
+    return v
 
 
 def _int_param(p: dict[str, Any], name: str, default: int, most: int = _MAX_TP) -> int:
@@ -594,7 +600,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                                                 p.get("mode") or self.mode, host if isinstance(host, str) else None,
                                                 port if isinstance(port, int) else None,
                                                 len(request.prompt_token_ids), src_tp, src_block, refuse,
-                                                _remote_ids(p, len(self.groups)) or []))
+                                                (_remote_ids(p, len(self.groups)) or []) if refuse is None
+                                                and (p.get("mode") or self.mode) == "read" else []))
         elif p.get("do_remote_decode"):
             prev = self._produced_tids.get(tid)
             if prev is not None and prev != rid:
