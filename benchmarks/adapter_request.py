@@ -5,8 +5,11 @@ Pack from a paged cache (FlashAttention layout, random block ids) on the produce
 the consumer's device in the consumer connector's loader; timed from the first ``save_kv_layer``
 until the consumer connector reports the load finished (``get_finished``), median of ``--reps``;
 each row also splits that time into the producer's calls, the hand-over of ``kv_transfer_params``
-through this benchmark's parent process (a proxy's job in a deployment) and the consumer's calls.
-Only vLLM's own objects are stand-ins (tests/vllm_fakes.py); run from the repository root::
+through this benchmark's parent process (a proxy's job in a deployment) and the consumer's calls;
+``adapter_ms`` is the connector's own part (producer + consumer). With ``P2PKV_TRACE=1`` each row
+also gets the per-step breakdown of both processes (p50/p90 microseconds between trace marks of the
+same transfer, :mod:`p2pkv._trace`), printed as a table too. Only vLLM's own objects are stand-ins
+(tests/vllm_fakes.py); run from the repository root::
 
     python benchmarks/adapter_request.py --tokens 512,2048,10000 --devices cuda:0,cuda:1
 """
@@ -27,6 +30,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 L, BLOCK, HEADS, HEAD = 32, 16, 8, 128
+# trace marks in the order a request passes them: the producer's calls, the relay, the consumer's calls
+STEPS = ["bench.p_start", "save.exposed", "save.finished", "bench.p_end", "bench.c_start", "load.queued",
+         "load.begin", "read.mapped", "read.table", "read.launched", "read.synced", "read.done_sent",
+         "load.reported", "bench.c_end"]
+# ... and the producer learning that the consumer read it (read_done) and reporting the hand-off done
+DONE_STEPS = ["read.done_sent", "save.read_done", "save.reported"]
 
 
 def _port() -> int:
@@ -38,6 +47,7 @@ def _port() -> int:
 def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = "push") -> None:
     from tests import vllm_fakes as F
 
+    from p2pkv import _trace
     from p2pkv.adapters.vllm import KVConnectorRole, P2pkvConnector
 
     extra = dict(port=port, mode=mode, timeout_s=60.0, pool_bytes=2 * L * 2 * num_blocks * BLOCK * HEADS * HEAD * 2
@@ -66,6 +76,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                 if device != "cpu":
                     torch.cuda.synchronize()
                 t0 = time.monotonic()
+                _trace.mark("bench.p_start", tid)
                 host = []
                 for name in F.LAYERS:
                     t = time.monotonic()
@@ -74,6 +85,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                 worker.wait_for_save()
                 worker.clear_connector_metadata()
                 _, out = sched.request_finished(req, (list(block_ids),))
+                _trace.mark("bench.p_end", tid)
                 conn.send((t0, out, sorted(host)[len(host) // 2], time.monotonic()))
                 end = time.monotonic() + 60
                 while time.monotonic() < end:
@@ -81,8 +93,10 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                     if sending and req_id in sending:
                         break
                     time.sleep(0.001)
+                conn.send(_trace.take())
             else:
                 t_c0 = time.monotonic()
+                _trace.mark("bench.c_start", tid)
                 n, _ = sched.get_num_new_matched_tokens(req, 0)
                 sched.update_state_after_alloc(req, F.KVCacheBlocks(block_ids), n)
                 meta = sched.build_connector_meta(F.SchedulerOutput())
@@ -96,9 +110,16 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                         break
                     time.sleep(0.0002)
                 t1 = time.monotonic()
-                conn.send((t1, sorted(worker.get_block_ids_with_load_errors()), t_c0))
+                _trace.mark("bench.c_end", tid)
+                conn.send((t1, sorted(worker.get_block_ids_with_load_errors()), t_c0, _trace.take()))
     finally:
         worker.shutdown()
+
+
+def _print_steps(tok: int, steps: dict) -> None:
+    print(f"tokens {tok}: per-step breakdown (us, between consecutive trace marks of one transfer)", flush=True)
+    for name, v in steps.items():
+        print(f"  {name:<40} p50 {v['p50_us']:>9.1f}  p90 {v['p90_us']:>9.1f}  (n={v['n']})", flush=True)
 
 
 def main() -> int:
@@ -111,6 +132,7 @@ def main() -> int:
                          "the decode side copies straight out of the producer's registered cache (same host, CUDA)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    from p2pkv import _trace
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dp, dc = a.devices.split(",")
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -126,7 +148,7 @@ def main() -> int:
     rows = []
     for tok in tokens:
         nblk = -(-tok // BLOCK)
-        times, hosts, prods, relays, conss = [], [], [], [], []
+        times, hosts, prods, relays, conss, events = [], [], [], [], [], []
         for r in range(a.reps + 2):
             tid = f"xfer-adapter-{tok}-{r}"
             ids = torch.randperm(num_blocks)[:nblk].tolist()
@@ -135,9 +157,11 @@ def main() -> int:
             t0, out, host, t_p1 = p_conn.recv()
             c_ids = torch.randperm(num_blocks)[:nblk].tolist()
             c_conn.send((f"d-{tid}-cd34", tid, tok, c_ids, out))
-            t1, errors, t_c0 = c_conn.recv()
+            t1, errors, t_c0, c_events = c_conn.recv()
+            p_events = p_conn.recv()  # once the producer saw the hand-off done
             assert not errors, errors
             if r >= 2:
+                events += p_events + c_events
                 times.append(t1 - t0)
                 hosts.append(host)
                 prods.append(t_p1 - t0)
@@ -152,6 +176,13 @@ def main() -> int:
                "producer_ms": round(statistics.median(prods) * 1e3, 3),
                "relay_ms": round(statistics.median(relays) * 1e3, 3),
                "consumer_ms": round(statistics.median(conss) * 1e3, 3)}
+        # the connector's own time; the relay is the proxy's in a deployment, timed on its own
+        row["adapter_ms"] = round(row["producer_ms"] + row["consumer_ms"], 3)
+        if a.mode == "read":  # P2PKV_READ_COPY=segments: one segment per block run instead of the fused copy
+            row["read_copy"] = os.environ.get("P2PKV_READ_COPY") or "fused"
+        if events:
+            row["steps"] = {**_trace.breakdown(events, STEPS), **_trace.breakdown(events, DONE_STEPS)}
+            _print_steps(tok, row["steps"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     p_conn.send(None)

@@ -9,6 +9,9 @@
 // 32 layers of a request therefore cost one launch instead of 32 copies, which
 // at 512 tokens is the difference between launch-bound and bandwidth-bound.
 //
+// p2pkv_paged_copy: the same for paged KV caches, from a per-layer table of cache pairs and the
+// request's (src block, dst block) pairs: no segment per block run is ever built on the host.
+//
 // p2pkv_signal / p2pkv_wait: a 64-bit flag in device memory (possibly another
 // process's memory mapped through CUDA IPC) written after the work before it
 // in the stream, and a wait that holds a stream until the flag holds the
@@ -92,6 +95,68 @@ extern "C" __global__ void p2pkv_batch_copy_signal(const Seg* __restrict__ segs,
         *reinterpret_cast<volatile unsigned long long*>(pairs[2 * i]) = pairs[2 * i + 1];
     }
     __threadfence_system();
+}
+
+// p2pkv_paged_copy: copy blocks between paged KV caches of many layers in ONE launch, without a
+// segment per block run. Every layer l has a cache pair (src base, dst base, src block stride, dst block
+// stride, all in bytes: LayerPair); the request gives (src block, dst block) pairs; one block of either
+// cache is nrun runs of run_bytes at the byte offsets runs[2 r] (src) and runs[2 r + 1] (dst) from the
+// block's start (e.g. the K and V planes). Work unit u = (layer, pair, run, chunk of UNIT_BYTES), chunk
+// fastest; a warp copies one unit at a time (grid-stride, 64-bit indices). align says what every
+// address, stride, offset and run_bytes is a multiple of (16: uint4 vectors; 4: 32-bit words; else
+// bytes), so the chunks of a run are too (UNIT_BYTES is a multiple of 16). The host checks the block ids.
+struct LayerPair {
+    unsigned long long src;
+    unsigned long long dst;
+    long long src_stride;
+    long long dst_stride;
+};
+
+extern "C" __global__ void p2pkv_paged_copy(const LayerPair* __restrict__ layers,
+                                            const long long* __restrict__ pairs, long long npair,
+                                            const long long* __restrict__ runs, long long nrun,
+                                            long long run_bytes, long long units_per_run,
+                                            long long total_units, int align) {
+    const unsigned lane = threadIdx.x & 31u;
+    const long long warps_per_cta = blockDim.x >> 5;
+    long long u = (long long)blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
+    const long long stride = (long long)gridDim.x * warps_per_cta;
+    for (; u < total_units; u += stride) {
+        long long q = u / units_per_run;
+        const long long chunk = u - q * units_per_run;
+        long long q2 = q / nrun;
+        const long long run = q - q2 * nrun;
+        const long long layer = q2 / npair;
+        const long long pair = q2 - layer * npair;
+        const LayerPair L = layers[layer];
+        const long long off = chunk * (long long)UNIT_BYTES;
+        long long n = run_bytes - off;
+        if (n > UNIT_BYTES) n = UNIT_BYTES;
+        if (n <= 0) continue;
+        const char* src = reinterpret_cast<const char*>(L.src) + pairs[2 * pair] * L.src_stride + runs[2 * run] + off;
+        char* dst = reinterpret_cast<char*>(L.dst) + pairs[2 * pair + 1] * L.dst_stride + runs[2 * run + 1] + off;
+        if (align == 16) {
+            const uint4* s4 = reinterpret_cast<const uint4*>(src);
+            uint4* d4 = reinterpret_cast<uint4*>(dst);
+            const int nv = (int)(n >> 4);
+            if (nv == UNIT_VECS) {
+                uint4 tmp[UNIT_VECS / 32];
+#pragma unroll
+                for (int k = 0; k < UNIT_VECS / 32; ++k) tmp[k] = s4[lane + 32 * k];
+#pragma unroll
+                for (int k = 0; k < UNIT_VECS / 32; ++k) d4[lane + 32 * k] = tmp[k];
+            } else {
+                for (int v = lane; v < nv; v += 32) d4[v] = s4[v];
+            }
+        } else if (align == 4) {
+            const unsigned* s1 = reinterpret_cast<const unsigned*>(src);
+            unsigned* d1 = reinterpret_cast<unsigned*>(dst);
+            const int nw = (int)(n >> 2);
+            for (int w = lane; w < nw; w += 32) d1[w] = s1[w];
+        } else {
+            for (long long b = lane; b < n; b += 32) dst[b] = src[b];
+        }
+    }
 }
 
 // Flags may live in host memory registered with CUDA (PCIe atomics are not guaranteed): plain

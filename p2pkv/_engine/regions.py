@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import _tensors as T
+from .. import _trace
 from ..control.messages import MAX_HEADER_BYTES, encode
 from ..errors import (InvalidKey, InvalidTensor, P2pkvError, PeerLost, ProtocolError, TransferAborted,
                       TransferTimeout, TransportError)
@@ -198,6 +199,7 @@ class Regions:
             return
         with self._lock:
             h = self._exposed.pop(tid, None)
+        _trace.mark("save.read_done", tid)
         if h is not None:
             h.readers.append(sess.eid)
             if h._finish():

@@ -1,7 +1,9 @@
 """Batched copies and GPU-side flags (``csrc/batch_copy.cu``), for the request data plane.
 
 :class:`BatchCopier` moves many ``(src_ptr, dst_ptr, nbytes)`` segments in ONE
-kernel launch (a request's 32 layers cost one launch, not 32 copies), writes
+kernel launch (a request's 32 layers cost one launch, not 32 copies), copies
+blocks between paged caches of many layers in one launch from a constant
+plan and the request's block pairs (:meth:`BatchCopier.paged_copy`), writes
 64-bit flags after the work queued before them (:meth:`BatchCopier.signal`),
 and makes a stream wait for a flag with a deadline on the GPU's own clock
 (:meth:`BatchCopier.wait`), so a GPU-side wait can never hang a stream.
@@ -96,6 +98,7 @@ class BatchCopier:
             mod = cupy.RawModule(code=_source(), options=("--std=c++17",))
             self._copy = mod.get_function("p2pkv_batch_copy")
             self._copy_signal = mod.get_function("p2pkv_batch_copy_signal")
+            self._paged = mod.get_function("p2pkv_paged_copy")
             self._signal = mod.get_function("p2pkv_signal")
             self._set_flags = mod.get_function("p2pkv_set_flags")
             self._wait = mod.get_function("p2pkv_wait")
@@ -107,6 +110,11 @@ class BatchCopier:
         self._hostnp = self._host.numpy()
         self._dev = torch.empty(_RING * _SLOT_SEGS * _SEG_WORDS, dtype=torch.int64, device=device)
         self._events: list[Any] = [None] * _RING
+        # tables longer than a slot: one growable buffer (pinned host and device), reused once the
+        # launch that read it last has run
+        self._big_host: torch.Tensor | None = None
+        self._big_dev: torch.Tensor | None = None
+        self._big_event: Any = None
         self._next = 0
         self._launcher: Any = None  # cudadrv.Launcher of the fused copy+flags kernel (built on first use)
         self._streams: dict[int, Any] = {}
@@ -139,7 +147,6 @@ class BatchCopier:
         """Copy every ``(src_ptr, dst_ptr, nbytes)`` segment (a list, or an ``[n, 3]`` int64 array) in one
         launch queued on ``stream``; then
         (a second, tiny launch) write each ``(address, value)`` of ``flags`` once every copy is done."""
-        import cupy
         import numpy as np
 
         n = len(segs)
@@ -163,18 +170,7 @@ class BatchCopier:
             table[n * _SEG_WORDS:] = np.array(flags, dtype=np.uint64).view(np.int64).reshape(-1)
         cs = self._cupy_stream(stream)
         with self._lock:
-            keep = None
-            if words <= _SLOT_SEGS * _SEG_WORDS:
-                i = self._slot()
-                base = i * _SLOT_SEGS * _SEG_WORDS
-                self._hostnp[base:base + words] = table
-                dev_ptr = self._dev.data_ptr() + base * 8
-                cupy.cuda.runtime.memcpyAsync(dev_ptr, self._host.data_ptr() + base * 8, words * 8,
-                                              cupy.cuda.runtime.memcpyHostToDevice, stream.cuda_stream)
-            else:  # a very long table: a one-off upload kept until the kernels have run
-                i = -1
-                keep = torch.from_numpy(table).to(self.device, non_blocking=False)
-                dev_ptr = keep.data_ptr()
+            dev_ptr, i = self._upload_locked(table, stream)
             if total:
                 warps = _THREADS // 32
                 grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
@@ -182,12 +178,78 @@ class BatchCopier:
             if nf:
                 self._set_flags(((nf + 255) // 256,), (256,),
                                 (np.uint64(dev_ptr + n * _SEG_WORDS * 8), np.int32(nf)), stream=cs)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            if i >= 0:
-                self._events[i] = ev
-            elif keep is not None:
-                ev.synchronize()
+            self._record_locked(i, stream)
+
+    def paged_copy(self, plan: Any, pairs: Any, stream: torch.cuda.Stream) -> int:
+        """Copy blocks ``pairs[j, 0]`` of every source layer of ``plan`` (a
+        :class:`p2pkv.kernels.blocks.PagedPlan`) into blocks ``pairs[j, 1]`` of its destination layers, in
+        one launch queued on ``stream``; ``pairs`` is ``[n, 2]`` int64, checked by
+        :func:`p2pkv.kernels.blocks.block_pairs` against the plan's block counts (nothing here checks it
+        again). Only ``pairs`` is uploaded per call: the plan's tables are uploaded on first use on this
+        device and kept with the plan. Returns the bytes copied."""
+        import numpy as np
+
+        npairs, nl, nr = len(pairs), len(plan.layers), len(plan.runs)
+        upr = -(-plan.run_bytes // UNIT_BYTES)
+        total = nl * npairs * nr * upr
+        if total <= 0:
+            return 0
+        tables = plan._dev.get(self.device.index)
+        if tables is None:  # once per plan: the layer table, then the run offsets
+            host = np.concatenate([plan.layers.reshape(-1), plan.runs.reshape(-1)]).astype(np.int64)
+            with torch.cuda.stream(stream):
+                tables = torch.from_numpy(host).to(self.device)  # synchronous: ready for any stream
+            plan._dev[self.device.index] = tables
+        words = np.ascontiguousarray(pairs, dtype=np.int64).reshape(-1)
+        cs = self._cupy_stream(stream)
+        layers_ptr = tables.data_ptr()
+        runs_ptr = layers_ptr + nl * 4 * 8
+        with self._lock:
+            dev_ptr, i = self._upload_locked(words, stream)
+            warps = _THREADS // 32
+            grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
+            self._paged((grid,), (_THREADS,),
+                        (np.uint64(layers_ptr), np.uint64(dev_ptr), np.int64(npairs), np.uint64(runs_ptr),
+                         np.int64(nr), np.int64(plan.run_bytes), np.int64(upr), np.int64(total),
+                         np.int32(plan.align)), stream=cs)
+            self._record_locked(i, stream)
+        return int(plan.nbytes(npairs))
+
+    def _upload_locked(self, table: Any, stream: torch.cuda.Stream) -> tuple[int, int]:
+        """Queue on ``stream`` the upload of ``table`` (int64 words) to device memory the next launch on
+        ``stream`` reads: a ring slot (index returned), or for a long table the growable big buffer (-1).
+        Either is reused only once the launch that read it before has run (its event)."""
+        import cupy
+
+        words = len(table)
+        if words <= _SLOT_SEGS * _SEG_WORDS:
+            i = self._slot()
+            base = i * _SLOT_SEGS * _SEG_WORDS
+            self._hostnp[base:base + words] = table
+            host_ptr, dev_ptr = self._host.data_ptr() + base * 8, self._dev.data_ptr() + base * 8
+        else:
+            i = -1
+            if self._big_event is not None:
+                self._big_event.synchronize()  # the last launch reading the big buffer has run
+                self._big_event = None
+            if self._big_dev is None or self._big_dev.numel() < words:
+                n = max(words, 2 * (self._big_dev.numel() if self._big_dev is not None else 0))
+                self._big_host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+                self._big_dev = torch.empty(n, dtype=torch.int64, device=self.device)
+            assert self._big_host is not None
+            self._big_host.numpy()[:words] = table
+            host_ptr, dev_ptr = self._big_host.data_ptr(), self._big_dev.data_ptr()
+        cupy.cuda.runtime.memcpyAsync(dev_ptr, host_ptr, words * 8, cupy.cuda.runtime.memcpyHostToDevice,
+                                      stream.cuda_stream)
+        return dev_ptr, i
+
+    def _record_locked(self, i: int, stream: torch.cuda.Stream) -> None:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        if i >= 0:
+            self._events[i] = ev
+        else:
+            self._big_event = ev
 
     def copy_request(self, srcs: list[int], dst_base: int, tmpl: CopyTemplate, flag_base: int, flag_hi: int,
                      stream: torch.cuda.Stream, stream_ptr: int) -> Any:

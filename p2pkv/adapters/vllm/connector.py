@@ -74,6 +74,7 @@ from typing import Any
 
 import torch
 
+from ... import _trace
 from ...config import EngineConfig
 from ...errors import ConfigError, P2pkvError, PeerLost, ShapeMismatch, TransferTimeout
 from ...keys import TransferKey, new_transfer_id, validate_transfer_id
@@ -93,6 +94,7 @@ _ADAPTER_KEYS = {"mode", "load_timeout_s", "rank", "tp_size", "num_blocks", "loa
                  "kv_layout", "decode_tp_size"}
 _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_REPETITION")
 _MODES = ("push", "pull", "read")
+_INT_ONLY = frozenset((int,))
 _MAX_REMOTE_IDS = 1 << 20  # block ids a producer may name in its params (they come from clients)
 _SEEN_TIDS = 1 << 16  # transfer ids remembered to refuse reuse
 _WAIT_SLICE_S = 0.5  # push loads re-check the producer's liveness this often
@@ -103,6 +105,9 @@ _MAX_BLOCK = 1 << 16  # likewise for a remote block size
 _NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"  # this instance's address in NixlConnector deployments
 _REFUSE = "_p2pkv_refuse"  # key of our own copy of a request's params: why its load is refused
 _RELEASE = "_p2pkv_release"  # ... and that its load was refused: the producer is told to free the copy
+_MAX_READ_PEERS = 64  # mode 'read': producers whose copy plans are kept (rebuilt when a producer's memory is re-mapped)
+# mode 'read' copies one segment per block run instead of the fused paged copy (for comparisons)
+_SEGMENT_READS = os.environ.get("P2PKV_READ_COPY", "") == "segments"
 
 
 # ----------------------------------------------------------------------------- metadata (pickled to workers)
@@ -199,11 +204,16 @@ def _remote_ids(p: dict[str, Any], groups: int) -> list[list[int]] | None:
         return None
     total = 0
     for ids in v:
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                for i in ids):
+        if not isinstance(ids, list):
             return None
         total += len(ids)
-    return v if total <= _MAX_REMOTE_IDS else None
+        if total > _MAX_REMOTE_IDS:
+            return None
+        # plain ints (no bools, no subclasses), none negative: checked at C speed (a long prompt names
+        # thousands of blocks)
+        if ids and (not set(map(type, ids)) <= _INT_ONLY or min(ids) < 0):
+            return None
+    return v
 
 
 def _int_param(p: dict[str, Any], name: str, default: int, most: int = _MAX_TP) -> int:
@@ -418,6 +428,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         self._finished_asked: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_recving: dict[str, list[int]] = {}
+        self._read_cache: dict[str, tuple[dict[str, torch.Tensor], list[tuple[int, list[Any], int, int]]]] = {}
+        self._recv_tids: dict[str, str] = {}  # req id -> transfer id of loads done, for trace marks only
         self._load_errors: set[int] = set()
         self._stream: Any = None
         self._loaders = _Workers("p2pkv-load", self.loader_threads)
@@ -588,7 +600,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                                                 p.get("mode") or self.mode, host if isinstance(host, str) else None,
                                                 port if isinstance(port, int) else None,
                                                 len(request.prompt_token_ids), src_tp, src_block, refuse,
-                                                _remote_ids(p, len(self.groups)) or []))
+                                                (_remote_ids(p, len(self.groups)) or []) if refuse is None
+                                                and (p.get("mode") or self.mode) == "read" else []))
         elif p.get("do_remote_decode"):
             prev = self._produced_tids.get(tid)
             if prev is not None and prev != rid:
@@ -769,6 +782,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         cfg = self._engine_cfg
         host = cfg.advertise_host or (cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
         dst_tp = _int_param(p, "decode_tp_size", self.decode_tp_size)
+        _trace.mark("save.finished", tid)
         return True, {"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False,
                       "remote_host": host if cfg.port else None, "remote_port": cfg.port or None,
                       "remote_tp_size": self.tp_size, "remote_block_size": self.block_size,
@@ -879,6 +893,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         dev = self._device()
         nb = next(iter(self._caches.values())).shape[0]
         for spec in connector_metadata.saves:
+            _trace.mark("save.bind", spec.transfer_id)
             state = _SendState(spec.transfer_id)
             state.pending = 1  # held until this step's publishes are done (or its flush, for push)
             with self._lock:
@@ -968,6 +983,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 self._releaser.submit(functools.partial(self._release, rel))
         for spec in meta.loads:
             t0 = time.monotonic()
+            _trace.mark("load.queued", spec.transfer_id)
             self._loaders.submit(functools.partial(self._load, spec, t0))
 
     def _release(self, rel: Release) -> None:
@@ -1019,6 +1035,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         """Receive every layer of one request and scatter it into its blocks."""
         eng = self._engine
         nbytes = 0
+        _trace.mark("load.begin", spec.transfer_id)
         try:
             if spec.refuse:
                 raise ConfigError(spec.refuse)
@@ -1043,6 +1060,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         self._stats.latency(time.monotonic() - t0)
         with self._lock:
             self._done_recving.add(spec.req_id)
+            if _trace.enabled:
+                self._recv_tids[spec.req_id] = spec.transfer_id
 
     def _load_layers(self, spec: LoadSpec, deadline: float) -> int:
         from ...kernels import BlockIds, unpack
@@ -1125,41 +1144,75 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _read_layers(self, spec: LoadSpec, deadline: float) -> int:
         """Mode 'read': copy the prompt's blocks straight out of the producer's KV caches (mapped here once,
-        through CUDA IPC) into this engine's blocks: every layer of every group in one kernel launch, then
-        tell the producer it may free them. Nothing is packed, staged or unpacked."""
-        import numpy as np
-
+        through CUDA IPC) into this engine's blocks: every layer of a KV-cache group in one launch of the
+        fused paged copy (per request only the block id pairs go to the GPU), then tell the producer it may
+        free them. Nothing is packed, staged or unpacked."""
         from ...kernels.batch import copier_for
-        from ...kernels.blocks import block_segments
+        from ...kernels.blocks import block_pairs
 
         eng = self._engine
         assert eng is not None
+        tid = spec.transfer_id
+        dev = self._device()
+        if dev.type != "cuda":
+            raise ConfigError("mode 'read' needs CUDA KV caches on the decode side too")
         peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
         views = eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
-        parts = []
-        nbytes = 0
-        for g, names in self._group_layers.items():
+        _trace.mark("read.mapped", tid)
+        work: list[tuple[Any, Any]] = []
+        for g, plans, src_blocks, dst_blocks in self._read_plans(peer, views, tid):
             first, end, targets = self._targets(spec, g)
             remote = spec.remote_ids[g] if g < len(spec.remote_ids) else []
             src_ids = remote[first:end]
             if len(src_ids) != len(targets):
-                raise ShapeMismatch(f"{spec.transfer_id}: the producer names {len(remote)} blocks of KV-cache group "
+                raise ShapeMismatch(f"{tid}: the producer names {len(remote)} blocks of KV-cache group "
                                     f"{g}; this engine needs blocks {first}..{end}")
+            if targets:
+                pairs = block_pairs(src_ids, targets, src_blocks, dst_blocks)  # once for all layers of the group
+                work.extend((plan, pairs) for plan in plans)
+        _trace.mark("read.table", tid)
+        nbytes = 0
+        if work:
+            s = self._stream if self._stream is not None else torch.cuda.current_stream(dev)
+            copier = copier_for(dev)
+            if _SEGMENT_READS:  # the segment path (one row per block run), for comparison
+                import numpy as np
+
+                segs = np.concatenate([plan.segments(pairs) for plan, pairs in work])
+                copier.copy(segs, s)
+                nbytes = int(segs[:, 2].sum())
+            else:
+                for plan, pairs in work:
+                    nbytes += copier.paged_copy(plan, pairs, s)
+            _trace.mark("read.launched", tid)
+            s.synchronize()  # the loader thread waits, never the forward stream
+            _trace.mark("read.synced", tid)
+        eng.read_done(peer, tid)
+        _trace.mark("read.done_sent", tid)
+        return nbytes
+
+    def _read_plans(self, peer: str, views: dict[str, torch.Tensor],
+                    tid: str) -> list[tuple[int, list[Any], int, int]]:
+        """Per KV-cache group: the fused-copy plans from ``peer``'s mapped caches into ours, and the block
+        counts ids must stay below; built once per mapping of the peer's memory (its ``views``)."""
+        from ...kernels.blocks import paged_plans
+
+        cached = self._read_cache.get(peer)
+        if cached is not None and cached[0] is views:
+            return cached[1]
+        out = []
+        for g, names in self._group_layers.items():
             missing = [n for n in names if n not in views]
             if missing:
-                raise ConfigError(f"{spec.transfer_id}: the producer registered no cache for {missing[0]} (is it in "
+                raise ConfigError(f"{tid}: the producer registered no cache for {missing[0]} (is it in "
                                   "mode 'read', with the same model?)")
-            srcs = [views[n] for n in names]
-            dsts = [self._caches[n] for n in names]
-            parts.append(block_segments(srcs, src_ids, dsts, targets))
-        segs = np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.int64)
-        if len(segs):
-            nbytes = int(segs[:, 2].sum())
-            s = self._stream if self._stream is not None else torch.cuda.current_stream(self._device())
-            copier_for(self._device()).copy(segs, s)
-            s.synchronize()  # the loader thread waits, never the forward stream
-        eng.read_done(peer, spec.transfer_id)
-        return nbytes
+            plans = paged_plans([views[n] for n in names], [self._caches[n] for n in names])
+            out.append((g, plans, min(p.src_blocks for p in plans), min(p.dst_blocks for p in plans)))
+        with self._lock:
+            if len(self._read_cache) >= _MAX_READ_PEERS:
+                self._read_cache.clear()
+            self._read_cache[peer] = (views, out)
+        return out
 
     def _claim(self, stack: contextlib.ExitStack, key: TransferKey, producer: str | None, deadline: float) -> Any:
         """Wait for a pushed piece; check between slices that the producer still listens."""
@@ -1328,6 +1381,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             if plan.spec.mode == "read" and not st.failed:
                 try:
                     st.handles.append(self._engine.expose(st.transfer_id, timeout=self._engine_cfg.ttl_s))
+                    _trace.mark("save.exposed", st.transfer_id)
                 except P2pkvError as exc:
                     self._save_failed(st, f"exposing {st.transfer_id} failed: {exc}")
         self._pack_pull_plans()
@@ -1357,8 +1411,12 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                     del self._sends[rid]
                     self._finished_asked.discard(rid)
                     done_sending.add(rid)
+                    _trace.mark("save.reported", st.transfer_id)
             failed_recving, self._failed_recving = self._failed_recving, {}
             done_recving, self._done_recving = self._done_recving, set()
+            if _trace.enabled:
+                for rid in done_recving:
+                    _trace.mark("load.reported", self._recv_tids.pop(rid, rid))
             if self._block_errors_ok:  # vLLM cannot map block ids to requests across several groups
                 for blocks in failed_recving.values():
                     self._load_errors.update(blocks)
