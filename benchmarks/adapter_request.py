@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 L, BLOCK, HEADS, HEAD = 32, 16, 8, 128
+POLL_S = float(os.environ.get("P2PKV_BENCH_POLL_S", "2e-5"))  # set by main() for both sides
 # trace marks in the order a request passes them: the producer's calls, the relay, the consumer's calls
 STEPS = ["bench.p_start", "save.exposed", "save.finished", "bench.p_end", "bench.c_start", "load.queued",
          "load.begin", "read.mapped", "read.table", "read.launched", "read.synced", "read.done_sent",
@@ -108,7 +109,7 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                     _, recving = worker.get_finished(set())
                     if recving and req_id in recving:
                         break
-                    time.sleep(0.0002)
+                    time.sleep(POLL_S)  # vLLM's worker asks once per engine step; --poll-us
                 t1 = time.monotonic()
                 _trace.mark("bench.c_end", tid)
                 conn.send((t1, sorted(worker.get_block_ids_with_load_errors()), t_c0, _trace.take()))
@@ -130,8 +131,12 @@ def main() -> int:
     ap.add_argument("--mode", default="push", choices=("push", "pull", "read"),
                     help="push: layer by layer while saving; pull: the decode side fetches packed copies; read: "
                          "the decode side copies straight out of the producer's registered cache (same host, CUDA)")
+    ap.add_argument("--poll-us", type=float, default=20.0,
+                    help="how often the consumer asks get_finished (the engine benchmark's consumer spins on its "
+                         "flags; a serving engine asks once per step)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    os.environ["P2PKV_BENCH_POLL_S"] = str(a.poll_us * 1e-6)  # the spawned sides read it
     from p2pkv import _trace
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dp, dc = a.devices.split(",")

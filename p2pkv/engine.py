@@ -433,6 +433,11 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             raise PeerLost("the peer went away while its memory was mapped", peer=peer)
         return views
 
+    def mapped_memory(self, peer: str) -> dict[str, torch.Tensor] | None:
+        """What :meth:`remote_memory` returns if ``peer``'s memory is mapped here already, else None (never
+        waits, never asks the peer)."""
+        return self._regions.views(peer)
+
     def read_done(self, peer: str, transfer_id: str) -> None:
         """Tell ``peer`` that this engine has read ``transfer_id`` from its memory (completes its
         :meth:`expose` handle). Returns at once."""

@@ -147,6 +147,17 @@ def test_read_mode_refuses_producer_block_ids_outside_its_cache():
         assert finished and not errors
         torch.cuda.synchronize()
         assert torch.equal(c_caches[F.LAYERS[5]][:, [10, 11, 12]], p_caches[F.LAYERS[5]][:, [3, 4, 6]])
+        # the producer is mapped now: later loads launch inline in start_load_kv; a bad one fails alone there too
+        params = _produce(p_sched, p_worker, "p-bad2", "xfer-read-bad2", 40, [5, 9, 1], c_port)
+        params = {**params, "remote_block_ids": [[5, 9, NB]]}
+        finished, errors = _consume(c_sched, c_worker, "d-bad2", 40, [13, 14, 15], params)
+        assert finished and errors == {13, 14, 15}
+        params = _produce(p_sched, p_worker, "p-ok2", "xfer-read-ok2", 40, [0, 2, 9], c_port)
+        finished, errors = _consume(c_sched, c_worker, "d-ok2", 40, [16, 17, 18], params)
+        assert finished and not errors
+        torch.cuda.synchronize()
+        assert torch.equal(c_caches[F.LAYERS[7]][:, [16, 17, 18]], p_caches[F.LAYERS[7]][:, [0, 2, 9]])
+        assert not c_worker._reads  # every inline read reported
     finally:
         c_worker.shutdown()
         p_worker.shutdown()

@@ -430,6 +430,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         self._failed_recving: dict[str, list[int]] = {}
         self._read_cache: dict[str, tuple[dict[str, torch.Tensor], list[tuple[int, list[Any], int, int]]]] = {}
         self._recv_tids: dict[str, str] = {}  # req id -> transfer id of loads done, for trace marks only
+        # mode 'read' loads launched inline by start_load_kv: (spec, event, producer, t0, bytes) until done
+        self._reads: list[tuple[Any, Any, str, float, int]] = []
         self._load_errors: set[int] = set()
         self._stream: Any = None
         self._loaders = _Workers("p2pkv-load", self.loader_threads)
@@ -984,6 +986,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         for spec in meta.loads:
             t0 = time.monotonic()
             _trace.mark("load.queued", spec.transfer_id)
+            if spec.mode == "read" and self._read_inline(spec, t0):
+                continue
             self._loaders.submit(functools.partial(self._load, spec, t0))
 
     def _release(self, rel: Release) -> None:
@@ -1043,22 +1047,30 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 raise ConfigError("the connector's engine is not running (register_kv_caches was not called)")
             nbytes = self._load_layers(spec, time.monotonic() + self.load_timeout_s)
         except Exception as exc:  # a failed load must never hang or crash vLLM: report it
-            (log.error if spec.refuse else log.warning)("KV load for request %s (transfer %s) failed: %s",
-                                                        spec.req_id, spec.transfer_id or "-", exc)
-            self._stats.add("load_failures")
-            if eng is not None and not eng.closed and spec.transfer_id:
-                try:
-                    eng.abort(spec.transfer_id)  # the producer frees its copy at once
-                except P2pkvError:
-                    pass
-            failed = self._targets(spec, 0)[2] if self.groups else []
-            with self._lock:
-                self._failed_recving[spec.req_id] = list(failed)
+            self._load_failed(spec, exc)
             return
+        self._loaded(spec, t0, nbytes)
+
+    def _load_failed(self, spec: LoadSpec, exc: Exception) -> None:
+        """Report ``spec``'s load as failed (its blocks as load errors) and free the producer's copy."""
+        eng = self._engine
+        (log.error if spec.refuse else log.warning)("KV load for request %s (transfer %s) failed: %s",
+                                                    spec.req_id, spec.transfer_id or "-", exc)
+        self._stats.add("load_failures")
+        if eng is not None and not eng.closed and spec.transfer_id:
+            try:
+                eng.abort(spec.transfer_id)  # the producer frees its copy at once
+            except P2pkvError:
+                pass
+        failed = self._targets(spec, 0)[2] if self.groups else []
+        with self._lock:
+            self._failed_recving[spec.req_id] = list(failed)
+
+    def _loaded(self, spec: LoadSpec, t0: float, nbytes: int, locked: bool = False) -> None:
         self._stats.add("transfers_loaded")
         self._stats.add("bytes_received", nbytes)
         self._stats.latency(time.monotonic() - t0)
-        with self._lock:
+        with contextlib.nullcontext() if locked else self._lock:
             self._done_recving.add(spec.req_id)
             if _trace.enabled:
                 self._recv_tids[spec.req_id] = spec.transfer_id
@@ -1143,22 +1155,62 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         return nbytes
 
     def _read_layers(self, spec: LoadSpec, deadline: float) -> int:
-        """Mode 'read': copy the prompt's blocks straight out of the producer's KV caches (mapped here once,
+        """Mode 'read' on a loader thread (the first read from a producer maps its memory: a round trip):
+        launch the copies, wait for them, tell the producer it may free its blocks."""
+        eng = self._engine
+        assert eng is not None
+        peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
+        views = eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
+        _trace.mark("read.mapped", spec.transfer_id)
+        ev, nbytes = self._read_launch(spec, peer, views)
+        if ev is not None:
+            ev.synchronize()  # the loader thread waits, never the forward stream
+            _trace.mark("read.synced", spec.transfer_id)
+        eng.read_done(peer, spec.transfer_id)
+        _trace.mark("read.done_sent", spec.transfer_id)
+        return nbytes
+
+    def _read_inline(self, spec: LoadSpec, t0: float) -> bool:
+        """Mode 'read' from a producer whose memory is mapped already: launch the copies here (nothing
+        waits: vLLM's thread only queues GPU work) and let :meth:`_drain` report the load once they are
+        done, as NixlConnector polls its transfers. False when the load needs a loader thread."""
+        eng = self._engine
+        if eng is None or spec.refuse or not self._caches or self._stream is None or _SEGMENT_READS:
+            return False
+        try:
+            peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
+        except P2pkvError:
+            return False
+        views = eng.mapped_memory(peer)
+        if views is None:
+            return False
+        _trace.mark("load.begin", spec.transfer_id)
+        try:
+            ev, nbytes = self._read_launch(spec, peer, views)
+        except Exception as exc:  # a bad load is reported per request, never raised into vLLM
+            self._load_failed(spec, exc)
+            return True
+        if ev is None:
+            eng.read_done(peer, spec.transfer_id)
+            self._loaded(spec, t0, nbytes)
+            return True
+        with self._lock:
+            self._reads.append((spec, ev, peer, t0, nbytes))
+        return True
+
+    def _read_launch(self, spec: LoadSpec, peer: str, views: dict[str, torch.Tensor]) -> tuple[Any, int]:
+        """Queue the copies of ``spec``'s blocks straight out of the producer's KV caches (``views``, mapped
         through CUDA IPC) into this engine's blocks: every layer of a KV-cache group in one launch of the
-        fused paged copy (per request only the block id pairs go to the GPU), then tell the producer it may
-        free them. Nothing is packed, staged or unpacked."""
+        fused paged copy (per request only the block id pairs go to the GPU). Returns (an event that
+        completes with the copies or None when there is nothing to copy, bytes). Nothing is packed,
+        staged or unpacked."""
         from ...kernels.batch import copier_for
         from ...kernels.blocks import block_pairs
 
-        eng = self._engine
-        assert eng is not None
         tid = spec.transfer_id
         dev = self._device()
         if dev.type != "cuda":
             raise ConfigError("mode 'read' needs CUDA KV caches on the decode side too")
-        peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
-        views = eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
-        _trace.mark("read.mapped", tid)
         work: list[tuple[Any, Any]] = []
         for g, plans, src_blocks, dst_blocks in self._read_plans(peer, views, tid):
             first, end, targets = self._targets(spec, g)
@@ -1171,25 +1223,55 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 pairs = block_pairs(src_ids, targets, src_blocks, dst_blocks)  # once for all layers of the group
                 work.extend((plan, pairs) for plan in plans)
         _trace.mark("read.table", tid)
+        if not work:
+            return None, 0
         nbytes = 0
-        if work:
-            s = self._stream if self._stream is not None else torch.cuda.current_stream(dev)
-            copier = copier_for(dev)
-            if _SEGMENT_READS:  # the segment path (one row per block run), for comparison
-                import numpy as np
+        s = self._stream if self._stream is not None else torch.cuda.current_stream(dev)
+        copier = copier_for(dev)
+        if _SEGMENT_READS:  # the segment path (one row per block run), for comparison
+            import numpy as np
 
-                segs = np.concatenate([plan.segments(pairs) for plan, pairs in work])
-                copier.copy(segs, s)
-                nbytes = int(segs[:, 2].sum())
-            else:
-                for plan, pairs in work:
-                    nbytes += copier.paged_copy(plan, pairs, s)
-            _trace.mark("read.launched", tid)
-            s.synchronize()  # the loader thread waits, never the forward stream
-            _trace.mark("read.synced", tid)
-        eng.read_done(peer, tid)
-        _trace.mark("read.done_sent", tid)
-        return nbytes
+            segs = np.concatenate([plan.segments(pairs) for plan, pairs in work])
+            copier.copy(segs, s)
+            nbytes = int(segs[:, 2].sum())
+        else:
+            for plan, pairs in work:
+                nbytes += copier.paged_copy(plan, pairs, s)
+        ev = torch.cuda.Event()
+        ev.record(s)
+        _trace.mark("read.launched", tid)
+        return ev, nbytes
+
+    def _read_failed_locked(self, spec: LoadSpec, why: str) -> None:
+        self._stats.add("load_failures")
+        log.warning("KV load for request %s (transfer %s) failed: %s", spec.req_id, spec.transfer_id, why)
+        self._failed_recving[spec.req_id] = list(self._targets(spec, 0)[2] if self.groups else [])
+
+    def _reads_landed_locked(self) -> None:
+        """Report the inline reads whose copies are done (under the lock); tell their producers."""
+        if not self._reads:
+            return
+        still = []
+        for item in self._reads:
+            spec, ev, peer, t0, nbytes = item
+            try:
+                done = ev.query()
+            except Exception as exc:  # a CUDA error: the blocks cannot be trusted
+                self._read_failed_locked(spec, str(exc))
+                continue
+            if not done:
+                if time.monotonic() - t0 > self.load_timeout_s:  # a copy that never ends: a broken GPU
+                    self._read_failed_locked(spec, f"its copies did not finish within {self.load_timeout_s:.3g}s")
+                else:
+                    still.append(item)
+                continue
+            _trace.mark("read.synced", spec.transfer_id)
+            eng = self._engine
+            if eng is not None and not eng.closed:
+                with contextlib.suppress(P2pkvError):
+                    eng.read_done(peer, spec.transfer_id)  # returns at once
+            self._loaded(spec, t0, nbytes, locked=True)
+        self._reads = still
 
     def _read_plans(self, peer: str, views: dict[str, torch.Tensor],
                     tid: str) -> list[tuple[int, list[Any], int, int]]:
@@ -1412,6 +1494,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                     self._finished_asked.discard(rid)
                     done_sending.add(rid)
                     _trace.mark("save.reported", st.transfer_id)
+            self._reads_landed_locked()
             failed_recving, self._failed_recving = self._failed_recving, {}
             done_recving, self._done_recving = self._done_recving, set()
             if _trace.enabled:
