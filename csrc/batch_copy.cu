@@ -121,13 +121,24 @@ extern "C" __global__ void p2pkv_paged_copy(const LayerPair* __restrict__ layers
     const long long warps_per_cta = blockDim.x >> 5;
     long long u = (long long)blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
     const long long stride = (long long)gridDim.x * warps_per_cta;
+    // 32-bit division when every index fits (a 64-bit one costs several times more per unit)
+    const bool narrow = total_units < 0x7fffffffLL;
     for (; u < total_units; u += stride) {
-        long long q = u / units_per_run;
-        const long long chunk = u - q * units_per_run;
-        long long q2 = q / nrun;
-        const long long run = q - q2 * nrun;
-        const long long layer = q2 / npair;
-        const long long pair = q2 - layer * npair;
+        long long chunk, run, layer, pair;
+        if (narrow) {
+            const unsigned uu = (unsigned)u, upr = (unsigned)units_per_run, nr = (unsigned)nrun, np = (unsigned)npair;
+            const unsigned q = uu / upr, q2 = q / nr, l = q2 / np;
+            chunk = uu - q * upr;
+            run = q - q2 * nr;
+            layer = l;
+            pair = q2 - l * np;
+        } else {
+            const long long q = u / units_per_run, q2 = q / nrun;
+            chunk = u - q * units_per_run;
+            run = q - q2 * nrun;
+            layer = q2 / npair;
+            pair = q2 - layer * npair;
+        }
         const LayerPair L = layers[layer];
         const long long off = chunk * (long long)UNIT_BYTES;
         long long n = run_bytes - off;

@@ -73,6 +73,18 @@ class CopyTemplate:
         self.words = n * _SEG_WORDS + 2 * n + 1  # segments, (flag address, value) pairs, the done counter
 
 
+def _argtypes(spec: str) -> list[Any]:
+    """ctypes of a kernel's arguments: ``p`` a pointer (64-bit), ``i`` int32, ``l`` int64."""
+    import ctypes
+
+    kinds = {"p": ctypes.c_uint64, "i": ctypes.c_int32, "l": ctypes.c_int64}
+    return [kinds[c] for c in spec]
+
+
+_COPY_SIGNAL_ARGS = _argtypes("pilpip")   # segs, nseg, total_units, flag pairs, nflags, done counter
+_PAGED_ARGS = _argtypes("pplplllli")      # layers, pairs, npair, runs, nrun, run_bytes, units_per_run, total, align
+
+
 def copier_for(device: torch.device) -> BatchCopier:
     """The process-wide copier of ``device`` (built on first use)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -117,6 +129,7 @@ class BatchCopier:
         self._big_event: Any = None
         self._next = 0
         self._launcher: Any = None  # cudadrv.Launcher of the fused copy+flags kernel (built on first use)
+        self._paged_launcher: Any = None  # ... and of the paged copy
         self._streams: dict[int, Any] = {}
         self._clock_offset_ns: int | None = None
 
@@ -189,6 +202,8 @@ class BatchCopier:
         device and kept with the plan. Returns the bytes copied."""
         import numpy as np
 
+        from ..transport import cudadrv
+
         npairs, nl, nr = len(pairs), len(plan.layers), len(plan.runs)
         upr = -(-plan.run_bytes // UNIT_BYTES)
         total = nl * npairs * nr * upr
@@ -201,17 +216,33 @@ class BatchCopier:
                 tables = torch.from_numpy(host).to(self.device)  # synchronous: ready for any stream
             plan._dev[self.device.index] = tables
         words = np.ascontiguousarray(pairs, dtype=np.int64).reshape(-1)
-        cs = self._cupy_stream(stream)
         layers_ptr = tables.data_ptr()
         runs_ptr = layers_ptr + nl * 4 * 8
+        warps = _THREADS // 32
+        grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
+        args = (layers_ptr, npairs, nr, int(plan.run_bytes), upr, total, int(plan.align))
         with self._lock:
             dev_ptr, i = self._upload_locked(words, stream)
-            warps = _THREADS // 32
-            grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
-            self._paged((grid,), (_THREADS,),
-                        (np.uint64(layers_ptr), np.uint64(dev_ptr), np.int64(npairs), np.uint64(runs_ptr),
-                         np.int64(nr), np.int64(plan.run_bytes), np.int64(upr), np.int64(total),
-                         np.int32(plan.align)), stream=cs)
+            lau = self._paged_launcher
+            if lau is None:
+                try:
+                    lau = cudadrv.Launcher(self.device, self._paged, _PAGED_ARGS)
+                except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
+                    log.warning("paged copies launch through CuPy (%s)", exc)
+                    lau = False
+                self._paged_launcher = lau
+            if lau is False:
+                self._paged((grid,), (_THREADS,),
+                            (np.uint64(layers_ptr), np.uint64(dev_ptr), np.int64(npairs), np.uint64(runs_ptr),
+                             np.int64(nr), np.int64(plan.run_bytes), np.int64(upr), np.int64(total),
+                             np.int32(plan.align)), stream=self._cupy_stream(stream))
+            else:
+                lau.enter()
+                try:
+                    lau.launch(grid, _THREADS, int(stream.cuda_stream), args[0], dev_ptr, npairs, runs_ptr,
+                               *args[2:])
+                finally:
+                    lau.leave()
             self._record_locked(i, stream)
         return int(plan.nbytes(npairs))
 
@@ -271,7 +302,7 @@ class BatchCopier:
             lau = self._launcher
             if lau is None:
                 try:
-                    lau = cudadrv.Launcher(self.device, self._copy_signal)
+                    lau = cudadrv.Launcher(self.device, self._copy_signal, _COPY_SIGNAL_ARGS)
                 except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
                     log.warning("one-launch request copies are off (%s); copying through CuPy instead", exc)
                     lau = False

@@ -152,7 +152,7 @@ class Launcher:
         A driver call failed (naming it), or the kernel handle cannot be read from CuPy.
     """
 
-    def __init__(self, device: torch.device, kernel: Any):
+    def __init__(self, device: torch.device, kernel: Any, argtypes: list[Any]):
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         fn = getattr(kernel, "ptr", None)
         if not fn:
@@ -184,9 +184,8 @@ class Launcher:
         finally:
             self.leave()
         self._ready = ev
-        # the kernel's arguments: (table, nseg, total_units, flag pairs, nflags, done counter)
-        self._args = (ctypes.c_uint64(), ctypes.c_int32(), ctypes.c_int64(), ctypes.c_uint64(), ctypes.c_int32(),
-                      ctypes.c_uint64())
+        # the kernel's arguments, in place: launch() sets their values
+        self._args = tuple(t() for t in argtypes)
         self._params = (ctypes.c_void_p * len(self._args))(*[ctypes.addressof(a) for a in self._args])
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = raw if callable(raw) else None
@@ -214,15 +213,10 @@ class Launcher:
         _check(self._h2d(ctypes.c_uint64(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
                          ctypes.c_void_p(stream)), "cuMemcpyHtoDAsync")
 
-    def launch(self, grid: int, threads: int, stream: int, table: int, nseg: int, total: int, pairs: int,
-               nflags: int, done: int) -> None:
-        a = self._args
-        a[0].value = table
-        a[1].value = nseg
-        a[2].value = total
-        a[3].value = pairs
-        a[4].value = nflags
-        a[5].value = done
+    def launch(self, grid: int, threads: int, stream: int, *args: int) -> None:
+        """Launch the kernel on ``stream`` with ``args`` (as many as its ``argtypes``; inside :meth:`enter`)."""
+        for slot, v in zip(self._args, args, strict=True):
+            slot.value = v
         _check(self._launch(self.fn, grid, 1, 1, threads, 1, 1, 0, ctypes.c_void_p(stream), self._params, None),
                "cuLaunchKernel")
 

@@ -538,39 +538,45 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             self._loading_tids[tid] = rid  # claimed now: a sibling asked next (same step) computes locally
         return count, True
 
-    def _check_producer(self, p: dict[str, Any]) -> tuple[int, int, str | None]:
-        """(producer TP size, producer block size, refusal) from the producer's params."""
+    def _check_producer(self, p: dict[str, Any]) -> tuple[int, int, list[list[int]], str | None]:
+        """(producer TP size, producer block size, the producer's block ids in mode 'read', refusal) from the
+        producer's params."""
+        src_tp, src_block, why = self.tp_size, self.block_size, None
+        remote: list[list[int]] = []
         try:
             src_tp = _int_param(p, "remote_tp_size", self.tp_size)
             src_block = _int_param(p, "remote_block_size", self.block_size, _MAX_BLOCK)
             dst_tp = _int_param(p, "decode_tp_size", src_tp)
             mode = p.get("mode") or self.mode
             if mode not in _MODES:
-                return src_tp, src_block, f"kv_transfer_params mode must be 'push', 'pull' or 'read', got {mode!r:.40}"
-            addr = _address(p)
-            if addr is None and mode in ("pull", "read"):
-                return src_tp, src_block, ("its kv_transfer_params name no producer address (remote_host, "
-                                           "remote_port) to pull from")
+                return src_tp, src_block, [], (f"kv_transfer_params mode must be 'push', 'pull' or 'read', "
+                                               f"got {mode!r:.40}")
+            if _address(p) is None and mode in ("pull", "read"):
+                return src_tp, src_block, [], ("its kv_transfer_params name no producer address (remote_host, "
+                                               "remote_port) to pull from")
             fp_raw = p.get("p2pkv_fingerprint")
             if fp_raw is not None:
                 fp = Fingerprint.from_dict(fp_raw)
                 bad = incompatibilities(fp, self.fingerprint)
                 if bad:
-                    return src_tp, src_block, "incompatible KV cache: " + "; ".join(bad)
+                    return src_tp, src_block, [], "incompatible KV cache: " + "; ".join(bad)
                 src_tp, src_block = fp.tp_size, fp.block_size
             if dst_tp != self.tp_size:
-                return src_tp, src_block, (f"the producer prepared the KV for decode TP size {dst_tp}; this engine "
-                                           f"is TP size {self.tp_size} (set decode_tp_size in the prefill request)")
-            if mode == "read":
+                why = (f"the producer prepared the KV for decode TP size {dst_tp}; this engine is TP size "
+                       f"{self.tp_size} (set decode_tp_size in the prefill request)")
+            elif mode == "read":
                 if src_tp != self.tp_size or src_block != self.block_size:
-                    return src_tp, src_block, (f"mode 'read' copies blocks as they are: the producer's TP {src_tp} / "
-                                               f"block {src_block} must equal this engine's {self.tp_size} / "
-                                               f"{self.block_size} (use mode 'pull')")
-                if _remote_ids(p, len(self.groups)) is None:
-                    return src_tp, src_block, "mode 'read' needs the producer's remote_block_ids in kv_transfer_params"
+                    why = (f"mode 'read' copies blocks as they are: the producer's TP {src_tp} / block {src_block} "
+                           f"must equal this engine's {self.tp_size} / {self.block_size} (use mode 'pull')")
+                else:
+                    checked = _remote_ids(p, len(self.groups))
+                    if checked is None:
+                        why = "mode 'read' needs the producer's remote_block_ids in kv_transfer_params"
+                    else:
+                        remote = checked
         except P2pkvError as exc:
-            return self.tp_size, self.block_size, str(exc)
-        return src_tp, src_block, None
+            return self.tp_size, self.block_size, [], str(exc)
+        return src_tp, src_block, remote, why
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Consumer: schedule the request's one load (refused at once when its transfer id was already
@@ -588,9 +594,10 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             self._consumed.add(rid)  # whatever happens to this load, it is the request's only one
             refuse = p.get(_REFUSE)
             src_tp, src_block = self.tp_size, self.block_size
+            remote: list[list[int]] = []
             if refuse is None:
                 self._loading_tids[tid] = rid
-                src_tp, src_block, refuse = self._check_producer(p)
+                src_tp, src_block, remote, refuse = self._check_producer(p)
                 if tid in self._loaded_tids and refuse is None:
                     refuse = (f"transfer id {tid} was already loaded by another request; a reused transfer id is "
                               f"refused rather than risk stale KV")
@@ -602,8 +609,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                                                 p.get("mode") or self.mode, host if isinstance(host, str) else None,
                                                 port if isinstance(port, int) else None,
                                                 len(request.prompt_token_ids), src_tp, src_block, refuse,
-                                                (_remote_ids(p, len(self.groups)) or []) if refuse is None
-                                                and (p.get("mode") or self.mode) == "read" else []))
+                                                remote if refuse is None else []))
         elif p.get("do_remote_decode"):
             prev = self._produced_tids.get(tid)
             if prev is not None and prev != rid:
