@@ -1,0 +1,57 @@
+"""Issue 18's latest surfaces attacked (send_all's one-launch path, the free ring read as a list,
+cheaper send_request, mode 'read' loads launched inline): races with the fast path's close, partial
+sends, and client-made block ids. CPU engines with ``transport="shm"`` run the same lease, channel
+and flag objects as the CUDA IPC path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from p2pkv import P2pkvError, PeerLost
+from p2pkv.synthetic import same_bits
+
+from .test_fast import layers, send_all
+
+
+@pytest.mark.timeout(60)
+def test_send_racing_the_fast_paths_close_is_typed(shm_pair):
+    """The fast path to a peer closes (the peer lost, its ring corrupt) on the I/O thread while a caller's
+    send is between its 'still open?' check and its copy: the send fails with a typed error or completes
+    into memory still mapped, never a raw TypeError from flags that are gone (nor a write into unmapped
+    memory), and the producer goes on serving later requests the ordinary way."""
+    prod, cons = shm_pair
+    tx = prod._fast_ready(cons.address)
+    assert tx is not None
+    mover = tx.mover
+    orig = mover.move
+
+    def move_after_close(items, ready):
+        t = threading.Thread(target=tx.close, args=(PeerLost("closed by the test", peer=tx.peer_addr),))
+        t.start()
+        t.join(0.5)  # the close runs now, unless the path holds it off until this copy is done
+        return orig(items, ready)
+
+    mover.move = move_after_close
+    data = layers(3)
+    req = prod.send_request(cons.address, "race-close", data)
+    assert req._fast is tx
+    try:
+        req.send_many(data)
+    except P2pkvError:
+        pass  # typed: fine
+    mover.move = orig
+    end = time.monotonic() + 10
+    while not tx.chan.closed:
+        assert time.monotonic() < end, "the fast path never closed"
+        time.sleep(0.01)
+    with pytest.raises(P2pkvError):
+        req.wait(10)  # its path closed under it: failed, never silently lost
+    data = layers(4)
+    send_all(prod, cons.address, "after-close", data).wait(10)
+    with cons.recv_request("after-close") as h:
+        got = h.wait(10)
+        assert all(same_bits(got[n], t) for n, t in data)
+    assert prod.stats().get("internal_errors", 0) == 0
