@@ -55,3 +55,25 @@ def test_send_racing_the_fast_paths_close_is_typed(shm_pair):
         got = h.wait(10)
         assert all(same_bits(got[n], t) for n, t in data)
     assert prod.stats().get("internal_errors", 0) == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("call", ["send_all", "send_many"])
+def test_send_all_after_one_send_sends_nothing(tcp_shm_pair, call):
+    """send_all (and send_many) given a tensor already sent is refused whole, as documented ('nothing is
+    sent when any of them is refused'): the ordinary path used to send the tensors before the one sent
+    already, which could then never be sent again; the rest still goes once, by name."""
+    from p2pkv import InvalidKey
+
+    prod, cons = tcp_shm_pair
+    data = layers(7)
+    req = prod.send_request(cons.address, f"twice-{call}", data)
+    req.send(*data[3])
+    refused = (lambda: req.send_all([t for _, t in data])) if call == "send_all" else (lambda: req.send_many(data))
+    with pytest.raises(InvalidKey, match="layer3"):
+        refused()
+    req.send_many([d for i, d in enumerate(data) if i != 3])  # none of these was sent by the refused call
+    req.wait(10)
+    with cons.recv_request(f"twice-{call}") as h:
+        got = h.wait(10)
+        assert all(same_bits(got[n], t) for n, t in data)
