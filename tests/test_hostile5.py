@@ -77,3 +77,41 @@ def test_send_all_after_one_send_sends_nothing(tcp_shm_pair, call):
     with cons.recv_request(f"twice-{call}") as h:
         got = h.wait(10)
         assert all(same_bits(got[n], t) for n, t in data)
+
+
+@pytest.mark.timeout(60)
+def test_a_request_layout_cannot_be_changed_under_its_requests(shm_pair):
+    """A RequestLayout is shared by its requests (its specs, name index and sizes, and its shared-memory form
+    built once): changing it afterwards would make a producer copy one layout's sizes into another's room
+    (past the request, into another one, or past the consumer's arena). It is read-only; a new layout is
+    built instead, and requests of the old one go on unchanged."""
+    import torch
+
+    from p2pkv import RequestLayout
+    from p2pkv.request import ItemSpec
+
+    prod, cons = shm_pair
+    data = layers(11)
+    lay = RequestLayout(data)
+    send_all(prod, cons.address, "lay-0", data).wait(10)
+    cons.recv_request("lay-0").wait(10).release()
+    req = prod.send_request(cons.address, "lay-1", lay)
+    req.send_all([t for _, t in data])
+    req.wait(10)
+    cons.recv_request("lay-1").wait(10).release()
+    big = ItemSpec("layer0", torch.bfloat16, (64, 2**20))
+    attempts = [lambda: setattr(lay, "specs", [big]), lambda: lay.specs.__setitem__(0, big),
+                lambda: lay.specs.append(big), lambda: lay.index.__setitem__("layer9", 0),
+                lambda: setattr(lay, "index", {}), lambda: setattr(lay, "nbytes", 1),
+                lambda: setattr(lay, "names", []), lambda: setattr(lay, "max_nbytes", 0),
+                lambda: setattr(lay.specs[0], "nbytes", 2**30), lambda: setattr(lay.specs[0], "shape", (1,))]
+    for change in attempts:
+        with pytest.raises((AttributeError, TypeError)):
+            change()
+    assert [s.name for s in lay.specs] == [n for n, _ in data] and lay.nbytes == sum(t.nbytes for _, t in data)
+    req = prod.send_request(cons.address, "lay-2", lay)
+    req.send_all([t for _, t in data])
+    req.wait(10)
+    with cons.recv_request("lay-2") as h:
+        got = h.wait(10)
+        assert all(same_bits(got[n], t) for n, t in data)
