@@ -115,3 +115,35 @@ def test_a_request_layout_cannot_be_changed_under_its_requests(shm_pair):
     with cons.recv_request("lay-2") as h:
         got = h.wait(10)
         assert all(same_bits(got[n], t) for n, t in data)
+
+
+@pytest.mark.timeout(90)
+def test_free_ring_floods_past_the_short_read(shm_pair):
+    """The free ring read as a list (one entry at a time up to 8, numpy past that): a hostile consumer's
+    flood of garbage entries (huge values, duplicates, ranges that were never handed out, the real one
+    among them) is read either way without a crash or a range handed out twice, and room handed back
+    honestly is still taken back."""
+    from p2pkv.transport import shm
+
+    prod, cons = shm_pair
+    tx = prod._fast_ready(cons.address)
+    rx = next(iter(cons._fast.rx.values()))
+    for burst in (3, 8, 9, 40, shm.NFREE - 8):
+        tid = f"flood-{burst}"
+        data = layers(burst)
+        req = send_all(prod, cons.address, tid, data)
+        req.wait(10)
+        room = req.offs[0] - tx.lease_off
+        assert room in tx._out
+        h = cons.recv_request(tid)
+        assert all(same_bits(h.wait(10)[n], t) for n, t in data)
+        for k in range(burst):
+            rx.chan.put_free((2**64 - 1 - k) if k % 3 == 0 else tx.lease_off + 4096 * k, 2**63 + k, k, 2**40)
+        h.release()  # the honest entry, after the garbage
+        nxt = send_all(prod, cons.address, f"{tid}-next", layers(0, 1))  # its start takes the room back
+        nxt.wait(10)
+        cons.recv_request(f"{tid}-next").wait(10).release()
+        assert room not in tx._out or nxt.offs[0] - tx.lease_off == room, "room handed back was never taken back"
+        assert prod._fast_ready(cons.address) is tx and not tx.closed
+    assert tx.bad_frees >= 3 + 8 + 9 + 40
+    assert prod.stats().get("internal_errors", 0) == 0
