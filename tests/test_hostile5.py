@@ -147,3 +147,54 @@ def test_free_ring_floods_past_the_short_read(shm_pair):
         assert prod._fast_ready(cons.address) is tx and not tx.closed
     assert tx.bad_frees >= 3 + 8 + 9 + 40
     assert prod.stats().get("internal_errors", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_producer_is_not_unmapped_under_a_read_being_queued():
+    """Mode 'read' queues copies from a producer's mapped memory on vLLM's thread (inline) or a loader
+    thread, while the I/O thread may declare that producer lost and unmap its memory: a copy queued after
+    the unmapping reads unmapped memory (an illegal address: the decode's CUDA context dies). The engine
+    now unmaps only outside ``reading_memory`` blocks, after the copies queued inside them (its
+    synchronize), and a block entered later sees no views. The mapping here is a stand-in recording when it
+    is closed (a CPU engine maps nothing); the engine, its Regions and its locking are the real ones."""
+    from types import SimpleNamespace
+
+    from p2pkv import Engine
+
+    order: list[str] = []
+
+    class Mapping:
+        def close(self) -> None:
+            order.append("unmapped")
+
+    eng = Engine(timeout_s=5.0, peer_timeout_s=1.5, heartbeat_s=0.2)
+    try:
+        reg = eng._regions
+        peer = "127.0.0.1:1"
+        for closing in ("peer_lost", "engine_close"):
+            order.clear()
+            reg._maps[peer] = {b"h": Mapping()}
+            reg._remote[peer] = {"layer0": object()}
+            inside = threading.Event()
+
+            def reader(inside: threading.Event = inside) -> None:
+                with eng.reading_memory(peer) as views:
+                    assert views is not None
+                    inside.set()
+                    time.sleep(0.5)  # queuing copies from the views
+                    order.append("queued")
+
+            t = threading.Thread(target=reader)
+            t.start()
+            assert inside.wait(10)
+            if closing == "peer_lost":
+                reg.peer_lost(SimpleNamespace(addr=peer), PeerLost("lost", peer=peer))
+            else:
+                eng.close()
+            t.join(10)
+            assert order == ["queued", "unmapped"], order
+            with eng.reading_memory(peer) as views:
+                assert views is None  # a later read sees the producer unmapped
+            assert eng.mapped_memory(peer) is None
+    finally:
+        eng.close()
