@@ -1167,7 +1167,11 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 raise PeerLost("the producer was lost just after its memory was mapped", peer=peer)
             ev, nbytes = self._read_launch(spec, peer, views)
         if ev is not None:
-            ev.synchronize()  # the loader thread waits, never the forward stream
+            while not ev.query():  # the loader thread waits (never the forward stream), up to the load's deadline
+                if time.monotonic() > deadline:  # a copy that never ends: a broken GPU (as _reads_landed_locked)
+                    raise TransferTimeout(f"its copies did not finish within {self.load_timeout_s:.3g}s",
+                                          key=spec.transfer_id)
+                time.sleep(1e-4)
             _trace.mark("read.synced", spec.transfer_id)
         eng.read_done(peer, spec.transfer_id)
         _trace.mark("read.done_sent", spec.transfer_id)
