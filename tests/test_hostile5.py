@@ -198,3 +198,53 @@ def test_a_lost_producer_is_not_unmapped_under_a_read_being_queued():
             assert eng.mapped_memory(peer) is None
     finally:
         eng.close()
+
+
+def _read_reply(ids):
+    """What a mode 'read' prefill instance returns (P2pkvConnector.request_finished's params), with
+    ``remote_block_ids`` replaced by ``ids``."""
+    return {"transfer_id": "spoofed", "do_remote_prefill": True, "do_remote_decode": False,
+            "remote_host": "10.0.0.9", "remote_port": 14500, "remote_tp_size": 1, "remote_block_size": 16,
+            "decode_tp_size": 1, "mode": "read", "remote_block_ids": ids}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ids, ok", [
+    ([[5, 9, 1]], True), ([[5, 9, 1], [0, 2]], True), ([[]], True),
+    ([[5, True, 1]], False), ([[5, -1]], False), ([[5, 2.0]], False), ([["5"]], False), ([5, 9], False),
+    ([[2**64]], False), ("5,9", False), ([[0] * 40000] * 30, False),
+])
+def test_the_proxy_passes_a_read_prefills_block_ids_and_refuses_malformed_ones(ids, ok):
+    """Mode 'read' through p2pkv's own proxy: the decode request's kv_transfer_params are built from the
+    prefill's reply (not from the client), so the producer's mode and block ids must pass through it; the
+    proxy refused mode 'read' with a 502 and dropped remote_block_ids, so no read load could ever be
+    scheduled behind it. Malformed block ids (or more than the connector takes) are a 502 naming them,
+    and a client's own remote_block_ids never reach the decode instance."""
+    pytest.importorskip("aiohttp")
+    from aiohttp import web
+
+    from .test_proxy_hardening import COMPLETION, Env, post, run
+
+    def reply(body):
+        return web.json_response({"choices": [{"text": "P"}], "kv_transfer_params": _read_reply(ids)})
+
+    async def scenario():
+        env = await Env().start(reply=reply)
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            body = dict(COMPLETION, kv_transfer_params={"remote_block_ids": [[1, 2, 3]], "mode": "read"})
+            st, js = await post(s, env.url + "/v1/completions", json=body)
+        await env.close()
+        dec = [b for n, _, b, *_ in env.seen if n == "D"]
+        if ok:
+            assert st == 200, js
+            p = dec[0]["kv_transfer_params"]
+            assert p["mode"] == "read" and p["remote_block_ids"] == ids and p["remote_block_size"] == 16
+            assert p["transfer_id"] != "spoofed" and p["do_remote_prefill"] is True
+        else:
+            assert st == 502, (st, js)
+            assert "remote_block_ids" in js["error"]["message"]
+            assert not dec
+
+    run(scenario)
