@@ -248,3 +248,72 @@ def test_the_proxy_passes_a_read_prefills_block_ids_and_refuses_malformed_ones(i
             assert not dec
 
     run(scenario)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_send_all_on_a_gpu_odd_tensors_and_a_racing_close():
+    """send_all's one-launch CUDA path given a non-contiguous view, a tensor that requires grad, a 0-dim
+    tensor and the same tensor twice: every one lands bit-exact. Then the path closes (on another thread)
+    while a send_all is between its 'still open?' check and its launch: the close waits for the launch to
+    be queued before it unregisters the flags and unmaps (a launch after that is an illegal address that
+    kills the context), the request fails typed, and later requests still land."""
+    import torch
+
+    from p2pkv import Engine, RequestLayout
+
+    base = dict(timeout_s=30.0, peer_timeout_s=3.0, heartbeat_s=0.25, pool_bytes=256 * 2**20, device="cuda:0")
+    with Engine(**base) as prod, Engine(**base) as cons:
+        dev = prod.device
+        req = prod.send_request(cons.address, "warm", [("w", torch.zeros(64, device=dev))])
+        req.send("w", torch.zeros(64, device=dev))
+        req.wait(20)
+        cons.recv_request("warm").wait(20).release()
+        end = time.monotonic() + 20
+        while prod._fast_ready(cons.address) is None:
+            assert time.monotonic() < end, "no fast path"
+            time.sleep(0.02)
+        tx = prod._fast_ready(cons.address)
+        lay = RequestLayout([("view", torch.float32, (64, 32)), ("grad", torch.float32, (100,)),
+                             ("scalar", torch.float64, ()), ("a", torch.bfloat16, (256,)),
+                             ("b", torch.bfloat16, (256,))])
+        wide = torch.randn(32, 64, device=dev)
+        same = torch.randn(256, device=dev).to(torch.bfloat16)
+        data = [wide.t(), torch.randn(100, device=dev, requires_grad=True), torch.tensor(3.5, dtype=torch.float64,
+                                                                                          device=dev), same, same]
+        req = prod.send_request(cons.address, "odd", lay)
+        req.send_all(data)
+        req.wait(30)
+        with cons.recv_request("odd") as h:
+            h.wait(30)
+            torch.cuda.current_stream(cons.device).synchronize()
+            for spec, t in zip(lay.specs, data, strict=True):
+                assert same_bits(h.tensor(spec.name), t.detach().contiguous()), spec.name
+
+        mover = tx.mover
+        orig = mover.move_all
+
+        def move_all_after_close(r, tensors, ptrs):
+            t = threading.Thread(target=tx.close, args=(PeerLost("closed by the test", peer=tx.peer_addr),))
+            t.start()
+            t.join(0.5)  # the close runs now, unless the path holds it off until this launch is queued
+            return orig(r, tensors, ptrs)
+
+        mover.move_all = move_all_after_close
+        req = prod.send_request(cons.address, "race", lay)
+        assert req._fast is tx
+        try:
+            req.send_all(data)
+        except P2pkvError:
+            pass
+        mover.move_all = orig
+        with pytest.raises(P2pkvError):
+            req.wait(30)
+        torch.cuda.synchronize()  # an illegal address in the launch would raise here
+        req = prod.send_request(cons.address, "after", lay)
+        req.send_all(data)
+        req.wait(30)
+        with cons.recv_request("after") as h:
+            h.wait(30)
+            torch.cuda.current_stream(cons.device).synchronize()
+            assert same_bits(h.tensor("a"), same)
