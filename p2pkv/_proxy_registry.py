@@ -26,7 +26,10 @@ __all__ = ["ROLES", "Instance", "RegistrationConflict", "Registry", "UpstreamErr
 ROLES = ("prefill", "decode")
 #: Keys of the prefill engine's ``kv_transfer_params`` passed on to the decode request, with
 #: their checks; anything else is dropped (an instance cannot smuggle fields to another one).
-_PASSED_PARAMS = ("remote_host", "remote_port", "remote_tp_size", "mode")
+_PASSED_PARAMS = ("remote_host", "remote_port", "remote_tp_size", "mode", "remote_block_size", "decode_tp_size",
+                  "remote_block_ids")
+_MAX_BLOCK_IDS = 1 << 20  # as many producer block ids as the vLLM connector takes (mode 'read')
+_MAX_BLOCK_SIZE = 1 << 16
 
 _PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -173,16 +176,41 @@ def passed_params(params: Any, who: str) -> dict[str, Any]:
         if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 65536:
             raise UpstreamError(f"{who} returned bad kv_transfer_params: remote_tp_size={tp!r}"[:300])
         out["remote_tp_size"] = tp
+    for name, most in (("remote_block_size", _MAX_BLOCK_SIZE), ("decode_tp_size", 65536)):
+        v = params.get(name)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise UpstreamError(f"{who} returned bad kv_transfer_params: {name}={v!r}"[:300])
+            out[name] = v
     mode = params.get("mode")
     if mode is not None:
-        if mode not in ("push", "pull"):
+        if mode not in ("push", "pull", "read"):
             raise UpstreamError(f"{who} returned bad kv_transfer_params: mode={mode!r}"[:300])
         out["mode"] = mode
+    ids = params.get("remote_block_ids")
+    if ids is not None:  # mode 'read': the producer's blocks the decode engine copies from
+        out["remote_block_ids"] = _block_ids(ids, who)
     dropped = sorted(str(k)[:40] for k in params if k not in _PASSED_PARAMS
                      and k not in ("transfer_id", "do_remote_prefill", "do_remote_decode"))
     if dropped:
         log.warning("%s: dropped unknown kv_transfer_params keys %s", who, dropped[:10])
     return out
+
+
+def _block_ids(ids: Any, who: str) -> list[list[int]]:
+    """``remote_block_ids``: one list of non-negative ints per KV-cache group, at most ``_MAX_BLOCK_IDS`` in all."""
+    if not isinstance(ids, list) or not all(isinstance(g, list) for g in ids):
+        raise UpstreamError(f"{who} returned bad kv_transfer_params: remote_block_ids must be a list of lists of "
+                            "block ids (one per KV-cache group)")
+    if sum(len(g) for g in ids) > _MAX_BLOCK_IDS:
+        raise UpstreamError(f"{who} returned bad kv_transfer_params: remote_block_ids names more than "
+                            f"{_MAX_BLOCK_IDS} blocks")
+    for g in ids:
+        # plain ints, no bools, none negative; at C speed (a long prompt names thousands of blocks)
+        if g and (not set(map(type, g)) <= {int} or min(g) < 0 or max(g) >= 2**63):
+            raise UpstreamError(f"{who} returned bad kv_transfer_params: remote_block_ids must be block ids "
+                                "(integers in 0..2**63-1)")
+    return ids
 
 
 class UpstreamError(P2pkvError):

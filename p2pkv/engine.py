@@ -20,6 +20,7 @@ it had in flight fails with :class:`PeerLost`, freeing its memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -435,8 +436,16 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
 
     def mapped_memory(self, peer: str) -> dict[str, torch.Tensor] | None:
         """What :meth:`remote_memory` returns if ``peer``'s memory is mapped here already, else None (never
-        waits, never asks the peer)."""
+        waits, never asks the peer). The views are unmapped once the peer is lost (after the copies queued
+        by then are done): queue copies from them inside :meth:`reading_memory`."""
         return self._regions.views(peer)
+
+    def reading_memory(self, peer: str) -> contextlib.AbstractContextManager[dict[str, torch.Tensor] | None]:
+        """``with engine.reading_memory(peer) as views:`` :meth:`mapped_memory`'s views (or None), kept
+        mapped while the block runs: copies queued from them inside it run before the peer's memory is
+        unmapped (the engine unmaps a lost peer's memory after a device synchronize; a copy queued after
+        that would fault). Keep the block to queuing copies: it holds off that unmapping."""
+        return self._regions.reading(peer)
 
     def read_done(self, peer: str, transfer_id: str) -> None:
         """Tell ``peer`` that this engine has read ``transfer_id`` from its memory (completes its

@@ -9,7 +9,8 @@ allocates ONE canonical ``transfer_id`` and hands it to both sides in
 carries ``do_remote_decode`` and the decode engine's p2pkv address (push mode);
 the decode request carries ``do_remote_prefill`` plus the fields the prefill
 engine returned in its ``kv_transfer_params`` (the producer's address, for pull
-mode), checked and filtered to the known keys. The decode response is passed
+and read modes; its block ids, for read mode), checked and filtered to the known
+keys: a client's own ``kv_transfer_params`` never reach the decode engine. The decode response is passed
 back, streamed if the client asked.
 
 Instances are given on the command line (*static*: never dropped; one that

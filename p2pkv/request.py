@@ -42,7 +42,8 @@ import queue
 import threading
 import time
 from typing import Any
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 
@@ -78,11 +79,21 @@ class ItemSpec:
 
     __slots__ = ("name", "dtype", "shape", "nbytes")
 
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
     def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.name = name
-        self.dtype = dtype
-        self.shape = shape
-        self.nbytes = T.nbytes_of(dtype, shape)
+        # read-only: a request's room and copies are sized from its specs once, on both sides
+        put = object.__setattr__
+        put(self, "name", name)
+        put(self, "dtype", dtype)
+        put(self, "shape", shape)
+        put(self, "nbytes", T.nbytes_of(dtype, shape))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ItemSpec is read-only (setting {name!r})")
 
     def to_wire(self) -> list[Any]:
         return [self.name, T.dtype_name(self.dtype), list(self.shape), self.nbytes]
@@ -98,20 +109,33 @@ class RequestLayout:
 
     ``RequestLayout([(name, tensor), ...])`` or ``[(name, dtype, shape), ...]`` (or a dict).
 
+    It is read-only (``specs`` and ``names`` are tuples, ``index`` a read-only mapping): its requests
+    share what it computed once, and a producer sizes its copies by it. Build a new one for another
+    layout.
+
     Raises
     ------
     InvalidKey, InvalidTensor
     """
 
-    __slots__ = ("specs", "names", "max_nbytes", "fast", "index", "nbytes")
+    __slots__ = ("_specs", "specs", "names", "max_nbytes", "fast", "_index", "index", "nbytes", "_sealed")
 
     def __init__(self, layout: Any):
-        self.specs = _parse_specs("layout", layout, 2**62)
-        self.names = [s.name for s in self.specs]
-        self.max_nbytes = max(s.nbytes for s in self.specs)
-        self.index = {s.name: i for i, s in enumerate(self.specs)}  # shared (read-only) by its requests
-        self.nbytes = sum(s.nbytes for s in self.specs)
+        specs = _parse_specs("layout", layout, 2**62)
+        self._specs = specs  # shared by its requests; never handed out
+        self.specs: tuple[ItemSpec, ...] = tuple(specs)
+        self.names: tuple[str, ...] = tuple(s.name for s in specs)
+        self.max_nbytes = max(s.nbytes for s in specs)
+        self._index = {s.name: i for i, s in enumerate(specs)}  # shared by its requests
+        self.index: Mapping[str, int] = MappingProxyType(self._index)
+        self.nbytes = sum(s.nbytes for s in specs)
         self.fast: Any = None  # its shared-memory form, built on first use (p2pkv._engine.fastpath)
+        self._sealed = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "fast" and getattr(self, "_sealed", False):
+            raise AttributeError(f"RequestLayout is read-only (setting {name!r}); build a new one")
+        object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -132,7 +156,7 @@ def parse_layout(transfer_id: str, layout: Any, max_bytes: int) -> list[ItemSpec
     if isinstance(layout, RequestLayout):
         if layout.max_nbytes > max_bytes:
             raise InvalidTensor(f"a tensor of the layout is {layout.max_nbytes} bytes; max_message_bytes={max_bytes}")
-        return layout.specs
+        return layout._specs
     return _parse_specs(transfer_id, layout, max_bytes)
 
 
@@ -191,7 +215,7 @@ class RequestHandle:
         self.peer = peer
         self.specs = specs
         if layout is not None:  # checked once for every request of the layout
-            self.index = layout.index
+            self.index = layout._index
             self.nbytes = layout.nbytes
         else:
             self.index = {s.name: i for i, s in enumerate(specs)}

@@ -76,6 +76,10 @@ _HEADER_KEYS = frozenset({"s", "t", "L", "o", "f", "d"})
 MAX_LAYOUTS = 64         # layout ids per channel (the producer evicts the least recently used)
 DRAIN_RECORDS = 256      # header records read per channel and call (see FastRx.drain)
 DRAIN_BYTES = 64 << 10
+# How long closing a producer's path waits for copies callers are issuing into the consumer's memory right
+# then (a host call for CUDA, a memcpy on CPU); past it the channel is left mapped rather than unmapped
+# under a copy.
+_CLOSE_WAIT_S = 10.0
 
 
 def flag_value(seq: int, i: int) -> int:
@@ -316,6 +320,8 @@ class FastTx:
         self._out: dict[int, tuple[int, int, int]] = {}
         self.bad_frees = 0
         self.closed = False
+        self._moving = 0  # callers issuing copies into the consumer's memory (and flags) right now
+        self._idle = threading.Condition(self.lock)  # notified when _moving drops to 0
         self.sent_requests = 0
 
     def _reclaim(self) -> None:
@@ -414,10 +420,11 @@ class FastTx:
         assert req.offs is not None  # set by start()
         items = [(t, req.offs[i], req.specs[i].nbytes, req.flag0 + i, flag_value(req.seq, i))
                  for i, t in zip(idxs, tensors, strict=True)]
-        with self.lock:
-            if self.closed:
-                raise PeerLost("the fast path to the peer was closed", key=req.transfer_id, peer=self.peer_addr)
-        ev = self.mover.move(items, ready)
+        self._begin_move(req)
+        try:
+            ev = self.mover.move(items, ready)
+        finally:
+            self._end_move()
         complete = False
         with req.lock:
             req.keep.extend(tensors)
@@ -431,14 +438,36 @@ class FastTx:
 
     def send_all(self, req: RequestHandle, tensors: list[torch.Tensor], ptrs: list[int]) -> None:
         """Move every tensor of a started request in one launch (CUDA; the caller's thread)."""
-        with self.lock:
-            if self.closed:
-                raise PeerLost("the fast path to the peer was closed", key=req.transfer_id, peer=self.peer_addr)
-        ev = self.mover.move_all(req, tensors, ptrs)
+        self._begin_move(req)
+        try:
+            ev = self.mover.move_all(req, tensors, ptrs)
+        finally:
+            self._end_move()
         with req.lock:
             req.keep.extend(tensors)
             req.last_event = ev
             req.next_post = len(req.specs)
+
+    def _begin_move(self, req: RequestHandle) -> None:
+        """A caller is about to issue copies into the consumer's memory: :meth:`close` waits for it to
+        finish issuing them before it unmaps anything (else a copy or flag write would land in memory
+        unmapped under it: a raw error on CPU, an illegal address that kills the CUDA context on a GPU).
+
+        Raises
+        ------
+        PeerLost
+            The path is closed.
+        """
+        with self.lock:
+            if self.closed:
+                raise PeerLost("the fast path to the peer was closed", key=req.transfer_id, peer=self.peer_addr)
+            self._moving += 1
+
+    def _end_move(self) -> None:
+        with self.lock:
+            self._moving -= 1
+            if not self._moving:
+                self._idle.notify_all()
 
     def poll(self, req: RequestHandle) -> None:
         """Finish ``req`` if its copies are done and the consumer took it (any thread; cheap)."""
@@ -534,10 +563,18 @@ class FastTx:
                 return
             self.closed = True
             reqs, self.reqs = list(self.reqs.values()), {}
-        self.mover.close()
+            end = time.monotonic() + _CLOSE_WAIT_S
+            while self._moving and time.monotonic() < end:  # copies being issued right now: let them be queued
+                self._idle.wait(max(0.0, end - time.monotonic()))
+            busy = self._moving
+        self.mover.close()  # CUDA: waits for every copy queued, those just issued included
         for r in reqs:
             if r._set(RequestState.FAILED, err.__class__(err.message, key=r.transfer_id, peer=self.peer_addr)):
                 r._engine._stats.add("requests_failed")
+        if busy:  # pragma: no cover - a copy still issuing after _CLOSE_WAIT_S: leave its memory mapped
+            log.warning("fast path to %s closed with %d copies still being issued; its channel stays mapped",
+                        self.peer_addr, busy)
+            return
         self.chan.close()
 
 

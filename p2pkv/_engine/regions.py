@@ -22,9 +22,11 @@ handle (name the reader in the transfer id, or use the push path, where that mat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,6 +127,11 @@ class Regions:
         self._waiters: dict[str, list[Any]] = {}      # peer addr -> callers waiting for its regions
         self._remote: dict[str, dict[str, torch.Tensor]] = {}  # peer addr -> name -> view
         self._maps: dict[str, dict[bytes, Any]] = {}   # peer addr -> allocation handle -> mapping
+        # Held while a caller queues copies from a peer's views (:meth:`reading`); mappings leave
+        # ``_maps`` only under it, and are unmapped after a device synchronize: a copy queued from a view
+        # then always runs before its memory is unmapped (one queued after would fault and kill the
+        # CUDA context).
+        self._use = threading.Lock()
 
     # ------------------------------------------------------------------ producer
     def register(self, name: str, tensor: torch.Tensor) -> None:
@@ -355,6 +362,14 @@ class Regions:
         with self._lock:
             return self._remote.get(peer)
 
+    @contextlib.contextmanager
+    def reading(self, peer: str) -> Iterator[dict[str, torch.Tensor] | None]:
+        """``peer``'s views (None when not mapped), which stay mapped while the block runs: copies queued
+        from them inside it finish before their memory is unmapped. Keep the block short (it holds off
+        the I/O thread's unmapping of a lost peer)."""
+        with self._use:
+            yield self.views(peer)
+
     def add_waiter(self, peer: str, w: Any) -> bool:
         """Queue a caller for ``peer``'s regions; True if a request must be sent."""
         with self._lock:
@@ -363,7 +378,7 @@ class Regions:
             return len(lst) == 1
 
     def peer_lost(self, peer: _Peer, err: P2pkvError) -> None:
-        with self._lock:
+        with self._use, self._lock:  # no copy is being queued from these views now, nor later
             self._remote.pop(peer.addr, None)
             maps = self._maps.pop(peer.addr, {})
             waiters = self._waiters.pop(peer.addr, [])
@@ -374,18 +389,18 @@ class Regions:
             w.event.set()
 
     def close(self) -> None:
-        with self._lock:
+        with self._use, self._lock:  # no copy is being queued from the views now, nor later
             exposed, self._exposed = list(self._exposed.values()), {}
-            peers = list(self._maps)
+            maps, self._maps = list(self._maps.values()), {}
+            self._remote.clear()
+            self._mine.clear()
         for h in exposed:
             from ..errors import EngineClosed
 
             h._finish(EngineClosed("engine closed", key=h.transfer_id))
-        for p in peers:
-            for m in self._maps.pop(p, {}).values():
+        for per_peer in maps:
+            for m in per_peer.values():
                 m.close()
-        self._remote.clear()
-        self._mine.clear()
 
 
 def peer_lost_error(addr: str) -> P2pkvError:

@@ -35,6 +35,16 @@ class _RequestPath(_EngineBase):
     def _request_send_many(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor]) -> None:
         """``RequestHandle.send_many``: one launch on the fast path, else one send each (caller's thread)."""
         if req._fast is None:
+            # refused whole before any is sent (one sent here and another refused could never be sent again)
+            self._check_open()
+            for t in ts:
+                if t.device != self._device:
+                    raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                        key=req.transfer_id)
+            with req.lock:
+                for i in idxs:
+                    if i in req.sent:
+                        raise InvalidKey(f"{req.specs[i].name!r} was sent already", key=req.transfer_id)
             for i, t in zip(idxs, ts, strict=True):
                 self._request_send(req, i, t)
             return

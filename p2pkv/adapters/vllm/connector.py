@@ -1166,11 +1166,18 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         eng = self._engine
         assert eng is not None
         peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
-        views = eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
+        eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
         _trace.mark("read.mapped", spec.transfer_id)
-        ev, nbytes = self._read_launch(spec, peer, views)
+        with eng.reading_memory(peer) as views:  # not unmapped while the copies are queued
+            if views is None:
+                raise PeerLost("the producer was lost just after its memory was mapped", peer=peer)
+            ev, nbytes = self._read_launch(spec, peer, views)
         if ev is not None:
-            ev.synchronize()  # the loader thread waits, never the forward stream
+            while not ev.query():  # the loader thread waits (never the forward stream), up to the load's deadline
+                if time.monotonic() > deadline:  # a copy that never ends: a broken GPU (as _reads_landed_locked)
+                    raise TransferTimeout(f"its copies did not finish within {self.load_timeout_s:.3g}s",
+                                          key=spec.transfer_id)
+                time.sleep(1e-4)
             _trace.mark("read.synced", spec.transfer_id)
         eng.read_done(peer, spec.transfer_id)
         _trace.mark("read.done_sent", spec.transfer_id)
@@ -1187,14 +1194,17 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
         except P2pkvError:
             return False
-        views = eng.mapped_memory(peer)
-        if views is None:
-            return False
-        _trace.mark("load.begin", spec.transfer_id)
-        try:
-            ev, nbytes = self._read_launch(spec, peer, views)
-        except Exception as exc:  # a bad load is reported per request, never raised into vLLM
-            self._load_failed(spec, exc)
+        failed: Exception | None = None
+        with eng.reading_memory(peer) as views:  # not unmapped (the producer lost) while the copies are queued
+            if views is None:
+                return False
+            _trace.mark("load.begin", spec.transfer_id)
+            try:
+                ev, nbytes = self._read_launch(spec, peer, views)
+            except Exception as exc:  # a bad load is reported per request, never raised into vLLM
+                failed = exc
+        if failed is not None:
+            self._load_failed(spec, failed)
             return True
         if ev is None:
             eng.read_done(peer, spec.transfer_id)
