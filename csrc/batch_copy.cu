@@ -77,7 +77,7 @@ extern "C" __global__ void p2pkv_batch_copy(const Seg* __restrict__ segs, int ns
 
 // The copies of p2pkv_batch_copy, then the n (address, value) pairs written once EVERY block's
 // copies are done (one launch where a copy and a separate flag kernel took two): each block fences
-// its writes and counts itself done in *done (zeroed by the host, in the same table upload); the
+// its writes (system scope) and counts itself done in *done (zeroed by the host, in the same table upload); the
 // last block to finish writes the flags, after a system-wide fence, with volatile 64-bit stores
 // (flags may live in host memory registered with CUDA).
 extern "C" __global__ void p2pkv_batch_copy_signal(const Seg* __restrict__ segs, int nseg, long long total_units,
@@ -85,8 +85,8 @@ extern "C" __global__ void p2pkv_batch_copy_signal(const Seg* __restrict__ segs,
                                                    unsigned int* done) {
     __shared__ int last;
     p2pkv_copy_units(segs, nseg, total_units);
-    __threadfence();
-    __syncthreads();
+    __threadfence_system();  // system scope: the bytes may be another GPU's memory (peer access), read after
+    __syncthreads();         // a flag that lives in host memory
     if (threadIdx.x == 0) last = (atomicAdd(done, 1u) == gridDim.x - 1);
     __syncthreads();
     if (!last) return;
