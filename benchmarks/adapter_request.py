@@ -33,7 +33,8 @@ L, BLOCK, HEADS, HEAD = 32, 16, 8, 128
 POLL_S = float(os.environ.get("P2PKV_BENCH_POLL_S", "2e-5"))  # set by main() for both sides
 # trace marks in the order a request passes them: the producer's calls, the relay, the consumer's calls
 STEPS = ["bench.p_start", "save.exposed", "save.finished", "bench.p_end", "bench.c_start", "load.queued",
-         "load.begin", "read.mapped", "read.table", "read.launched", "read.synced", "read.done_sent",
+         "load.begin", "read.mapped", "read.table", "pc.enter", "pc.uploaded", "pc.launched", "pc.recorded",
+         "read.launched", "read.synced", "read.done_sent",
          "load.reported", "bench.c_end"]
 # ... and the producer learning that the consumer read it (read_done) and reporting the hand-off done
 DONE_STEPS = ["read.done_sent", "save.read_done", "save.reported"]
@@ -59,11 +60,21 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
     caches = {name: torch.randn(2, num_blocks, BLOCK, HEADS, HEAD, device=device).to(torch.bfloat16)
               for name in F.LAYERS}
     worker.register_kv_caches(caches)
+    prof = None
+    if os.environ.get("P2PKV_BENCH_PROFILE"):  # where each side's host time goes (printed when it exits)
+        import cProfile
+
+        prof = cProfile.Profile()
     conn.send("ready")
     try:
         while True:
             cmd = conn.recv()
             if cmd is None:
+                if prof is not None:
+                    import pstats
+
+                    print(f"--- {role}: cProfile of its timed calls, every request", flush=True)
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
                 return
             req_id, tid, prompt_len, block_ids, params = cmd
             req = F.Request(req_id, list(range(prompt_len)), params)
@@ -76,6 +87,8 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                 worker.bind_connector_metadata(meta)
                 if device != "cpu":
                     torch.cuda.synchronize()
+                if prof is not None:
+                    prof.enable()
                 t0 = time.monotonic()
                 _trace.mark("bench.p_start", tid)
                 host = []
@@ -87,7 +100,10 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                 worker.clear_connector_metadata()
                 _, out = sched.request_finished(req, (list(block_ids),))
                 _trace.mark("bench.p_end", tid)
-                conn.send((t0, out, sorted(host)[len(host) // 2], time.monotonic()))
+                t_p1 = time.monotonic()
+                if prof is not None:
+                    prof.disable()
+                conn.send((t0, out, sorted(host)[len(host) // 2], t_p1))
                 end = time.monotonic() + 60
                 while time.monotonic() < end:
                     sending, _ = worker.get_finished({req_id})
@@ -96,6 +112,8 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                     time.sleep(0.001)
                 conn.send(_trace.take())
             else:
+                if prof is not None:
+                    prof.enable()
                 t_c0 = time.monotonic()
                 _trace.mark("bench.c_start", tid)
                 n, _ = sched.get_num_new_matched_tokens(req, 0)
@@ -112,6 +130,8 @@ def _side(role: str, device: str, port: int, num_blocks: int, conn, mode: str = 
                     time.sleep(POLL_S)  # vLLM's worker asks once per engine step; --poll-us
                 t1 = time.monotonic()
                 _trace.mark("bench.c_end", tid)
+                if prof is not None:
+                    prof.disable()
                 conn.send((t1, sorted(worker.get_block_ids_with_load_errors()), t_c0, _trace.take()))
     finally:
         worker.shutdown()

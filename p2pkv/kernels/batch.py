@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import _trace
 from ..errors import TransportError
 
 __all__ = ["BatchCopier", "CopyTemplate", "copier_for", "UNIT_BYTES"]
@@ -193,7 +194,7 @@ class BatchCopier:
                                 (np.uint64(dev_ptr + n * _SEG_WORDS * 8), np.int32(nf)), stream=cs)
             self._record_locked(i, stream)
 
-    def paged_copy(self, plan: Any, pairs: Any, stream: torch.cuda.Stream) -> int:
+    def paged_copy(self, plan: Any, pairs: Any, stream: torch.cuda.Stream, tag: Any = None) -> int:
         """Copy blocks ``pairs[j, 0]`` of every source layer of ``plan`` (a
         :class:`p2pkv.kernels.blocks.PagedPlan`) into blocks ``pairs[j, 1]`` of its destination layers, in
         one launch queued on ``stream``; ``pairs`` is ``[n, 2]`` int64, checked by
@@ -221,8 +222,10 @@ class BatchCopier:
         warps = _THREADS // 32
         grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
         args = (layers_ptr, npairs, nr, int(plan.run_bytes), upr, total, int(plan.align))
+        _trace.mark("pc.enter", tag)
         with self._lock:
             dev_ptr, i = self._upload_locked(words, stream)
+            _trace.mark("pc.uploaded", tag)
             lau = self._paged_launcher
             if lau is None:
                 try:
@@ -243,7 +246,9 @@ class BatchCopier:
                                *args[2:])
                 finally:
                     lau.leave()
+            _trace.mark("pc.launched", tag)
             self._record_locked(i, stream)
+            _trace.mark("pc.recorded", tag)
         return int(plan.nbytes(npairs))
 
     def _upload_locked(self, table: Any, stream: torch.cuda.Stream) -> tuple[int, int]:

@@ -1252,7 +1252,7 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             nbytes = int(segs[:, 2].sum())
         else:
             for plan, pairs in work:
-                nbytes += copier.paged_copy(plan, pairs, s)
+                nbytes += copier.paged_copy(plan, pairs, s, tid)
         ev = torch.cuda.Event()
         ev.record(s)
         _trace.mark("read.launched", tid)
