@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from p2pkv import P2pkvError, PeerLost
+from p2pkv import InvalidTensor, P2pkvError, PeerLost
 from p2pkv.synthetic import same_bits
 
 from .test_fast import layers, send_all
@@ -282,6 +282,9 @@ def test_send_all_on_a_gpu_odd_tensors_and_a_racing_close():
         data = [wide.t(), torch.randn(100, device=dev, requires_grad=True), torch.tensor(3.5, dtype=torch.float64,
                                                                                           device=dev), same, same]
         req = prod.send_request(cons.address, "odd", lay)
+        with pytest.raises(InvalidTensor, match="contiguous"):  # refused whole, nothing sent
+            req.send_all(data)
+        data[0] = data[0].contiguous()
         req.send_all(data)
         req.wait(30)
         with cons.recv_request("odd") as h:
