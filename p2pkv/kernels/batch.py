@@ -151,7 +151,7 @@ class BatchCopier:
         i = self._next
         self._next = (i + 1) % _RING
         ev = self._events[i]
-        if ev is not None:
+        if ev is not None and not ev.query():
             ev.synchronize()  # a kernel queued _RING launches ago still reads this slot: wait for it
         return i
 
@@ -224,8 +224,6 @@ class BatchCopier:
         args = (layers_ptr, npairs, nr, int(plan.run_bytes), upr, total, int(plan.align))
         _trace.mark("pc.enter", tag)
         with self._lock:
-            dev_ptr, i = self._upload_locked(words, stream)
-            _trace.mark("pc.uploaded", tag)
             lau = self._paged_launcher
             if lau is None:
                 try:
@@ -235,15 +233,19 @@ class BatchCopier:
                     lau = False
                 self._paged_launcher = lau
             if lau is False:
+                dev_ptr, i = self._upload_locked(words, stream)
+                _trace.mark("pc.uploaded", tag)
                 self._paged((grid,), (_THREADS,),
                             (np.uint64(layers_ptr), np.uint64(dev_ptr), np.int64(npairs), np.uint64(runs_ptr),
                              np.int64(nr), np.int64(plan.run_bytes), np.int64(upr), np.int64(total),
                              np.int32(plan.align)), stream=self._cupy_stream(stream))
             else:
+                sp = int(stream.cuda_stream)
                 lau.enter()
                 try:
-                    lau.launch(grid, _THREADS, int(stream.cuda_stream), args[0], dev_ptr, npairs, runs_ptr,
-                               *args[2:])
+                    dev_ptr, i = self._upload_locked(words, stream, lau)
+                    _trace.mark("pc.uploaded", tag)
+                    lau.launch(grid, _THREADS, sp, args[0], dev_ptr, npairs, runs_ptr, *args[2:])
                 finally:
                     lau.leave()
             _trace.mark("pc.launched", tag)
@@ -251,7 +253,7 @@ class BatchCopier:
             _trace.mark("pc.recorded", tag)
         return int(plan.nbytes(npairs))
 
-    def _upload_locked(self, table: Any, stream: torch.cuda.Stream) -> tuple[int, int]:
+    def _upload_locked(self, table: Any, stream: torch.cuda.Stream, lau: Any = None) -> tuple[int, int]:
         """Queue on ``stream`` the upload of ``table`` (int64 words) to device memory the next launch on
         ``stream`` reads: a ring slot (index returned), or for a long table the growable big buffer (-1).
         Either is reused only once the launch that read it before has run (its event)."""
@@ -275,12 +277,19 @@ class BatchCopier:
             assert self._big_host is not None
             self._big_host.numpy()[:words] = table
             host_ptr, dev_ptr = self._big_host.data_ptr(), self._big_dev.data_ptr()
-        cupy.cuda.runtime.memcpyAsync(dev_ptr, host_ptr, words * 8, cupy.cuda.runtime.memcpyHostToDevice,
-                                      stream.cuda_stream)
+        if lau is not None:  # inside its enter(): a driver call with the GIL kept
+            lau.upload(dev_ptr, host_ptr, words * 8, int(stream.cuda_stream))
+        else:
+            cupy.cuda.runtime.memcpyAsync(dev_ptr, host_ptr, words * 8, cupy.cuda.runtime.memcpyHostToDevice,
+                                          stream.cuda_stream)
         return dev_ptr, i
 
     def _record_locked(self, i: int, stream: torch.cuda.Stream) -> None:
-        ev = torch.cuda.Event()
+        """Record the event that tells when the launch reading slot ``i`` (-1: the big buffer) has run. A
+        slot's event object is recorded again for its next launch (``_slot`` waited for it first)."""
+        ev = self._events[i] if i >= 0 else None
+        if ev is None:
+            ev = torch.cuda.Event()
         ev.record(stream)
         if i >= 0:
             self._events[i] = ev

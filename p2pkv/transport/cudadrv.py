@@ -48,6 +48,32 @@ def _load() -> Any:
     return _lib
 
 
+_pylib: Any = None
+
+
+def _fast_fn(name: str, argtypes: list[Any]) -> Any:
+    """``_fn``, but called with the GIL kept: for calls that only queue work (microseconds, never a wait),
+    where releasing the GIL costs more than the call and lets another thread take it in between."""
+    global _pylib
+    key = "py:" + name
+    f = _fns.get(key)
+    if f is None:
+        _load()  # the library loads (and fails) the same way
+        with _lock:
+            if _pylib is None:
+                _pylib = ctypes.PyDLL("libcuda.so.1")
+        for sym in (name + "_v2", name):
+            f = getattr(_pylib, sym, None)
+            if f is not None:
+                break
+        if f is None:
+            raise TransportError(f"the CUDA driver has no {name}")
+        f.argtypes = argtypes
+        f.restype = ctypes.c_int
+        _fns[key] = f
+    return f
+
+
 def _fn(name: str, argtypes: list[Any]) -> Any:
     f = _fns.get(name)
     if f is None:
@@ -168,14 +194,16 @@ class Launcher:
             ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
         self._dev = dev
         self.ctx = ctx
-        self._push = _fn("cuCtxPushCurrent", [ctypes.c_void_p])
-        self._pop = _fn("cuCtxPopCurrent", [ctypes.POINTER(ctypes.c_void_p)])
+        # these only queue work: called with the GIL kept (see _fast_fn)
+        self._push = _fast_fn("cuCtxPushCurrent", [ctypes.c_void_p])
+        self._pop = _fast_fn("cuCtxPopCurrent", [ctypes.POINTER(ctypes.c_void_p)])
         self._popped = ctypes.c_void_p()
-        self._record = _fn("cuEventRecord", [ctypes.c_void_p, ctypes.c_void_p])
-        self._wait = _fn("cuStreamWaitEvent", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint])
-        self._h2d = _fn("cuMemcpyHtoDAsync", [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
-        self._launch = _fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 6
-                           + [ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
+        self._record = _fast_fn("cuEventRecord", [ctypes.c_void_p, ctypes.c_void_p])
+        self._wait = _fast_fn("cuStreamWaitEvent", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint])
+        self._h2d = _fast_fn("cuMemcpyHtoDAsync", [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                                   ctypes.c_void_p])  # from pinned memory: never waits
+        self._launch = _fast_fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 6
+                                + [ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
         ev = ctypes.c_void_p()
         self.enter()
         try:
