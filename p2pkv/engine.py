@@ -317,11 +317,11 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             if too_big is not None:
                 raise too_big
         if prepared is not None:
-            if prepared.fast is None:
+            if prepared._fast is None:
                 from ._engine.fastpath import FastLayout
 
-                prepared.fast = FastLayout(specs)
-            req.layout = prepared.fast
+                prepared._fast = FastLayout(specs)
+            req.layout = prepared._fast
         self._stats.add("requests")
         if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
             self._stats.add("requests_fast")
