@@ -343,8 +343,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         a tensor (a zero-copy view of the pool until :meth:`~RecvRequest.release`). It may be
         called before or after the data arrives. The request's layout comes from the
         producer's :meth:`send_request`; ``names`` picks some of its tensors, or names the
-        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}`` or a list in the
-        layout's order) receives copies instead (one batched launch on CUDA), checked against
+        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}``, or a list in the order
+        of ``names``: a list needs ``names``) receives copies instead (one batched launch on CUDA), checked against
         the layout when it is known. ``timeout`` (default ``timeout_s``) bounds the whole wait.
 
         Raises
