@@ -317,11 +317,11 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
             if too_big is not None:
                 raise too_big
         if prepared is not None:
-            if prepared.fast is None:
+            if prepared._fast is None:
                 from ._engine.fastpath import FastLayout
 
-                prepared.fast = FastLayout(specs)
-            req.layout = prepared.fast
+                prepared._fast = FastLayout(specs)
+            req.layout = prepared._fast
         self._stats.add("requests")
         if self._fast.start(peer, req):  # same host: announced in shared memory, GRANTED already
             self._stats.add("requests_fast")
@@ -343,8 +343,8 @@ class Engine(_RequestPath, _PushPath, _PullPath, _CommManager, _Channel, _Progre
         a tensor (a zero-copy view of the pool until :meth:`~RecvRequest.release`). It may be
         called before or after the data arrives. The request's layout comes from the
         producer's :meth:`send_request`; ``names`` picks some of its tensors, or names the
-        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}`` or a list in the
-        layout's order) receives copies instead (one batched launch on CUDA), checked against
+        keys of plain :meth:`send` calls. ``outs`` (``{name: tensor}``, or a list in the order
+        of ``names``: a list needs ``names``) receives copies instead (one batched launch on CUDA), checked against
         the layout when it is known. ``timeout`` (default ``timeout_s``) bounds the whole wait.
 
         Raises

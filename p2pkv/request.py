@@ -95,6 +95,9 @@ class ItemSpec:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"ItemSpec is read-only (setting {name!r})")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"ItemSpec is read-only (deleting {name!r})")
+
     def to_wire(self) -> list[Any]:
         return [self.name, T.dtype_name(self.dtype), list(self.shape), self.nbytes]
 
@@ -118,7 +121,7 @@ class RequestLayout:
     InvalidKey, InvalidTensor
     """
 
-    __slots__ = ("_specs", "specs", "names", "max_nbytes", "fast", "_index", "index", "nbytes", "_sealed")
+    __slots__ = ("_specs", "specs", "names", "max_nbytes", "_fast", "_index", "index", "nbytes", "_sealed")
 
     def __init__(self, layout: Any):
         specs = _parse_specs("layout", layout, 2**62)
@@ -129,13 +132,16 @@ class RequestLayout:
         self._index = {s.name: i for i, s in enumerate(specs)}  # shared by its requests
         self.index: Mapping[str, int] = MappingProxyType(self._index)
         self.nbytes = sum(s.nbytes for s in specs)
-        self.fast: Any = None  # its shared-memory form, built on first use (p2pkv._engine.fastpath)
+        self._fast: Any = None  # its shared-memory form, built on first use (p2pkv._engine.fastpath)
         self._sealed = True
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name != "fast" and getattr(self, "_sealed", False):
+        if name != "_fast" and getattr(self, "_sealed", False):
             raise AttributeError(f"RequestLayout is read-only (setting {name!r}); build a new one")
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"RequestLayout is read-only (deleting {name!r}); build a new one")
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -350,7 +356,10 @@ class RequestHandle:
         if i is None:
             raise InvalidKey(f"{name!r:.80} is not a tensor of this request's layout", key=self.transfer_id)
         spec = self.specs[i]
-        t = T.check_tensor(tensor)
+        try:
+            t = T.check_tensor(tensor, f"tensor {name!r:.80}")
+        except InvalidTensor as exc:  # name the request too
+            raise type(exc)(exc.message, key=self.transfer_id) from None
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
             raise ShapeMismatch(f"{name!r}: tensor is {t.dtype} {tuple(t.shape)}, the layout says "
                                 f"{spec.dtype} {spec.shape}", key=self.transfer_id)

@@ -86,6 +86,32 @@ def test_read_load_into_cpu_caches_fails_per_request():
         p_worker.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_read_load_into_cpu_caches_says_why_before_asking_the_producer(caplog):
+    """With a producer that is up, a CPU decode instance's 'read' load fails at once with the reason (mode
+    'read' needs CUDA KV caches on the decode side), not with whatever asking a CPU producer for its memory
+    says, and its blocks are reported failed."""
+    import logging
+
+    from p2pkv import Engine, EngineConfig
+
+    p_port, c_port = _port(), _port()
+    producer = Engine(EngineConfig(host="127.0.0.1", port=p_port, device="cpu"))  # answers, serves no memory
+    p_sched, p_worker, _ = _connectors("kv_producer", {"mode": "read", "port": p_port}, None, True)
+    c_sched, c_worker, _ = _connectors("kv_consumer", {"mode": "read", "port": c_port, "timeout_s": 5.0}, "cpu", False)
+    try:
+        params = _produce(p_sched, p_worker, "p-2", "xfer-read-cpu-2", 40, [5, 9, 1], c_port, with_worker=False)
+        with caplog.at_level(logging.WARNING, logger="p2pkv.vllm"):
+            finished, errors = _consume(c_sched, c_worker, "d-2", 40, [7, 8, 2], params)
+        assert finished and errors == {7, 8, 2}
+        assert "mode 'read' needs CUDA KV caches on the decode side" in caplog.text
+        assert producer.stats()["sessions"] == 0  # never asked
+    finally:
+        c_worker.shutdown()
+        p_worker.shutdown()
+        producer.close()
+
+
 def _cuda_pair():
     p_port, c_port = _port(), _port()
     p = _connectors("kv_producer", {"mode": "read", "port": p_port, "timeout_s": 20.0}, "cuda", True)

@@ -137,10 +137,16 @@ class Regions:
     def register(self, name: str, tensor: torch.Tensor) -> None:
         eng = self._eng
         TransferKey("x", name)  # validates the name
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidTensor(f"register_memory({name!r}) needs a torch.Tensor, got {type(tensor).__name__}")
+        if not eng._cuda:
+            raise InvalidTensor(f"register_memory({name!r}): this engine is on {eng._device}; one-sided reads "
+                                "serve the memory of CUDA engines to CUDA engines of the same host only")
+        # (a strided view of one allocation, e.g. a KV cache's layer, may be registered as it is)
         t = T.check_tensor(tensor, f"register_memory({name!r})") if tensor.is_contiguous() else tensor
-        if not isinstance(t, torch.Tensor) or t.device != eng._device or not eng._cuda:
+        if t.device != eng._device:
             raise InvalidTensor(f"register_memory({name!r}): a tensor on this engine's CUDA device ({eng._device}) "
-                                f"is needed, got {getattr(t, 'device', type(t).__name__)}")
+                                f"is needed, got {t.device}")
         T.dtype_name(t.dtype)
         from ..transport import cudadrv
 

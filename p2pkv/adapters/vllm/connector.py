@@ -1165,6 +1165,9 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         launch the copies, wait for them, tell the producer it may free its blocks."""
         eng = self._engine
         assert eng is not None
+        if self._device().type != "cuda":  # said before anything is asked of the producer
+            raise ConfigError("mode 'read' needs CUDA KV caches on the decode side too (the producer's blocks "
+                              "are copied GPU to GPU through CUDA IPC); a CPU instance loads by 'push' or 'pull'")
         peer = self._peer(spec.peer_host, spec.peer_port, self.rank)
         eng.remote_memory(peer, timeout=max(0.1, deadline - time.monotonic()))
         _trace.mark("read.mapped", spec.transfer_id)
