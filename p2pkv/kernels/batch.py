@@ -195,12 +195,19 @@ class BatchCopier:
             self._record_locked(i, stream)
 
     def paged_copy(self, plan: Any, pairs: Any, stream: torch.cuda.Stream, tag: Any = None) -> int:
+        """:meth:`paged_copy_async` without its event: returns the bytes copied."""
+        return self.paged_copy_async(plan, pairs, stream, tag)[0]
+
+    def paged_copy_async(self, plan: Any, pairs: Any, stream: torch.cuda.Stream,
+                         tag: Any = None) -> tuple[int, Any]:
         """Copy blocks ``pairs[j, 0]`` of every source layer of ``plan`` (a
         :class:`p2pkv.kernels.blocks.PagedPlan`) into blocks ``pairs[j, 1]`` of its destination layers, in
         one launch queued on ``stream``; ``pairs`` is ``[n, 2]`` int64, checked by
         :func:`p2pkv.kernels.blocks.block_pairs` against the plan's block counts (nothing here checks it
         again). Only ``pairs`` is uploaded per call: the plan's tables are uploaded on first use on this
-        device and kept with the plan. Returns the bytes copied."""
+        device and kept with the plan. Returns (the bytes copied, an event that completes with the launch;
+        None when there was nothing to copy). The event may be recorded again by a later launch, which
+        only completes later."""
         import numpy as np
 
         from ..transport import cudadrv
@@ -209,7 +216,7 @@ class BatchCopier:
         upr = -(-plan.run_bytes // UNIT_BYTES)
         total = nl * npairs * nr * upr
         if total <= 0:
-            return 0
+            return 0, None
         tables = plan._dev.get(self.device.index)
         if tables is None:  # once per plan: the layer table, then the run offsets
             host = np.concatenate([plan.layers.reshape(-1), plan.runs.reshape(-1)]).astype(np.int64)
@@ -249,9 +256,9 @@ class BatchCopier:
                 finally:
                     lau.leave()
             _trace.mark("pc.launched", tag)
-            self._record_locked(i, stream)
+            ev = self._record_locked(i, stream)
             _trace.mark("pc.recorded", tag)
-        return int(plan.nbytes(npairs))
+        return int(plan.nbytes(npairs)), ev
 
     def _upload_locked(self, table: Any, stream: torch.cuda.Stream, lau: Any = None) -> tuple[int, int]:
         """Queue on ``stream`` the upload of ``table`` (int64 words) to device memory the next launch on
@@ -284,7 +291,7 @@ class BatchCopier:
                                           stream.cuda_stream)
         return dev_ptr, i
 
-    def _record_locked(self, i: int, stream: torch.cuda.Stream) -> None:
+    def _record_locked(self, i: int, stream: torch.cuda.Stream) -> Any:
         """Record the event that tells when the launch reading slot ``i`` (-1: the big buffer) has run. A
         slot's event object is recorded again for its next launch (``_slot`` waited for it first)."""
         ev = self._events[i] if i >= 0 else None
@@ -295,6 +302,7 @@ class BatchCopier:
             self._events[i] = ev
         else:
             self._big_event = ev
+        return ev
 
     def copy_request(self, srcs: list[int], dst_base: int, tmpl: CopyTemplate, flag_base: int, flag_hi: int,
                      stream: torch.cuda.Stream, stream_ptr: int) -> Any:

@@ -908,7 +908,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 self._sends[spec.req_id] = state
             try:
                 ids = [BlockIds(spec.block_ids[g] if g < len(spec.block_ids) else [], nb, dev)
-                       if g in self._group_layers else None for g in range(len(self.groups))]  # once per group
+                       if g in self._group_layers and spec.mode != "read" else None  # read: blocks stay put
+                       for g in range(len(self.groups))]  # once per group
                 pieces = [self._pieces(spec, g) if g in self._group_layers else [] for g in range(len(self.groups))]
                 self._save_plans.append(_SavePlan(spec, ids, pieces, state))
                 self._stats.add("transfers_saved")
@@ -1253,13 +1254,22 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
             segs = np.concatenate([plan.segments(pairs) for plan, pairs in work])
             copier.copy(segs, s)
             nbytes = int(segs[:, 2].sum())
+            ev = torch.cuda.Event()
+            ev.record(s)
         else:
+            ev = None
             for plan, pairs in work:
-                nbytes += copier.paged_copy(plan, pairs, s, tid)
-        ev = torch.cuda.Event()
-        ev.record(s)
+                n, last = copier.paged_copy_async(plan, pairs, s, tid)
+                nbytes += n
+                ev = last if last is not None else ev  # launches on one stream: the last one ends last
         _trace.mark("read.launched", tid)
         return ev, nbytes
+
+    def _tell_read(self, peer: str, tid: str) -> None:
+        eng = self._engine
+        if eng is not None and not eng.closed:
+            with contextlib.suppress(P2pkvError):
+                eng.read_done(peer, tid)  # returns at once
 
     def _read_failed_locked(self, spec: LoadSpec, why: str) -> None:
         self._stats.add("load_failures")
@@ -1285,10 +1295,9 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                     still.append(item)
                 continue
             _trace.mark("read.synced", spec.transfer_id)
-            eng = self._engine
-            if eng is not None and not eng.closed:
-                with contextlib.suppress(P2pkvError):
-                    eng.read_done(peer, spec.transfer_id)  # returns at once
+            # the producer may free its blocks: told from the release thread, so that waking the engine's
+            # I/O thread (which then takes the GIL) does not delay reporting this load to vLLM
+            self._releaser.submit(functools.partial(self._tell_read, peer, spec.transfer_id))
             self._loaded(spec, t0, nbytes, locked=True)
         self._reads = still
 
@@ -1337,8 +1346,8 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
         """Push mode: pack this layer's blocks of each hand-off and send them while the forward pass goes
         on; never waits on the GPU. Pull mode packs every layer at once in :meth:`wait_for_save`."""
         plans = self._save_plans
-        if not plans:
-            return
+        if not plans or not any(p.spec.mode == "push" for p in plans):
+            return  # pull packs in wait_for_save; read leaves the blocks where they are
         g = self._layer_group.get(layer_name)
         if g is None:
             return  # a layer p2pkv does not move (not in a transferable KV-cache group)
