@@ -464,7 +464,15 @@ class RecvRequest:
                 landed = False
             if not landed:
                 missing.append(name)
-        return f"; not arrived: {names_note(missing)}" if missing else ""
+        if missing:
+            return f"; not arrived: {names_note(missing)}"
+        if not self._order:  # no layout came for this handle: say what the inbox holds of the transfer
+            loose = sorted(self._eng._inbox.names_of(self.transfer_id))
+            if loose:
+                return (f"; no request layout came for it, but {len(loose)} tensor(s) of this transfer are "
+                        f"waiting as single tensors ({names_note(loose)}): take them with recv(key) or "
+                        f"recv_request(transfer_id, names=[...])")
+        return ""
 
     def _complete(self) -> bool:
         if self._fast_all:

@@ -76,3 +76,24 @@ def test_register_memory_refuses_what_it_cannot_serve_with_a_typed_error(pair):
     for t in (torch.zeros(4, 4), torch.zeros(4, 4).t()):
         with pytest.raises(InvalidTensor, match="this engine is on cpu; one-sided reads"):
             a.register_memory("kv", t)
+
+
+@pytest.mark.timeout(120)
+def test_a_handle_for_single_sends_times_out_naming_them(tcp_shm_pair):
+    """recv_request on a transfer whose tensors came as single sends (no request layout) cannot complete;
+    its timeout says which tensors wait there and how to take them, and they stay claimable."""
+    import time
+
+    from p2pkv import TransferKey, TransferTimeout
+
+    prod, cons = tcp_shm_pair
+    prod.send(cons.address, TransferKey("loose-1", "x"), torch.arange(4.0)).wait(30)
+    end = time.monotonic() + 30
+    while "x" not in cons._inbox.names_of("loose-1"):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    h = cons.recv_request("loose-1")
+    with pytest.raises(TransferTimeout, match=r"single tensors \('x'\).*recv\(key\)"):
+        h.wait(0.5)
+    h.release()
+    assert same_bits(cons.recv(TransferKey("loose-1", "x"), timeout=10), torch.arange(4.0))
