@@ -147,6 +147,16 @@ class BatchCopier:
             self._streams[ptr] = s
         return s
 
+    def _new_launcher(self, kernel: Any, argtypes: list[Any], fallback: str) -> Any:
+        """A :class:`cudadrv.Launcher` of ``kernel``, or False (logged once) where it cannot be built."""
+        from ..transport import cudadrv
+
+        try:
+            return cudadrv.Launcher(self.device, kernel, argtypes)
+        except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
+            log.warning("%s (%s)", fallback, exc)
+            return False
+
     def _slot(self) -> int:
         i = self._next
         self._next = (i + 1) % _RING
@@ -210,7 +220,6 @@ class BatchCopier:
         only completes later."""
         import numpy as np
 
-        from ..transport import cudadrv
 
         npairs, nl, nr = len(pairs), len(plan.layers), len(plan.runs)
         upr = -(-plan.run_bytes // UNIT_BYTES)
@@ -233,12 +242,8 @@ class BatchCopier:
         with self._lock:
             lau = self._paged_launcher
             if lau is None:
-                try:
-                    lau = cudadrv.Launcher(self.device, self._paged, _PAGED_ARGS)
-                except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
-                    log.warning("paged copies launch through CuPy (%s)", exc)
-                    lau = False
-                self._paged_launcher = lau
+                lau = self._paged_launcher = self._new_launcher(self._paged, _PAGED_ARGS, "paged copies launch "
+                                                                "through CuPy")
             if lau is False:
                 dev_ptr, i = self._upload_locked(words, stream)
                 _trace.mark("pc.uploaded", tag)
@@ -315,7 +320,6 @@ class BatchCopier:
         pinned table slot and five driver calls."""
         import numpy as np
 
-        from ..transport import cudadrv
 
         n = tmpl.n
         if tmpl.words > _SLOT_SEGS * _SEG_WORDS:
@@ -323,12 +327,8 @@ class BatchCopier:
         with self._lock:
             lau = self._launcher
             if lau is None:
-                try:
-                    lau = cudadrv.Launcher(self.device, self._copy_signal, _COPY_SIGNAL_ARGS)
-                except TransportError as exc:  # e.g. a CuPy that does not expose the kernel's handle
-                    log.warning("one-launch request copies are off (%s); copying through CuPy instead", exc)
-                    lau = False
-                self._launcher = lau
+                lau = self._launcher = self._new_launcher(self._copy_signal, _COPY_SIGNAL_ARGS, "one-launch "
+                                                          "request copies are off; copying through CuPy")
             if lau is False:
                 return None
             i = self._slot()

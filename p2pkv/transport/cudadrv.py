@@ -51,6 +51,17 @@ def _load() -> Any:
 _pylib: Any = None
 
 
+def _bind(lib: Any, name: str, argtypes: list[Any]) -> Any:
+    """``name`` (its ``_v2`` form where the driver has one) from ``lib``, typed."""
+    for sym in (name + "_v2", name):
+        f = getattr(lib, sym, None)
+        if f is not None:
+            f.argtypes = argtypes
+            f.restype = ctypes.c_int
+            return f
+    raise TransportError(f"the CUDA driver has no {name}")
+
+
 def _fast_fn(name: str, argtypes: list[Any]) -> Any:
     """``_fn``, but called with the GIL kept: for calls that only queue work (microseconds, never a wait),
     where releasing the GIL costs more than the call and lets another thread take it in between."""
@@ -62,31 +73,14 @@ def _fast_fn(name: str, argtypes: list[Any]) -> Any:
         with _lock:
             if _pylib is None:
                 _pylib = ctypes.PyDLL("libcuda.so.1")
-        for sym in (name + "_v2", name):
-            f = getattr(_pylib, sym, None)
-            if f is not None:
-                break
-        if f is None:
-            raise TransportError(f"the CUDA driver has no {name}")
-        f.argtypes = argtypes
-        f.restype = ctypes.c_int
-        _fns[key] = f
+        f = _fns[key] = _bind(_pylib, name, argtypes)
     return f
 
 
 def _fn(name: str, argtypes: list[Any]) -> Any:
     f = _fns.get(name)
     if f is None:
-        lib = _load()
-        for sym in (name + "_v2", name):
-            f = getattr(lib, sym, None)
-            if f is not None:
-                break
-        if f is None:
-            raise TransportError(f"the CUDA driver has no {name}")
-        f.argtypes = argtypes
-        f.restype = ctypes.c_int
-        _fns[name] = f
+        f = _fns[name] = _bind(_load(), name, argtypes)
     return f
 
 
