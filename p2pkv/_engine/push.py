@@ -204,6 +204,7 @@ class _PushPath(_EngineBase):
                 return
             self._stats.add("bytes_received", item.nbytes)
             self._stats.add("tensors_received")
+            self._stats.add("received_nccl")
             self._finish_send(item, TransferState.DONE)
 
         self._completer.add(ev, done, item.deadline)

@@ -869,6 +869,7 @@ class _RequestPath(_EngineBase):
             buf.release()  # aborted (or a duplicate) meanwhile: discard
         self._stats.add("bytes_received", spec.nbytes)
         self._stats.add("tensors_received")
+        self._stats.add(f"received_{inc.x}")
         if complete:
             if threading.current_thread() is self._thread:
                 self._request_done(inc)
