@@ -936,6 +936,8 @@ class _Channel(_EngineBase):
                 # peer sent on it came before this answer)
                 sess.revoked = 0
                 sess.revoking = 0.0
+                if sess.offers:
+                    self._admit()  # its own offers first: the room was taken back for them
             else:  # credit it had no use for (unasked)
                 sess.outstanding -= min(msg["n"], sess.outstanding)
             self._grant_credit()

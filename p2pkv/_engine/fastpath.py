@@ -623,7 +623,7 @@ class FastIncoming:
     """
 
     __slots__ = ("rx", "seq", "transfer_id", "layout", "base", "flag0", "deadline", "error", "t_arrived",
-                 "values", "avail", "refs", "listed", "freed", "gone", "_lock", "__weakref__")
+                 "values", "avail", "refs", "listed", "freed", "gone", "counted", "_lock", "__weakref__")
 
     def __init__(self, rx: FastRx, seq: int, tid: str, layout: FastLayout, base: int, flag0: int, deadline: float):
         self.rx = rx
@@ -641,6 +641,7 @@ class FastIncoming:
         self.listed = True                        # still in the index (takeable)
         self.freed = False
         self.gone = False                         # out of the index for good (evicted, aborted, refused, ...)
+        self.counted = False                      # its landed tensors are counted in the receiver's stats
         self._lock = threading.Lock()
 
     @property
@@ -666,8 +667,25 @@ class FastIncoming:
             return False
         if np.array_equal(flags[self.flag0:self.flag0 + self.layout.n], self.values):
             _fence()
+            if not self.counted:
+                self.count_landed()
             return True
         return False
+
+    def count_landed(self) -> None:
+        """Count its tensors that landed in the receiver's stats, once (the first time every one was seen
+        landed, else when its room goes back: whatever landed by then)."""
+        with self._lock:
+            if self.counted:
+                return
+            self.counted = True
+        count = self.rx.on_landed
+        flags = self.rx.chan.flags
+        if count is None or flags is None:
+            return
+        got = [i for i in range(self.layout.n) if int(flags[self.flag0 + i]) == int(self.values[i])]
+        if got:
+            count(len(got), sum(self.layout.specs[i].nbytes for i in got))
 
     def check(self) -> None:
         """Raise the request's error once it can no longer land."""
@@ -712,6 +730,7 @@ class FastIncoming:
             if free:
                 self.freed = True
         if free:
+            self.count_landed()
             self.rx.free_request(self)
 
     def give_back(self, names: list[str], keep_ref: bool = False) -> bool:
@@ -737,6 +756,7 @@ class FastIncoming:
             if free:
                 self.freed = True
         if free:
+            self.count_landed()
             self.rx.free_request(self)
 
     def __repr__(self) -> str:
@@ -771,6 +791,7 @@ class FastRx:
         self.held = 0                    # lease bytes held by delivered requests
         self._last_seq = 0               # headers must come in increasing sequence (no replays)
         self.requests_in = 0
+        self.on_landed: Callable[[int, int], None] | None = None  # (tensors, bytes) that landed: the stats
 
     def drain(self) -> tuple[list[FastIncoming], list[tuple[int, P2pkvError]]]:
         """Read new header records: ``(requests, refusals)`` where a refusal is ``(seq, error)``.

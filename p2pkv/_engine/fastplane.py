@@ -141,6 +141,7 @@ class FastPlane:
             return None
         rx = FastRx(sess.ident, sess.eid, chan, lease, eng._pool.arena, eng._cfg.max_message_bytes,
                     4 * eng._cfg.timeout_s)
+        rx.on_landed = self._count_landed
         with self._lock:
             old = self.rx.pop(sess.ident, None)
             self.rx[sess.ident] = rx
@@ -288,6 +289,11 @@ class FastPlane:
         rx.verdict(inc, None)
         eng._stats.add("requests_received_fast")
         return True
+
+    def _count_landed(self, n: int, nbytes: int) -> None:
+        """Tensors of a request that landed through the channel (any thread), counted once each."""
+        self._eng._stats.add("tensors_received", n)
+        self._eng._stats.add("bytes_received", nbytes)
 
     def _refuse(self, rx: FastRx, seq: int, err: P2pkvError) -> None:
         eng = self._eng

@@ -204,6 +204,7 @@ class _PushPath(_EngineBase):
                 return
             self._stats.add("bytes_received", item.nbytes)
             self._stats.add("tensors_received")
+            self._stats.add("received_nccl")
             self._finish_send(item, TransferState.DONE)
 
         self._completer.add(ev, done, item.deadline)
@@ -537,7 +538,13 @@ class _PushPath(_EngineBase):
                     self._mem_dirty = True  # grant the freed room
             elif (starved or now - sess.blocked_t < 2 * _TICK_S + 0.05) and sess.outstanding > 0 \
                     and now - sess.last_use > idle:
-                sess.revoking = now
-                sess.revoked += sess.outstanding
-                self._reply(sess.ident, "crev", n=sess.outstanding)
-                sess.outstanding = 0
+                self._revoke_credit(sess, now)
+
+    def _revoke_credit(self, sess: _Session, now: float) -> None:
+        """Take back all the unused credit of ``sess`` now (``crev``, see _revoke_idle_credit). Its
+        charge stays what it was until the peer answers (data it sent before it saw the revocation
+        may still come on it): it never gets more than its window."""
+        sess.revoking = now
+        sess.revoked += sess.outstanding
+        self._reply(sess.ident, "crev", n=sess.outstanding)
+        sess.outstanding = 0

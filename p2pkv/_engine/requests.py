@@ -217,10 +217,12 @@ class _RequestPath(_EngineBase):
                 req._set(RequestState.GRANTED)
                 self._stats.add("requests_eager")
             elif x in ("nccl", "tcp") and self._cfg.eager_requests and not peer.creq_pending \
-                    and need <= min(peer.window, peer.pool):
+                    and peer.credit < need <= min(peer.window, peer.pool):
                 # ask for credit now, so that the next request can move without waiting for a grant.
                 # (Asking again right after every eager request kept a credit request pending at the
-                # receiver, which then woke its I/O thread for every freed buffer: not done.)
+                # receiver, which then woke its I/O thread for every freed buffer: not done. Asking
+                # while the credit held already covers it only piled up credit, up to the whole
+                # window, that then held back this session's own offers: not done either.)
                 peer.sock.send(encode("creq", need=need, want=need))
                 peer.creq_pending = True
             peer.sock.send(encode("offer", seq=req.seq, tid=req.transfer_id, items=[s.to_wire() for s in req.specs],
@@ -687,6 +689,14 @@ class _RequestPath(_EngineBase):
         if resume is not None:
             self.__dict__["_admit_next"] = resume
 
+    def _revoke_own_credit(self, sess: _Session, now: float) -> None:
+        """The session's own unused credit is what holds back its offer (its peer offered it before it
+        knew of that credit, so the offer could not go eager on it): take that credit back at once
+        instead of when it has been idle for a while (the offer is admitted when the peer answers,
+        see the ``cret`` handler). Nothing is granted meanwhile: its charge stays within its window."""
+        if sess.outstanding > 0 and not sess.revoking:
+            self._revoke_credit(sess, now)
+
     def _admit_later(self) -> None:
         """Run _admit again on the next pass of the loop, without waiting for its poll's timeout."""
         if not self._mem_dirty:
@@ -731,15 +741,20 @@ class _RequestPath(_EngineBase):
         if inc.filling is None:
             if not eager:
                 charge = self._charge(sess)
-                if need > self._limit(sess, holding) - charge:
+                limit = self._limit(sess, holding)
+                if need > limit - charge:
                     self._want_mem = True
                     sess.blocked_t = time.monotonic()  # its own idle credit is taken back for it
                     if need <= self._cfg.effective_credit_bytes - charge:
                         self._starved_t = sess.blocked_t  # held back by its share only: others' idle credit too
+                    if need <= limit - charge + sess.outstanding:
+                        self._revoke_own_credit(sess, sess.blocked_t)
                     return None
                 if need > room:
                     self._want_mem = True
                     self._starved_t = time.monotonic()  # idle credit held anywhere is taken back for it
+                    if need <= room + sess.outstanding:
+                        self._revoke_own_credit(sess, self._starved_t)
                     return None
                 # admitted: its room is its own from here on (promised while its buffers are taken)
                 sess.reserved += need
@@ -854,6 +869,7 @@ class _RequestPath(_EngineBase):
             buf.release()  # aborted (or a duplicate) meanwhile: discard
         self._stats.add("bytes_received", spec.nbytes)
         self._stats.add("tensors_received")
+        self._stats.add(f"received_{inc.x}")
         if complete:
             if threading.current_thread() is self._thread:
                 self._request_done(inc)
