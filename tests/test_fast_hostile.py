@@ -337,23 +337,27 @@ def test_header_floods_do_not_starve_the_io_thread():
             assert cons.stats().get("internal_errors", 0) == 0
 
 
-@pytest.mark.timeout(60)
-def test_doorbell_rung_in_a_tight_loop(shm_pair):
-    """Held: a peer ringing our doorbell as fast as it can costs CPU, not service."""
-    prod, cons = shm_pair
-    ctx = process_context()
-    p = ctx.Process(target=_ring_bell, args=(cons._fast._bell_name, 3.0))
-    p.start()
-    try:
-        time.sleep(1.0)
-        for i in range(5):
-            data = layers(40 + i)
-            send_all(prod, cons.address, f"bell{i}", data).wait(10)
-            with cons.recv_request(f"bell{i}") as h:
-                assert all(same_bits(h.wait(10)[n], t) for n, t in data)
-    finally:
-        p.join(20)
-    assert cons.stats().get("peers_lost", 0) == 0
+@pytest.mark.timeout(90)
+def test_doorbell_rung_in_a_tight_loop():
+    """Held: a peer ringing our doorbell as fast as it can costs CPU, not service. (The ringer takes a
+    whole core; on a loaded 2-core machine the engines' heartbeats then come late, so this pair allows
+    peers 10 s of silence: the test is about the doorbell, not about heartbeat deadlines.)"""
+    cfg = dict(CFG, peer_timeout_s=10.0, heartbeat_s=0.5)
+    with Engine(**cfg) as prod, Engine(**cfg) as cons:
+        warm_up(prod, cons)
+        ctx = process_context()
+        p = ctx.Process(target=_ring_bell, args=(cons._fast._bell_name, 3.0))
+        p.start()
+        try:
+            time.sleep(1.0)
+            for i in range(5):
+                data = layers(40 + i)
+                send_all(prod, cons.address, f"bell{i}", data).wait(20)
+                with cons.recv_request(f"bell{i}") as h:
+                    assert all(same_bits(h.wait(20)[n], t) for n, t in data)
+        finally:
+            p.join(20)
+        assert cons.stats().get("peers_lost", 0) == 0 and prod.stats().get("peers_lost", 0) == 0
 
 
 @pytest.mark.timeout(60)
