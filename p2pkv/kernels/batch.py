@@ -157,6 +157,11 @@ class BatchCopier:
             log.warning("%s (%s)", fallback, exc)
             return False
 
+    def _grid(self, total_units: int) -> int:
+        """Blocks of ``_THREADS`` for ``total_units`` warp work units (at most 8 per multiprocessor)."""
+        warps = _THREADS // 32
+        return max(1, min((total_units + warps - 1) // warps, self._sms * 8))
+
     def _slot(self) -> int:
         i = self._next
         self._next = (i + 1) % _RING
@@ -196,9 +201,8 @@ class BatchCopier:
         with self._lock:
             dev_ptr, i = self._upload_locked(table, stream)
             if total:
-                warps = _THREADS // 32
-                grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
-                self._copy((grid,), (_THREADS,), (np.uint64(dev_ptr), np.int32(n), np.int64(total)), stream=cs)
+                self._copy((self._grid(total),), (_THREADS,), (np.uint64(dev_ptr), np.int32(n), np.int64(total)),
+                           stream=cs)
             if nf:
                 self._set_flags(((nf + 255) // 256,), (256,),
                                 (np.uint64(dev_ptr + n * _SEG_WORDS * 8), np.int32(nf)), stream=cs)
@@ -220,7 +224,6 @@ class BatchCopier:
         only completes later."""
         import numpy as np
 
-
         npairs, nl, nr = len(pairs), len(plan.layers), len(plan.runs)
         upr = -(-plan.run_bytes // UNIT_BYTES)
         total = nl * npairs * nr * upr
@@ -235,9 +238,7 @@ class BatchCopier:
         words = np.ascontiguousarray(pairs, dtype=np.int64).reshape(-1)
         layers_ptr = tables.data_ptr()
         runs_ptr = layers_ptr + nl * 4 * 8
-        warps = _THREADS // 32
-        grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
-        args = (layers_ptr, npairs, nr, int(plan.run_bytes), upr, total, int(plan.align))
+        grid = self._grid(total)
         _trace.mark("pc.enter", tag)
         with self._lock:
             lau = self._paged_launcher
@@ -257,7 +258,8 @@ class BatchCopier:
                 try:
                     dev_ptr, i = self._upload_locked(words, stream, lau)
                     _trace.mark("pc.uploaded", tag)
-                    lau.launch(grid, _THREADS, sp, args[0], dev_ptr, npairs, runs_ptr, *args[2:])
+                    lau.launch(grid, _THREADS, sp, layers_ptr, dev_ptr, npairs, runs_ptr, nr, int(plan.run_bytes),
+                               upr, total, int(plan.align))
                 finally:
                     lau.leave()
             _trace.mark("pc.launched", tag)
@@ -320,7 +322,6 @@ class BatchCopier:
         pinned table slot and five driver calls."""
         import numpy as np
 
-
         n = tmpl.n
         if tmpl.words > _SLOT_SEGS * _SEG_WORDS:
             raise TransportError(f"a request of {n} tensors does not fit one copy table")
@@ -345,22 +346,16 @@ class BatchCopier:
             np.bitwise_or(tmpl.steps, flag_hi, out=pairs[:, 1])
             h[fo + 2 * n] = 0  # the blocks' done counter
             dev = self._dev.data_ptr() + base * 8
+            pairs_dev = dev + n * _SEG_WORDS * 8
             total = tmpl.total_units
-            warps = _THREADS // 32
-            grid = max(1, min((total + warps - 1) // warps, self._sms * 8))
             lau.enter()
             try:
                 lau.follow(stream_ptr, lau.caller_stream())
                 lau.upload(dev, self._host.data_ptr() + base * 8, tmpl.words * 8, stream_ptr)
-                lau.launch(grid, _THREADS, stream_ptr, dev, n, total, dev + fo * 8 - base * 8, n,
-                           dev + (fo + 2 * n) * 8 - base * 8)
+                lau.launch(self._grid(total), _THREADS, stream_ptr, dev, n, total, pairs_dev, n, pairs_dev + 2 * n * 8)
             finally:
                 lau.leave()
-            ev = self._events[i]
-            if ev is None:
-                ev = self._events[i] = torch.cuda.Event()
-            ev.record(stream)
-            return ev
+            return self._record_locked(i, stream)
 
     # ------------------------------------------------------------------ flags
     def signal(self, flag_ptr: int, value: int, stream: torch.cuda.Stream) -> None:
