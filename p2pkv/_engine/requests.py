@@ -60,37 +60,23 @@ class _RequestPath(_EngineBase):
     def _request_send_all(self, req: RequestHandle, ts: list[torch.Tensor], ptrs: list[int]) -> None:
         """``RequestHandle.send_all`` on the same-host CUDA path (tensors checked against the layout and
         the device, ``ptrs`` their addresses): ONE launch that copies them all and writes their flags."""
-        fast = req._fast
-        self._check_open()
-        with req.lock:
-            if req.sent:
-                name = req.specs[min(req.sent)].name
-                raise InvalidKey(f"{name!r} was sent already", key=req.transfer_id)
-            if req._state.finished:
-                raise req._error or P2pkvError("request already finished", key=req.transfer_id)
-            req.sent.update(range(len(ts)))
-        try:
-            fast.send_all(req, ts, ptrs)
-        except (P2pkvError, RuntimeError) as exc:  # a CUDA launch error, or the path closed under us
-            err = exc if isinstance(exc, P2pkvError) else TransportError(f"fast-path copy failed: {exc}",
-                                                                         key=req.transfer_id)
-            fast.fail(req.seq, err)
-            raise err from None
-        self._stats.add("bytes_sent", req.nbytes)
-        self._stats.add("sent_fast", len(ts))
-        _trace.mark("req.posted", req.transfer_id)
+        self._fast_send(req, list(range(len(ts))), ts, ptrs)
 
-    def _fast_send(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor]) -> None:
-        """Move tensors of a request on the same-host fast path (the caller's thread; never blocks on the GPU)."""
+    def _fast_send(self, req: RequestHandle, idxs: list[int], ts: list[torch.Tensor],
+                   ptrs: list[int] | None = None) -> None:
+        """Move tensors of a request on the same-host fast path (the caller's thread; never blocks on the GPU).
+        With ``ptrs`` (every tensor of the request, already checked against the device, and their
+        addresses) they go in the one launch of :meth:`FastTx.send_all`."""
         self._check_open()
-        for t in ts:
-            if t.device != self._device:
-                raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
-                                    key=req.transfer_id)
         ready = None
-        if self._cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self._device))
+        if ptrs is None:
+            for t in ts:
+                if t.device != self._device:
+                    raise InvalidTensor(f"tensor is on {t.device}; this engine sends requests from {self._device}",
+                                        key=req.transfer_id)
+            if self._cuda:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self._device))
         with req.lock:
             for i in idxs:
                 if i in req.sent:
@@ -99,14 +85,16 @@ class _RequestPath(_EngineBase):
                 raise req._error or P2pkvError("request already finished", key=req.transfer_id)
             req.sent.update(idxs)
         try:
-            req._fast.send(req, idxs, ts, ready)
+            if ptrs is None:
+                req._fast.send(req, idxs, ts, ready)
+            else:
+                req._fast.send_all(req, ts, ptrs)
         except (P2pkvError, RuntimeError) as exc:  # a CUDA launch error, or the path closed under us
             err = exc if isinstance(exc, P2pkvError) else TransportError(f"fast-path copy failed: {exc}",
                                                                          key=req.transfer_id)
             req._fast.fail(req.seq, err)
             raise err from None
-        n = sum(req.specs[i].nbytes for i in idxs)
-        self._stats.add("bytes_sent", n)
+        self._stats.add("bytes_sent", req.nbytes if ptrs is not None else sum(req.specs[i].nbytes for i in idxs))
         self._stats.add("sent_fast", len(idxs))
         _trace.mark("req.posted", req.transfer_id)
 
