@@ -1060,18 +1060,22 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _load_failed(self, spec: LoadSpec, exc: Exception) -> None:
         """Report ``spec``'s load as failed (its blocks as load errors) and free the producer's copy."""
-        eng = self._engine
-        (log.error if spec.refuse else log.warning)("KV load for request %s (transfer %s) failed: %s",
-                                                    spec.req_id, spec.transfer_id or "-", exc)
-        self._stats.add("load_failures")
-        if eng is not None and not eng.closed and spec.transfer_id:
-            try:
-                eng.abort(spec.transfer_id)  # the producer frees its copy at once
-            except P2pkvError:
-                pass
-        failed = self._targets(spec, 0)[2] if self.groups else []
+        self._free_producer(spec.transfer_id)
         with self._lock:
-            self._failed_recving[spec.req_id] = list(failed)
+            self._failed_locked(spec, exc, log.error if spec.refuse else log.warning)
+
+    def _failed_locked(self, spec: LoadSpec, why: Any, say: Callable[..., None] = log.warning) -> None:
+        """Log and count ``spec``'s failed load and queue its blocks as load errors (under the lock)."""
+        say("KV load for request %s (transfer %s) failed: %s", spec.req_id, spec.transfer_id or "-", why)
+        self._stats.add("load_failures")
+        self._failed_recving[spec.req_id] = list(self._targets(spec, 0)[2] if self.groups else [])
+
+    def _free_producer(self, tid: str) -> None:
+        """Abort ``tid`` here and at the producer, which frees its copy at once."""
+        eng = self._engine
+        if eng is not None and not eng.closed and tid:
+            with contextlib.suppress(P2pkvError):
+                eng.abort(tid)
 
     def _loaded(self, spec: LoadSpec, t0: float, nbytes: int, locked: bool = False) -> None:
         self._stats.add("transfers_loaded")
@@ -1272,9 +1276,10 @@ class P2pkvConnector(KVConnectorBase_V1, SupportsHMA):
                 eng.read_done(peer, tid)  # returns at once
 
     def _read_failed_locked(self, spec: LoadSpec, why: str) -> None:
-        self._stats.add("load_failures")
-        log.warning("KV load for request %s (transfer %s) failed: %s", spec.req_id, spec.transfer_id, why)
-        self._failed_recving[spec.req_id] = list(self._targets(spec, 0)[2] if self.groups else [])
+        """An inline read failed (under the lock): reported as a loader's failure is, and the producer's
+        copy freed from the release thread (as ``read_done`` is told)."""
+        self._failed_locked(spec, why)
+        self._releaser.submit(functools.partial(self._free_producer, spec.transfer_id))
 
     def _reads_landed_locked(self) -> None:
         """Report the inline reads whose copies are done (under the lock); tell their producers."""
