@@ -164,7 +164,9 @@ class Launcher:
     current stream (an event of our own, recorded there and waited on), upload a table, launch one
     kernel. Every call runs inside the device's primary context (pushed and popped), whatever
     context the calling thread has current; torch's and CuPy's per-call Python wrappers are skipped
-    (on the producer's critical path they cost more than the GPU work of a small request).
+    (on the producer's critical path they cost more than the GPU work of a small request). A launcher
+    lives as long as the process-wide copier that owns it (its event and its hold on the primary
+    context are never given back before the process ends).
 
     Raises
     ------
@@ -241,13 +243,3 @@ class Launcher:
             slot.value = v
         _check(self._launch(self.fn, grid, 1, 1, threads, 1, 1, 0, ctypes.c_void_p(stream), self._params, None),
                "cuLaunchKernel")
-
-    def close(self) -> None:
-        if self._ready:
-            self.enter()
-            try:
-                _fn("cuEventDestroy", [ctypes.c_void_p])(self._ready)
-            finally:
-                self.leave()
-            self._ready = ctypes.c_void_p()
-            _fn("cuDevicePrimaryCtxRelease", [ctypes.c_int])(self._dev)
